@@ -1,0 +1,30 @@
+# The commands people run. `make test` and `make demo` create .venv and install everything they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install test lint bench demo clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# constraints.txt pins the exact tested set; torch==2.13.0 is the CPU build on machines without a GPU
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check model pipeline jobs tests benchmarks
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/model_throughput.py
+
+demo: $(VENV)/.installed
+	$(PY) -m jobs.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,228 @@
+"""The one preprocessing path, shared by training and scoring: image decoding and resizing, the text layout with
+image slots, the image and token limits, and batching into model inputs."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.config import IMAGE_TOKEN_ID, UniFilterConfig
+
+PAD_COLOR = (127, 127, 127)  # int(255 * image_mean) for SigLIP's mean of 0.5, as LLaVA's expand2square
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: checked from the header, before decoding
+
+Kind = Literal["caption", "interleaved"]
+ImageInput = bytes | Image.Image | np.ndarray
+
+
+class SampleError(ValueError):
+    """A sample that cannot be scored. `reason` starts with a category: `decode:`, `empty:` or `malformed:`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class EncodedSample:
+    """One sample, ready for batching: token ids with expanded image slots, and its images at model size."""
+
+    input_ids: np.ndarray  # (n_tokens,) int64; IMAGE_TOKEN_ID at image positions, tokens_per_image per image
+    pixel_values: np.ndarray  # (n_images, 3, S, S) uint8, normalised later on the model's device
+    truncated: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Encoded bytes -> RGB image, refusing empty, non-image, corrupt and oversized (bomb) payloads."""
+    if not data:
+        raise SampleError("decode: empty image payload")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise SampleError(f"decode: image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+            img.load()
+    except SampleError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise SampleError("decode: not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise SampleError(f"decode: image too large: {err}") from None
+    except Exception as err:  # corrupt or truncated data: PIL raises OSError, SyntaxError, ValueError, ...
+        raise SampleError(f"decode: corrupt image ({type(err).__name__}: {err})") from None
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def prepare_image(img: Image.Image, size: int) -> np.ndarray:
+    """Pad to a square with grey (centred), resize to `size` (bicubic): (3, size, size) uint8."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    width, height = img.size
+    if width != height:
+        side = max(width, height)
+        square = Image.new("RGB", (side, side), PAD_COLOR)
+        square.paste(img, ((side - width) // 2, (side - height) // 2))
+        img = square
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+class UniFilterProcessor:
+    """Turns samples (ordered text/image segments) into model inputs, identically for training and scoring.
+
+    Layout (DESIGN.md): a caption is `BOS <image> "\\n" caption EOS`; an interleaved document joins its segments
+    with "\\n\\n", one image slot per image, then EOS. Text between two slots is tokenised as its own piece.
+    """
+
+    def __init__(self, config: UniFilterConfig, tokenizer, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(config, field) is None:
+                raise ValueError(f"model config field {field!r} is not set (the tokenizer's special tokens)")
+        self.config = config
+        self.tokenizer = tokenizer
+        self._encode_texts = tokenizer.backend_tokenizer.encode_batch
+        self.max_image_pixels = max_image_pixels
+
+    # -- one sample ------------------------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str | None], images: Sequence[ImageInput | None], kind: Kind) -> EncodedSample:
+        """Encode one sample given as parallel per-position lists (text or image at each position)."""
+        pieces = self._layout(texts, images, kind)  # [("text", str) | ("image", ImageInput)]
+        text_ids = self._encode_texts([p for t, p in pieces if t == "text"], add_special_tokens=False)
+        text_ids = iter(e.ids for e in text_ids)
+
+        cfg = self.config
+        budget = cfg.max_tokens - 2  # BOS and EOS are always kept
+        ids: list[int] = [cfg.bos_token_id]
+        kept_images: list[ImageInput] = []
+        truncated = False
+        for piece_kind, piece in pieces:
+            if piece_kind == "image":
+                if len(kept_images) == cfg.max_images or cfg.tokens_per_image > budget:
+                    truncated = True
+                    break
+                kept_images.append(piece)
+                ids.extend([IMAGE_TOKEN_ID] * cfg.tokens_per_image)
+                budget -= cfg.tokens_per_image
+            else:
+                piece_ids = next(text_ids)
+                if len(piece_ids) > budget:
+                    ids.extend(piece_ids[:budget])
+                    truncated = True
+                    break
+                ids.extend(piece_ids)
+                budget -= len(piece_ids)
+        ids.append(cfg.eos_token_id)
+
+        pixels = [self._image_pixels(img) for img in kept_images]
+        size = cfg.image_size
+        pixel_values = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), dtype=np.uint8)
+        return EncodedSample(np.asarray(ids, dtype=np.int64), pixel_values, truncated)
+
+    def _layout(self, texts, images, kind: Kind) -> list[tuple[str, object]]:
+        if len(texts) != len(images):
+            raise SampleError(
+                f"malformed: {len(texts)} text positions but {len(images)} image positions "
+                "(texts and images must be parallel lists)"
+            )
+        segments: list[tuple[str, object]] = []
+        for i, (text, image) in enumerate(zip(texts, images)):
+            if text is not None and image is not None:
+                raise SampleError(f"malformed: position {i} holds both a text and an image")
+            if text is None and image is None:
+                raise SampleError(f"malformed: position {i} holds neither a text nor an image")
+            if image is not None:
+                segments.append(("image", image))
+            elif not isinstance(text, str):
+                raise SampleError(f"malformed: position {i} text is {type(text).__name__}, not a string")
+            elif text.strip():
+                segments.append(("text", text))
+        n_images = sum(1 for t, _ in segments if t == "image")
+        n_texts = len(segments) - n_images
+
+        if kind == "caption":
+            if n_images != 1:
+                raise SampleError(f"malformed: a caption sample needs exactly 1 image, found {n_images}")
+            if n_texts == 0:
+                raise SampleError("empty: caption has no text")
+            caption = "\n\n".join(str(p) for t, p in segments if t == "text")
+            image = next(p for t, p in segments if t == "image")
+            return [("image", image), ("text", "\n" + caption)]
+        if kind != "interleaved":
+            raise SampleError(f"malformed: unknown sample kind {kind!r} (caption or interleaved)")
+        if n_images == 0:
+            raise SampleError("empty: interleaved document has no images")
+        if n_texts == 0:
+            raise SampleError("empty: interleaved document has no text")
+
+        # Join segments with "\n\n"; consecutive texts and their separators form one text piece.
+        pieces: list[tuple[str, object]] = []
+        for j, (seg_kind, seg) in enumerate(segments):
+            sep = "\n\n" if j > 0 else ""
+            if seg_kind == "image":
+                if sep:
+                    self._append_text(pieces, sep)
+                pieces.append(("image", seg))
+            else:
+                self._append_text(pieces, sep + str(seg))
+        return pieces
+
+    @staticmethod
+    def _append_text(pieces: list, text: str) -> None:
+        if pieces and pieces[-1][0] == "text":
+            pieces[-1] = ("text", pieces[-1][1] + text)
+        else:
+            pieces.append(("text", text))
+
+    def _image_pixels(self, image: ImageInput) -> np.ndarray:
+        size = self.config.image_size
+        if isinstance(image, np.ndarray):  # already prepared by a CPU stage
+            if image.shape != (3, size, size) or image.dtype != np.uint8:
+                raise SampleError(f"malformed: prepared image has shape {image.shape} {image.dtype}, "
+                                  f"expected (3, {size}, {size}) uint8")
+            return image
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = decode_image(bytes(image), self.max_image_pixels)
+        if not isinstance(image, Image.Image):
+            raise SampleError(f"malformed: unsupported image value of type {type(image).__name__}")
+        return prepare_image(image, size)
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def collate(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+        """Right-padded batch: `input_ids`, `attention_mask` (B, L) and `pixel_values` (N, 3, S, S) uint8,
+        the images of all samples in order."""
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        length = max(s.n_tokens for s in samples)
+        input_ids = np.full((len(samples), length), self.config.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(samples), length), dtype=np.int64)
+        for row, s in enumerate(samples):
+            input_ids[row, : s.n_tokens] = s.input_ids
+            attention_mask[row, : s.n_tokens] = 1
+        pixel_values = np.concatenate([s.pixel_values for s in samples], axis=0)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "pixel_values": torch.from_numpy(pixel_values),
+        }
+
+    def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Encode and collate samples given as dicts with `texts`, `images` and `kind` (raises SampleError)."""
+        return self.collate([self.encode(s["texts"], s["images"], s["kind"]) for s in samples])

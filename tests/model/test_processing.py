@@ -1,0 +1,135 @@
+"""The processor: image decoding guards, pad-to-square, the text layout, limits and truncation."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import model
+from model.config import IMAGE_TOKEN_ID
+from model.processing import PAD_COLOR, SampleError, decode_image, prepare_image
+from tests.conftest import jpeg_bytes
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    return model.load(tiny_checkpoint)[1]
+
+
+def huge_png_header(width=20000, height=20000) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb), made without allocating it."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"", "decode: empty image payload"),
+    (b"<html>not an image</html>", "decode: not a recognised image format"),
+    (jpeg_bytes()[:200], "decode: corrupt image"),
+    (huge_png_header(), "decode: image too large"),
+], ids=["zero-bytes", "not-an-image", "truncated-jpeg", "20000x20000-png"])
+def test_bad_image_payloads_raise_sample_errors(payload, reason):
+    with pytest.raises(SampleError) as err:
+        decode_image(payload)
+    assert err.value.reason.startswith(reason)
+
+
+def test_pad_to_square_centres_with_grey():
+    img = Image.new("RGB", (200, 100), (255, 0, 0))
+    out = prepare_image(img, 50)
+    assert out.shape == (3, 50, 50) and out.dtype == np.uint8
+    assert tuple(out[:, 2, 25]) == PAD_COLOR  # top band is padding
+    assert tuple(out[:, 47, 25]) == PAD_COLOR  # bottom band is padding
+    assert tuple(out[:, 25, 25]) == (255, 0, 0)
+
+
+def _tokens(processor, text):
+    return processor.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_caption_layout_is_bos_image_newline_caption_eos(processor):
+    cfg = processor.config
+    enc = processor.encode([None, "a red circle"], [jpeg_bytes(), None], "caption")
+    expected = [cfg.bos_token_id, *[IMAGE_TOKEN_ID] * cfg.tokens_per_image, *_tokens(processor, "\na red circle"),
+                cfg.eos_token_id]
+    assert enc.input_ids.tolist() == expected
+    assert enc.n_images == 1 and not enc.truncated
+
+
+def test_interleaved_layout_joins_segments_and_tokenises_pieces_separately(processor):
+    cfg = processor.config
+    img = jpeg_bytes()
+    enc = processor.encode(["first", None, "second", "third", None], [None, img, None, None, img], "interleaved")
+    slot = [IMAGE_TOKEN_ID] * cfg.tokens_per_image
+    expected = [cfg.bos_token_id, *_tokens(processor, "first\n\n"), *slot,
+                *_tokens(processor, "\n\nsecond\n\nthird\n\n"), *slot, cfg.eos_token_id]
+    assert enc.input_ids.tolist() == expected
+    assert enc.n_images == 2
+
+
+def test_literal_image_marker_in_text_creates_no_slot(processor):
+    enc = processor.encode([None, "look: <image> here <image>"], [jpeg_bytes(), None], "caption")
+    assert (enc.input_ids == IMAGE_TOKEN_ID).sum() == processor.config.tokens_per_image
+    assert enc.n_images == 1
+
+
+def test_long_text_is_cut_before_the_eos(processor):
+    cfg = processor.config
+    enc = processor.encode([None, "word " * 5000], [jpeg_bytes(), None], "caption")
+    assert enc.truncated
+    assert enc.n_tokens == cfg.max_tokens
+    assert enc.input_ids[-1] == cfg.eos_token_id
+    assert enc.input_ids[0] == cfg.bos_token_id
+
+
+def test_too_many_images_are_cut_to_the_limit(processor):
+    cfg = processor.config
+    n = cfg.max_images + 5
+    texts = [t for i in range(n) for t in (f"part {i}", None)]
+    images = [m for _ in range(n) for m in (None, jpeg_bytes("blue", (20, 20)))]
+    enc = processor.encode(texts, images, "interleaved")
+    assert enc.truncated
+    assert enc.n_images == cfg.max_images
+    assert (enc.input_ids == IMAGE_TOKEN_ID).sum() == cfg.max_images * cfg.tokens_per_image
+    assert enc.input_ids[-1] == cfg.eos_token_id
+
+
+@pytest.mark.parametrize("texts, images, kind, reason", [
+    (["a", "b"], [None], "interleaved", "malformed: 2 text positions but 1 image positions"),
+    ([None, None], [b"x", None], "interleaved", "malformed: position 1 holds neither"),
+    (["a", None], [b"x", None], "interleaved", "malformed: position 0 holds both"),
+    ([None, None, "two images"], [b"x", b"y", None], "caption", "malformed: a caption sample needs exactly 1 image"),
+    ([None, "   "], [b"x", None], "caption", "empty: caption has no text"),
+    (["only text", "more"], [None, None], "interleaved", "empty: interleaved document has no images"),
+    ([None, None], [b"x", b"y"], "interleaved", "empty: interleaved document has no text"),
+    ([None, "x"], [b"x", None], "video", "malformed: unknown sample kind"),
+])
+def test_malformed_samples_raise_with_a_reason(processor, texts, images, kind, reason):
+    with pytest.raises(SampleError) as err:
+        processor.encode(texts, images, kind)
+    assert err.value.reason.startswith(reason)
+
+
+def test_collate_right_pads_with_the_pad_token(processor):
+    a = processor.encode([None, "short"], [jpeg_bytes(), None], "caption")
+    b = processor.encode([None, "a much longer caption " * 5], [jpeg_bytes(), None], "caption")
+    batch = processor.collate([a, b])
+    assert batch["input_ids"].shape == (2, b.n_tokens)
+    assert batch["attention_mask"][0].sum() == a.n_tokens
+    assert (batch["input_ids"][0, a.n_tokens:] == processor.config.pad_token_id).all()
+    assert batch["pixel_values"].shape[0] == 2
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    with pytest.raises(SampleError, match="decode: image too large: 120x80 pixels exceeds the limit of 1000"):
+        decode_image(jpeg_bytes(size=(120, 80)), max_pixels=1000)
