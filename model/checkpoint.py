@@ -30,15 +30,16 @@ class CheckpointError(RuntimeError):
 
 
 # -- where a checkpoint lives -------------------------------------------------------------------------------------
-def resolve(uri: str, workdir: str | Path) -> tuple[Path, str | None]:
+def resolve(uri: str, workdir: str | Path, weights: bool = True) -> tuple[Path, str | None]:
     """A local directory holding the checkpoint's files, and the source's revision if it names one.
 
     Local directories are used in place; `s3://` prefixes are downloaded into `workdir`; anything of the form
     `org/name[@revision]` that is not a local path is a Hugging Face hub id (its cache honours HF_HOME and
-    HF_HUB_OFFLINE)."""
+    HF_HUB_OFFLINE). With `weights=False` only the small files (config, tokenizer) are fetched."""
     uri = str(uri)
     if storage.is_remote(uri):
-        return storage.download_dir(uri, Path(workdir) / "checkpoint"), None
+        skip = () if weights else (".safetensors",)
+        return storage.download_dir(uri, Path(workdir) / "checkpoint", skip_suffixes=skip), None
     local = Path(uri.removeprefix("file://")).expanduser()
     if local.is_dir():
         return local, None
@@ -46,7 +47,8 @@ def resolve(uri: str, workdir: str | Path) -> tuple[Path, str | None]:
         from huggingface_hub import snapshot_download
 
         repo_id, _, revision = uri.removeprefix("hf://").partition("@")
-        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=_HUB_PATTERNS)
+        patterns = _HUB_PATTERNS if weights else [p for p in _HUB_PATTERNS if p != "*.safetensors"]
+        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
         return Path(path), Path(path).name  # snapshot folders are named by commit hash
     raise CheckpointError(f"no checkpoint at {uri!r}: not a local directory, s3:// prefix or hub id")
 
@@ -126,10 +128,28 @@ def load(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None
         else:
             raise CheckpointError(f"checkpoint {uri}: config.json is neither a UniFilter nor a LLaVA-style config")
         model, processor = build(config, tokenizer, weights, source=uri)
-    revision = source_revision or config.revision
-    model.model_id = f"{uri}@{revision}" if revision else str(uri)
+    model.model_id = _model_id(uri, source_revision or config.revision)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     return model, processor
+
+
+def load_processor(uri: str) -> tuple[UniFilterProcessor, str]:
+    """Only the processor (config and tokenizer, no weights) and the model id a full load would report: what a
+    CPU preprocessing stage needs."""
+    with tempfile.TemporaryDirectory(prefix="unifilter-ckpt-") as workdir:
+        directory, source_revision = resolve(uri, workdir, weights=False)
+        raw = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+        if raw.get("format") != CHECKPOINT_FORMAT:
+            model, processor = load(uri)  # a LLaVA-style checkpoint: its config comes from converting it
+            return processor, model.model_id
+        config = UniFilterConfig(**raw)
+        processor = UniFilterProcessor(config, AutoTokenizer.from_pretrained(str(directory)))
+    return processor, _model_id(uri, source_revision or config.revision)
+
+
+def _model_id(uri: str, revision: str | None) -> str:
+    """What score records name as their model: the URI and the weights' revision (hub commit or content hash)."""
+    return f"{uri}@{revision}" if revision else str(uri)
 
 
 # -- writing -----------------------------------------------------------------------------------------------------

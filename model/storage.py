@@ -52,12 +52,12 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def download_dir(uri: str, local_dir: str | Path) -> Path:
+def download_dir(uri: str, local_dir: str | Path, skip_suffixes: tuple[str, ...] = ()) -> Path:
     """Copy every file under a URI prefix into `local_dir` (created), keeping relative paths."""
     fs, root = filesystem_for(uri)
     local_dir = Path(local_dir)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    files = [i for i in infos if i.type == pafs.FileType.File]
+    files = [i for i in infos if i.type == pafs.FileType.File and not i.path.endswith(skip_suffixes)]
     if not files:
         raise FileNotFoundError(f"nothing found under {uri}")
     for info in files:

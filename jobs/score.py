@@ -1,0 +1,25 @@
+"""Score every sample of a corpus: `python -m jobs.score --input URI --format FMT --output URI --model URI`.
+
+Runs on the Ray cluster in RAY_ADDRESS, or a local one. Rerunning the same command scores only the shards not
+yet committed. Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad configuration.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs._config import connect_ray, parse_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.scoring import ScoreConfig, format_summary, score_dataset
+
+    config = parse_config(ScoreConfig, argv, "python -m jobs.score", __doc__.split("\n")[0])
+    connect_ray()
+    summary = score_dataset(config)
+    print(format_summary(summary))
+    return 1 if summary["shards"]["incomplete"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

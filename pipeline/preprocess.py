@@ -1,0 +1,76 @@
+"""The CPU stage: decode (guarded), resize and tokenize with the model's processor, so the GPU never waits on JPEG
+decoding; and the token-budget batching the scoring stage uses. A sample that fails becomes an error row."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from model.processing import EncodedSample, SampleError, UniFilterProcessor
+from pipeline.sources import SHARD_END
+
+# Between the stages images travel as uint8 at model resolution (4x smaller than float32); ids as int32.
+ENCODED_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("kind", pa.string()),
+    ("ordinal", pa.int64()),
+    ("error", pa.string()),
+    ("truncated", pa.bool_()),
+    ("n_images", pa.int32()),
+    ("n_tokens", pa.int32()),
+    ("input_ids", pa.binary()),
+    ("pixel_values", pa.binary()),
+])
+
+
+def encode_row(row: dict, processor: UniFilterProcessor) -> dict:
+    out = {k: row[k] for k in ("id", "source", "kind", "ordinal")}
+    out.update(error=row.get("error"), truncated=None, n_images=None, n_tokens=None, input_ids=None,
+               pixel_values=None)
+    if row["kind"] == SHARD_END or out["error"]:
+        return out
+    try:
+        enc = processor.encode(row["texts"], row["images"], row["kind"])
+    except SampleError as err:
+        out["error"] = err.reason
+        return out
+    except Exception as err:  # never lose a sample to an unforeseen failure: record it
+        out["error"] = f"preprocess: {type(err).__name__}: {err}"
+        return out
+    out.update(truncated=enc.truncated, n_images=enc.n_images, n_tokens=enc.n_tokens,
+               input_ids=enc.input_ids.astype(np.int32).tobytes(), pixel_values=enc.pixel_values.tobytes())
+    return out
+
+
+def preprocess_batch(batch: pa.Table, processor: UniFilterProcessor) -> pa.Table:
+    """Ray Data `map_batches` function: sample rows -> encoded rows (ENCODED_SCHEMA)."""
+    rows = [encode_row(row, processor) for row in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+
+
+def decode_encoded(row: dict, image_size: int) -> EncodedSample:
+    """An encoded row back to the processor's EncodedSample (zero-copy views over the row's bytes)."""
+    ids = np.frombuffer(row["input_ids"], dtype=np.int32).astype(np.int64)
+    pixels = np.frombuffer(row["pixel_values"], dtype=np.uint8).reshape(row["n_images"], 3, image_size, image_size)
+    return EncodedSample(ids, pixels, bool(row["truncated"]))
+
+
+def token_budget_batches(samples: list[EncodedSample], token_budget: int, max_batch: int) -> Iterator[list[int]]:
+    """Indices of `samples` grouped into micro-batches whose padded size (rows x longest) fits `token_budget`,
+    by length so similar lengths share a batch: interleaved documents are batched together, not one at a time.
+    A sample longer than the budget gets a batch of its own."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        n = samples[i].n_tokens
+        if batch and (max(longest, n) * (len(batch) + 1) > token_budget or len(batch) >= max_batch):
+            yield batch
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, n)
+    if batch:
+        yield batch
