@@ -101,9 +101,6 @@ def run(config_name: str, device: str, dtype: torch.dtype, batch_size: int, enco
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    del net
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return n / elapsed, flops / elapsed / 1e12
 
 
@@ -147,6 +144,8 @@ def main() -> None:
             base = None
             for label, dtype, bs in settings:
                 rate, tflops = run(name, args.device, dtype, bs, encoded, min_seconds=args.seconds)
+                if gpu:
+                    torch.cuda.empty_cache()
                 base = base or rate
                 rows.append((kind, name, label, rate, rate / base, tflops))
                 print(f"  {kind:11s} {name:13s} {label:26s} {rate:9.1f}/s", flush=True)

@@ -73,8 +73,12 @@ def parse_config(model: type[BaseModel], argv: list[str] | None, prog: str, desc
         problems = []
         for e in err.errors():
             field = ".".join(str(p) for p in e["loc"]) or "(config)"
-            message = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-            problems.append(f"field '{field}': {message}")
+            if e["type"] == "extra_forbidden":
+                problems.append(f"field '{field}': unknown field")
+            elif e["type"] == "missing":
+                problems.append(f"field '{field}': required (set it in the YAML file or as a flag)")
+            else:
+                problems.append(f"field '{field}': {e['msg']} (got {e.get('input')!r})")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 

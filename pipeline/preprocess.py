@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from model.processing import EncodedSample, SampleError, UniFilterProcessor
-from pipeline.sources import SHARD_END
+from pipeline.sources import SHARD_END, SourceOptions, read_shard
 
 # Between the stages images travel as uint8 at model resolution (4x smaller than float32); ids as int32.
 ENCODED_SCHEMA = pa.schema([
@@ -45,10 +45,30 @@ def encode_row(row: dict, processor: UniFilterProcessor) -> dict:
     return out
 
 
-def preprocess_batch(batch: pa.Table, processor: UniFilterProcessor) -> pa.Table:
-    """Ray Data `map_batches` function: sample rows -> encoded rows (ENCODED_SCHEMA)."""
-    rows = [encode_row(row, processor) for row in batch.to_pylist()]
-    return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+class ShardEncoder:
+    """A CPU worker of the read + decode + tokenize stage: loads the model's processor (config and tokenizer, no
+    weights) once; each call reads whole shards and yields their encoded rows in small blocks as it goes, so
+    the model actors start on a shard's first samples while the rest is still being decoded."""
+
+    def __init__(self, model_uri: str, fmt: str, options: SourceOptions, max_image_pixels: int | None = None,
+                 rows_per_block: int = 16):
+        from model.checkpoint import load_processor
+
+        self.processor, _ = load_processor(model_uri)
+        if max_image_pixels:
+            self.processor.max_image_pixels = max_image_pixels
+        self.fmt, self.options, self.rows_per_block = fmt, options, rows_per_block
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for shard in batch.column("shard").to_pylist():
+            rows = []
+            for sample in read_shard(shard, self.fmt, self.options):
+                rows.append(encode_row(sample, self.processor))
+                if len(rows) == self.rows_per_block:
+                    yield pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+                    rows = []
+            if rows:
+                yield pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
 
 
 def decode_encoded(row: dict, image_size: int) -> EncodedSample:

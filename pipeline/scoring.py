@@ -3,6 +3,7 @@ Parquet score records. `score_dataset(ScoreConfig)` is what `python -m jobs.scor
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Literal
@@ -10,14 +11,14 @@ from typing import Literal
 import pyarrow as pa
 import ray
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import model as unifilter
 from model.checkpoint import load_processor
 from model.config import NUM_LEVELS
-from pipeline.preprocess import decode_encoded, preprocess_batch, token_budget_batches
+from pipeline.preprocess import ShardEncoder, decode_encoded, token_budget_batches
 from pipeline.sinks import SCORE_SCHEMA, ShardCommitter, committed_shards, write_json
-from pipeline.sources import FORMATS, SAMPLE_SCHEMA, SHARD_END, SourceOptions, read_shard
+from pipeline.sources import SHARD_END, SourceOptions
 from pipeline.storage import join, list_shards
 
 
@@ -35,7 +36,10 @@ class ScoreConfig(BaseModel):
     gpus_per_actor: float | None = Field(
         None, ge=0, description="GPUs per scoring actor (0.5 packs two per GPU); default: 1 if the cluster has GPUs")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scoring actor")
-    preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per preprocessing (decode + tokenize) task")
+    preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per preprocessing (decode + tokenize) worker")
+    preprocess_workers: int | None = Field(
+        None, ge=1, description="most preprocessing workers; default: the cluster's CPUs not reserved for scoring")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are errors (decompression bombs)")
     batch_size: int = Field(64, ge=1, description="rows handed to a scoring actor per call")
     token_budget: int | None = Field(
         None, ge=64, description="padded tokens per forward pass (rows x longest); default 32768 on GPU, 8192 on CPU")
@@ -45,13 +49,6 @@ class ScoreConfig(BaseModel):
     source: SourceOptions = Field(default_factory=SourceOptions, description="Parquet column names")
     no_progress_timeout_s: float = Field(
         3600.0, gt=0, description="how long the job may make no progress (e.g. waiting for GPU nodes to start)")
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        if value not in FORMATS:
-            raise ValueError(f"unknown format {value!r}; choose one of {FORMATS}")
-        return value
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> ScoreConfig:
@@ -106,6 +103,7 @@ class ScoringActor:
         return {k: (None if v is None else v.float().cpu().numpy()) for k, v in out.items()}
 
 
+_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 _ACTOR_OUTPUT_SCHEMA = SCORE_SCHEMA.append(pa.field("ordinal", pa.int64()))
 
 
@@ -115,26 +113,13 @@ def _passthrough_record(row: dict, model_id: str) -> dict:
             "truncated": row["truncated"], "error": row["error"], "model": model_id}
 
 
-def _read_shards(batch: pa.Table, fmt: str, options: SourceOptions, rows_per_block: int = 64):
-    """Ray Data generator UDF: one shard URI in, its sample rows out in blocks (bounded memory)."""
-    for shard in batch.column("shard").to_pylist():
-        rows = []
-        for row in read_shard(shard, fmt, options):
-            rows.append(row)
-            if len(rows) == rows_per_block:
-                yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-
-
 def score_dataset(config: ScoreConfig, progress: bool = True) -> dict:
     """Score every sample of the input shards not yet committed in the output; returns (and writes) the summary."""
     start = time.time()
     shards = list_shards(config.input, config.format)
     already = committed_shards(config.output)
     todo = [s for s in shards if s not in already]
-    processor, model_id = load_processor(config.model)  # config and tokenizer only: fails fast on a bad URI
+    _, model_id = load_processor(config.model)  # config and tokenizer only: fails fast on a bad URI
 
     gpus = config.gpus_per_actor
     if gpus is None:
@@ -151,21 +136,29 @@ def score_dataset(config: ScoreConfig, progress: bool = True) -> dict:
                   end="", file=sys.stderr, flush=True)
 
     committer = ShardCommitter(config.output, on_commit=report)
+    # Workers read and write object storage too: hand them the endpoint and region (never credentials, which
+    # come from each node's own environment or instance role).
+    env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
+    stage_args = {"runtime_env": {"env_vars": env}} if env else {}
     if todo:
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=config.preprocess_cpus,
-                            fn_kwargs={"fmt": config.format, "options": config.source})
-        ds = ds.map_batches(preprocess_batch, batch_size=16, batch_format="pyarrow",
-                            num_cpus=config.preprocess_cpus, fn_kwargs={"processor": processor})
+        # Read + decode + tokenize, one shard per call, on a pool of CPU actors (the processor loads once per
+        # actor), apart from the model actors so the GPU never waits on JPEG decoding.
+        cpus = ray.cluster_resources().get("CPU", 1)
+        workers = config.preprocess_workers or max(1, int(cpus - config.concurrency * config.cpus_per_actor))
+        ds = ds.map_batches(ShardEncoder, batch_size=1, batch_format="pyarrow",
+                            fn_constructor_kwargs={"model_uri": config.model, "fmt": config.format,
+                                                   "options": config.source,
+                                                   "max_image_pixels": config.max_image_pixels},
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+                            num_cpus=config.preprocess_cpus, **stage_args)
         ds = ds.map_batches(
             ScoringActor,
             fn_constructor_kwargs={"model_uri": config.model, "dtype": config.dtype,
                                    "token_budget": config.token_budget, "max_batch": config.max_batch},
             compute=ray.data.ActorPoolStrategy(min_size=config.min_actors, max_size=config.concurrency),
             num_gpus=gpus, num_cpus=config.cpus_per_actor, batch_size=config.batch_size, batch_format="pyarrow",
-            # A crashed actor restarts and its batches are retried. Stated explicitly, these remote args also keep
-            # Ray from fusing the CPU decode stage into the model actors (it fuses stages with equal args).
-            max_restarts=-1, max_task_retries=-1,
+            **stage_args,  # Ray Data restarts a crashed actor and retries its batches (max_restarts=-1)
         )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             committer.add(batch)

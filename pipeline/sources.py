@@ -91,7 +91,7 @@ def _tar_groups(shard: str) -> Iterator[tuple[str, dict[str, bytes], str | None]
     key, group = None, {}
     n_complete = 0
     try:
-        with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=(stream := _CountingReader(raw)), mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -109,12 +109,27 @@ def _tar_groups(shard: str) -> Iterator[tuple[str, dict[str, bytes], str | None]
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} is cut short")
                 group[ext.lower()] = data
+            # tarfile stops silently when a shard is cut at a header: demand the end-of-archive block.
+            if stream.count < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("shard ends without an end-of-archive marker")
     except (tarfile.TarError, OSError, EOFError) as err:
         reason = f"decode: truncated or corrupt tar shard after {n_complete} samples ({type(err).__name__}: {err})"
         yield (key if key is not None else f"{_shard_stem(shard)}:unreadable"), {}, reason
         return
     if key is not None:
         yield key, group, None
+
+
+class _CountingReader:
+    """A file-like wrapper that counts the bytes read through it."""
+
+    def __init__(self, raw):
+        self.raw, self.count = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
 
 
 def _read_webdataset(shard: str, options: SourceOptions) -> Iterator[dict]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 
 # Set before anything imports boto3, pyarrow's S3 or huggingface_hub: nothing may leave this machine.
 os.environ.update({
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",  # the same for every cluster and client the tests start
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "AWS_ACCESS_KEY_ID": "testing",
@@ -86,3 +89,82 @@ def tiny_checkpoint_4way(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny4"
     create("tiny", str(path), num_labels=4, seed=1)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    """One local Ray instance for the session (started after the S3 server, so workers inherit its endpoint).
+    Yields the GCS address, so subprocess jobs can join it through RAY_ADDRESS."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job_env(**extra) -> dict:
+    """Environment for a job run as a subprocess (the same Python, the repo importable)."""
+    import sys
+
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # `python` is this venv's
+    env = dict(os.environ, PATH=path, PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head` on 127.0.0.1 with its dashboard (job submission) on loopback; stopped at teardown.
+    Runs in the foreground (--block) in its own temp dir, so stopping it touches no other Ray instance."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("ray start --head did not bring up its dashboard within 90 s")
+    # The job agent registers a little after the dashboard answers: wait until a trivial job goes through.
+    while time.time() < deadline:
+        probe = subprocess.run([ray_bin, "job", "submit", "--address", url, "--", "python", "-c", "pass"],
+                               env=job_env(), capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0:
+            break
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"the local cluster never accepted a job: {probe.stderr[-500:]}")
+    try:
+        yield {"dashboard": url, "gcs": f"127.0.0.1:{port}"}
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""`python -m jobs.score` as users run it: configuration errors, resume after SIGKILL, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from pipeline import corpus
+from pipeline.sinks import read_scores
+from tests.conftest import REPO_ROOT, job_env
+from tests.pipeline.test_scoring import assert_exactly_once, big_caption_shards
+
+
+def score_cmd(input_uri, output, model, *extra):
+    return [sys.executable, "-m", "jobs.score", "--input", input_uri, "--format", "webdataset",
+            "--output", output, "--model", model, *extra]
+
+
+def test_unknown_format_fails_fast_naming_the_field(tmp_path):
+    res = subprocess.run(score_cmd(str(tmp_path), str(tmp_path / "o"), "m", "--format", "tarball"),
+                         env=job_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "field 'format'" in res.stderr and "tarball" in res.stderr
+
+
+def test_unknown_yaml_field_fails_fast_naming_it(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: {tmp_path}\nformat: webdataset\noutput: {tmp_path}/o\nmodel: m\nconcurency: 4\n")
+    res = subprocess.run([sys.executable, "-m", "jobs.score", "--config", str(cfg)], env=job_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "field 'concurency': unknown field" in res.stderr
+
+
+def test_invalid_values_fail_fast_naming_the_field(tmp_path):
+    res = subprocess.run(score_cmd(str(tmp_path), str(tmp_path / "o"), "m", "--concurrency", "0",
+                                   "--source-image-column", "jpg"),
+                         env=job_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "field 'concurrency'" in res.stderr
+
+
+def test_a_rerun_after_sigkill_scores_only_the_uncommitted_shards(tmp_path, tiny_checkpoint, ray_cluster):
+    expected = big_caption_shards(str(tmp_path / "in"), n_shards=10, per_shard=10)
+    out = tmp_path / "out"
+    cmd = score_cmd(str(tmp_path / "in"), str(out), tiny_checkpoint, "--batch-size", "4")
+    env = job_env(RAY_ADDRESS=ray_cluster)
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "_manifest"
+    deadline = time.time() + 180
+    while time.time() < deadline and first.poll() is None:
+        if manifest.is_dir() and len(list(manifest.glob("*.json"))) >= 1:
+            first.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
+    committed_before = len(list(manifest.glob("*.json")))
+    assert 1 <= committed_before < 10
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards"]["already_committed"] == committed_before
+    assert summary["shards"]["scored_this_run"] == 10 - committed_before
+    assert summary["samples_this_run"] == 10 * (10 - committed_before)
+    assert summary["committed_samples_total"] == 100
+    assert f"{committed_before} already committed" in second.stdout
+    assert_exactly_once(read_scores(str(out)), expected)
+
+
+def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head):
+    expected = []
+    for k in range(2):
+        items = corpus.caption_samples(5, seed=k, prefix=f"job{k}-")
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), items)
+        expected += [i["key"] for i in items]
+    out = tmp_path / "out"
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    res = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".", "--",
+         "python", "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
+         "--output", str(out), "--model", tiny_checkpoint],
+        cwd=REPO_ROOT, env=job_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "succeeded" in res.stdout.lower()
+    assert_exactly_once(read_scores(str(out)), expected)
+    assert json.loads((out / "summary.json").read_text())["shards"]["scored_this_run"] == 2

@@ -1,0 +1,177 @@
+"""Batch scoring end to end on a real local Ray instance: every format, bad input, S3, an actor crash."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+
+import pyarrow.compute as pc
+import pytest
+
+from pipeline import corpus
+from pipeline.scoring import ScoreConfig, score_dataset
+from pipeline.sinks import read_scores
+from tests.conftest import jpeg_bytes
+from tests.model.test_processing import huge_png_header
+from tests.pipeline.test_sources import WRITERS
+
+
+def run(tmp_path, fmt, input_uri, model, output=None, **kw):
+    config = ScoreConfig(input=input_uri, format=fmt, output=output or str(tmp_path / "out"), model=model, **kw)
+    return score_dataset(config, progress=False), config.output
+
+
+def assert_exactly_once(table, expected_ids):
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(expected_ids)
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_every_format_scores_each_sample_exactly_once(fmt, tmp_path, tiny_checkpoint, ray_cluster):
+    write, make, suffix = WRITERS[fmt]
+    expected = []
+    for k in range(3):
+        items = make(7, seed=k, prefix=f"s{k}-")
+        write(str(tmp_path / "in" / f"{k:03d}{suffix}"), items)
+        expected += [i["key"] for i in items]
+    summary, out = run(tmp_path, fmt, str(tmp_path / "in"), tiny_checkpoint)
+    table = read_scores(out)
+    assert_exactly_once(table, expected)
+    assert table.column("error").null_count == len(expected)
+    scores = table.column("score").to_pylist()
+    assert all(s == s and abs(s) < 100 for s in scores)  # finite
+    assert set(table.column("label").to_pylist()) <= {0, 1, 2, 3}
+    assert set(table.column("kind").to_pylist()) == {"caption" if fmt in ("webdataset", "parquet") else "interleaved"}
+    assert all(m.startswith(tiny_checkpoint + "@") for m in table.column("model").to_pylist())
+    assert summary["samples_this_run"] == len(expected) and summary["shards"]["scored_this_run"] == 3
+
+
+def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_checkpoint, ray_cluster):
+    good = corpus.caption_samples(2, prefix="good")
+    bad = [
+        {"key": "corrupt-jpeg", "image": jpeg_bytes()[:300], "caption": "a red square"},
+        {"key": "zero-bytes", "image": b"", "caption": "a red square"},
+        {"key": "not-an-image", "image": b"%PDF-1.4 this is no image", "caption": "a red square"},
+        {"key": "huge-png", "image": huge_png_header(), "caption": "a red square", "ext": "png"},
+        {"key": "no-caption", "image": jpeg_bytes(), "caption": None},
+        {"key": "bad-utf8", "image": jpeg_bytes(), "caption": b"\xff\xfe broken"},
+    ]
+    corpus.write_webdataset(str(tmp_path / "in" / "caps.tar"), good + bad)
+    cut = tmp_path / "in" / "cut.tar"
+    corpus.write_webdataset(str(cut), corpus.caption_samples(5, prefix="cut"))
+    cut.write_bytes(cut.read_bytes()[:9000])
+    summary, out = run(tmp_path, "webdataset", str(tmp_path / "in"), tiny_checkpoint)
+    table = read_scores(out).to_pylist()
+    by_id = {r["id"]: r for r in table}
+    assert len(by_id) == len(table)
+    expected_errors = {"corrupt-jpeg": "decode: corrupt image", "zero-bytes": "decode: empty image payload",
+                       "not-an-image": "decode: not a recognised image format", "huge-png": "decode: image too large",
+                       "no-caption": "empty: sample has no caption", "bad-utf8": "decode: caption is not valid UTF-8"}
+    for key, reason in expected_errors.items():
+        assert by_id[key]["error"].startswith(reason), by_id[key]
+        assert by_id[key]["score"] is None and by_id[key]["label"] is None
+    for s in good:
+        assert by_id[s["key"]]["error"] is None and by_id[s["key"]]["score"] is not None
+    cut_rows = [r for r in table if r["source"] == str(cut)]
+    assert sum(1 for r in cut_rows if r["error"]) == 1
+    assert any(r["error"] and "truncated or corrupt tar" in r["error"] for r in cut_rows)
+    assert summary["errors_by_reason"]["decode"] >= 5 and summary["errors_by_reason"]["empty"] == 1
+
+
+def test_bad_documents_are_errors_or_truncated(tmp_path, tiny_checkpoint, ray_cluster):
+    many = {"key": "hundred-images", "texts": [], "images": []}
+    for i in range(100):
+        many["texts"] += [f"section {i}", None]
+        many["images"] += [None, jpeg_bytes("blue", (16, 16))]
+    docs = [
+        {"key": "no-images", "texts": ["just text", "more text"], "images": [None, None]},
+        many,
+        *corpus.documents(2, prefix="fine"),
+    ]
+    corpus.write_obelics(str(tmp_path / "in" / "docs.parquet"), docs)
+    summary, out = run(tmp_path, "obelics", str(tmp_path / "in"), tiny_checkpoint)
+    by_id = {r["id"]: r for r in read_scores(out).to_pylist()}
+    assert set(by_id) == {d["key"] for d in docs}
+    assert by_id["no-images"]["error"] == "empty: interleaved document has no images"
+    hundred = by_id["hundred-images"]
+    assert hundred["error"] is None and hundred["truncated"] and hundred["score"] is not None
+    assert hundred["n_images"] == 16 and hundred["n_tokens"] <= 1024
+    assert summary["truncated_this_run"] == 1
+
+
+def test_s3_inputs_and_outputs(s3_bucket, tiny_checkpoint, ray_cluster, tmp_path):
+    expected = []
+    for k in range(2):
+        items = corpus.caption_samples(4, seed=k, prefix=f"s3-{k}-")
+        corpus.write_webdataset(f"s3://{s3_bucket}/in/{k:03d}.tar", items)
+        expected += [i["key"] for i in items]
+    output = f"s3://{s3_bucket}/out"
+    summary, _ = run(tmp_path, "webdataset", f"s3://{s3_bucket}/in", tiny_checkpoint, output=output)
+    assert_exactly_once(read_scores(output), expected)
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]]
+    assert "out/summary.json" in keys
+    assert sum(k.startswith("out/_manifest/") and k.endswith(".json") for k in keys) == 2
+    assert sum(k.startswith("out/scores/") and k.endswith(".parquet") for k in keys) == 2
+
+
+def big_caption_shards(root, n_shards, per_shard, size=3000):
+    """Shards of large (but well-compressed) JPEGs: decoding and resizing them makes the job slow enough to
+    interrupt it part-way."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.radial_gradient("L").resize((size, size)).convert("RGB").save(buf, "JPEG", quality=90)
+    image = buf.getvalue()
+    expected = []
+    for k in range(n_shards):
+        samples = [{"key": f"big{k}-{i}", "image": image, "caption": f"a grey gradient number {i}"}
+                   for i in range(per_shard)]
+        corpus.write_webdataset(os.path.join(root, f"{k:03d}.tar"), samples)
+        expected += [s["key"] for s in samples]
+    return expected
+
+
+def _scoring_actor_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if "ScoringActor" in cmd and "MapWorker" in cmd:
+                pids.append(int(entry))
+    return pids
+
+
+def test_a_killed_scoring_actor_is_replaced_and_no_record_is_lost(tmp_path, tiny_checkpoint, ray_cluster):
+    expected = big_caption_shards(str(tmp_path / "in"), n_shards=6, per_shard=12)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        summary=run(tmp_path, "webdataset", str(tmp_path / "in"), tiny_checkpoint, batch_size=4)[0]))
+    thread.start()
+    killed = None
+    deadline = time.time() + 120
+    while time.time() < deadline and thread.is_alive():
+        manifest = tmp_path / "out" / "_manifest"
+        pids = _scoring_actor_pids()
+        if pids and manifest.is_dir() and len(list(manifest.iterdir())) >= 1:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)  # what ray.kill does to an actor: its worker process dies at once
+            break
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "the job finished before an actor could be killed"
+    assert len(list((tmp_path / "out" / "_manifest").iterdir())) == 6
+    assert result["summary"]["shards"]["incomplete"] == []
+    table = read_scores(str(tmp_path / "out"))
+    assert_exactly_once(table, expected)
+    assert table.column("error").null_count == len(expected)
+    assert pc.min(table.column("score")).as_py() is not None

@@ -1,0 +1,101 @@
+"""Readers: every format yields the one sample schema with stable ids, and bad data becomes error rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import corpus
+from pipeline.sources import SHARD_END, read_shard
+from pipeline.storage import list_shards, shard_id
+
+WRITERS = {
+    "webdataset": (corpus.write_webdataset, corpus.caption_samples, ".tar"),
+    "parquet": (corpus.write_caption_parquet, corpus.caption_samples, ".parquet"),
+    "interleaved-wds": (corpus.write_interleaved_wds, corpus.documents, ".tar"),
+    "obelics": (corpus.write_obelics, corpus.documents, ".parquet"),
+}
+
+
+def rows_of(shard, fmt):
+    rows = list(read_shard(shard, fmt))
+    assert rows[-1]["kind"] == SHARD_END and int(rows[-1]["id"]) == len(rows) - 1
+    return rows[:-1]
+
+
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_each_format_yields_the_sample_schema(fmt, tmp_path):
+    write, make, suffix = WRITERS[fmt]
+    items = make(5)
+    shard = str(tmp_path / f"shard{suffix}")
+    write(shard, items)
+    rows = rows_of(shard, fmt)
+    assert [r["id"] for r in rows] == [i["key"] for i in items]
+    assert [r["ordinal"] for r in rows] == list(range(5))
+    for row, item in zip(rows, items):
+        assert row["source"] == shard and row["error"] is None
+        assert len(row["texts"]) == len(row["images"])
+        assert all((t is None) != (m is None) for t, m in zip(row["texts"], row["images"]))
+        if fmt in ("webdataset", "parquet"):
+            assert row["kind"] == "caption"
+            assert row["texts"] == [None, item["caption"]] and row["images"] == [item["image"], None]
+        else:
+            assert row["kind"] == "interleaved"
+            assert row["texts"] == item["texts"] and row["images"] == item["images"]
+
+
+def test_truncated_tar_keeps_complete_samples_and_reports_the_cut(tmp_path):
+    shard = tmp_path / "cut.tar"
+    corpus.write_webdataset(str(shard), corpus.caption_samples(6))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) * 2 // 3])
+    rows = rows_of(str(shard), "webdataset")
+    good = [r for r in rows if not r["error"]]
+    bad = [r for r in rows if r["error"]]
+    assert len(good) >= 2 and len(bad) == 1
+    assert bad[0]["error"].startswith("decode: truncated or corrupt tar shard after")
+    assert [r["id"] for r in good] == [f"cap{i:06d}" for i in range(len(good))]
+
+
+def test_truncated_parquet_is_one_error_row(tmp_path):
+    shard = tmp_path / "cut.parquet"
+    corpus.write_caption_parquet(str(shard), corpus.caption_samples(4))
+    shard.write_bytes(shard.read_bytes()[:500])
+    rows = rows_of(str(shard), "parquet")
+    assert len(rows) == 1 and rows[0]["error"].startswith("decode: unreadable Parquet shard")
+    assert rows[0]["id"] == "cut:unreadable"
+
+
+def test_webdataset_sample_problems_become_error_rows(tmp_path):
+    samples = corpus.caption_samples(3)
+    samples[0]["caption"] = None
+    samples[1]["image"] = None
+    samples[2]["caption"] = b"caf\xe9 latte"
+    shard = str(tmp_path / "bad.tar")
+    corpus.write_webdataset(shard, samples)
+    errors = [r["error"] for r in rows_of(shard, "webdataset")]
+    assert errors[0] == "empty: sample has no caption (.txt) file"
+    assert errors[1].startswith("empty: sample has no image file")
+    assert errors[2].startswith("decode: caption is not valid UTF-8")
+
+
+def test_list_shards_accepts_directories_globs_and_list_files(tmp_path):
+    for k in range(3):
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k:03d}.tar"), corpus.caption_samples(1))
+    (tmp_path / "in" / "_tmp.tar").write_bytes(b"")  # underscore paths are metadata, never shards
+    expected = [str(tmp_path / "in" / f"{k:03d}.tar") for k in range(3)]
+    assert list_shards(str(tmp_path / "in"), "webdataset") == expected
+    assert list_shards(str(tmp_path / "in" / "00[02].tar"), "webdataset") == [expected[0], expected[2]]
+    listing = tmp_path / "shards.txt"
+    listing.write_text("\n".join(expected[:2]) + "\n# a comment\n")
+    assert list_shards(str(listing), "webdataset") == expected[:2]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_shards(str(tmp_path / "missing"), "webdataset")
+    assert len({shard_id(s) for s in expected}) == 3
+
+
+def test_s3_prefix_is_listed_and_read(s3_bucket):
+    uri = f"s3://{s3_bucket}/corpus/part-0.tar"
+    corpus.write_webdataset(uri, corpus.caption_samples(2))
+    shards = list_shards(f"s3://{s3_bucket}/corpus", "webdataset")
+    assert shards == [uri]
+    assert [r["id"] for r in rows_of(uri, "webdataset")] == ["cap000000", "cap000001"]
