@@ -51,12 +51,13 @@ class ShardEncoder:
     the model actors start on a shard's first samples while the rest is still being decoded."""
 
     def __init__(self, model_uri: str, fmt: str, options: SourceOptions, max_image_pixels: int | None = None,
-                 rows_per_block: int = 16):
+                 jpeg_draft: bool = False, rows_per_block: int = 16):
         from model.checkpoint import load_processor
 
         self.processor, _ = load_processor(model_uri)
         if max_image_pixels:
             self.processor.max_image_pixels = max_image_pixels
+        self.processor.jpeg_draft = jpeg_draft
         self.fmt, self.options, self.rows_per_block = fmt, options, rows_per_block
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:

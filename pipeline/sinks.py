@@ -93,6 +93,8 @@ class ShardCommitter:
         self.error_examples: dict[str, str] = {}
         self.samples = self.scored = self.truncated = 0
         self.on_commit = on_commit
+        self.started = time.time()
+        self.first_commit: tuple[float, int] | None = None  # (time, samples then): start-up vs steady state
 
     def add(self, batch: pa.Table) -> None:
         touched = set()
@@ -126,6 +128,8 @@ class ShardCommitter:
         self.samples += len(records)
         self.scored += len(records) - len(errors)
         self.truncated += sum(1 for r in records if r["truncated"])
+        if self.first_commit is None:
+            self.first_commit = (time.time(), self.samples)
         for reason in errors:
             category = reason.split(":", 1)[0]
             self.errors_by_reason[category] += 1
