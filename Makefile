@@ -22,6 +22,8 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py
+	$(PY) benchmarks/preprocess_throughput.py
+	$(PY) benchmarks/pipeline_throughput.py
 
 demo: $(VENV)/.installed
 	$(PY) -m jobs.demo

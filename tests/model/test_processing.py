@@ -133,3 +133,20 @@ def test_collate_right_pads_with_the_pad_token(processor):
 def test_pixel_limit_is_checked_from_the_header():
     with pytest.raises(SampleError, match="decode: image too large: 120x80 pixels exceeds the limit of 1000"):
         decode_image(jpeg_bytes(size=(120, 80)), max_pixels=1000)
+
+
+def test_jpeg_draft_decodes_large_jpegs_at_reduced_scale_with_nearly_equal_output():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1600, 0:1200] / 1600
+    pixels = (127 + 100 * np.stack([np.sin(9 * xx), np.cos(7 * yy), xx * yy], -1)
+              + rng.normal(0, 8, (1600, 1200, 3))).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    exact = decode_image(buf.getvalue())
+    drafted = decode_image(buf.getvalue(), draft_size=384)
+    assert exact.size == (1200, 1600)
+    assert max(drafted.size) < 1600 and max(drafted.size) >= 384  # DCT-scaled, never below the target
+    a, b = prepare_image(exact, 384).astype(int), prepare_image(drafted, 384).astype(int)
+    assert np.abs(a - b).mean() < 1.5
