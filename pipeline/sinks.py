@@ -1,9 +1,10 @@
-"""Score records to Parquet, with a commit manifest that makes resume exact.
+"""Records to Parquet, one file per input shard (and partition), with a commit manifest that makes resume exact.
 
-Layout: `OUTPUT/scores/<shard>.parquet` (one file per input shard), `OUTPUT/_manifest/<shard>.json` (the shard's
-commit record, written only after its Parquet file is durable), `OUTPUT/summary.json`. A shard's file name is
-fixed, so a rerun after a crash overwrites any uncommitted file rather than adding a second copy: the committed
-files hold every input sample exactly once. Readers go through `read_scores`, which reads committed files only.
+Layout: `OUTPUT/<partition>/<shard>.parquet` (`scores/` for scoring; `train/` and `val/` for synthetic pairs),
+`OUTPUT/_manifest/<shard>.json` (the shard's commit record, written only after its Parquet files are durable),
+`OUTPUT/summary.json`. A shard's file names are fixed, so a rerun after a crash overwrites any uncommitted file
+rather than adding a second copy: the committed files hold every input sample exactly once. Readers go through
+`read_committed` / `read_scores`, which read committed files only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.sources import SHARD_END
-from pipeline.storage import filesystem_for, is_remote, join, shard_id
+from pipeline.storage import filesystem_for, join, shard_id
 
 SCORE_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -51,13 +52,19 @@ def committed_shards(output: str) -> dict[str, dict]:
     return entries
 
 
-def read_scores(output: str) -> pa.Table:
-    """All committed score records of an output (uncommitted files from an interrupted run are ignored)."""
+def read_committed(output: str, schema: pa.Schema, partition: str | None = None) -> pa.Table:
+    """All committed records of an output, optionally of one partition (uncommitted files are ignored)."""
     fs, root = filesystem_for(output)
-    files = [f"{root}/{e['file']}" for e in committed_shards(output).values()]
+    files = [f"{root}/{f}" for e in committed_shards(output).values() for f in e["files"]
+             if partition is None or f.startswith(f"{partition}/")]
     if not files:
-        return SCORE_SCHEMA.empty_table()
-    return pads.dataset(files, schema=SCORE_SCHEMA, filesystem=fs, format="parquet").to_table()
+        return schema.empty_table()
+    return pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table()
+
+
+def read_scores(output: str) -> pa.Table:
+    """All committed score records of a scoring output."""
+    return read_committed(output, SCORE_SCHEMA)
 
 
 def write_json(uri: str, payload: dict) -> None:
@@ -79,14 +86,17 @@ def _write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
 
 
 class ShardCommitter:
-    """Collects score records as they stream in, in any order, and commits each shard once all its samples
-    (the count its SHARD_END marker carries) are present: Parquet file first, then the manifest entry."""
+    """Collects records as they stream in, in any order, and commits each shard once all its records are
+    present (its SHARD_END marker carries the sample count; each sample yields `rows_per_sample` records, told
+    apart by `row_key`): Parquet files first, then the manifest entry."""
 
-    def __init__(self, output: str, on_commit=None):
+    def __init__(self, output: str, schema: pa.Schema = SCORE_SCHEMA, on_commit=None, rows_per_sample: int = 1,
+                 row_key=lambda row: row["ordinal"], partition=lambda row: SCORES_DIR):
         self.output = output
         self.fs, self.root = filesystem_for(output)
-        self.remote = is_remote(output)
-        self._rows: dict[str, dict[int, dict]] = defaultdict(dict)  # shard -> ordinal -> record
+        self.schema = schema
+        self.rows_per_sample, self.row_key, self.partition = rows_per_sample, row_key, partition
+        self._rows: dict[str, dict[object, dict]] = defaultdict(dict)  # shard -> row key -> record
         self._expected: dict[str, int] = {}
         self.committed: list[str] = []
         self.errors_by_reason: Counter = Counter()
@@ -101,9 +111,9 @@ class ShardCommitter:
         for row in batch.to_pylist():
             shard = row["source"]
             if row["kind"] == SHARD_END:
-                self._expected[shard] = int(row["id"])
+                self._expected[shard] = int(row["id"]) * self.rows_per_sample
             else:
-                self._rows[shard][row["ordinal"]] = row  # a retried task's duplicate replaces, never adds
+                self._rows[shard][self.row_key(row)] = row  # a retried task's duplicate replaces, never adds
             touched.add(shard)
         for shard in touched:
             if shard in self._expected and len(self._rows[shard]) == self._expected[shard]:
@@ -112,22 +122,27 @@ class ShardCommitter:
     def _commit(self, shard: str) -> None:
         rows = self._rows.pop(shard)
         expected = self._expected.pop(shard)
-        records = [rows[i] for i in sorted(rows)]
-        table = pa.Table.from_pylist([{k: r.get(k) for k in SCORE_SCHEMA.names} for r in records],
-                                     schema=SCORE_SCHEMA)
+        records = [rows[k] for k in sorted(rows)]
         name = shard_id(shard)
-        data_path = f"{self.root}/{SCORES_DIR}/{name}.parquet"
-        _write_atomically(self.fs, data_path, lambda f: pq.write_table(table, f, compression="zstd"))
-        errors = [r["error"] for r in records if r["error"]]
-        entry = {"shard": shard, "file": f"{SCORES_DIR}/{name}.parquet", "records": expected,
-                 "errors": len(errors), "model": records[0]["model"] if records else None,
+        by_partition: dict[str, list[dict]] = defaultdict(list)
+        for r in records:
+            by_partition[self.partition(r)].append(r)
+        files = []
+        for partition, part in sorted(by_partition.items()):
+            table = pa.Table.from_pylist([{k: r.get(k) for k in self.schema.names} for r in part], schema=self.schema)
+            files.append(f"{partition}/{name}.parquet")
+            _write_atomically(self.fs, f"{self.root}/{files[-1]}",
+                              lambda f, t=table: pq.write_table(t, f, compression="zstd"))
+        errors = [r["error"] for r in records if r.get("error")]
+        entry = {"shard": shard, "files": files, "records": expected, "errors": len(errors),
+                 "model": records[0].get("model") if records else None,
                  "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(join(self.output, MANIFEST_DIR, f"{name}.json"), entry)
 
         self.committed.append(shard)
         self.samples += len(records)
         self.scored += len(records) - len(errors)
-        self.truncated += sum(1 for r in records if r["truncated"])
+        self.truncated += sum(1 for r in records if r.get("truncated"))
         if self.first_commit is None:
             self.first_commit = (time.time(), self.samples)
         for reason in errors:

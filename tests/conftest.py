@@ -127,12 +127,16 @@ def ray_head(tmp_path_factory):
     import urllib.request
 
     port, dashboard = free_port(), free_port()
+    # Every port explicit: the session's in-process Ray already holds the defaults (e.g. the agent's 52365).
+    ports = {f"--{name}": free_port() for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")}
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
         env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"

@@ -1,0 +1,84 @@
+"""`python -m jobs.synth` as users run it: configuration errors, and a resume that never pays twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+from pipeline.sinks import committed_shards
+from pipeline.synth import RequestCache, SynthConfig
+from tests.conftest import job_env
+from tests.pipeline.llm_servers import FakeOpenAI
+from tests.pipeline.test_synth import fake_caption_corpus, pairs_of
+
+
+def synth_cmd(*args):
+    return [sys.executable, "-m", "jobs.synth", *args]
+
+
+def test_unknown_generator_fails_fast_naming_the_field(tmp_path):
+    res = subprocess.run(synth_cmd("--input", str(tmp_path), "--format", "webdataset", "--output", str(tmp_path),
+                                   "--generator", "claude"), env=job_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "field 'generator'" in res.stderr
+
+
+def test_openai_without_endpoint_fails_fast_naming_the_field(tmp_path):
+    res = subprocess.run(synth_cmd("--input", str(tmp_path), "--format", "webdataset", "--output", str(tmp_path),
+                                   "--generator", "openai", "--llm", "m"),
+                         env=job_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "field 'endpoint' is required" in res.stderr
+
+
+def test_invalid_level_count_fails_fast_naming_the_field(tmp_path):
+    cfg = tmp_path / "synth.yaml"
+    cfg.write_text(f"input: {tmp_path}\nformat: webdataset\noutput: {tmp_path}/o\nlevels: [0, 1, 2, 3, 4]\n")
+    res = subprocess.run(synth_cmd("--config", str(cfg)), env=job_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "field 'levels'" in res.stderr
+
+
+def test_a_killed_run_resumes_without_repeating_cached_requests(tmp_path, ray_cluster):
+    origins = fake_caption_corpus(tmp_path / "in", n_shards=6, per_shard=4)
+    out = tmp_path / "out"
+    with FakeOpenAI(lambda key, attempt, prompt: "ok", delay_s=0.15) as server:
+        args = ["--input", str(tmp_path / "in"), "--format", "webdataset", "--output", str(out),
+                "--generator", "openai", "--endpoint", server.url + "/v1", "--llm", "test-vlm",
+                "--concurrency", "1", "--threads-per-actor", "2", "--origins-per-block", "2"]
+        first = subprocess.Popen(synth_cmd(*args), env=job_env(RAY_ADDRESS=ray_cluster),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while time.time() < deadline and first.poll() is None:
+            if len(list(out.glob("_cache/**/*.json"))) >= 10:
+                first.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        first.wait(timeout=60)
+        assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
+        time.sleep(2)  # let the killed job's actors go
+        config = SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out),
+                             generator="openai", endpoint=server.url + "/v1", llm="test-vlm")
+        cache = RequestCache(str(out), config.generator_name())
+        keys = [f"{tmp_path / 'in'}/{k}.tar#{o}:L{lv}" for k in range(6) for o in origins if o.startswith(f"o{k}-")
+                for lv in range(4)]
+        cached_before = {k for k in keys if cache.get(k.rsplit(":L", 1)[0], int(k[-1])) is not None}
+        requests_before = Counter(k for k, _ in server.log)
+        committed = set(committed_shards(str(out)))
+        assert 10 <= len(cached_before) < len(keys)
+
+        second = subprocess.run(synth_cmd(*args), env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+        requests_after = Counter(k for k, _ in server.log) - requests_before
+    assert not (set(requests_after) & cached_before), "a cached (origin, level) was requested again"
+    assert set(requests_after) | cached_before >= set(keys)
+    pairs, errors = pairs_of(out)
+    assert not errors and sorted(p["id"] for p in pairs) == sorted(f"{o}:L{lv}" for o in origins for lv in range(4))
+    summary = json.loads((out / "summary.json").read_text())
+    # every cached request of a shard that still had to be done came from the cache
+    assert summary["cache_hits"] == sum(1 for k in cached_before if k.split("#")[0] not in committed)
+    assert summary["requests_sent"] == sum(requests_after.values())
+    print(f"resume: {len(cached_before)} requests cached before the kill, {sum(requests_after.values())} sent by "
+          f"the rerun, {summary['cache_hits']} cache hits, {summary['shards']['already_committed']} shards committed")
