@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,6 +20,7 @@ class ConfigError(SystemExit):
 
 def _flag_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()):
     for name, field in model.model_fields.items():
+        name = field.alias or name  # e.g. `model_config`, a name pydantic reserves for itself
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _flag_fields(annotation, (*prefix, name))
@@ -37,13 +38,14 @@ def parse_config(model: type[BaseModel], argv: list[str] | None, prog: str, desc
         dest = "__".join(path)
         dests[dest] = path
         annotation = field.annotation
-        if annotation is bool:
+        if annotation is bool or annotation == (bool | None):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                 help=field.description)
         else:
-            choices = get_args(annotation) if get_origin(annotation) is not None and \
-                str(get_origin(annotation)).endswith("Literal") else None
-            parser.add_argument(flag, dest=dest, default=None, help=field.description,
+            literal = [a for a in (annotation, *get_args(annotation)) if get_origin(a) is Literal]
+            choices = get_args(literal[0]) if literal else None
+            as_int = bool(choices) and all(isinstance(c, int) for c in choices)  # e.g. num_labels: 1 | 4
+            parser.add_argument(flag, dest=dest, default=None, help=field.description, type=int if as_int else None,
                                 metavar=("|".join(map(str, choices)) if choices else None))
     args = parser.parse_args(argv)
 
