@@ -443,6 +443,7 @@ def train_classifier(config: TrainConfig) -> dict:
     best_uri = join(config.output, "best")
     with best.as_directory() as d:
         _export_model(Path(d), best_uri)
+    with result.checkpoint.as_directory() as d:  # the latest checkpoint holds the whole history
         history = json.loads((Path(d) / "train_state.json").read_text())["history"]
     summary = {
         "train": config.train, "val": config.val, "output": config.output, "best": best_uri,

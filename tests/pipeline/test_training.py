@@ -1,0 +1,121 @@
+"""Training on Ray Train (CPU, gloo): distributed steps and export, overfitting a fixed set, S3 checkpoints and
+resume, metrics."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import model
+from pipeline import corpus
+from pipeline.synth import SynthConfig, synthesize
+from pipeline.training import TrainConfig, spearman, train_classifier, validation_metrics
+from tests.conftest import jpeg_bytes
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, ray_cluster):
+    """Offline-generated pairs of both kinds: train/ and val/ directories."""
+    root = tmp_path_factory.mktemp("pairs")
+    corpus.write_webdataset(str(root / "in" / "caps.tar"), corpus.caption_samples(24, seed=7))
+    corpus.write_obelics(str(root / "docs" / "docs.parquet"), corpus.documents(8, seed=8))
+    for name, fmt in (("in", "webdataset"), ("docs", "obelics")):
+        synthesize(SynthConfig(input=str(root / name), format=fmt, output=str(root / "pairs"), val_fraction=0.25),
+                   progress=False)
+    return root / "pairs"
+
+
+def test_two_cpu_workers_train_and_export_a_loadable_checkpoint(pairs, tmp_path, ray_cluster):
+    config = TrainConfig(train=str(pairs / "train"), val=str(pairs / "val"), output=str(tmp_path / "run"),
+                         workers=2, cpus_per_worker=0.5, epochs=1, batch_size=8, max_steps=4)
+    summary = train_classifier(config)
+    assert summary["total_steps"] == 4 and summary["last_metrics"]["step"] == 4
+    metrics = summary["best_metrics"]
+    assert metrics["val_samples"] > 0 and 0 <= metrics["val_accuracy"] <= 1
+    assert {"val_accuracy_caption", "val_accuracy_interleaved", "val_mae", "val_spearman"} <= set(metrics)
+    assert np.asarray(metrics["val_confusion"]).sum() == metrics["val_samples"]
+    net, processor = model.load(summary["best"])
+    out = net.score(**processor([{"texts": [None, "two red circles at the left"], "images": [jpeg_bytes(), None],
+                                  "kind": "caption"}]))
+    assert out["score"].shape == (1,) and torch.isfinite(out["score"]).all()
+    base_weights = model.load(summary["base"])[0].state_dict()
+    trained = net.state_dict()
+    assert not torch.equal(base_weights["llm.layers.0.mlp.up_proj.weight"], trained["llm.layers.0.mlp.up_proj.weight"])
+    # the released recipe: the vision tower is frozen
+    assert torch.equal(base_weights["vision_tower.encoder.layers.0.mlp.fc1.weight"],
+                       trained["vision_tower.encoder.layers.0.mlp.fc1.weight"])
+
+
+def test_the_model_overfits_a_small_fixed_set(tmp_path, ray_cluster):
+    samples = corpus.caption_samples(6, seed=11)
+    corpus.write_webdataset(str(tmp_path / "in" / "few.tar"), samples)
+    synthesize(SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "pairs"),
+                           val_fraction=0.0), progress=False)
+    fixed = tmp_path / "pairs" / "train"
+    (shard,) = fixed.glob("*.parquet")
+    repeated = tmp_path / "repeated"  # the same 24 pairs, 8 times per epoch: fewer epochs of start-up overhead
+    repeated.mkdir()
+    for k in range(8):
+        shutil.copy(shard, repeated / f"copy{k}.parquet")
+    config = TrainConfig(train=str(repeated), val=str(fixed), output=str(tmp_path / "run"), cpus_per_worker=0.5,
+                         epochs=4, batch_size=8, lr=3e-3, warmup_ratio=0.0, seed=0, shuffle_buffer=64, num_labels=4)
+    summary = train_classifier(config)
+    history = summary["history"]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["train_accuracy"] >= 0.6  # chance is 0.25
+    assert summary["best_metrics"]["val_accuracy"] >= 0.6  # the same set, evaluated
+
+
+def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_them(pairs, s3_bucket, ray_cluster):
+    output = f"s3://{s3_bucket}/train-run"
+    common = dict(train=str(pairs / "train"), val=str(pairs / "val"), output=output, cpus_per_worker=0.5,
+                  batch_size=16, name="s3run")
+    first = train_classifier(TrainConfig(**common, epochs=1))
+    steps_one_epoch = first["last_metrics"]["step"]
+    assert first["last_metrics"]["resumed_from_step"] is None
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="train-run/")["Contents"]]
+    assert any(k.startswith("train-run/ray_train/s3run/checkpoint") and k.endswith("train_state.json") for k in keys)
+    assert "train-run/best/model.safetensors" in keys and "train-run/best/config.json" in keys
+    second = train_classifier(TrainConfig(**common, epochs=2))
+    assert second["last_metrics"]["resumed_from_step"] == steps_one_epoch
+    assert second["last_metrics"]["step"] == 2 * steps_one_epoch  # the step counter continued
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert model.load(f"{output}/best")[0].config.num_labels == 1
+
+
+def test_validation_metrics():
+    scores = [0.1, 0.9, 2.2, 2.9, 1.4, 0.2]
+    predicted = [0, 1, 2, 3, 1, 0]
+    labels = [0, 1, 2, 3, 2, 1]
+    kinds = ["caption", "caption", "caption", "interleaved", "interleaved", "interleaved"]
+    m = validation_metrics(scores, predicted, labels, kinds)
+    assert m["val_accuracy"] == pytest.approx(4 / 6)
+    assert m["val_accuracy_caption"] == 1.0 and m["val_accuracy_interleaved"] == pytest.approx(1 / 3)
+    assert m["val_accuracy_level_2"] == 0.5 and m["val_accuracy_level_0"] == 1.0
+    assert m["val_mae"] == pytest.approx(np.mean(np.abs(np.array(scores) - np.array(labels))))
+    assert m["val_confusion"][2] == [0, 1, 1, 0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 2, 3], [3, 2, 2, 1]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"model_config": "qwen7b"}, "model_config"),
+    ({"stage": "projector", "gradient_checkpointing": True}, "gradient_checkpointing"),
+    ({"epochs": 0}, "epochs"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_invalid_configuration_names_the_field(fields, field):
+    with pytest.raises(Exception) as err:
+        TrainConfig(train="a", val="b", output="c", **fields)
+    assert field in str(err.value)
+
+
+def test_init_head_mismatch_fails_fast(tiny_checkpoint, tmp_path, ray_cluster):
+    with pytest.raises(ValueError, match="field 'num_labels'"):
+        train_classifier(TrainConfig(train=str(tmp_path), val=str(tmp_path), output=str(tmp_path / "o"),
+                                     init=tiny_checkpoint, num_labels=4))
