@@ -62,6 +62,8 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     stage: Literal["full", "projector"] = Field("full", description="full: projector + LLM + head; projector: stage 1")
+    train_vision: bool = Field(False, description="also train the vision tower (for a tower that is not pretrained, "
+                                                  "e.g. a tiny model from scratch; the released recipe freezes it)")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory in the LLM (GPU)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU")
     seed: int = Field(0)
@@ -212,6 +214,31 @@ def _load_train_state(directory: Path, optimizer, scheduler) -> dict:
     return meta
 
 
+def latest_checkpoint(storage_uri: str, name: str) -> tuple[str, dict] | None:
+    """The furthest-trained complete checkpoint of a run in its storage: (URI, train state). Complete means its
+    model, optimizer state and train_state.json (written last) are all there. This finds a checkpoint whose
+    upload finished even if the run was killed before Ray Train recorded it."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem_for(join(storage_uri, name))
+    best = None
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(info.path))}
+        if not {"config.json", "model.safetensors", "optimizer.safetensors", "train_state.json"} <= names:
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/train_state.json") as f:
+                state = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        if best is None or state["step"] > best[1]["step"]:
+            uri = f"s3://{info.path}" if is_remote(storage_uri) else info.path
+            best = (uri, state)
+    return best
+
+
 # -- the per-worker loop -----------------------------------------------------------------------------------------
 def train_loop(loop: dict) -> None:
     import torch.distributed as dist
@@ -231,7 +258,7 @@ def train_loop(loop: dict) -> None:
 
     # What trains: the released recipe freezes the vision tower; stage 1 trains the projector alone.
     for p in net.vision_tower.parameters():
-        p.requires_grad = False
+        p.requires_grad = cfg.train_vision and cfg.stage == "full"
     if cfg.stage == "projector":
         for p in [*net.llm.parameters(), *net.score_head.parameters()]:
             p.requires_grad = False
@@ -248,7 +275,11 @@ def train_loop(loop: dict) -> None:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     start_epoch, step, skip_batches, history, resumed_from = 0, 0, 0, [], None
+    found = latest_checkpoint(cfg.storage_uri, cfg.name)
     checkpoint = get_checkpoint()
+    if found:  # the furthest one in storage, recorded by Ray Train or not
+        found_fs, found_path = filesystem_for(found[0])
+        checkpoint = Checkpoint(found_path, filesystem=found_fs)
     if checkpoint:
         with checkpoint.as_directory() as d:
             load_state(net, read_weights(Path(d)), source=str(d))
