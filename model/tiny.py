@@ -5,7 +5,6 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from model.config import UniFilterConfig, get_config
 from model.tokenization import QWEN25_SPECIAL_TOKENS, wrap
 
 TINY_VOCAB = 1000  # below the tiny config's embedding size (1024) with the special tokens and [PAD] added
@@ -46,7 +45,3 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     raw.train_from_iterator(_corpus(), trainer=trainer)
     return wrap(raw)
 
-
-def tiny_config(num_labels: int = 1, **overrides) -> UniFilterConfig:
-    cfg = get_config("tiny", num_labels=num_labels)
-    return cfg.model_copy(update=overrides) if overrides else cfg

@@ -138,6 +138,8 @@ def score_dataset(config: ScoreConfig, progress: bool = True) -> dict:
                   end="", file=sys.stderr, flush=True)
 
     committer = ShardCommitter(config.output, on_commit=report)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    workers = config.preprocess_workers or max(1, int(cpus - config.concurrency * config.cpus_per_actor))
     # Workers read and write object storage too: hand them the endpoint and region (never credentials, which
     # come from each node's own environment or instance role).
     env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
@@ -146,8 +148,6 @@ def score_dataset(config: ScoreConfig, progress: bool = True) -> dict:
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
         # Read + decode + tokenize, one shard per call, on a pool of CPU actors (the processor loads once per
         # actor), apart from the model actors so the GPU never waits on JPEG decoding.
-        cpus = ray.cluster_resources().get("CPU", 1)
-        workers = config.preprocess_workers or max(1, int(cpus - config.concurrency * config.cpus_per_actor))
         ds = ds.map_batches(ShardEncoder, batch_size=1, batch_format="pyarrow",
                             fn_constructor_kwargs={"model_uri": config.model, "fmt": config.format,
                                                    "options": config.source,
@@ -176,9 +176,13 @@ def score_dataset(config: ScoreConfig, progress: bool = True) -> dict:
         steady = (committer.samples - first_samples) / max(time.time() - first_time, 1e-9)
     summary = {
         "input": config.input, "format": config.format, "output": config.output, "model": model_id,
-        "shards": {"total": len(shards), "already_committed": len(shards) - len(todo),
+        "shards": {"total": len(shards), "already_committed": len(shards) - len(todo), "new": len(todo),
                    "scored_this_run": len(committer.committed),
                    "incomplete": sorted(committer.pending)},
+        "resources": {"min_actors": config.min_actors, "max_actors": config.concurrency, "gpus_per_actor": gpus,
+                      "cpus_per_actor": config.cpus_per_actor, "preprocess_workers": workers,
+                      "preprocess_cpus": config.preprocess_cpus,
+                      "no_progress_timeout_s": ctx.execution_no_progress_timeout_s},
         "samples_this_run": committer.samples,
         "scored_this_run": committer.scored,
         "errors_this_run": sum(committer.errors_by_reason.values()),
@@ -203,7 +207,7 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"UniFilter scoring: {summary['input']} ({summary['format']}) -> {summary['output']}",
         f"  model      {summary['model']}",
-        f"  shards     {s['total']} total · {s['already_committed']} already committed (skipped) · "
+        f"  shards     {s['total']} total · {s['already_committed']} already committed (skipped) · {s['new']} new · "
         f"{s['scored_this_run']} scored now · {len(s['incomplete'])} incomplete",
         f"  samples    {summary['samples_this_run']} this run · {summary['scored_this_run']} scored · "
         f"{summary['errors_this_run']} errors · {summary['truncated_this_run']} truncated",

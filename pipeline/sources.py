@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.storage import filesystem_for
 
 Format = Literal["webdataset", "parquet", "obelics", "interleaved-wds"]
-FORMATS: tuple[str, ...] = ("webdataset", "parquet", "obelics", "interleaved-wds")
 SHARD_END = "_shard_end"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 

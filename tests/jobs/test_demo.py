@@ -1,4 +1,5 @@
-"""The README's main command: the demo scores the bundled corpus end to end and says what the scores mean."""
+"""The README's main command: the demo runs synth -> train -> score on the bundled corpus and says what the
+scores mean."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tests.conftest import job_env
 
 
 def test_demo_scores_the_bundled_corpus(tmp_path, ray_cluster):
-    res = subprocess.run([sys.executable, "-m", "jobs.demo", "--workdir", str(tmp_path)],
+    res = subprocess.run([sys.executable, "-m", "jobs.demo", "--workdir", str(tmp_path), "--epochs", "1"],
                          env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     captions = read_scores(str(tmp_path / "scores" / "captions"))
@@ -20,6 +21,11 @@ def test_demo_scores_the_bundled_corpus(tmp_path, ray_cluster):
     assert set(captions.column("kind").to_pylist()) == {"caption"}
     assert set(documents.column("kind").to_pylist()) == {"interleaved"}
     assert captions.column("error").null_count == 240 and documents.column("error").null_count == 80
-    assert "RANDOM weights" in res.stdout
+    assert "trained from\nscratch for 1 epochs" in res.stdout
     summary = json.loads((tmp_path / "scores" / "captions" / "summary.json").read_text())
     assert summary["committed_samples_total"] == 240
+    assert summary["model"].startswith(str(tmp_path / "training" / "best") + "@")  # scored with the trained model
+    pairs = json.loads((tmp_path / "pairs" / "summary.json").read_text())
+    assert pairs["pairs_this_run"] == 4 * 80  # the last synth run: the documents
+    trained = json.loads((tmp_path / "training" / "train_summary.json").read_text())
+    assert trained["train_pairs"] > 1000 and trained["history"][-1]["epoch"] == 1

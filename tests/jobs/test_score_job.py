@@ -79,14 +79,20 @@ def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head
         corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), items)
         expected += [i["key"] for i in items]
     out = tmp_path / "out"
+    config = tmp_path / "job.yaml"  # the job's config with its resource wiring, as a cluster run would have it
+    config.write_text(f"input: {tmp_path / 'in'}\nformat: webdataset\noutput: {out}\nmodel: {tiny_checkpoint}\n"
+                      "min_actors: 1\nconcurrency: 1\ngpus_per_actor: 0\ncpus_per_actor: 0.5\n"
+                      "preprocess_workers: 1\npreprocess_cpus: 0.5\nno_progress_timeout_s: 900\n")
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     res = subprocess.run(
         [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".", "--",
-         "python", "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
-         "--output", str(out), "--model", tiny_checkpoint],
+         "python", "-m", "jobs.score", "--config", str(config)],
         cwd=REPO_ROOT, env=job_env(), capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "succeeded" in res.stdout.lower()
     assert_exactly_once(read_scores(str(out)), expected)
-    assert json.loads((out / "summary.json").read_text())["shards"]["scored_this_run"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards"]["scored_this_run"] == 2
+    assert summary["resources"] == {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0.0, "cpus_per_actor": 0.5,
+                                    "preprocess_workers": 1, "preprocess_cpus": 0.5, "no_progress_timeout_s": 900.0}

@@ -175,3 +175,28 @@ def test_a_killed_scoring_actor_is_replaced_and_no_record_is_lost(tmp_path, tiny
     assert_exactly_once(table, expected)
     assert table.column("error").null_count == len(expected)
     assert pc.min(table.column("score")).as_py() is not None
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_incremental_rerun_scores_only_new_shards(store, tmp_path, tiny_checkpoint, ray_cluster, request):
+    if store == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        root, output = f"s3://{bucket}/in", f"s3://{bucket}/out"
+    else:
+        root, output = str(tmp_path / "in"), str(tmp_path / "out")
+    expected = []
+
+    def add_shards(first, n):
+        for k in range(first, first + n):
+            items = corpus.caption_samples(5, seed=k, prefix=f"inc{k}-")
+            corpus.write_webdataset(f"{root}/{k:03d}.tar", items)
+            expected.extend(i["key"] for i in items)
+
+    add_shards(0, 2)
+    first, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output)
+    assert first["shards"]["new"] == 2 and first["shards"]["scored_this_run"] == 2
+    add_shards(2, 3)  # the prefix keeps growing
+    second, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output)
+    assert second["shards"] == {"total": 5, "already_committed": 2, "new": 3, "scored_this_run": 3, "incomplete": []}
+    assert second["samples_this_run"] == 15 and second["committed_samples_total"] == 25
+    assert_exactly_once(read_scores(output), expected)

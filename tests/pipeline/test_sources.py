@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from pipeline import corpus
-from pipeline.sources import SHARD_END, read_shard
+from pipeline.sources import SAMPLE_SCHEMA, SHARD_END, read_shard
 from pipeline.storage import list_shards, shard_id
 
 WRITERS = {
@@ -29,6 +30,7 @@ def test_each_format_yields_the_sample_schema(fmt, tmp_path):
     shard = str(tmp_path / f"shard{suffix}")
     write(shard, items)
     rows = rows_of(shard, fmt)
+    assert pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA).num_rows == 5  # conforms to the one sample schema
     assert [r["id"] for r in rows] == [i["key"] for i in items]
     assert [r["ordinal"] for r in rows] == list(range(5))
     for row, item in zip(rows, items):
