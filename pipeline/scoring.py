@@ -3,7 +3,6 @@ Parquet score records. `score_dataset(ScoreConfig)` is what `python -m jobs.scor
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Literal
@@ -15,11 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import model as unifilter
 from model.checkpoint import load_processor
-from model.config import NUM_LEVELS
 from pipeline.preprocess import ShardEncoder, decode_encoded, token_budget_batches
 from pipeline.sinks import SCORE_SCHEMA, ShardCommitter, committed_shards, write_json
 from pipeline.sources import SHARD_END, SourceOptions
-from pipeline.storage import join, list_shards
+from pipeline.storage import join, list_shards, storage_env
 
 
 class ScoreConfig(BaseModel):
@@ -105,7 +103,6 @@ class ScoringActor:
         return {k: (None if v is None else v.float().cpu().numpy()) for k, v in out.items()}
 
 
-_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 _ACTOR_OUTPUT_SCHEMA = SCORE_SCHEMA.append(pa.field("ordinal", pa.int64()))
 
 
@@ -140,9 +137,7 @@ def score_dataset(config: ScoreConfig, progress: bool = True) -> dict:
     committer = ShardCommitter(config.output, on_commit=report)
     cpus = ray.cluster_resources().get("CPU", 1)
     workers = config.preprocess_workers or max(1, int(cpus - config.concurrency * config.cpus_per_actor))
-    # Workers read and write object storage too: hand them the endpoint and region (never credentials, which
-    # come from each node's own environment or instance role).
-    env = {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
+    env = storage_env()  # workers read and write object storage too
     stage_args = {"runtime_env": {"env_vars": env}} if env else {}
     if todo:
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
@@ -195,7 +190,6 @@ def score_dataset(config: ScoreConfig, progress: bool = True) -> dict:
         "steady_samples_per_s": round(steady, 2) if steady else None,
         "committed_shards_total": sum(1 for s in shards if s in total),
         "committed_samples_total": sum(total[s]["records"] for s in shards if s in total),
-        "levels": list(range(NUM_LEVELS)),
     }
     write_json(join(config.output, "summary.json"), summary)
     return summary

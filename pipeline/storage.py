@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import re
 
 import pyarrow.fs as pafs
@@ -12,7 +13,15 @@ import pyarrow.fs as pafs
 from model.storage import download_dir, filesystem_for, is_remote, join, s3_filesystem, upload_file
 
 __all__ = ["download_dir", "filesystem_for", "is_remote", "join", "list_shards", "s3_filesystem", "shard_id",
-           "upload_file", "to_uri"]
+           "storage_env", "upload_file", "to_uri"]
+
+_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def storage_env() -> dict[str, str]:
+    """What Ray workers need to reach the same object store as the driver: the endpoint and region variables
+    that are set (never credentials, which come from each node's own environment or instance role)."""
+    return {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
 
 SHARD_SUFFIXES = {
     "webdataset": (".tar",),

@@ -35,21 +35,16 @@ from pipeline.generators import (
 )
 from pipeline.prompts import PROMPT_VERSION
 from pipeline.sinks import MANIFEST_DIR, ShardCommitter, committed_shards, write_json
-from pipeline.sources import SHARD_END, SourceOptions, read_shard, sample_kind
-from pipeline.storage import filesystem_for, join, list_shards
+from pipeline.sources import SAMPLE_SCHEMA, SHARD_END, SourceOptions, read_shard, sample_kind
+from pipeline.storage import filesystem_for, join, list_shards, storage_env
 
 DEFAULT_BEDROCK_MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 # USD per million input / output tokens, for the cost estimate when the config gives no prices.
 KNOWN_PRICES = {"claude-3-sonnet": (3.0, 15.0), "claude-3-5-sonnet": (3.0, 15.0), "claude-3-7-sonnet": (3.0, 15.0),
                 "claude-3-haiku": (0.25, 1.25), "claude-3-5-haiku": (0.8, 4.0)}
 
-PAIR_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("kind", pa.string()),
-    ("texts", pa.list_(pa.string())),
-    ("images", pa.list_(pa.binary())),
-    ("meta", pa.string()),
+# The sample schema's fields (declared once, in pipeline.sources) plus the pair's own.
+PAIR_SCHEMA = pa.schema([SAMPLE_SCHEMA.field(name) for name in ("id", "source", "kind", "texts", "images", "meta")] + [
     ("label", pa.int8()),
     ("split", pa.string()),
     ("origin_id", pa.string()),
@@ -323,8 +318,7 @@ def synthesize(config: SynthConfig, progress: bool = True) -> dict:
     accounting = Counter()
     balance: dict[str, Counter] = {"train": Counter(), "val": Counter()}
     kinds = Counter()
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-           if os.environ.get(k)}
+    env = storage_env()
     if todo:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = False

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from model.config import NUM_LEVELS
 from pipeline.preprocess import ENCODED_SCHEMA, decode_encoded, encode_row
 from pipeline.sinks import write_json
-from pipeline.storage import filesystem_for, is_remote, join, upload_file
+from pipeline.storage import filesystem_for, is_remote, join, storage_env, upload_file
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
@@ -454,8 +453,7 @@ def train_classifier(config: TrainConfig) -> dict:
         checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep, checkpoint_score_attribute="val_accuracy",
                                            checkpoint_score_order="max"),
     )
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-           if os.environ.get(k)}
+    env = storage_env()
     if env:
         run_config.worker_runtime_env = {"env_vars": env}
     trainer = TorchTrainer(
