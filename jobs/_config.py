@@ -85,7 +85,7 @@ def parse_config(model: type[BaseModel], argv: list[str] | None, prog: str, desc
 
 
 def connect_ray() -> None:
-    """The cluster in RAY_ADDRESS, or a local instance (no dashboard, nothing bound beyond loopback)."""
+    """The cluster in RAY_ADDRESS, or a local instance bound to loopback (no dashboard)."""
     import os
 
     import ray
@@ -95,4 +95,5 @@ def connect_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 log_to_driver=True)

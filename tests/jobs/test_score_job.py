@@ -96,3 +96,15 @@ def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head
     assert summary["shards"]["scored_this_run"] == 2
     assert summary["resources"] == {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0.0, "cpus_per_actor": 0.5,
                                     "preprocess_workers": 1, "preprocess_cpus": 0.5, "no_progress_timeout_s": 900.0}
+
+
+def test_without_ray_address_the_job_starts_its_own_local_instance(tmp_path, tiny_checkpoint):
+    items = corpus.caption_samples(4, seed=3, prefix="local-")
+    corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), items)
+    env = job_env()
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run(score_cmd(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Started a local Ray instance" in res.stderr
+    assert_exactly_once(read_scores(str(tmp_path / "out")), [i["key"] for i in items])
