@@ -18,7 +18,7 @@ from jobs._config import connect_ray
 
 NOTE = """\
 What these scores mean: a score is the predicted quality level on 0 (easy negative) .. 3 (high quality), and
-`label` is that level rounded. The demo's model is the `tiny` config (about 0.3M parameters) trained from
+`label` is that level rounded. The demo's model is the `tiny` config (0.18M parameters) trained from
 scratch for {epochs} epochs on CPU on the synthetic pairs above (its held-out accuracy is printed there; chance
 is 25%): it has learned something about the drawn scenes, not about real web data, so read these scores as a
 demonstration of the pipeline, not as quality judgements. For real curation, score with the released UniFilter
