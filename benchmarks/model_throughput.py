@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from model.checkpoint import build
-from model.config import get_config
-from model.tokenization import build_tokenizer
+from model.create import config_and_tokenizer
+from model.processing import UniFilterProcessor
 
 WORDS = "a red blue small large dog cat car tree house street photo of the with in on near two three".split()
 
@@ -68,11 +68,7 @@ def forward_flops(config, n_tokens: int, n_images: int) -> float:
 
 def run(config_name: str, device: str, dtype: torch.dtype, batch_size: int, encoded, warmup: int = 2,
         min_seconds: float = 3.0) -> tuple[float, float]:
-    config = get_config(config_name)
-    tokenizer = build_tokenizer(config.tokenizer)
-    config = config.model_copy(update={"bos_token_id": tokenizer.bos_token_id,
-                                       "eos_token_id": tokenizer.eos_token_id,
-                                       "pad_token_id": tokenizer.pad_token_id})
+    config, tokenizer = config_and_tokenizer(config_name)
     net, processor = build(config, tokenizer)
     net.to(device=device, dtype=dtype)
     samples = encoded[config_name]
@@ -126,13 +122,7 @@ def main() -> None:
         raw = make_samples(n, kind)
         encoded = {}
         for name in configs:
-            cfg = get_config(name)
-            tok = build_tokenizer(cfg.tokenizer)
-            cfg = cfg.model_copy(update={"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                                         "pad_token_id": tok.pad_token_id})
-            from model.processing import UniFilterProcessor
-
-            proc = UniFilterProcessor(cfg, tok)
+            proc = UniFilterProcessor(*config_and_tokenizer(name))
             encoded[name] = [proc.encode(s["texts"], s["images"], s["kind"]) for s in raw]
         for name in configs:
             orig = "original: fp16" if gpu else "original batch, fp32"

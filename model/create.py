@@ -13,8 +13,8 @@ import torch
 from model.config import get_config, named_configs
 
 
-def create(name: str, output: str, num_labels: int = 1, seed: int = 0, dtype: str = "float32") -> str:
-    from model.checkpoint import build, save
+def config_and_tokenizer(name: str, num_labels: int = 1):
+    """A named config with its offline tokenizer, the config's special-token ids taken from that tokenizer."""
     from model.tokenization import build_tokenizer
 
     config = get_config(name, num_labels=num_labels)
@@ -27,6 +27,13 @@ def create(name: str, output: str, num_labels: int = 1, seed: int = 0, dtype: st
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     })
+    return config, tokenizer
+
+
+def create(name: str, output: str, num_labels: int = 1, seed: int = 0, dtype: str = "float32") -> str:
+    from model.checkpoint import build, save
+
+    config, tokenizer = config_and_tokenizer(name, num_labels)
     torch.manual_seed(seed)
     model, _ = build(config, tokenizer)
     model.to(getattr(torch, dtype))

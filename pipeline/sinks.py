@@ -52,11 +52,10 @@ def committed_shards(output: str) -> dict[str, dict]:
     return entries
 
 
-def read_committed(output: str, schema: pa.Schema, partition: str | None = None) -> pa.Table:
-    """All committed records of an output, optionally of one partition (uncommitted files are ignored)."""
+def read_committed(output: str, schema: pa.Schema) -> pa.Table:
+    """All committed records of an output (uncommitted files from an interrupted run are ignored)."""
     fs, root = filesystem_for(output)
-    files = [f"{root}/{f}" for e in committed_shards(output).values() for f in e["files"]
-             if partition is None or f.startswith(f"{partition}/")]
+    files = [f"{root}/{f}" for e in committed_shards(output).values() for f in e["files"]]
     if not files:
         return schema.empty_table()
     return pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table()

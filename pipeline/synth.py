@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
 import time
@@ -132,21 +131,21 @@ class RequestCache:
 
     def __init__(self, output: str, generator_name: str):
         self.prefix = join(output, "_cache", cache_namespace(generator_name))
-        self.fs, _ = filesystem_for(output)
+        self.fs, self.root = filesystem_for(self.prefix)
 
-    def _path(self, origin_key: str, level: int) -> str:
-        key = hashlib.sha256(f"{origin_key}|{level}".encode()).hexdigest()[:40]
-        return filesystem_for(join(self.prefix, f"{key}.json"))[1]
+    @staticmethod
+    def _name(origin_key: str, level: int) -> str:
+        return hashlib.sha256(f"{origin_key}|{level}".encode()).hexdigest()[:40] + ".json"
 
     def get(self, origin_key: str, level: int) -> list[str] | None:
         try:
-            with self.fs.open_input_stream(self._path(origin_key, level)) as f:
+            with self.fs.open_input_stream(f"{self.root}/{self._name(origin_key, level)}") as f:
                 return json.loads(f.read())["texts"]
         except (FileNotFoundError, OSError, ValueError, KeyError):
             return None
 
     def put(self, origin_key: str, level: int, texts: list[str], usage: tuple[int, int]) -> None:
-        write_json(join(self.prefix, os.path.basename(self._path(origin_key, level))),
+        write_json(join(self.prefix, self._name(origin_key, level)),
                    {"texts": texts, "input_tokens": usage[0], "output_tokens": usage[1]})
 
 

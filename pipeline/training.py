@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from model.config import NUM_LEVELS
 from pipeline.preprocess import ENCODED_SCHEMA, decode_encoded, encode_row
 from pipeline.sinks import write_json
-from pipeline.storage import filesystem_for, is_remote, join, storage_env, upload_file
+from pipeline.storage import filesystem_for, is_remote, join, storage_env, to_uri, upload_file
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
@@ -233,8 +233,7 @@ def latest_checkpoint(storage_uri: str, name: str) -> tuple[str, dict] | None:
         except (OSError, ValueError):
             continue
         if best is None or state["step"] > best[1]["step"]:
-            uri = f"s3://{info.path}" if is_remote(storage_uri) else info.path
-            best = (uri, state)
+            best = (to_uri(storage_uri, info.path), state)
     return best
 
 
