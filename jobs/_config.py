@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -16,6 +17,18 @@ class ConfigError(SystemExit):
     def __init__(self, message: str):
         print(f"error: {message}", file=sys.stderr)
         super().__init__(2)
+
+
+@contextmanager
+def input_errors_exit_2():
+    """An input that turns out unusable once the job looks at it (nothing at a URI, no shards, no checkpoint) ends
+    the job like a bad flag: one line naming the field and exit status 2, not a traceback."""
+    from pipeline.storage import InputError
+
+    try:
+        yield
+    except InputError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _flag_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import connect_ray, parse_config
+from jobs._config import connect_ray, input_errors_exit_2, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = parse_config(ScoreConfig, argv, "python -m jobs.score", __doc__.split("\n")[0])
     connect_ray()
-    summary = score_dataset(config)
+    with input_errors_exit_2():
+        summary = score_dataset(config)
     print(format_summary(summary))
     return 1 if summary["shards"]["incomplete"] else 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import connect_ray, parse_config
+from jobs._config import connect_ray, input_errors_exit_2, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = parse_config(TrainConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
     connect_ray()
-    summary = train_classifier(config)
+    with input_errors_exit_2():
+        summary = train_classifier(config)
     print(format_summary(summary))
     return 0
 

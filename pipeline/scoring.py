@@ -13,11 +13,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import model as unifilter
-from model.checkpoint import load_processor
+from model.checkpoint import CheckpointError, load_processor
 from pipeline.preprocess import ShardEncoder, decode_encoded, token_budget_batches
 from pipeline.sinks import SCORE_SCHEMA, ShardCommitter, committed_shards, write_json
 from pipeline.sources import SHARD_END, SourceOptions
-from pipeline.storage import join, list_shards, storage_env
+from pipeline.storage import InputError, join, list_shards, storage_env
 
 
 class ScoreConfig(BaseModel):
@@ -118,7 +118,10 @@ def score_dataset(config: ScoreConfig, progress: bool = True) -> dict:
     shards = list_shards(config.input, config.format)
     already = committed_shards(config.output)
     todo = [s for s in shards if s not in already]
-    _, model_id = load_processor(config.model)  # config and tokenizer only: fails fast on a bad URI
+    try:
+        _, model_id = load_processor(config.model)  # config and tokenizer only: fails fast on a bad URI
+    except CheckpointError as err:
+        raise InputError("model", str(err)) from None
 
     gpus = config.gpus_per_actor
     if gpus is None:

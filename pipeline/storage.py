@@ -12,8 +12,17 @@ import pyarrow.fs as pafs
 
 from model.storage import download_dir, filesystem_for, is_remote, join, s3_filesystem, upload_file
 
-__all__ = ["download_dir", "filesystem_for", "is_remote", "join", "list_shards", "s3_filesystem", "shard_id",
-           "storage_env", "upload_file", "to_uri"]
+__all__ = ["InputError", "download_dir", "filesystem_for", "is_remote", "join", "list_shards", "s3_filesystem",
+           "shard_id", "storage_env", "upload_file", "to_uri"]
+
+
+class InputError(ValueError):
+    """A job's input or setting that cannot be used (nothing at the URI, no shards, no usable checkpoint). The
+    message names the config field; the jobs report it as a configuration error (exit status 2), not a traceback."""
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        super().__init__(f"field '{field}': {problem}")
 
 _STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -36,15 +45,21 @@ def to_uri(uri_like: str, path: str) -> str:
     return f"s3://{path}" if is_remote(uri_like) else path
 
 
-def list_shards(input_uri: str, fmt: str) -> list[str]:
+def list_shards(input_uri: str, fmt: str, field: str = "input") -> list[str]:
     """The input's shard URIs, sorted: a directory or prefix (recursive, by suffix), a glob (`*`, `?`, `[...]`
-    in the last part), a list file (`.txt`, one URI per line), or one shard."""
+    in the last part), a list file (`.txt`, one URI per line), or one shard. Nothing there: `InputError`."""
     suffixes = SHARD_SUFFIXES[fmt]
     fs, path = filesystem_for(input_uri)
     if path.endswith(".txt") and not any(c in path for c in "*?["):
-        with fs.open_input_stream(path) as f:
-            lines = f.read().decode("utf-8").splitlines()
-        return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        try:
+            with fs.open_input_stream(path) as f:
+                lines = f.read().decode("utf-8").splitlines()
+        except FileNotFoundError:
+            raise InputError(field, f"list file {input_uri} does not exist") from None
+        listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not listed:
+            raise InputError(field, f"list file {input_uri} names no shards")
+        return listed
     if any(c in path for c in "*?["):
         base, _, pattern = path.rpartition("/")
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
@@ -58,9 +73,9 @@ def list_shards(input_uri: str, fmt: str) -> list[str]:
             shards = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffixes)
                       and not any(part.startswith("_") for part in i.path[len(path):].split("/"))]
         else:
-            raise FileNotFoundError(f"input {input_uri} does not exist")
+            raise InputError(field, f"{input_uri} does not exist")
     if not shards:
-        raise FileNotFoundError(f"no {fmt} shards ({'/'.join(suffixes)}) found at {input_uri}")
+        raise InputError(field, f"no {fmt} shards ({'/'.join(suffixes)}) found at {input_uri}")
     return sorted(to_uri(input_uri, s) for s in shards)
 
 

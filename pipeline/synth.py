@@ -119,9 +119,16 @@ class SynthConfig(BaseModel):
                 "bedrock": f"bedrock:{self.llm or DEFAULT_BEDROCK_MODEL}"}[self.generator]
 
 
-def split_of(origin_key: str, val_fraction: float, seed: int = 0) -> str:
-    """`train` or `val`, from a hash of the origin: all levels of one real image land in the same split."""
-    digest = hashlib.sha256(f"{seed}|{origin_key}".encode()).digest()
+def split_key(source: str, sample_id: str) -> str:
+    """What the split hashes: the shard's file name and the sample id, not where the corpus lives, so a copy of
+    the corpus (local, another bucket) splits the same way."""
+    return f"{source.rstrip('/').rsplit('/', 1)[-1]}#{sample_id}"
+
+
+def split_of(key: str, val_fraction: float, seed: int = 0) -> str:
+    """`train` or `val`, from a hash of the origin's `split_key`: all levels of one real image land in the same
+    split."""
+    digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
@@ -206,7 +213,7 @@ class SynthActor:
         prepared = []
         for origin in origins:
             origin_key = f"{origin['source']}#{origin['id']}"
-            split = split_of(origin_key, cfg.val_fraction, cfg.seed)
+            split = split_of(split_key(origin["source"], origin["id"]), cfg.val_fraction, cfg.seed)
             problem = _origin_problem(origin, kind, self.max_image_pixels)
             prepared.append((origin, origin_key, split, problem))
         for index, (origin, origin_key, split, problem) in enumerate(prepared):
@@ -353,6 +360,11 @@ def synthesize(config: SynthConfig, progress: bool = True) -> dict:
     elif price_in is not None and price_out is not None:
         cost = round((accounting["input_tokens"] * price_in + accounting["output_tokens"] * price_out) / 1e6, 4)
     pairs = sum(sum(c.values()) for c in balance.values())
+    warnings = []
+    if pairs and config.val_fraction > 0 and not sum(balance["val"].values()):
+        warnings.append(f"no origin of this run fell in the validation split (val_fraction {config.val_fraction}, "
+                        f"{committer.samples // len(config.levels)} origins): jobs.train needs val pairs, so raise "
+                        "--val-fraction or add origins")
     summary = {
         "input": config.input, "format": config.format, "output": config.output,
         "generator": config.generator_name(), "prompt_version": PROMPT_VERSION, "levels": config.levels,
@@ -373,6 +385,7 @@ def synthesize(config: SynthConfig, progress: bool = True) -> dict:
         "elapsed_s": round(elapsed, 3),
         "pairs_per_s": round(pairs / elapsed, 2) if elapsed else None,
         "manifest": MANIFEST_DIR,
+        "warnings": warnings,
     }
     write_json(join(config.output, "summary.json"), summary)
     return summary
@@ -395,4 +408,5 @@ def format_summary(summary: dict) -> str:
     ]
     for reason, n in sorted(summary["errors_by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  error      {n:6d} × {summary['error_examples'][reason][:90]}")
+    lines += [f"  warning    {w}" for w in summary.get("warnings", [])]
     return "\n".join(lines)

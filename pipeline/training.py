@@ -29,7 +29,16 @@ from safetensors.torch import load_file, save_file
 from model.config import NUM_LEVELS
 from pipeline.preprocess import ENCODED_SCHEMA, decode_encoded, encode_row
 from pipeline.sinks import write_json
-from pipeline.storage import filesystem_for, is_remote, join, storage_env, to_uri, upload_file
+from pipeline.storage import (
+    InputError,
+    filesystem_for,
+    is_remote,
+    join,
+    list_shards,
+    storage_env,
+    to_uri,
+    upload_file,
+)
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
@@ -110,10 +119,12 @@ def encode_pairs(batch: pa.Table, model_uri: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_ENCODED_PAIR_SCHEMA)
 
 
-def _read_pairs(uri: str) -> ray.data.Dataset:
-    fs, path = filesystem_for(uri)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=_TRAIN_COLUMNS, file_extensions=["parquet"])
-    return ds
+def _read_pairs(uri: str, field: str) -> ray.data.Dataset:
+    """The pairs under `uri` (jobs.synth's train/ or val/); `InputError` naming `field` when there are none."""
+    files = list_shards(uri, "parquet", field=field)
+    fs, _ = filesystem_for(uri)
+    return ray.data.read_parquet([filesystem_for(f)[1] for f in files], filesystem=fs,
+                                 file_extensions=["parquet"]).select_columns(_TRAIN_COLUMNS)
 
 
 def _encoded(ds: ray.data.Dataset, base_uri: str) -> ray.data.Dataset:
@@ -426,18 +437,24 @@ def train_classifier(config: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from model.checkpoint import load_processor
+    from model.checkpoint import CheckpointError, load_processor
 
     start = time.time()
     base = _base_checkpoint(config)
-    base_labels = load_processor(base)[0].config.num_labels  # config and tokenizer only; fails fast on a bad URI
+    try:
+        base_labels = load_processor(base)[0].config.num_labels  # config and tokenizer only: fails fast
+    except CheckpointError as err:
+        raise InputError("init", str(err)) from None
     if config.num_labels and base_labels != config.num_labels:
-        raise ValueError(f"field 'num_labels' ({config.num_labels}) does not match the --init checkpoint's "
-                         f"head ({base_labels} outputs)")
-    train_raw, val_raw = _read_pairs(config.train), _read_pairs(config.val)
+        raise InputError("num_labels", f"{config.num_labels} does not match the --init checkpoint's head "
+                                       f"({base_labels} outputs)")
+    train_raw, val_raw = _read_pairs(config.train, "train"), _read_pairs(config.val, "val")
     n_train = train_raw.count()
     if n_train == 0:
-        raise ValueError(f"field 'train': no training pairs at {config.train}")
+        raise InputError("train", f"no training pairs at {config.train}")
+    if val_raw.count() == 0:  # checkpoints are ranked by validation accuracy: without pairs there is no ranking
+        raise InputError("val", f"no validation pairs at {config.val} (jobs.synth's --val-fraction sets how many "
+                                "origins it holds out)")
     per_step = config.batch_size * config.workers * config.grad_accum
     total_steps = config.epochs * math.ceil(n_train / per_step)
     if config.max_steps:

@@ -43,6 +43,19 @@ def test_invalid_values_fail_fast_naming_the_field(tmp_path):
     assert res.returncode == 2 and "field 'concurrency'" in res.stderr
 
 
+def test_an_input_or_model_that_is_not_there_fails_naming_the_field(tmp_path, tiny_checkpoint, ray_cluster):
+    corpus.write_webdataset(str(tmp_path / "in" / "a.tar"), corpus.caption_samples(2))
+    for input_uri, model_uri, message in (
+        (str(tmp_path / "missing"), tiny_checkpoint, "error: field 'input': "),
+        (str(tmp_path / "in" / "*.parquet"), tiny_checkpoint, "error: field 'input': no webdataset shards"),
+        (str(tmp_path / "in"), str(tmp_path / "no-model"), "error: field 'model': no checkpoint at"),
+    ):
+        res = subprocess.run(score_cmd(input_uri, str(tmp_path / "o"), model_uri),
+                             env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+
+
 def test_a_rerun_after_sigkill_scores_only_the_uncommitted_shards(tmp_path, tiny_checkpoint, ray_cluster):
     expected = big_caption_shards(str(tmp_path / "in"), n_shards=10, per_shard=10)
     out = tmp_path / "out"

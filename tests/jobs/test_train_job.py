@@ -29,8 +29,9 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, ray_cluster):
     cmd = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "pairs" / "train"),
            "--val", str(tmp_path / "pairs" / "val"), "--output", str(out), "--epochs", "2", "--batch-size", "8",
            "--cpus-per-worker", "0.5", "--checkpoint-every-steps", "4", "--name", "killed"]
-    first = subprocess.Popen(cmd, env=job_env(RAY_ADDRESS=ray_cluster), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    log = tmp_path / "first.log"
+    with open(log, "wb") as sink:
+        first = subprocess.Popen(cmd, env=job_env(RAY_ADDRESS=ray_cluster), stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
         if list((out / "ray_train" / "killed").glob("checkpoint_*/train_state.json")):
@@ -39,7 +40,8 @@ def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, ray_cluster):
             break
         time.sleep(0.1)
     first.wait(timeout=60)
-    assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
+    assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed:\n" + \
+        log.read_text(errors="replace")[-4000:]
     states = [json.loads(p.read_text()) for p in (out / "ray_train" / "killed").glob("checkpoint_*/train_state.json")]
     latest_step = max(s["step"] for s in states)
     assert latest_step >= 4

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import corpus
 from pipeline.sources import SAMPLE_SCHEMA, SHARD_END, read_shard
-from pipeline.storage import list_shards, shard_id
+from pipeline.storage import InputError, list_shards, shard_id
 
 WRITERS = {
     "webdataset": (corpus.write_webdataset, corpus.caption_samples, ".tar"),
@@ -90,8 +90,12 @@ def test_list_shards_accepts_directories_globs_and_list_files(tmp_path):
     listing = tmp_path / "shards.txt"
     listing.write_text("\n".join(expected[:2]) + "\n# a comment\n")
     assert list_shards(str(listing), "webdataset") == expected[:2]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="field 'input': .*missing does not exist"):
         list_shards(str(tmp_path / "missing"), "webdataset")
+    with pytest.raises(InputError, match="field 'input': no parquet shards"):
+        list_shards(str(tmp_path / "in"), "parquet")
+    with pytest.raises(InputError, match="field 'input': list file .* does not exist"):
+        list_shards(str(tmp_path / "nothing.txt"), "webdataset")
     assert len({shard_id(s) for s in expected}) == 3
 
 

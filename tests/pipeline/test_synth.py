@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from pipeline import corpus
 from pipeline.generators import _FALLBACK_UNRELATED
-from pipeline.synth import SynthConfig, split_of, synthesize
+from pipeline.synth import SynthConfig, format_summary, split_key, split_of, synthesize
 from tests.pipeline.llm_servers import FakeBedrock, FakeOpenAI
 
 
@@ -62,12 +62,34 @@ def test_offline_captions_realise_each_level(tmp_path, ray_cluster):
         assert sum(a != b for a, b in zip(w1, w3)) >= 2 or len(w1) != len(w3)  # several errors
         # another origin's caption (of the same split), or a stock unrelated one when the split has no other
         assert texts[0] != caption and texts[0] in {s["caption"] for s in samples} | set(_FALLBACK_UNRELATED)
-        assert split_of(f"{levels[0]['source']}#{origin}", 0.25) == levels[0]["split"]
+        assert split_of(split_key(levels[0]["source"], origin), 0.25) == levels[0]["split"]
     splits = Counter(p["split"] for p in pairs)
     assert splits["val"] > 0 and splits["train"] > 0
     balance = summary["level_balance"]
     assert all(len(set(counts.values())) == 1 for counts in balance.values())  # balanced per split
     assert summary["requests_sent"] == 0 and summary["estimated_cost_usd"] == 0.0
+
+
+def test_the_split_does_not_depend_on_where_the_corpus_lives(tmp_path, ray_cluster):
+    samples = corpus.caption_samples(12, seed=5)
+    splits = []
+    for k, where in enumerate(("here", "elsewhere/nested")):
+        corpus.write_webdataset(str(tmp_path / where / "0.tar"), samples)
+        summary = synthesize(SynthConfig(input=str(tmp_path / where), format="webdataset",
+                                         output=str(tmp_path / f"out{k}"), val_fraction=0.3), progress=False)
+        assert not summary["warnings"]
+        splits.append({p["origin_id"]: p["split"] for p in pairs_of(tmp_path / f"out{k}")[0]})
+    assert splits[0] == splits[1] and set(splits[0].values()) == {"train", "val"}
+    assert split_key("s3://bucket/corpus/0.tar", "k1") == split_key(str(tmp_path / "0.tar"), "k1")
+
+
+def test_a_run_that_holds_out_nothing_says_so(tmp_path, ray_cluster):
+    corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(2, seed=5))
+    summary = synthesize(SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+                                     val_fraction=0.01), progress=False)
+    assert summary["level_balance"]["val"] == {"0": 0, "1": 0, "2": 0, "3": 0}
+    assert "no origin of this run fell in the validation split" in summary["warnings"][0]
+    assert "warning    no origin" in format_summary(summary)
 
 
 def test_offline_documents_realise_each_level(tmp_path, ray_cluster):

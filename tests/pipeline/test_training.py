@@ -11,6 +11,7 @@ import torch
 
 import model
 from pipeline import corpus
+from pipeline.storage import InputError
 from pipeline.synth import SynthConfig, synthesize
 from pipeline.training import TrainConfig, spearman, train_classifier, validation_metrics
 from tests.conftest import jpeg_bytes
@@ -21,7 +22,7 @@ def pairs(tmp_path_factory, ray_cluster):
     """Offline-generated pairs of both kinds: train/ and val/ directories."""
     root = tmp_path_factory.mktemp("pairs")
     corpus.write_webdataset(str(root / "in" / "caps.tar"), corpus.caption_samples(24, seed=7))
-    corpus.write_obelics(str(root / "docs" / "docs.parquet"), corpus.documents(8, seed=8))
+    corpus.write_obelics(str(root / "docs" / "docs.parquet"), corpus.documents(12, seed=8))
     for name, fmt in (("in", "webdataset"), ("docs", "obelics")):
         synthesize(SynthConfig(input=str(root / name), format=fmt, output=str(root / "pairs"), val_fraction=0.25),
                    progress=False)
@@ -36,6 +37,7 @@ def test_two_cpu_workers_train_and_export_a_loadable_checkpoint(pairs, tmp_path,
     metrics = summary["best_metrics"]
     assert metrics["val_samples"] > 0 and 0 <= metrics["val_accuracy"] <= 1
     assert {"val_accuracy_caption", "val_accuracy_interleaved", "val_mae", "val_spearman"} <= set(metrics)
+    assert metrics["val_accuracy_caption"] is not None and metrics["val_accuracy_interleaved"] is not None
     assert np.asarray(metrics["val_confusion"]).sum() == metrics["val_samples"]
     net, processor = model.load(summary["best"])
     out = net.score(**processor([{"texts": [None, "two red circles at the left"], "images": [jpeg_bytes(), None],
@@ -47,6 +49,21 @@ def test_two_cpu_workers_train_and_export_a_loadable_checkpoint(pairs, tmp_path,
     # the released recipe: the vision tower is frozen
     assert torch.equal(base_weights["vision_tower.encoder.layers.0.mlp.fc1.weight"],
                        trained["vision_tower.encoder.layers.0.mlp.fc1.weight"])
+
+
+def test_missing_or_empty_pairs_and_a_bad_init_fail_naming_the_field(pairs, tmp_path, ray_cluster):
+    (tmp_path / "empty").mkdir()
+    base = dict(train=str(pairs / "train"), val=str(pairs / "val"), output=str(tmp_path / "run"),
+                cpus_per_worker=0.5, epochs=1)
+    for override, message in (
+        ({"val": str(tmp_path / "empty")}, "field 'val': no parquet shards"),
+        ({"val": str(tmp_path / "missing")}, "field 'val': .*missing does not exist"),
+        ({"train": str(tmp_path / "missing")}, "field 'train': .*missing does not exist"),
+        ({"init": str(tmp_path / "missing")}, "field 'init': no checkpoint at"),
+    ):
+        with pytest.raises(InputError, match=message):
+            train_classifier(TrainConfig(**{**base, **override}))
+    assert not (tmp_path / "run" / "ray_train").exists()  # nothing started
 
 
 def test_the_model_overfits_a_small_fixed_set(tmp_path, ray_cluster):
