@@ -28,9 +28,13 @@ class GenerationRequest:
     texts: list[str]  # the origin's text segments (one for a caption)
     images: list[bytes]  # the images the model is shown
     donor_texts: list[str] = field(default_factory=list)  # another origin's text (offline level 0)
+    seed_key: str | None = None  # what seeds offline perturbations (location-free); default the origin key
 
     def trace_id(self) -> str:
         return f"{self.origin_key}:L{self.level}"
+
+    def seed_id(self) -> str:
+        return f"{self.seed_key or self.origin_key}:L{self.level}"
 
 
 @dataclass
@@ -83,7 +87,7 @@ _WORD = re.compile(r"[A-Za-z]+")
 
 
 def _rng(request: GenerationRequest, salt: str = "") -> random.Random:
-    digest = hashlib.sha256(f"{request.trace_id()}|{salt}".encode()).digest()
+    digest = hashlib.sha256(f"{request.seed_id()}|{salt}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 

@@ -213,10 +213,11 @@ class SynthActor:
         prepared = []
         for origin in origins:
             origin_key = f"{origin['source']}#{origin['id']}"
-            split = split_of(split_key(origin["source"], origin["id"]), cfg.val_fraction, cfg.seed)
+            location_free = split_key(origin["source"], origin["id"])
+            split = split_of(location_free, cfg.val_fraction, cfg.seed)
             problem = _origin_problem(origin, kind, self.max_image_pixels)
-            prepared.append((origin, origin_key, split, problem))
-        for index, (origin, origin_key, split, problem) in enumerate(prepared):
+            prepared.append((origin, origin_key, split, problem, f"{cfg.seed}|{location_free}"))
+        for index, (origin, origin_key, split, problem, seed_key) in enumerate(prepared):
             donor = self._donor(prepared, index)
             for level in cfg.levels:
                 row = self._row(origin, origin_key, split, level)
@@ -228,7 +229,7 @@ class SynthActor:
                 images = [i for i in origin["images"] if i is not None]
                 donor_texts = [t for t in donor["texts"] if t is not None and t.strip()] if donor else []
                 request = GenerationRequest(origin_key, level, kind, [" ".join(texts)] if kind == "caption" else texts,
-                                            images[: cfg.max_images_per_request], donor_texts)
+                                            images[: cfg.max_images_per_request], donor_texts, seed_key)
                 jobs.append((row, request, origin, donor))
         for (row, request, origin, donor), result in zip(jobs, self.pool.map(self._answer, [j[1] for j in jobs])):
             texts, error, usage, requests, cached = result
@@ -237,16 +238,16 @@ class SynthActor:
                 row["error"] = error
             else:
                 row["texts"], row["images"] = _assemble(origin, donor, kind, request.level, texts,
-                                                         random.Random(f"{request.trace_id()}|images"))
+                                                         random.Random(f"{request.seed_id()}|images"))
         return pa.Table.from_pylist(rows, schema=_ACTOR_SCHEMA)
 
     def _donor(self, prepared, index: int) -> dict | None:
         """Another usable origin of the same block and split (never the origin itself), deterministically."""
-        _, key, split, _ = prepared[index]
+        _, _, split, _, seed_key = prepared[index]
         candidates = [p[0] for i, p in enumerate(prepared) if i != index and p[2] == split and not p[3]]
         if not candidates:
             return None
-        pick = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % len(candidates)
+        pick = int(hashlib.sha256(seed_key.encode()).hexdigest()[:8], 16) % len(candidates)
         return candidates[pick]
 
     def _answer(self, request: GenerationRequest):

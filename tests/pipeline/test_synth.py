@@ -70,7 +70,7 @@ def test_offline_captions_realise_each_level(tmp_path, ray_cluster):
     assert summary["requests_sent"] == 0 and summary["estimated_cost_usd"] == 0.0
 
 
-def test_the_split_does_not_depend_on_where_the_corpus_lives(tmp_path, ray_cluster):
+def test_split_and_perturbations_do_not_depend_on_where_the_corpus_lives(tmp_path, ray_cluster):
     samples = corpus.caption_samples(12, seed=5)
     splits = []
     for k, where in enumerate(("here", "elsewhere/nested")):
@@ -78,8 +78,9 @@ def test_the_split_does_not_depend_on_where_the_corpus_lives(tmp_path, ray_clust
         summary = synthesize(SynthConfig(input=str(tmp_path / where), format="webdataset",
                                          output=str(tmp_path / f"out{k}"), val_fraction=0.3), progress=False)
         assert not summary["warnings"]
-        splits.append({p["origin_id"]: p["split"] for p in pairs_of(tmp_path / f"out{k}")[0]})
-    assert splits[0] == splits[1] and set(splits[0].values()) == {"train", "val"}
+        splits.append({(p["origin_id"], p["label"]): (p["split"], p["texts"]) for p in pairs_of(tmp_path / f"out{k}")[0]})
+    assert splits[0] == splits[1]  # the same split and the same perturbations
+    assert {split for split, _ in splits[0].values()} == {"train", "val"}
     assert split_key("s3://bucket/corpus/0.tar", "k1") == split_key(str(tmp_path / "0.tar"), "k1")
 
 
