@@ -122,9 +122,8 @@ def encode_pairs(batch: pa.Table, model_uri: str) -> pa.Table:
 def _read_pairs(uri: str, field: str) -> ray.data.Dataset:
     """The pairs under `uri` (jobs.synth's train/ or val/); `InputError` naming `field` when there are none."""
     files = list_shards(uri, "parquet", field=field)
-    fs, _ = filesystem_for(uri)
-    return ray.data.read_parquet([filesystem_for(f)[1] for f in files], filesystem=fs,
-                                 file_extensions=["parquet"]).select_columns(_TRAIN_COLUMNS)
+    fs, _ = filesystem_for(uri)  # one filesystem for all files; their paths without the scheme
+    return ray.data.read_parquet([f.split("://", 1)[-1] for f in files], filesystem=fs).select_columns(_TRAIN_COLUMNS)
 
 
 def _encoded(ds: ray.data.Dataset, base_uri: str) -> ray.data.Dataset:
@@ -440,6 +439,14 @@ def train_classifier(config: TrainConfig) -> dict:
     from model.checkpoint import CheckpointError, load_processor
 
     start = time.time()
+    # The pairs first: a missing or empty train/val fails before anything is written.
+    train_raw, val_raw = _read_pairs(config.train, "train"), _read_pairs(config.val, "val")
+    n_train = train_raw.count()
+    if n_train == 0:
+        raise InputError("train", f"no training pairs at {config.train}")
+    if val_raw.count() == 0:  # checkpoints are ranked by validation accuracy: without pairs there is no ranking
+        raise InputError("val", f"no validation pairs at {config.val} (jobs.synth's --val-fraction sets how many "
+                                "origins it holds out)")
     base = _base_checkpoint(config)
     try:
         base_labels = load_processor(base)[0].config.num_labels  # config and tokenizer only: fails fast
@@ -448,13 +455,6 @@ def train_classifier(config: TrainConfig) -> dict:
     if config.num_labels and base_labels != config.num_labels:
         raise InputError("num_labels", f"{config.num_labels} does not match the --init checkpoint's head "
                                        f"({base_labels} outputs)")
-    train_raw, val_raw = _read_pairs(config.train, "train"), _read_pairs(config.val, "val")
-    n_train = train_raw.count()
-    if n_train == 0:
-        raise InputError("train", f"no training pairs at {config.train}")
-    if val_raw.count() == 0:  # checkpoints are ranked by validation accuracy: without pairs there is no ranking
-        raise InputError("val", f"no validation pairs at {config.val} (jobs.synth's --val-fraction sets how many "
-                                "origins it holds out)")
     per_step = config.batch_size * config.workers * config.grad_accum
     total_steps = config.epochs * math.ceil(n_train / per_step)
     if config.max_steps:

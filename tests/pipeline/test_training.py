@@ -59,11 +59,13 @@ def test_missing_or_empty_pairs_and_a_bad_init_fail_naming_the_field(pairs, tmp_
         ({"val": str(tmp_path / "empty")}, "field 'val': no parquet shards"),
         ({"val": str(tmp_path / "missing")}, "field 'val': .*missing does not exist"),
         ({"train": str(tmp_path / "missing")}, "field 'train': .*missing does not exist"),
-        ({"init": str(tmp_path / "missing")}, "field 'init': no checkpoint at"),
     ):
         with pytest.raises(InputError, match=message):
             train_classifier(TrainConfig(**{**base, **override}))
+    with pytest.raises(InputError, match="field 'init': no checkpoint at"):
+        train_classifier(TrainConfig(**{**base, "init": str(tmp_path / "missing")}))
     assert not (tmp_path / "run" / "ray_train").exists()  # nothing started
+    assert not (tmp_path / "run" / "_base").exists()  # and the pair checks come before a base model is written
 
 
 def test_the_model_overfits_a_small_fixed_set(tmp_path, ray_cluster):
@@ -132,7 +134,7 @@ def test_invalid_configuration_names_the_field(fields, field):
     assert field in str(err.value)
 
 
-def test_init_head_mismatch_fails_fast(tiny_checkpoint, tmp_path, ray_cluster):
+def test_init_head_mismatch_fails_fast(pairs, tiny_checkpoint, tmp_path, ray_cluster):
     with pytest.raises(ValueError, match="field 'num_labels'"):
-        train_classifier(TrainConfig(train=str(tmp_path), val=str(tmp_path), output=str(tmp_path / "o"),
+        train_classifier(TrainConfig(train=str(pairs / "train"), val=str(pairs / "val"), output=str(tmp_path / "o"),
                                      init=tiny_checkpoint, num_labels=4))
