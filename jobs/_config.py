@@ -23,11 +23,11 @@ class ConfigError(SystemExit):
 def input_errors_exit_2():
     """An input that turns out unusable once the job looks at it (nothing at a URI, no shards, no checkpoint) ends
     the job like a bad flag: one line naming the field and exit status 2, not a traceback."""
-    from pipeline.storage import InputError
+    from model.errors import ConfigFieldError
 
     try:
         yield
-    except InputError as err:
+    except ConfigFieldError as err:
         raise ConfigError(str(err)) from None
 
 

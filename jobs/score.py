@@ -12,14 +12,22 @@ from jobs._config import connect_ray, input_errors_exit_2, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.scoring import ScoreConfig, format_summary, score_dataset
+    import time
+
+    started = time.time()
+    from pipeline.scoring import ScoreConfig, format_summary, prepare_scoring, run_scoring
 
     config = parse_config(ScoreConfig, argv, "python -m jobs.score", __doc__.split("\n")[0])
-    connect_ray()
     with input_errors_exit_2():
-        summary = score_dataset(config)
+        prepared, model_id = prepare_scoring(config, started)  # shards, model, output: before Ray starts
+    try:
+        connect_ray()
+        summary = run_scoring(prepared, config, model_id)
+    finally:
+        if prepared.lease is not None:
+            prepared.lease.release()
     print(format_summary(summary))
-    return 1 if summary["shards"]["incomplete"] else 0
+    return 1 if summary["shards"]["incomplete"] or summary.get("aborted") else 0
 
 
 if __name__ == "__main__":

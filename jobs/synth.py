@@ -13,14 +13,22 @@ from jobs._config import connect_ray, input_errors_exit_2, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.synth import SynthConfig, format_summary, synthesize
+    import time
+
+    started = time.time()
+    from pipeline.synth import SynthConfig, format_summary, prepare_synth, synthesize
 
     config = parse_config(SynthConfig, argv, "python -m jobs.synth", __doc__.split("\n")[0])
-    connect_ray()
     with input_errors_exit_2():
-        summary = synthesize(config)
+        prepared = prepare_synth(config, started)  # shards, generator, output: before Ray starts
+    try:
+        connect_ray()
+        summary = synthesize(config, prepared=prepared)
+    finally:
+        if prepared.lease is not None:
+            prepared.lease.release()
     print(format_summary(summary))
-    return 1 if summary["shards"]["incomplete"] else 0
+    return 1 if summary["shards"]["incomplete"] or summary.get("aborted") else 0
 
 
 if __name__ == "__main__":

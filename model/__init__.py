@@ -3,7 +3,8 @@
 from model.checkpoint import CheckpointError, load, save
 from model.config import IMAGE_TOKEN_ID, UniFilterConfig, get_config, named_configs
 from model.modeling import UniFilter, scores_from_logits
-from model.processing import EncodedSample, SampleError, UniFilterProcessor, decode_image, prepare_image
+from model.errors import SampleError
+from model.processing import EncodedSample, UniFilterProcessor, decode_image, prepare_image
 
 __all__ = [
     "IMAGE_TOKEN_ID", "CheckpointError", "EncodedSample", "SampleError", "UniFilter", "UniFilterConfig",

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from model import storage
 from model.config import CHECKPOINT_FORMAT, UniFilterConfig
+from model.errors import CheckpointError
 from model.modeling import UniFilter
 from model.processing import UniFilterProcessor
 
@@ -23,10 +24,6 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 # -- where a checkpoint lives -------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class UniFilterConfig(BaseModel):
     pool_size: int = Field(12, ge=1)  # tokens per side after the average pool: 12 -> 144 tokens per image
     max_images: int = Field(16, ge=1)
     max_tokens: int = Field(4096, ge=8)
+    # Apply EXIF orientation when decoding images. Off: the released preprocessing (`Image.open(f).convert("RGB")`)
+    # ignores it, and the model must see images as it was trained on them.
+    exif_transpose: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None

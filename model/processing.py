@@ -12,23 +12,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from model.config import IMAGE_TOKEN_ID, UniFilterConfig
+from model.errors import Category, SampleError
 
 PAD_COLOR = (127, 127, 127)  # int(255 * image_mean) for SigLIP's mean of 0.5, as LLaVA's expand2square
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: checked from the header, before decoding
 
 Kind = Literal["caption", "interleaved"]
 ImageInput = bytes | Image.Image | np.ndarray
-
-
-class SampleError(ValueError):
-    """A sample that cannot be scored. `reason` starts with a category: `decode:`, `empty:` or `malformed:`."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -48,40 +41,71 @@ class EncodedSample:
         return int(self.pixel_values.shape[0])
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None,
+                 exif_transpose: bool = False) -> Image.Image:
     """Encoded bytes -> RGB image, refusing empty, non-image, corrupt and oversized (bomb) payloads.
 
-    With `draft_size`, a JPEG much larger than that is decoded at a reduced scale in the DCT domain (libjpeg's
-    1/2, 1/4, 1/8), never below `draft_size` on its long side: about 1.4x faster preprocessing of large photos
-    for a mean difference under one grey level after the resize (see benchmarks/preprocess_throughput.py)."""
+    Two bounds, both checked before the pixels are allocated: the decoded size (width x height, from the header)
+    and the square the image is padded to (the longer side squared), so a 1 x 20000 strip cannot allocate 20000^2
+    pixels. 16-bit, 32-bit and float images are rescaled to 8 bits rather than clipped. With `exif_transpose`
+    the EXIF orientation is applied (the released preprocessing, `Image.open(f).convert("RGB")`, does not, so the
+    default leaves it off). With `draft_size`, a JPEG much larger than that is decoded at a reduced scale in the
+    DCT domain (libjpeg's 1/2, 1/4, 1/8), never below `draft_size` on its long side: about 1.4x faster
+    preprocessing of large photos for a mean difference under one grey level after the resize (see
+    benchmarks/preprocess_throughput.py)."""
     if not data:
-        raise SampleError("decode: empty image payload")
+        raise SampleError(Category.DECODE, "empty image payload")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise SampleError(f"decode: image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+                raise SampleError(Category.DECODE,
+                                  f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
             if draft_size and img.format == "JPEG" and max(width, height) >= 2 * draft_size:
                 scale = draft_size / max(width, height)
                 img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+            side = max(img.size)
+            if side * side > max_pixels:
+                raise SampleError(Category.DECODE, f"image too large: padding {width}x{height} to a square gives "
+                                                   f"{side}x{side} pixels, over the limit of {max_pixels}")
             img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
     except SampleError:
         raise
     except Image.UnidentifiedImageError:
-        raise SampleError("decode: not a recognised image format") from None
+        raise SampleError(Category.DECODE, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise SampleError(f"decode: image too large: {err}") from None
+        raise SampleError(Category.DECODE, f"image too large: {err}") from None
     except Exception as err:  # corrupt or truncated data: PIL raises OSError, SyntaxError, ValueError, ...
-        raise SampleError(f"decode: corrupt image ({type(err).__name__}: {err})") from None
-    return img.convert("RGB") if img.mode != "RGB" else img
+        raise SampleError(Category.DECODE, f"corrupt image ({type(err).__name__}: {err})") from None
+    return to_rgb8(img)
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB. High bit depths are rescaled (PIL's own conversion clips them): 16-bit to 8 by
+    /257, 32-bit integers by their range, floats in [0, 1] by 255."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+        if img.mode == "F" and low >= 0 and high <= 1.0:
+            values = values * 255.0
+        elif img.mode.startswith("I;16") or (low >= 0 and high <= 65535 and high > 255):
+            values = values / 257.0
+        elif low < 0 or high > 255:
+            values = (values - low) * (255.0 / max(high - low, 1e-12))
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def prepare_image(img: Image.Image, size: int) -> np.ndarray:
     """Pad to a square with grey (centred), resize to `size` (bicubic): (3, size, size) uint8."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = to_rgb8(img)
     width, height = img.size
     if width != height:
         side = max(width, height)
@@ -149,19 +173,19 @@ class UniFilterProcessor:
     def _layout(self, texts, images, kind: Kind) -> list[tuple[str, object]]:
         if len(texts) != len(images):
             raise SampleError(
-                f"malformed: {len(texts)} text positions but {len(images)} image positions "
+                Category.MALFORMED, f"{len(texts)} text positions but {len(images)} image positions "
                 "(texts and images must be parallel lists)"
             )
         segments: list[tuple[str, object]] = []
         for i, (text, image) in enumerate(zip(texts, images)):
             if text is not None and image is not None:
-                raise SampleError(f"malformed: position {i} holds both a text and an image")
+                raise SampleError(Category.MALFORMED, f"position {i} holds both a text and an image")
             if text is None and image is None:
-                raise SampleError(f"malformed: position {i} holds neither a text nor an image")
+                raise SampleError(Category.MALFORMED, f"position {i} holds neither a text nor an image")
             if image is not None:
                 segments.append(("image", image))
             elif not isinstance(text, str):
-                raise SampleError(f"malformed: position {i} text is {type(text).__name__}, not a string")
+                raise SampleError(Category.MALFORMED, f"position {i} text is {type(text).__name__}, not a string")
             elif text.strip():
                 segments.append(("text", text))
         n_images = sum(1 for t, _ in segments if t == "image")
@@ -169,18 +193,18 @@ class UniFilterProcessor:
 
         if kind == "caption":
             if n_images != 1:
-                raise SampleError(f"malformed: a caption sample needs exactly 1 image, found {n_images}")
+                raise SampleError(Category.MALFORMED, f"a caption sample needs exactly 1 image, found {n_images}")
             if n_texts == 0:
-                raise SampleError("empty: caption has no text")
+                raise SampleError(Category.EMPTY, "caption has no text")
             caption = "\n\n".join(str(p) for t, p in segments if t == "text")
             image = next(p for t, p in segments if t == "image")
             return [("image", image), ("text", "\n" + caption)]
         if kind != "interleaved":
-            raise SampleError(f"malformed: unknown sample kind {kind!r} (caption or interleaved)")
+            raise SampleError(Category.MALFORMED, f"unknown sample kind {kind!r} (caption or interleaved)")
         if n_images == 0:
-            raise SampleError("empty: interleaved document has no images")
+            raise SampleError(Category.EMPTY, "interleaved document has no images")
         if n_texts == 0:
-            raise SampleError("empty: interleaved document has no text")
+            raise SampleError(Category.EMPTY, "interleaved document has no text")
 
         # Join segments with "\n\n"; consecutive texts and their separators form one text piece.
         pieces: list[tuple[str, object]] = []
@@ -205,14 +229,14 @@ class UniFilterProcessor:
         size = self.config.image_size
         if isinstance(image, np.ndarray):  # already prepared by a CPU stage
             if image.shape != (3, size, size) or image.dtype != np.uint8:
-                raise SampleError(f"malformed: prepared image has shape {image.shape} {image.dtype}, "
+                raise SampleError(Category.MALFORMED, f"prepared image has shape {image.shape} {image.dtype}, "
                                   f"expected (3, {size}, {size}) uint8")
             return image
         if isinstance(image, (bytes, bytearray, memoryview)):
             draft = self.config.image_size if self.jpeg_draft else None
-            image = decode_image(bytes(image), self.max_image_pixels, draft)
+            image = decode_image(bytes(image), self.max_image_pixels, draft, self.config.exif_transpose)
         if not isinstance(image, Image.Image):
-            raise SampleError(f"malformed: unsupported image value of type {type(image).__name__}")
+            raise SampleError(Category.MALFORMED, f"unsupported image value of type {type(image).__name__}")
         return prepare_image(image, size)
 
     # -- batches ---------------------------------------------------------------------------------------------

@@ -1,33 +1,55 @@
-"""The one place that turns a URI (local path or `s3://`) into a filesystem.
+"""The one place that turns a URI into a filesystem: local paths, `s3://` (pyarrow's S3, honouring
+`AWS_ENDPOINT_URL`), and any other fsspec filesystem (`gs://`, `az://`, `memory://`, ...) wrapped for pyarrow.
 
 pyarrow's S3 filesystem ignores `AWS_ENDPOINT_URL`; this helper honours it (and `AWS_ENDPOINT_URL_S3`), so every
 reader and writer, the model's checkpoints included, can point at any S3-compatible store. Credentials come from
-the standard AWS chain (environment, instance role); they never pass through here.
+the standard chains (environment, instance role); they never pass through here. URIs are normalised once
+(`normalize_uri`) so that two spellings of one object are one key.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+import posixpath
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 S3_SCHEMES = ("s3://", "s3a://")
+# Modules to import before resolving a URI: where a custom fsspec filesystem registers itself (comma-separated).
+FSSPEC_IMPORTS_ENV = "UNIFILTER_FSSPEC_IMPORTS"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme_of(uri: str) -> str:
+    """`s3`, `gs`, `memory`, ...; `file` for local paths."""
+    match = _SCHEME.match(str(uri))
+    if not match:
+        return "file"
+    scheme = match.group(1).lower()
+    return "s3" if scheme == "s3a" else scheme
 
 
 def is_remote(uri: str) -> bool:
-    return str(uri).startswith(S3_SCHEMES)
+    """On S3 (the object store this project talks to natively)."""
+    return scheme_of(uri) == "s3"
+
+
+def is_local(uri: str) -> bool:
+    return scheme_of(uri) == "file"
 
 
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+@functools.lru_cache(maxsize=8)
+def _s3(region: str, endpoint: str | None) -> pafs.S3FileSystem:
     kwargs: dict = {"region": region}
-    endpoint = s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
@@ -36,16 +58,57 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def s3_filesystem() -> pafs.S3FileSystem:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return _s3(region, s3_endpoint())
+
+
+def _fsspec_filesystem(scheme: str) -> pafs.FileSystem:
+    import fsspec
+
+    for module in filter(None, (m.strip() for m in os.environ.get(FSSPEC_IMPORTS_ENV, "").split(","))):
+        importlib.import_module(module)
+    try:
+        fs = fsspec.filesystem(scheme)
+    except (ImportError, ValueError) as err:
+        raise ValueError(f"no filesystem for {scheme}:// URIs ({err}); install its fsspec package "
+                         f"(gcsfs for gs://, adlfs for az://) or use a local path or s3://") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """`(filesystem, path)` for a URI: `s3://bucket/key` -> (S3, "bucket/key"); a local path -> (local, abspath)."""
+    """`(filesystem, path)` for a URI: `s3://bucket/key` -> (S3, "bucket/key"); a local path -> (local, abspath);
+    `scheme://rest` -> (that fsspec filesystem, its path)."""
     uri = str(uri)
-    if is_remote(uri):
+    scheme = scheme_of(uri)
+    if scheme == "s3":
         return s3_filesystem(), uri.split("://", 1)[1].rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" in uri:
-        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    if scheme == "file":
+        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
+    fs = _fsspec_filesystem(scheme)
+    return fs, fs.handler.fs._strip_protocol(uri).rstrip("/") or "/"
+
+
+def normalize_uri(uri: str) -> str:
+    """One spelling per object: `s3a://` -> `s3://`, `file://` and relative local paths -> absolute paths, `.`, `..`
+    and repeated slashes resolved, no trailing slash."""
+    uri = str(uri).strip()
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        local = uri[len("file://"):] if uri.startswith("file://") else uri
+        return str(Path(local).expanduser().resolve())
+    rest = uri.split("://", 1)[1]
+    rest = posixpath.normpath("/" + rest).lstrip("/")
+    return f"{scheme}://{rest}"
+
+
+def to_uri(uri_like: str, path: str) -> str:
+    """A filesystem path (as `filesystem_for` gives it) back to a URI of the same kind as `uri_like`."""
+    scheme = scheme_of(uri_like)
+    if scheme == "file":
+        return path
+    return f"{scheme}://{path.lstrip('/')}"
 
 
 def join(uri: str, *parts: str) -> str:

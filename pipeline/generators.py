@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from model.errors import Category, SampleError
 from pipeline.prompts import PROMPT_VERSION, SYSTEM_PROMPT, caption_prompt, document_prompt, parse_reply
 
 
@@ -294,7 +295,7 @@ class RetryPolicy:
 @dataclass
 class Outcome:
     generated: Generated | None
-    error: str | None
+    error: SampleError | None
     attempts: int  # requests sent
     input_tokens: int = 0  # over all attempts, unparseable replies included (they are billed too)
     output_tokens: int = 0
@@ -315,8 +316,8 @@ def generate_with_retries(generator, request: GenerationRequest, policy: RetryPo
         except RetryableError as err:
             transient += 1
             if transient >= policy.max_attempts:
-                return Outcome(None, f"generate: {err} (gave up after {attempts} attempts)", attempts, spent_in,
-                               spent_out)
+                return Outcome(None, SampleError(Category.GENERATE, f"{err} (gave up after {attempts} attempts)"),
+                               attempts, spent_in, spent_out)
             delay = err.retry_after if err.retry_after is not None else rng.uniform(
                 0, min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (transient - 1)))
             sleep(delay)
@@ -324,10 +325,10 @@ def generate_with_retries(generator, request: GenerationRequest, policy: RetryPo
             malformed += 1
             spent_in, spent_out = spent_in + err.usage[0], spent_out + err.usage[1]
             if malformed >= policy.max_malformed:
-                return Outcome(None, f"malformed: {err} (gave up after {malformed} unparseable replies)", attempts,
-                               spent_in, spent_out)
+                return Outcome(None, SampleError(Category.MALFORMED, f"{err} (gave up after {malformed} unparseable "
+                                                                   "replies)"), attempts, spent_in, spent_out)
         except PermanentError as err:
-            return Outcome(None, f"generate: {err}", attempts, spent_in, spent_out)
+            return Outcome(None, SampleError(Category.GENERATE, str(err)), attempts, spent_in, spent_out)
 
 
 def cache_namespace(generator_name: str) -> str:

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from model.processing import EncodedSample, SampleError, UniFilterProcessor
-from pipeline.sources import SHARD_END, SourceOptions, read_shard
+from model.errors import Category, SampleError
+from model.processing import EncodedSample, UniFilterProcessor
+from pipeline.sources import MARKERS, SourceOptions, read_shard
+from pipeline.storage import Shard
 
 # Between the stages images travel as uint8 at model resolution (4x smaller than float32); ids as int32.
 ENCODED_SCHEMA = pa.schema([
@@ -18,6 +20,9 @@ ENCODED_SCHEMA = pa.schema([
     ("kind", pa.string()),
     ("ordinal", pa.int64()),
     ("error", pa.string()),
+    ("error_category", pa.string()),
+    ("key", pa.string()),
+    ("url", pa.string()),
     ("truncated", pa.bool_()),
     ("n_images", pa.int32()),
     ("n_tokens", pa.int32()),
@@ -27,18 +32,17 @@ ENCODED_SCHEMA = pa.schema([
 
 
 def encode_row(row: dict, processor: UniFilterProcessor) -> dict:
-    out = {k: row[k] for k in ("id", "source", "kind", "ordinal")}
-    out.update(error=row.get("error"), truncated=None, n_images=None, n_tokens=None, input_ids=None,
-               pixel_values=None)
-    if row["kind"] == SHARD_END or out["error"]:
+    out = {k: row.get(k) for k in ("id", "source", "kind", "ordinal", "error", "error_category", "key", "url")}
+    out.update(truncated=None, n_images=None, n_tokens=None, input_ids=None, pixel_values=None)
+    if row["kind"] in MARKERS or out["error"]:
         return out
     try:
         enc = processor.encode(row["texts"], row["images"], row["kind"])
     except SampleError as err:
-        out["error"] = err.reason
+        out.update(error=err.reason, error_category=err.category.value)
         return out
     except Exception as err:  # never lose a sample to an unforeseen failure: record it
-        out["error"] = f"preprocess: {type(err).__name__}: {err}"
+        out.update(error=f"preprocess: {type(err).__name__}: {err}", error_category=Category.PREPROCESS.value)
         return out
     out.update(truncated=enc.truncated, n_images=enc.n_images, n_tokens=enc.n_tokens,
                input_ids=enc.input_ids.astype(np.int32).tobytes(), pixel_values=enc.pixel_values.tobytes())
@@ -61,7 +65,7 @@ class ShardEncoder:
         self.fmt, self.options, self.rows_per_block = fmt, options, rows_per_block
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for shard in batch.column("shard").to_pylist():
+        for shard in (Shard(**s) for group in batch.column("shards").to_pylist() for s in group):
             rows = []
             for sample in read_shard(shard, self.fmt, self.options):
                 rows.append(encode_row(sample, self.processor))

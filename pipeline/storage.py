@@ -1,36 +1,42 @@
 """Storage for the pipeline: the model library's URI-to-filesystem helper (one implementation, honouring
-`AWS_ENDPOINT_URL`), plus listing the input shards a job reads."""
+`AWS_ENDPOINT_URL`, any fsspec filesystem besides), plus listing the input shards a job reads.
+
+A shard's identity in every output is its `key`: its path relative to the input root (`00000.tar`,
+`part-1/00000.tar`). Records carry it as `source` and the commit manifest is keyed by it, so a corpus that moves
+(another bucket, a local copy) keeps its committed shards and its records.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import os
+import posixpath
 import re
+from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from model.storage import download_dir, filesystem_for, is_remote, join, s3_filesystem, upload_file
+from model.storage import (
+    FSSPEC_IMPORTS_ENV,
+    download_dir,
+    filesystem_for,
+    is_local,
+    is_remote,
+    join,
+    normalize_uri,
+    s3_filesystem,
+    scheme_of,
+    to_uri,
+    upload_file,
+)
+from pipeline.errors import InputError
 
-__all__ = ["InputError", "download_dir", "filesystem_for", "is_remote", "join", "list_shards", "s3_filesystem",
-           "shard_id", "storage_env", "upload_file", "to_uri"]
+__all__ = ["InputError", "Shard", "ShardListing", "download_dir", "filesystem_for", "is_local", "is_remote",
+           "join", "list_shards", "normalize_uri", "output_name", "s3_filesystem", "storage_env", "to_uri",
+           "upload_file", "expand_braces"]
 
-
-class InputError(ValueError):
-    """A job's input or setting that cannot be used (nothing at the URI, no shards, no usable checkpoint). The
-    message names the config field; the jobs report it as a configuration error (exit status 2), not a traceback."""
-
-    def __init__(self, field: str, problem: str):
-        self.field = field
-        super().__init__(f"field '{field}': {problem}")
-
-_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-
-def storage_env() -> dict[str, str]:
-    """What Ray workers need to reach the same object store as the driver: the endpoint and region variables
-    that are set (never credentials, which come from each node's own environment or instance role)."""
-    return {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
+_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", FSSPEC_IMPORTS_ENV)
 
 SHARD_SUFFIXES = {
     "webdataset": (".tar",),
@@ -38,19 +44,76 @@ SHARD_SUFFIXES = {
     "parquet": (".parquet",),
     "obelics": (".parquet",),
 }
+_GLOB_CHARS = "*?["
+_BRACE = re.compile(r"\{([^{}]*)\}")
 
 
-def to_uri(uri_like: str, path: str) -> str:
-    """A filesystem path back to a URI of the same kind as `uri_like`."""
-    return f"s3://{path}" if is_remote(uri_like) else path
+def storage_env() -> dict[str, str]:
+    """What Ray workers need to reach the same object store as the driver: the endpoint and region variables
+    that are set (never credentials, which come from each node's own environment or instance role)."""
+    return {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
 
 
-def list_shards(input_uri: str, fmt: str, field: str = "input") -> list[str]:
-    """The input's shard URIs, sorted: a directory or prefix (recursive, by suffix), a glob (`*`, `?`, `[...]`
-    in the last part), a list file (`.txt`, one URI per line), or one shard. Nothing there: `InputError`."""
+@dataclass(frozen=True)
+class Shard:
+    uri: str  # normalised URI (what readers open)
+    key: str  # path relative to the input root (what outputs are keyed by)
+    size: int | None = None  # bytes, where the listing gave it
+
+
+@dataclass
+class ShardListing:
+    root: str
+    shards: list[Shard]
+    duplicates: int = 0  # entries named more than once (in a list file or brace pattern), listed once
+    spellings: dict[str, list[str]] = field(default_factory=dict)  # key -> the spellings that named it
+
+    @property
+    def total_bytes(self) -> int | None:
+        sizes = [s.size for s in self.shards]
+        return None if any(s is None for s in sizes) else sum(sizes)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion as webdataset uses it: `{00000..00099}` (zero-padded numeric ranges) and
+    `{a,b,c}` alternatives, any number of groups."""
+    match = _BRACE.search(pattern)
+    if not match:
+        return [pattern]
+    body = match.group(1)
+    numeric = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if numeric:
+        first, last = numeric.group(1), numeric.group(2)
+        width = len(first) if first.startswith("0") or len(first) == len(last) else 0
+        step = 1 if int(last) >= int(first) else -1
+        options = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        options = ["{" + body + "}"]  # not a brace pattern: keep it literal
+        head, tail = pattern[:match.end()], pattern[match.end():]
+        return [head + rest for rest in expand_braces(tail)]
+    out = []
+    for option in options:
+        out += expand_braces(pattern[:match.start()] + option + pattern[match.end():])
+    return out
+
+
+def _has_braces(path: str) -> bool:
+    return any(re.fullmatch(r"-?\d+\.\.-?\d+", m) or "," in m for m in _BRACE.findall(path))
+
+
+def list_shards(input_uri: str, fmt: str, field: str = "input") -> ShardListing:
+    """The input's shards, normalised, each once, sorted by key: a directory or prefix (recursive, by suffix;
+    paths under `_` folders are metadata), a glob (`*`, `?`, `[...]` in the last part), a brace pattern
+    (`{00000..00999}.tar`), a list file (`.txt`, one URI per line, `#` comments), or one shard. Nothing there:
+    `InputError` naming `field`."""
     suffixes = SHARD_SUFFIXES[fmt]
-    fs, path = filesystem_for(input_uri)
-    if path.endswith(".txt") and not any(c in path for c in "*?["):
+    try:
+        fs, path = filesystem_for(input_uri)
+    except ValueError as err:
+        raise InputError(field, str(err)) from None
+    if path.endswith(".txt") and not any(c in path for c in _GLOB_CHARS):
         try:
             with fs.open_input_stream(path) as f:
                 lines = f.read().decode("utf-8").splitlines()
@@ -59,28 +122,86 @@ def list_shards(input_uri: str, fmt: str, field: str = "input") -> list[str]:
         listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not listed:
             raise InputError(field, f"list file {input_uri} names no shards")
-        return listed
-    if any(c in path for c in "*?["):
+        base = posixpath.dirname(input_uri) if not is_local(input_uri) else os.path.dirname(path)
+        return _listing([_absolute(entry, base) for entry in listed], [None] * len(listed), root=None)
+    if _has_braces(input_uri):
+        expanded = expand_braces(input_uri)
+        return _listing(expanded, [None] * len(expanded), root=_parent(normalize_uri(input_uri.split("{", 1)[0] + "x")))
+    if any(c in path for c in _GLOB_CHARS):
         base, _, pattern = path.rpartition("/")
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
-        shards = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)]
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+        found = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)]
+        root = to_uri(input_uri, base)
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            shards = [path]
+            found, root = [info], to_uri(input_uri, path.rpartition("/")[0])
         elif info.type == pafs.FileType.Directory or is_remote(input_uri):
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-            shards = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffixes)
-                      and not any(part.startswith("_") for part in i.path[len(path):].split("/"))]
+            found = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffixes)
+                     and not any(part.startswith("_") for part in i.path[len(path):].split("/"))]
+            root = to_uri(input_uri, path)
         else:
             raise InputError(field, f"{input_uri} does not exist")
-    if not shards:
+    if not found:
         raise InputError(field, f"no {fmt} shards ({'/'.join(suffixes)}) found at {input_uri}")
-    return sorted(to_uri(input_uri, s) for s in shards)
+    return _listing([to_uri(input_uri, i.path) for i in found], [i.size for i in found], root=root)
 
 
-def shard_id(shard_uri: str) -> str:
-    """A stable, filesystem-safe name for a shard: its base name plus a hash of the full URI."""
-    base = shard_uri.rstrip("/").rsplit("/", 1)[-1]
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", base.rsplit(".", 1)[0])[:80]
-    return f"{stem}-{hashlib.sha1(shard_uri.encode()).hexdigest()[:10]}"
+def _absolute(entry: str, base: str) -> str:
+    """A list file's entry: a URI, an absolute path, or a path relative to the list file's folder."""
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    return join(base, entry) if "://" in base else os.path.join(base, entry)
+
+
+def _parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def _listing(uris: list[str], sizes: list[int | None], root: str | None) -> ShardListing:
+    normalised = [normalize_uri(u) for u in uris]
+    if root is None:  # a list of shards: their deepest common folder
+        root = _common_root(normalised)
+    root = normalize_uri(root) if root else root
+    shards: dict[str, Shard] = {}
+    spellings: dict[str, list[str]] = {}
+    duplicates = 0
+    for uri, spelled, size in zip(normalised, uris, sizes):
+        key = shard_key(uri, root)
+        spellings.setdefault(key, []).append(spelled)
+        if key in shards:
+            duplicates += 1
+            continue
+        shards[key] = Shard(uri, key, size)
+    return ShardListing(root or "", sorted(shards.values(), key=lambda s: s.key), duplicates,
+                        {k: v for k, v in spellings.items() if len(v) > 1})
+
+
+def _common_root(uris: list[str]) -> str:
+    parents = [_parent(u) for u in uris]
+    if len({scheme_of(u) for u in uris}) > 1:
+        return ""
+    prefix = os.path.commonprefix(parents)
+    if not all(p == prefix or p.startswith(prefix.rstrip("/") + "/") for p in parents):
+        prefix = prefix.rsplit("/", 1)[0]
+    return prefix.rstrip("/")
+
+
+def shard_key(uri: str, root: str) -> str:
+    """`uri` relative to `root`; the scheme-less URI when it lies outside."""
+    if root and uri.startswith(root.rstrip("/") + "/"):
+        return uri[len(root.rstrip("/")) + 1:]
+    return re.sub(r"^([a-z0-9+.-]+)://", r"\1/", uri).lstrip("/")
+
+
+def output_name(key: str) -> str:
+    """A shard's file stem in an output (`part-1/00000.tar` -> `part-1/00000`): unique per shard key, kept
+    readable, never escaping the output folder."""
+    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
+    parts = [re.sub(r"[\x00-\x1f]", "_", p) for p in stem.split("/") if p not in ("", ".", "..")]
+    parts = [("-" + p[1:]) if p.startswith("_") else p for p in parts]  # `_` paths are metadata in outputs
+    name = "/".join(parts) or "shard"
+    if name != stem:  # changed to fit: a hash of the key keeps it unique
+        name += "-" + hashlib.sha1(key.encode()).hexdigest()[:8]
+    return name

@@ -12,17 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import pyarrow as pa
-import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from model.processing import SampleError, decode_image
+from model.errors import Category, SampleError
+from model.processing import decode_image
 from pipeline.generators import (
     BedrockGenerator,
     GenerationRequest,
@@ -33,9 +32,11 @@ from pipeline.generators import (
     generate_with_retries,
 )
 from pipeline.prompts import PROMPT_VERSION
-from pipeline.sinks import MANIFEST_DIR, ShardCommitter, committed_shards, write_json
-from pipeline.sources import SAMPLE_SCHEMA, SHARD_END, SourceOptions, read_shard, sample_kind
-from pipeline.storage import filesystem_for, join, list_shards, storage_env
+from pipeline.manifest import MANIFEST_DIR, write_json
+from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare
+from pipeline.sources import MARKERS, SAMPLE_SCHEMA, SHARD_FAILED, SourceOptions, check_columns, read_shard, sample_kind
+from pipeline.errors import InputError
+from pipeline.storage import Shard, filesystem_for, join, list_shards
 
 DEFAULT_BEDROCK_MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 # USD per million input / output tokens, for the cost estimate when the config gives no prices.
@@ -56,7 +57,7 @@ PAIR_SCHEMA = pa.schema([SAMPLE_SCHEMA.field(name) for name in ("id", "source", 
     ("requests", pa.int32()),
     ("cached", pa.bool_()),
 ])
-_ACTOR_SCHEMA = PAIR_SCHEMA.append(pa.field("ordinal", pa.int64()))
+_ACTOR_SCHEMA = PAIR_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.field("error_category", pa.string()))
 
 
 class SynthConfig(BaseModel):
@@ -156,23 +157,24 @@ class RequestCache:
                    {"texts": texts, "input_tokens": usage[0], "output_tokens": usage[1]})
 
 
-def _origin_problem(row: dict, kind: str, max_pixels: int) -> str | None:
+def _origin_problem(row: dict, kind: str, max_pixels: int) -> SampleError | None:
     """Why an origin cannot make training pairs, or None."""
     if row["error"]:
-        return row["error"]
+        return SampleError(row.get("error_category") or row["error"].split(":", 1)[0],
+                           row["error"].split(": ", 1)[-1])
     texts, images = row["texts"] or [], row["images"] or []
     n_images = sum(1 for i in images if i is not None)
     n_texts = sum(1 for t in texts if t is not None and t.strip())
     if kind == "caption" and (n_images != 1 or n_texts == 0):
-        return "empty: caption origin needs one image and a caption"
+        return SampleError(Category.EMPTY, "caption origin needs one image and a caption")
     if kind == "interleaved" and (n_images == 0 or n_texts == 0):
-        return "empty: document origin needs images and text"
+        return SampleError(Category.EMPTY, "document origin needs images and text")
     for image in images:
         if image is not None:
             try:
                 decode_image(image, max_pixels)
             except SampleError as err:
-                return err.reason
+                return err
     return None
 
 
@@ -191,14 +193,13 @@ class SynthActor:
 
     def __call__(self, batch: pa.Table):
         cfg = self.config
-        for shard in batch.column("shard").to_pylist():
+        for shard in (Shard(**s) for group in batch.column("shards").to_pylist() for s in group):
             block = []
             for row in read_shard(shard, cfg.format, cfg.source):
-                if row["kind"] == SHARD_END:
-                    if block:
+                if row["kind"] in MARKERS:
+                    if block and row["kind"] != SHARD_FAILED:
                         yield self._pairs(block)
-                    marker = {k: None for k in _ACTOR_SCHEMA.names}
-                    marker.update(id=row["id"], source=shard, kind=SHARD_END, ordinal=-1)
+                    marker = {k: row.get(k) for k in _ACTOR_SCHEMA.names}
                     yield pa.Table.from_pylist([marker], schema=_ACTOR_SCHEMA)
                     continue
                 block.append(row)
@@ -223,7 +224,7 @@ class SynthActor:
                 row = self._row(origin, origin_key, split, level)
                 rows.append(row)
                 if problem:
-                    row["error"] = problem
+                    row.update(error=problem.reason, error_category=problem.category.value)
                     continue
                 texts = [t for t in origin["texts"] if t is not None and t.strip()]
                 images = [i for i in origin["images"] if i is not None]
@@ -235,7 +236,7 @@ class SynthActor:
             texts, error, usage, requests, cached = result
             row.update(requests=requests, cached=cached, input_tokens=usage[0], output_tokens=usage[1])
             if error:
-                row["error"] = error
+                row.update(error=error.reason, error_category=error.category.value)
             else:
                 row["texts"], row["images"] = _assemble(origin, donor, kind, request.level, texts,
                                                          random.Random(f"{request.seed_id()}|images"))
@@ -304,50 +305,53 @@ def _assemble(origin: dict, donor: dict | None, kind: str, level: int, texts: li
     return out_texts, out_images
 
 
-def synthesize(config: SynthConfig, progress: bool = True) -> dict:
-    """Generate pairs for every origin of the input shards not yet committed; returns (and writes) the summary."""
-    start = time.time()
-    shards = list_shards(config.input, config.format)
-    already = committed_shards(config.output)
-    todo = [s for s in shards if s not in already]
+def identity(config: SynthConfig) -> dict:
+    """What the pairs depend on: the generator, the prompts, the levels and the split."""
+    s = config.source
+    return {"generator": config.generator_name(), "prompt_version": PROMPT_VERSION, "levels": config.levels,
+            "val_fraction": config.val_fraction, "seed": config.seed,
+            "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}
+
+
+def prepare_synth(config: SynthConfig, started: float | None = None, dry_run: bool = False) -> PreparedJob:
+    """Everything before Ray: the shards, the first shard's columns, the generator's settings, the output."""
+    listing = list_shards(config.input, config.format)
+    if config.format in ("parquet", "obelics"):
+        problem = check_columns(listing.shards[0].uri, config.format, config.source)
+        if problem:
+            raise InputError(*problem)
     config.make_generator()  # fail fast on an unusable generator configuration (e.g. no AWS region)
+    spec = ShardJob(job="synth", output=config.output, listing=listing, identity=identity(config),
+                    schema=PAIR_SCHEMA, rows_per_sample=len(config.levels),
+                    row_key=lambda r: (r["ordinal"], r["label"]),
+                    partition=lambda r: "errors" if r["error"] else r["split"], unit="pairs")
+    return prepare(spec, started, dry_run)
 
-    def report(committer: ShardCommitter) -> None:
-        if progress:
-            rate = committer.samples / max(time.time() - start, 1e-9)
-            print(f"\r[synth] shards {len(committer.committed)}/{len(todo)} committed · {committer.samples} pairs · "
-                  f"{sum(committer.errors_by_reason.values())} errors · {rate:.1f} pairs/s",
-                  end="", file=sys.stderr, flush=True)
 
-    committer = ShardCommitter(config.output, PAIR_SCHEMA, on_commit=report, rows_per_sample=len(config.levels),
-                               row_key=lambda r: (r["ordinal"], r["label"]),
-                               partition=lambda r: "errors" if r["error"] else r["split"])
-    accounting = Counter()
+def synthesize(config: SynthConfig, progress: bool = True, prepared: PreparedJob | None = None) -> dict:
+    """Generate pairs for every origin of the input shards not yet committed; returns (and writes) the summary."""
+    prepared = prepared or prepare_synth(config, time.time())
+    accounting = Counter()  # what was spent, committed or not
     balance: dict[str, Counter] = {"train": Counter(), "val": Counter()}
     kinds = Counter()
-    env = storage_env()
-    if todo:
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = False
-        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(SynthActor, batch_size=1, batch_format="pyarrow",
-                            fn_constructor_kwargs={"config": config.model_dump()},
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.concurrency),
-                            num_cpus=1, **({"runtime_env": {"env_vars": env}} if env else {}))
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.select(["kind", "error", "split", "label", "input_tokens", "output_tokens",
-                                     "requests", "cached"]).to_pylist():
-                if row["kind"] == SHARD_END:
-                    continue
+
+    def spent(batch: pa.Table) -> None:
+        for row in batch.select(["kind", "input_tokens", "output_tokens", "requests", "cached"]).to_pylist():
+            if row["kind"] not in MARKERS:
                 accounting.update(input_tokens=row["input_tokens"] or 0, output_tokens=row["output_tokens"] or 0,
                                   requests=row["requests"] or 0, cache_hits=int(bool(row["cached"])))
-                if not row["error"]:
-                    balance[row["split"]][row["label"]] += 1
-                    kinds[row["kind"]] += 1
-            committer.add(batch)
-        if progress:
-            print(file=sys.stderr)
 
+    def committed(records: list[dict]) -> None:
+        for row in records:
+            if not row["error"]:
+                balance[row["split"]][row["label"]] += 1
+                kinds[row["kind"]] += 1
+
+    stage = Stage("synth", SynthActor, {"config": config.model_dump()}, num_cpus=1, max_actors=config.concurrency)
+    result = execute(prepared, [stage], progress, on_batch=spent, on_records=committed)
+    committer = result.committer
+    common = common_summary(prepared, result)
+    start = prepared.started
     elapsed = time.time() - start
     price_in, price_out = config.price_input_per_mtok, config.price_output_per_mtok
     if price_in is None or price_out is None:
@@ -369,13 +373,14 @@ def synthesize(config: SynthConfig, progress: bool = True) -> dict:
     summary = {
         "input": config.input, "format": config.format, "output": config.output,
         "generator": config.generator_name(), "prompt_version": PROMPT_VERSION, "levels": config.levels,
-        "shards": {"total": len(shards), "already_committed": len(shards) - len(todo),
-                   "committed_this_run": len(committer.committed), "incomplete": sorted(committer.pending)},
+        "shards": {k: common["shards"][k] for k in ("total", "already_committed", "new", "committed_this_run",
+                                                      "incomplete")},
+        "incomplete_reasons": common["incomplete_reasons"],
         "origins_this_run": committer.samples // len(config.levels),
         "pairs_this_run": pairs,
-        "errors_this_run": sum(committer.errors_by_reason.values()),
-        "errors_by_reason": dict(committer.errors_by_reason),
-        "error_examples": committer.error_examples,
+        "errors_this_run": sum(committer.errors_by_category.values()),
+        "errors_by_reason": common["errors_by_reason"],
+        "error_examples": common["error_examples"],
         "level_balance": {split: {str(lv): counts[lv] for lv in config.levels} for split, counts in balance.items()},
         "kinds": dict(kinds),
         "requests_sent": accounting["requests"],
@@ -384,10 +389,12 @@ def synthesize(config: SynthConfig, progress: bool = True) -> dict:
         "output_tokens": accounting["output_tokens"],
         "estimated_cost_usd": cost,
         "elapsed_s": round(elapsed, 3),
-        "pairs_per_s": round(pairs / elapsed, 2) if elapsed else None,
+        "pairs_per_s": round(pairs / elapsed, 2) if elapsed else 0.0,
         "manifest": MANIFEST_DIR,
         "warnings": warnings,
     }
+    if result.aborted:
+        summary["aborted"] = result.aborted
     write_json(join(config.output, "summary.json"), summary)
     return summary
 
@@ -410,4 +417,11 @@ def format_summary(summary: dict) -> str:
     for reason, n in sorted(summary["errors_by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  error      {n:6d} × {summary['error_examples'][reason][:90]}")
     lines += [f"  warning    {w}" for w in summary.get("warnings", [])]
+    if s["incomplete"]:
+        lines.append(f"  INCOMPLETE {len(s['incomplete'])} shards were not committed; rerun the same command to "
+                     "finish them:")
+        for shard, reason in list(summary["incomplete_reasons"].items())[:5]:
+            lines.append(f"             {shard}: {reason[:100]}")
+    if summary.get("aborted"):
+        lines.append(f"  ABORTED    {summary['aborted'][:150]}")
     return "\n".join(lines)

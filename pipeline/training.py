@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import NUM_LEVELS
 from pipeline.preprocess import ENCODED_SCHEMA, decode_encoded, encode_row
-from pipeline.sinks import write_json
+from pipeline.manifest import write_json
 from pipeline.storage import (
     InputError,
     filesystem_for,
@@ -121,9 +121,9 @@ def encode_pairs(batch: pa.Table, model_uri: str) -> pa.Table:
 
 def _read_pairs(uri: str, field: str) -> ray.data.Dataset:
     """The pairs under `uri` (jobs.synth's train/ or val/); `InputError` naming `field` when there are none."""
-    files = list_shards(uri, "parquet", field=field)
+    files = [s.uri for s in list_shards(uri, "parquet", field=field).shards]
     fs, _ = filesystem_for(uri)  # one filesystem for all files; their paths without the scheme
-    return ray.data.read_parquet([f.split("://", 1)[-1] for f in files], filesystem=fs).select_columns(_TRAIN_COLUMNS)
+    return ray.data.read_parquet([filesystem_for(f)[1] for f in files], filesystem=fs).select_columns(_TRAIN_COLUMNS)
 
 
 def _encoded(ds: ray.data.Dataset, base_uri: str) -> ray.data.Dataset:

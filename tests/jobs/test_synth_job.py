@@ -9,7 +9,7 @@ import sys
 import time
 from collections import Counter
 
-from pipeline.sinks import committed_shards
+from pipeline.manifest import read_manifest
 from pipeline.synth import RequestCache, SynthConfig
 from tests.conftest import job_env
 from tests.pipeline.llm_servers import FakeOpenAI
@@ -61,11 +61,11 @@ def test_a_killed_run_resumes_without_repeating_cached_requests(tmp_path, ray_cl
         config = SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out),
                              generator="openai", endpoint=server.url + "/v1", llm="test-vlm")
         cache = RequestCache(str(out), config.generator_name())
-        keys = [f"{tmp_path / 'in'}/{k}.tar#{o}:L{lv}" for k in range(6) for o in origins if o.startswith(f"o{k}-")
+        keys = [f"{k}.tar#{o}:L{lv}" for k in range(6) for o in origins if o.startswith(f"o{k}-")
                 for lv in range(4)]
         cached_before = {k for k in keys if cache.get(k.rsplit(":L", 1)[0], int(k[-1])) is not None}
         requests_before = Counter(k for k, _ in server.log)
-        committed = set(committed_shards(str(out)))
+        committed = set(read_manifest(str(out)))
         assert 10 <= len(cached_before) < len(keys)
 
         second = subprocess.run(synth_cmd(*args), env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True,

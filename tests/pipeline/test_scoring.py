@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import corpus
 from pipeline.scoring import ScoreConfig, score_dataset
+from pipeline.manifest import read_manifest
 from pipeline.sinks import read_scores
 from tests.conftest import jpeg_bytes
 from tests.model.test_processing import huge_png_header
@@ -76,7 +77,7 @@ def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_c
         assert by_id[key]["score"] is None and by_id[key]["label"] is None
     for s in good:
         assert by_id[s["key"]]["error"] is None and by_id[s["key"]]["score"] is not None
-    cut_rows = [r for r in table if r["source"] == str(cut)]
+    cut_rows = [r for r in table if r["source"] == "cut.tar"]
     assert sum(1 for r in cut_rows if r["error"]) == 1
     assert any(r["error"] and "truncated or corrupt tar" in r["error"] for r in cut_rows)
     assert summary["errors_by_reason"]["decode"] >= 5 and summary["errors_by_reason"]["empty"] == 1
@@ -116,7 +117,8 @@ def test_s3_inputs_and_outputs(s3_bucket, tiny_checkpoint, ray_cluster, tmp_path
 
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]]
     assert "out/summary.json" in keys
-    assert sum(k.startswith("out/_manifest/") and k.endswith(".json") for k in keys) == 2
+    assert sorted(read_manifest(output)) == ["000.tar", "001.tar"]  # commit records, consolidated at the end
+    assert any(k.startswith("out/_manifest/_parts/") and k.endswith(".parquet") for k in keys)
     assert sum(k.startswith("out/scores/") and k.endswith(".parquet") for k in keys) == 2
 
 
@@ -169,7 +171,7 @@ def test_a_killed_scoring_actor_is_replaced_and_no_record_is_lost(tmp_path, tiny
         time.sleep(0.05)
     thread.join(timeout=300)
     assert killed is not None, "the job finished before an actor could be killed"
-    assert len(list((tmp_path / "out" / "_manifest").iterdir())) == 6
+    assert len(read_manifest(str(tmp_path / "out"))) == 6
     assert result["summary"]["shards"]["incomplete"] == []
     table = read_scores(str(tmp_path / "out"))
     assert_exactly_once(table, expected)

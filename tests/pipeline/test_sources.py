@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import corpus
 from pipeline.sources import SAMPLE_SCHEMA, SHARD_END, read_shard
-from pipeline.storage import InputError, list_shards, shard_id
+from pipeline.storage import InputError, list_shards, output_name
 
 WRITERS = {
     "webdataset": (corpus.write_webdataset, corpus.caption_samples, ".tar"),
@@ -34,7 +34,7 @@ def test_each_format_yields_the_sample_schema(fmt, tmp_path):
     assert [r["id"] for r in rows] == [i["key"] for i in items]
     assert [r["ordinal"] for r in rows] == list(range(5))
     for row, item in zip(rows, items):
-        assert row["source"] == shard and row["error"] is None
+        assert row["source"] == f"shard{suffix}" and row["error"] is None
         assert len(row["texts"]) == len(row["images"])
         assert all((t is None) != (m is None) for t, m in zip(row["texts"], row["images"]))
         if fmt in ("webdataset", "parquet"):
@@ -85,23 +85,26 @@ def test_list_shards_accepts_directories_globs_and_list_files(tmp_path):
         corpus.write_webdataset(str(tmp_path / "in" / f"{k:03d}.tar"), corpus.caption_samples(1))
     (tmp_path / "in" / "_tmp.tar").write_bytes(b"")  # underscore paths are metadata, never shards
     expected = [str(tmp_path / "in" / f"{k:03d}.tar") for k in range(3)]
-    assert list_shards(str(tmp_path / "in"), "webdataset") == expected
-    assert list_shards(str(tmp_path / "in" / "00[02].tar"), "webdataset") == [expected[0], expected[2]]
+    def uris(listing):
+        return [s.uri for s in listing.shards]
+
+    assert uris(list_shards(str(tmp_path / "in"), "webdataset")) == expected
+    assert uris(list_shards(str(tmp_path / "in" / "00[02].tar"), "webdataset")) == [expected[0], expected[2]]
     listing = tmp_path / "shards.txt"
     listing.write_text("\n".join(expected[:2]) + "\n# a comment\n")
-    assert list_shards(str(listing), "webdataset") == expected[:2]
+    assert uris(list_shards(str(listing), "webdataset")) == expected[:2]
     with pytest.raises(InputError, match="field 'input': .*missing does not exist"):
         list_shards(str(tmp_path / "missing"), "webdataset")
     with pytest.raises(InputError, match="field 'input': no parquet shards"):
         list_shards(str(tmp_path / "in"), "parquet")
     with pytest.raises(InputError, match="field 'input': list file .* does not exist"):
         list_shards(str(tmp_path / "nothing.txt"), "webdataset")
-    assert len({shard_id(s) for s in expected}) == 3
+    assert len({output_name(s) for s in expected}) == 3
 
 
 def test_s3_prefix_is_listed_and_read(s3_bucket):
     uri = f"s3://{s3_bucket}/corpus/part-0.tar"
     corpus.write_webdataset(uri, corpus.caption_samples(2))
     shards = list_shards(f"s3://{s3_bucket}/corpus", "webdataset")
-    assert shards == [uri]
+    assert [s.uri for s in shards.shards] == [uri] and shards.shards[0].key == "part-0.tar"
     assert [r["id"] for r in rows_of(uri, "webdataset")] == ["cap000000", "cap000001"]

@@ -1,0 +1,64 @@
+"""The project's one exception hierarchy (docs/ARCHITECTURE.md, "Errors"), and the categories of error reasons.
+
+Errors are values inside the data path (a record's `error`, "<category>: <detail>") and exceptions at the edges.
+Every exception raised on purpose derives from `UniFilterError`; the command-line entry points print them, one
+line each, and nothing below them prints.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Category(str, Enum):
+    """Why a sample (or a shard) has no result. Sample categories become error records; shard categories keep the
+    shard uncommitted (a fault is not bad data)."""
+
+    # a sample's own bytes or text: an error record
+    DECODE = "decode"  # an image or text that does not decode
+    EMPTY = "empty"  # a sample with nothing to score (no image, no text)
+    MALFORMED = "malformed"  # a sample whose structure is wrong (parallel lists, position types)
+    DUPLICATE = "duplicate"  # a key that occurs more than once in its shard
+    PREPROCESS = "preprocess"  # an unforeseen failure while encoding one sample
+    SCORE = "score"  # the model failed on this sample alone (reproduced on its own)
+    GENERATE = "generate"  # the text generator gave up on this request
+    # a shard that cannot be read as configured: left uncommitted, reported, rerun later
+    IO = "io"  # reading failed after retries (network, throttling, a missing file)
+    CONFIG = "config"  # the shard does not fit the job's settings (a missing column)
+
+    @property
+    def is_fault(self) -> bool:
+        """A shard-level fault: never committed as records."""
+        return self in (Category.IO, Category.CONFIG)
+
+
+class UniFilterError(Exception):
+    """Base of every error raised on purpose in this project."""
+
+
+class SampleError(UniFilterError, ValueError):
+    """A sample that cannot be scored or used; becomes that sample's error record `"<category>: <detail>"`."""
+
+    def __init__(self, category: Category | str, detail: str | None = None):
+        if detail is None:  # "decode: corrupt image" given as one string
+            category, _, detail = str(category).partition(": ")
+        self.category = Category(category)
+        self.detail = detail
+        super().__init__(self.reason)
+
+    @property
+    def reason(self) -> str:
+        return f"{self.category.value}: {self.detail}"
+
+
+class CheckpointError(UniFilterError):
+    """A checkpoint that cannot be found, read or matched to the model."""
+
+
+class ConfigFieldError(UniFilterError):
+    """A setting or input that cannot be used, naming the config field to change (exit status 2)."""
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(f"field '{field}': {problem}")

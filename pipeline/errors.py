@@ -1,0 +1,38 @@
+"""The pipeline's exceptions, on the model library's one hierarchy (`model.errors`)."""
+
+from __future__ import annotations
+
+from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
+
+__all__ = ["Category", "CheckpointError", "ConfigFieldError", "InputError", "LeaseLost", "OutputBusy",
+           "OutputMismatch", "SampleError", "ShardFault", "UniFilterError"]
+
+
+class InputError(ConfigFieldError):
+    """A job's input or setting that cannot be used (nothing at the URI, no shards, no usable checkpoint, a column
+    the first shard lacks). The jobs report it like a bad flag: one line naming the field, exit status 2."""
+
+
+class OutputBusy(InputError):
+    """Another job holds the output's lease."""
+
+    def __init__(self, problem: str):
+        super().__init__("output", problem)
+
+
+class OutputMismatch(InputError):
+    """The output belongs to another model or other score-changing settings: a run never mixes them."""
+
+
+class ShardFault(UniFilterError):
+    """A shard that cannot be read as configured (an I/O failure after retries, a missing column). Not bad data:
+    the shard stays uncommitted, the summary names it with this reason, and a rerun tries it again."""
+
+    def __init__(self, category: Category, detail: str):
+        self.category = Category(category)
+        self.detail = detail
+        super().__init__(f"{self.category.value}: {detail}")
+
+
+class LeaseLost(UniFilterError):
+    """This job no longer holds its output's lease (it could not renew it, or another job took it over)."""

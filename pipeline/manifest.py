@@ -1,0 +1,253 @@
+"""The commit manifest and the output's identity: what makes resume exact and keeps one output to one model.
+
+- `OUTPUT/_manifest/<shard>.json`: a shard's commit record, written after all its files are durable. Its presence
+  is the commit: a shard without one is not done, whatever files it left behind.
+- `OUTPUT/_manifest/_parts/<id>.parquet`: commit records consolidated as a run goes (every `CONSOLIDATE_EVERY`
+  commits and at its end): written first, then the per-shard records it holds are deleted. A kill between the two
+  leaves a record in both places, read once. Start-up reads a few Parquet files instead of one object per shard.
+- `OUTPUT/_output.json`: the output's identity: the job, and what changes its records (the model's content hash,
+  the score-changing settings). A run whose identity differs is refused; `read_committed` checks every commit
+  record against it.
+
+Outputs written before consolidation existed (per-shard records keyed by the shard's full URI) still read and
+resume: their records are matched to today's shard keys by path suffix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.errors import OutputMismatch
+from pipeline.storage import filesystem_for, join, output_name
+
+MANIFEST_DIR = "_manifest"
+PARTS_DIR = f"{MANIFEST_DIR}/_parts"
+IDENTITY_NAME = "_output.json"
+CONSOLIDATE_EVERY = 1000
+MAX_PARTS = 32  # more part files than this are merged into one
+_READERS = 32  # parallel reads of commit records
+_ENTRY_SCHEMA = pa.schema([("shard", pa.string()), ("entry", pa.string())])
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- writing -----------------------------------------------------------------------------------------------------
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Object stores publish an upload only when it completes; a local file is written aside, then renamed. A
+    failed write leaves nothing behind (no `.tmp` file)."""
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, path)
+        except BaseException:
+            try:
+                fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def write_json(uri: str, payload: dict) -> None:
+    fs, path = filesystem_for(uri)
+    write_bytes(fs, path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str) -> dict | None:
+    fs, path = filesystem_for(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def entry_path(shard_key: str) -> str:
+    return f"{MANIFEST_DIR}/{output_name(shard_key)}.json"
+
+
+def write_entry(output: str, entry: dict) -> None:
+    write_json(join(output, entry_path(entry["shard"])), entry)
+
+
+# -- reading -----------------------------------------------------------------------------------------------------
+def _list(fs: pafs.FileSystem, root: str) -> tuple[list[str], list[str]]:
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{MANIFEST_DIR}", recursive=True, allow_not_found=True))
+    files = [i.path for i in infos if i.type == pafs.FileType.File]
+    parts = [p for p in files if p.startswith(f"{root}/{PARTS_DIR}/") and p.endswith(".parquet")]
+    jsons = [p for p in files if not p.startswith(f"{root}/{PARTS_DIR}/") and p.endswith(".json")]
+    return parts, jsons
+
+
+def _read_part(fs: pafs.FileSystem, path: str) -> list[dict]:
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f)
+    return [json.loads(e) for e in table.column("entry").to_pylist()]
+
+
+def _read_entry(fs: pafs.FileSystem, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            entry = json.loads(f.read())
+    except FileNotFoundError:  # consolidated (and deleted) while we listed
+        return None
+    entry["_path"] = path
+    return entry
+
+
+def read_manifest(output: str) -> dict[str, dict]:
+    """Every commit record of an output, by shard key (consolidated parts and per-shard records, read in
+    parallel). A record found twice (a kill during consolidation) counts once."""
+    fs, root = filesystem_for(output)
+    parts, jsons = _list(fs, root)
+    entries: dict[str, dict] = {}
+    with ThreadPoolExecutor(_READERS) as pool:
+        for batch in pool.map(lambda p: _read_part(fs, p), parts):
+            for entry in batch:
+                entries[entry["shard"]] = entry
+        for entry in pool.map(lambda p: _read_entry(fs, p), jsons):
+            if entry is not None:
+                entries.setdefault(entry["shard"], entry)
+    return entries
+
+
+def match_legacy(entries: dict[str, dict], keys: Iterable[str]) -> dict[str, dict]:
+    """Commit records by today's shard keys: records of an earlier version, keyed by the shard's full URI, match
+    the key that ends their path."""
+    keys = list(keys)
+    out = {k: entries[k] for k in keys if k in entries}
+    legacy = {shard: e for shard, e in entries.items() if "://" in shard or shard.startswith("/")}
+    if legacy:
+        for key in keys:
+            if key not in out:
+                hit = next((e for shard, e in legacy.items() if shard.endswith("/" + key) or shard == key), None)
+                if hit is not None:
+                    out[key] = hit
+    return out
+
+
+# -- consolidation -----------------------------------------------------------------------------------------------
+def consolidate(output: str, entries: list[dict]) -> None:
+    """Move per-shard commit records into one Parquet part: the part first, then the records' JSON files go."""
+    if not entries:
+        return
+    fs, root = filesystem_for(output)
+    clean = [{k: v for k, v in e.items() if k != "_path"} for e in entries]
+    table = pa.table({"shard": [e["shard"] for e in clean], "entry": [json.dumps(e, sort_keys=True) for e in clean]},
+                     schema=_ENTRY_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
+    write_bytes(fs, f"{root}/{PARTS_DIR}/{name}", sink.getvalue().to_pybytes())
+    paths = [e.get("_path") or f"{root}/{entry_path(e['shard'])}" for e in entries]
+    _delete_all(fs, paths)
+    parts, _ = _list(fs, root)
+    if len(parts) > MAX_PARTS:
+        _compact(fs, root, parts)
+
+
+def _compact(fs: pafs.FileSystem, root: str, parts: list[str]) -> None:
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for entry in _read_part(fs, part):
+            merged[entry["shard"]] = entry
+    entries = list(merged.values())
+    table = pa.table({"shard": [e["shard"] for e in entries],
+                      "entry": [json.dumps(e, sort_keys=True) for e in entries]}, schema=_ENTRY_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(fs, f"{root}/{PARTS_DIR}/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-merged-"
+                    f"{uuid.uuid4().hex[:8]}.parquet", sink.getvalue().to_pybytes())
+    _delete_all(fs, parts)
+
+
+def _delete_all(fs: pafs.FileSystem, paths: list[str]) -> None:
+    def delete(path: str) -> None:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    with ThreadPoolExecutor(_READERS) as pool:
+        list(pool.map(delete, paths))
+
+
+# -- identity ----------------------------------------------------------------------------------------------------
+def describe_identity(identity: dict) -> str:
+    model = identity.get("model")
+    if isinstance(model, dict):
+        return f"model {model.get('id')} (revision {model.get('revision') or 'unknown'})"
+    return ", ".join(f"{k}={v}" for k, v in sorted(identity.items()))
+
+
+def _differences(theirs: dict, ours: dict) -> list[str]:
+    fields = []
+    for name in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(name), ours.get(name)
+        if name == "model" and isinstance(a, dict) and isinstance(b, dict):
+            same = (a.get("revision") == b.get("revision")) if (a.get("revision") or b.get("revision")) \
+                else a.get("id") == b.get("id")
+            if not same:
+                fields.append(name)
+        elif a != b:
+            fields.append(name)
+    return fields
+
+
+def claim_output(output: str, job: str, identity: dict, entries: dict[str, dict]) -> None:
+    """Make sure the output belongs to this job's identity, recording it on first use. Raises OutputMismatch
+    (naming the fields that differ) rather than mixing records of two models or settings."""
+    uri = join(output, IDENTITY_NAME)
+    current = read_json(uri)
+    ours = {"job": job, "identity": identity, "identity_hash": identity_hash(identity)}
+    if current is None:
+        legacy_models = {e.get("model") for e in entries.values()}
+        if entries and isinstance(identity.get("model"), dict) and legacy_models != {identity["model"].get("id")}:
+            raise OutputMismatch("model", f"{output} already holds records of {sorted(map(str, legacy_models))}, "
+                                 f"not of {identity['model'].get('id')}: score into another output")
+        write_json(uri, {**ours, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return
+    if current.get("job") != job:
+        raise OutputMismatch("output", f"{output} holds the output of a '{current.get('job')}' job, not '{job}'")
+    differ = _differences(current.get("identity", {}), identity)
+    if differ:
+        theirs, first = current["identity"], differ[0]
+        if first == "model":
+            problem = (f"{output} holds scores of {describe_identity(theirs)}; this run's is "
+                       f"{describe_identity(identity)}. One output holds one model's scores: choose another output, "
+                       "or delete this one to score it again")
+        else:
+            problem = (f"{output} was written with " + ", ".join(f"{f}={theirs.get(f)!r}" for f in differ)
+                       + "; this run has " + ", ".join(f"{f}={identity.get(f)!r}" for f in differ)
+                       + ". Settings that change the records cannot change within one output: choose another output")
+        raise OutputMismatch(first, problem)
+
+
+def check_entries(output: str, entries: dict[str, dict]) -> None:
+    """Every commit record belongs to the output's identity (raises OutputMismatch naming the mix)."""
+    current = read_json(join(output, IDENTITY_NAME))
+    if current is not None:
+        foreign = sorted({e.get("identity") for e in entries.values()} - {current["identity_hash"], None})
+        if foreign:
+            raise OutputMismatch("output", f"{output} holds records of {len(foreign) + 1} different models or "
+                                           f"settings (identities {[current['identity_hash'], *foreign]})")
+    else:
+        models = {e.get("model") for e in entries.values()}
+        if len(models) > 1:
+            raise OutputMismatch("output", f"{output} holds records of {len(models)} models: {sorted(map(str, models))}")

@@ -1,0 +1,141 @@
+"""Readers: every supported input format -> the one sample schema (docs/ARCHITECTURE.md), one shard at a time.
+
+Formats: `webdataset` (img2dataset tar layout), `parquet` (caption tables), `obelics` (interleaved Parquet) and
+`interleaved-wds` (tar shards whose KEY.json holds `texts` and `image_info[].image_base64`). A sample whose bytes
+are bad becomes a row with its `error` set, so every input sample is accounted for. After a shard's samples comes
+one marker row: `SHARD_END`, whose `id` is the number of samples the shard yielded (the sink commits the shard
+once it has them all), or `SHARD_FAILED`, whose `error` says why the shard could not be read as configured (an
+I/O failure after retries, a missing column): that shard is never committed, and a rerun reads it again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import SampleError, ShardFault
+from pipeline.sources.files import open_shard
+from pipeline.sources.parquet import check_columns, parquet_rows
+from pipeline.sources.tar import interleaved_row, tar_samples, webdataset_meta, webdataset_row
+from pipeline.storage import Shard, normalize_uri
+
+__all__ = ["MARKERS", "SAMPLE_SCHEMA", "SHARD_END", "SHARD_FAILED", "Format", "SourceOptions", "check_columns",
+           "read_shard", "sample_kind", "shard_end", "shard_failed"]
+
+Format = Literal["webdataset", "parquet", "obelics", "interleaved-wds"]
+SHARD_END = "_shard_end"
+SHARD_FAILED = "_shard_failed"
+MARKERS = (SHARD_END, SHARD_FAILED)
+
+# The sample schema, plus the reader's own `error` (and its category), the sample's position in its shard
+# (`ordinal`) and the join keys from its metadata (`key`, `url`).
+SAMPLE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("kind", pa.string()),
+    ("texts", pa.list_(pa.string())),
+    ("images", pa.list_(pa.binary())),
+    ("meta", pa.string()),
+    ("error", pa.string()),
+    ("error_category", pa.string()),
+    ("ordinal", pa.int64()),
+    ("key", pa.string()),
+    ("url", pa.string()),
+])
+
+
+class SourceOptions(BaseModel):
+    """How to read the inputs: Parquet column names, and how hard to try when a read fails."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_column: str = Field("image", description="parquet: image bytes (binary, or a struct with a `bytes` field)")
+    text_column: str = Field("caption", description="parquet: the caption")
+    id_column: str = Field("id", description="parquet/obelics: sample id; rows without one are `<shard>:<row>`")
+    texts_column: str = Field("texts", description="obelics: the list of text segments")
+    images_column: str = Field("images", description="obelics: the parallel list of image bytes")
+    rows_per_batch: int = Field(256, ge=1, description="Parquet rows decoded at a time")
+    read_attempts: int = Field(5, ge=1, description="tries per shard when reading fails (network, throttling)")
+    read_backoff_s: float = Field(1.0, ge=0, description="first pause between tries; doubles, with jitter")
+
+
+def sample_kind(fmt: str) -> str:
+    return "caption" if fmt in ("webdataset", "parquet") else "interleaved"
+
+
+def _stem(key: str) -> str:
+    return key.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _marker(kind: str, source: str, **values) -> dict:
+    return {"id": None, "source": source, "kind": kind, "texts": None, "images": None, "meta": None, "error": None,
+            "error_category": None, "ordinal": -1, "key": None, "url": None, **values}
+
+
+def shard_end(source: str, count: int) -> dict:
+    return _marker(SHARD_END, source, id=str(count))
+
+
+def shard_failed(source: str, fault: ShardFault) -> dict:
+    return _marker(SHARD_FAILED, source, error=str(fault), error_category=fault.category.value)
+
+
+def read_shard(shard: Shard | str, fmt: str, options: SourceOptions | None = None) -> Iterator[dict]:
+    """Rows of one shard (sample schema), then its marker: SHARD_END, or SHARD_FAILED on a fault."""
+    options = options or SourceOptions()
+    if isinstance(shard, str):  # one shard on its own: its key is its file name, as if listed from its folder
+        shard = Shard(normalize_uri(shard), normalize_uri(shard).rsplit("/", 1)[-1])
+    count = 0
+    try:
+        with open_shard(shard.uri, options.read_attempts, options.read_backoff_s, shard.size) as file:
+            for row in _rows(file, _stem(shard.key), fmt, options):
+                row.setdefault("meta", None)
+                row.setdefault("error", None)
+                row.setdefault("error_category", None)
+                row.update(source=shard.key, kind=sample_kind(fmt), ordinal=count, **_join_keys(row["meta"]))
+                count += 1
+                yield row
+    except ShardFault as fault:
+        yield shard_failed(shard.key, fault)
+        return
+    yield shard_end(shard.key, count)
+
+
+def _rows(file, stem: str, fmt: str, options: SourceOptions) -> Iterator[dict]:
+    if fmt in ("parquet", "obelics"):
+        yield from parquet_rows(file, stem, fmt, options)
+        return
+    build = webdataset_row if fmt == "webdataset" else interleaved_row
+    for key, files, error in tar_samples(file, stem):
+        if error is None:
+            try:
+                yield build(key, files)
+                continue
+            except SampleError as err:
+                error = err
+        meta = webdataset_meta(files) if fmt == "webdataset" else None
+        yield {"id": key, "texts": None, "images": None, "meta": meta, "error": error.reason,
+               "error_category": error.category.value}
+
+
+def _join_keys(meta: str | None) -> dict:
+    """The sample's `key` and `url` from its metadata (img2dataset's json, a Parquet row, OBELICS's
+    general_metadata), to join scores back to the corpus."""
+    out = {"key": None, "url": None}
+    if not meta:
+        return out
+    try:
+        data = json.loads(meta)
+        if isinstance(data, dict) and isinstance(data.get("general_metadata"), str):
+            data = {**json.loads(data["general_metadata"]), **{k: v for k, v in data.items() if k in ("key", "url")}}
+    except (ValueError, TypeError):
+        return out
+    if isinstance(data, dict):
+        for name in out:
+            value = data.get(name)
+            out[name] = None if value is None else str(value)
+    return out

@@ -1,0 +1,166 @@
+"""Tar layouts: `webdataset` (img2dataset: `KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`) and `interleaved-wds`
+(`KEY.json` with `texts` and `image_info[].image_base64`).
+
+Members are grouped by key (the path up to the first dot of the file name) wherever they lie in the tar, not
+only when contiguous; samples come out in the order their keys first appear. Every member belongs to a sample,
+whatever its name: nothing is dropped silently. A key that repeats a member (two `a.jpg`) is a duplicate: each of
+its occurrences becomes an error record of its own. A cut or corrupt tar keeps the samples it holds whole; the
+sample at the cut, or the shard itself when nothing in it is readable, becomes an error record.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pipeline.errors import Category, SampleError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+@dataclass
+class _Group:
+    key: str
+    members: list[tarfile.TarInfo] = field(default_factory=list)
+
+
+def tar_samples(file, stem: str) -> Iterator[tuple[str, dict[str, bytes] | None, SampleError | None]]:
+    """(id, {extension: bytes}, None) per sample, or (id, None, error) for one that cannot be read."""
+    try:
+        tar = tarfile.open(fileobj=file, mode="r:")
+    except tarfile.TarError as err:
+        yield f"{stem}:unreadable", None, SampleError(Category.DECODE, f"not a readable tar shard ({err})")
+        return
+    members: list[tarfile.TarInfo] = []
+    cut: str | None = None
+    try:
+        for member in tar:
+            if member.isfile():
+                members.append(member)
+        if not _ends_with_marker(file, tar.offset):
+            cut = "shard ends without an end-of-archive marker"
+    except (tarfile.TarError, EOFError) as err:
+        cut = f"{type(err).__name__}: {err}"
+    groups: dict[str, _Group] = {}
+    for member in members:
+        key = _key(member.name)
+        groups.setdefault(key, _Group(key)).members.append(member)
+    n_complete, reported = 0, False
+    for group in groups.values():
+        extensions = [_extension(m.name) for m in group.members]
+        if len(set(extensions)) < len(extensions):
+            yield from _duplicates(group, extensions)
+            continue
+        try:
+            files = {ext: _read_member(tar, m) for ext, m in zip(extensions, group.members)}
+        except (tarfile.TarError, EOFError, ValueError) as err:
+            cut, reported = cut or f"{type(err).__name__}: {err}", True
+            yield group.key, None, SampleError(
+                Category.DECODE, f"truncated or corrupt tar shard after {n_complete} samples ({cut})")
+            continue
+        n_complete += 1
+        yield group.key, files, None
+    if cut and not reported:  # cut between two samples: what followed is gone, and the shard says so
+        yield f"{stem}:{'truncated' if groups else 'unreadable'}", None, SampleError(
+            Category.DECODE, f"truncated or corrupt tar shard after {n_complete} samples ({cut})")
+
+
+def _ends_with_marker(file, offset: int) -> bool:
+    """tarfile stops silently when a shard is cut at a header: demand the end-of-archive (zero) block."""
+    file.seek(offset)
+    block = file.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    data = tar.extractfile(member).read()
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"member {member.name} is cut short")
+    return data
+
+
+def _key(name: str) -> str:
+    directory, _, base = name.rpartition("/")
+    stem = base.partition(".")[0]
+    return f"{directory}/{stem}" if directory else stem
+
+
+def _extension(name: str) -> str:
+    return name.rpartition("/")[2].partition(".")[2].lower()
+
+
+def _duplicates(group: _Group, extensions: list[str]):
+    """Each occurrence of a repeated key (the n-th member of each extension) as an error record of its own."""
+    occurrences = max(extensions.count(e) for e in set(extensions))
+    names = ", ".join(m.name for m in group.members[:6])
+    for n in range(occurrences):
+        sample_id = group.key if n == 0 else f"{group.key}#{n + 1}"
+        yield sample_id, None, SampleError(
+            Category.DUPLICATE, f"key {group.key!r} occurs {occurrences} times in the shard ({names})")
+
+
+# -- the two layouts ---------------------------------------------------------------------------------------------
+def webdataset_row(key: str, files: dict[str, bytes]) -> dict:
+    meta = webdataset_meta(files)
+    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    if image is None:
+        raise SampleError(Category.EMPTY, f"sample has no image file (found {sorted(files) or 'nothing'})")
+    if "txt" not in files:
+        raise SampleError(Category.EMPTY, "sample has no caption (.txt) file")
+    try:
+        caption = files["txt"].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SampleError(Category.DECODE, f"caption is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    return {"id": key, "meta": meta, "texts": [None, caption], "images": [image, None]}
+
+
+def webdataset_meta(files: dict[str, bytes] | None) -> str | None:
+    meta = (files or {}).get("json")
+    return meta.decode("utf-8", errors="replace") if meta is not None else None
+
+
+def interleaved_row(key: str, files: dict[str, bytes]) -> dict:
+    if "json" not in files:
+        raise SampleError(Category.EMPTY, f"sample has no .json document (found {sorted(files)})")
+    try:
+        doc = json.loads(files["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SampleError(Category.DECODE, f"document JSON does not parse ({err})") from None
+    if not isinstance(doc, dict):
+        raise SampleError(Category.MALFORMED, "document JSON is not an object")
+    return {"id": key, **_interleaved_from_json(doc), "meta": _doc_meta(doc)}
+
+
+def _interleaved_from_json(doc: dict) -> dict:
+    """`texts` plus parallel `image_info` (image_base64 at image positions) -> parallel texts/images lists.
+    Positions with neither (an image that failed to download) are skipped, as the original scripts do."""
+    texts = doc.get("texts")
+    infos = doc.get("image_info") or []
+    if not isinstance(texts, list):
+        raise SampleError(Category.MALFORMED, "document has no `texts` list")
+    if len(infos) not in (0, len(texts)):
+        raise SampleError(Category.MALFORMED, f"`image_info` has {len(infos)} entries for {len(texts)} positions")
+    out_texts, out_images = [], []
+    for i, text in enumerate(texts):
+        info = infos[i] if infos else None
+        if text is not None:
+            if not isinstance(text, str):
+                raise SampleError(Category.MALFORMED, f"text at position {i} is {type(text).__name__}, not a string")
+            out_texts.append(text)
+            out_images.append(None)
+        elif isinstance(info, dict) and info.get("image_base64"):
+            try:
+                out_images.append(base64.b64decode(info["image_base64"], validate=True))
+            except (binascii.Error, ValueError, TypeError):
+                raise SampleError(Category.MALFORMED, f"image at position {i} is not valid base64") from None
+            out_texts.append(None)
+    return {"texts": out_texts, "images": out_images}
+
+
+def _doc_meta(doc: dict) -> str | None:
+    meta = {k: v for k, v in doc.items() if k not in ("texts", "image_info", "images")}
+    return json.dumps(meta) if meta else None
