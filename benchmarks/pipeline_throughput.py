@@ -47,7 +47,7 @@ def bare_loop(input_dir: str, model_dir: str, token_budget: int = 8192) -> tuple
                 encoded.append(processor.encode(row["texts"], row["images"], row["kind"]))
             except SampleError:
                 pass
-        for micro in token_budget_batches(encoded, token_budget, 256):
+        for micro in token_budget_batches([e.n_tokens for e in encoded], token_budget, 256):
             net.score(**processor.collate([encoded[i] for i in micro]))
             n += len(micro)
     return n, time.perf_counter() - start

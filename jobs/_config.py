@@ -108,5 +108,7 @@ def connect_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
+        # address="local": always this job's own instance, even when other Ray instances run on this host (which
+        # ray.init() would otherwise try to join, or refuse with "Found multiple active Ray instances").
+        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=True)

@@ -13,12 +13,16 @@ from jobs._config import connect_ray, input_errors_exit_2, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.training import TrainConfig, format_summary, train_classifier
+    from pipeline.training import TrainConfig, TrainingStalled, format_summary, train_classifier
 
     config = parse_config(TrainConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
     connect_ray()
     with input_errors_exit_2():
-        summary = train_classifier(config)
+        try:
+            summary = train_classifier(config)
+        except TrainingStalled as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     print(format_summary(summary))
     return 0
 

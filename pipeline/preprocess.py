@@ -3,7 +3,7 @@ decoding; and the token-budget batching the scoring stage uses. A sample that fa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -83,15 +83,15 @@ def decode_encoded(row: dict, image_size: int) -> EncodedSample:
     return EncodedSample(ids, pixels, bool(row["truncated"]))
 
 
-def token_budget_batches(samples: list[EncodedSample], token_budget: int, max_batch: int) -> Iterator[list[int]]:
-    """Indices of `samples` grouped into micro-batches whose padded size (rows x longest) fits `token_budget`,
-    by length so similar lengths share a batch: interleaved documents are batched together, not one at a time.
-    A sample longer than the budget gets a batch of its own."""
-    order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
+def token_budget_batches(lengths: Sequence[int], token_budget: int, max_batch: int) -> Iterator[list[int]]:
+    """Indices of samples (given by their token counts) grouped into micro-batches whose padded size (rows x
+    longest) fits `token_budget`, by length so similar lengths share a batch: interleaved documents are batched
+    together, not one at a time. A sample longer than the budget gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batch: list[int] = []
     longest = 0
     for i in order:
-        n = samples[i].n_tokens
+        n = lengths[i]
         if batch and (max(longest, n) * (len(batch) + 1) > token_budget or len(batch) >= max_batch):
             yield batch
             batch, longest = [], 0

@@ -55,7 +55,7 @@ class BatchScorer:
         todo = [i for i, r in enumerate(rows) if r["kind"] not in MARKERS and not r["error"]]
         size = self.processor.config.image_size
         encoded = [decode_encoded(rows[i], size) for i in todo]
-        for micro in token_budget_batches(encoded, self.token_budget, self.max_batch):
+        for micro in token_budget_batches([e.n_tokens for e in encoded], self.token_budget, self.max_batch):
             for j, result in self._score_group(encoded, micro).items():
                 record = out[todo[j]]
                 if isinstance(result, str):

@@ -108,3 +108,65 @@ def test_s3_prefix_is_listed_and_read(s3_bucket):
     shards = list_shards(f"s3://{s3_bucket}/corpus", "webdataset")
     assert [s.uri for s in shards.shards] == [uri] and shards.shards[0].key == "part-0.tar"
     assert [r["id"] for r in rows_of(uri, "webdataset")] == ["cap000000", "cap000001"]
+
+
+def _tar_of(tmp_path, members) -> str:
+    shard = tmp_path / "layout.tar"
+    shard.write_bytes(corpus._tar(members))
+    return str(shard)
+
+
+def test_tar_members_are_grouped_by_key_wherever_they_lie(tmp_path):
+    img = corpus.caption_samples(1)[0]["image"]
+    shard = _tar_of(tmp_path, [("p.jpg", img), ("q.jpg", img), ("p.txt", b"a p"), ("q.txt", b"a q"),
+                               ("p.json", b'{"key": "p", "url": "http://x/p.jpg"}')])
+    rows = rows_of(shard, "webdataset")
+    assert [(r["id"], r["error"]) for r in rows] == [("p", None), ("q", None)]
+    assert rows[0]["texts"] == [None, "a p"] and rows[1]["texts"] == [None, "a q"]
+    assert rows[0]["key"] == "p" and rows[0]["url"] == "http://x/p.jpg"
+
+
+def test_every_member_belongs_to_a_record_and_duplicate_keys_are_errors_of_their_own(tmp_path):
+    img = corpus.caption_samples(1)[0]["image"]
+    members = []
+    for key in ("a", "b", "_c", "__d"):  # `_` keys are samples like any other
+        members += [(f"{key}.jpg", img), (f"{key}.txt", f"caption {key}".encode())]
+    members += [("dup.jpg", img), ("dup.txt", b"first"), ("dup.jpg", img), ("dup.txt", b"second"),
+                ("README", b"no extension")]
+    rows = rows_of(_tar_of(tmp_path, members), "webdataset")
+    by_id = {r["id"]: r for r in rows}
+    assert len(rows) == len(by_id) == 7  # a, b, _c, __d, dup, dup#2, README: nothing dropped, ids unique
+    assert all(by_id[k]["error"] is None for k in ("a", "b", "_c", "__d"))
+    for dup in ("dup", "dup#2"):
+        assert by_id[dup]["error"].startswith("duplicate: key 'dup' occurs 2 times")
+        assert by_id[dup]["error_category"] == "duplicate"
+    assert by_id["README"]["error"].startswith("empty: sample has no image file")
+
+
+def test_listed_spellings_of_one_shard_are_one_shard(tmp_path):
+    corpus.write_webdataset(str(tmp_path / "D" / "00000.tar"), corpus.caption_samples(1))
+    d = tmp_path / "D"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{d}/00000.tar\n{d}/../D/00000.tar\nfile://{d}/00000.tar\n{d}/./00000.tar\n00000.tar\n")
+    (tmp_path / "00000.tar").write_bytes((d / "00000.tar").read_bytes())  # a relative entry: beside the list
+    shards = list_shards(str(listing), "webdataset")
+    assert [s.uri for s in shards.shards] == [str(tmp_path / "00000.tar"), str(d / "00000.tar")]
+    assert shards.duplicates == 3
+    assert [s.key for s in shards.shards] == ["00000.tar", "D/00000.tar"]
+
+
+def test_brace_ranges_name_shard_sets(tmp_path):
+    for k in (0, 1, 2, 10):
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k:05d}.tar"), corpus.caption_samples(1))
+    shards = list_shards(str(tmp_path / "in" / "{00000..00002}.tar"), "webdataset")
+    assert [s.key for s in shards.shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert shards.root == str(tmp_path / "in")
+
+
+def test_a_shard_that_cannot_be_read_is_a_fault_not_a_record(tmp_path):
+    from pipeline.sources import SHARD_FAILED, SourceOptions
+
+    rows = list(read_shard(str(tmp_path / "gone.tar"), "webdataset", SourceOptions(read_attempts=3,
+                                                                                    read_backoff_s=0)))
+    assert len(rows) == 1 and rows[0]["kind"] == SHARD_FAILED and rows[0]["error_category"] == "io"
+    assert "shard does not exist (gave up after 3 attempts)" in rows[0]["error"]

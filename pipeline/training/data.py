@@ -1,0 +1,47 @@
+"""Training data: synthetic pairs (jobs.synth's train/ and val/) read as Ray Datasets and encoded on CPU by the
+same processor the scorer uses."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+
+from model.checkpoint import load_processor
+from pipeline.preprocess import ENCODED_SCHEMA, encode_row
+from pipeline.storage import filesystem_for, list_shards
+
+TRAIN_COLUMNS = ["id", "kind", "texts", "images", "label"]
+ENCODED_PAIR_SCHEMA = pa.schema([f for f in ENCODED_SCHEMA if f.name not in ("source", "ordinal")]).append(
+    pa.field("label", pa.int8()))
+# CPUs each encoding task holds: the feed runs beside the training workers, in the CPUs they leave free.
+ENCODE_TASK_CPUS = 0.5
+
+_PROCESSORS: dict = {}  # per worker process: the processor loads once, not once per batch
+
+
+def encode_pairs(batch: pa.Table, model_uri: str) -> pa.Table:
+    """Ray Data task, fused with the Parquet read: pairs -> encoded rows (the scorer's processor), keeping the
+    label; a pair the processor rejects keeps its reason in `error` and is skipped by the training loop. (Tasks
+    rather than an actor pool: a pool would hold CPUs the training workers' data feed needs.)"""
+    if model_uri not in _PROCESSORS:
+        _PROCESSORS[model_uri] = load_processor(model_uri)[0]
+    processor = _PROCESSORS[model_uri]
+    rows = []
+    for row in batch.to_pylist():
+        encoded = encode_row({**row, "source": None, "ordinal": 0, "error": None}, processor)
+        encoded["label"] = row["label"]
+        rows.append(encoded)
+    return pa.Table.from_pylist(rows, schema=ENCODED_PAIR_SCHEMA)
+
+
+def read_pairs(uri: str, field: str) -> ray.data.Dataset:
+    """The pairs under `uri` (jobs.synth's train/ or val/); `InputError` naming `field` when there are none."""
+    files = [s.uri for s in list_shards(uri, "parquet", field=field).shards]
+    fs, _ = filesystem_for(uri)  # one filesystem for all files; their paths without the scheme
+    return ray.data.read_parquet([filesystem_for(f)[1] for f in files], filesystem=fs).select_columns(TRAIN_COLUMNS)
+
+
+def encoded(ds: ray.data.Dataset, base_uri: str) -> ray.data.Dataset:
+    return ds.map_batches(encode_pairs, fn_kwargs={"model_uri": base_uri}, batch_size=32, batch_format="pyarrow",
+                          num_cpus=ENCODE_TASK_CPUS)
+

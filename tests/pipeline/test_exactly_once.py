@@ -1,0 +1,187 @@
+"""Nothing lost, nothing mixed: every input sample yields exactly one record, from the model named, under I/O
+faults, reruns with another model, concurrent jobs, odd shard spellings and wrong column settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from model.create import create
+from pipeline import corpus
+from pipeline.errors import InputError, OutputMismatch
+from pipeline.manifest import read_manifest
+from pipeline.scoring import ScoreConfig, score_dataset
+from pipeline.sinks import read_scores
+from pipeline.sources import SourceOptions
+from tests.conftest import job_env
+from tests.pipeline.test_scoring import assert_exactly_once, big_caption_shards
+
+FAST_RETRIES = SourceOptions(read_attempts=2, read_backoff_s=0.0)
+
+
+def score(input_uri, output, model, fmt="webdataset", **kw):
+    return score_dataset(ScoreConfig(input=str(input_uri), format=fmt, output=str(output), model=model, **kw),
+                         progress=False)
+
+
+def caption_shards(root: Path, n: int, per_shard: int = 4, prefix: str = "s") -> list[str]:
+    expected = []
+    for k in range(n):
+        items = corpus.caption_samples(per_shard, seed=k, prefix=f"{prefix}{k}-")
+        corpus.write_webdataset(str(root / f"{k:05d}.tar"), items)
+        expected += [i["key"] for i in items]
+    return expected
+
+
+def files_of(output: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(output)): p.read_bytes() for p in sorted(output.rglob("*"))
+            if p.is_file() and not p.name.startswith("_lease")}
+
+
+def test_a_missing_shard_stays_uncommitted_and_a_rerun_finishes_it(tmp_path, tiny_checkpoint, ray_cluster):
+    expected = caption_shards(tmp_path / "in", 2)
+    missing = tmp_path / "in" / "00001.tar"
+    held = missing.read_bytes()
+    missing.unlink()
+    listing = tmp_path / "shards.txt"
+    listing.write_text("in/00000.tar\nin/00001.tar\n")  # listed, but not there (yet)
+    out = tmp_path / "out"
+    first = score(listing, out, tiny_checkpoint, source=FAST_RETRIES)
+    assert first["shards"]["incomplete"] == ["00001.tar"]
+    assert "shard does not exist" in first["incomplete_reasons"]["00001.tar"]
+    assert first["errors_this_run"] == 0  # a fault is not bad data: no error record for it
+    assert sorted(read_manifest(str(out))) == ["00000.tar"]
+    missing.write_bytes(held)  # the file appears
+    second = score(listing, out, tiny_checkpoint, source=FAST_RETRIES)
+    assert second["shards"]["already_committed"] == 1 and second["shards"]["scored_this_run"] == 1
+    assert second["shards"]["incomplete"] == []
+    table = read_scores(str(out))
+    assert_exactly_once(table, expected)
+    assert table.column("error").null_count == len(expected)
+
+
+def test_a_rerun_with_another_model_is_refused_and_changes_nothing(tmp_path, tiny_checkpoint, ray_cluster):
+    expected = caption_shards(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    score(tmp_path / "in", out, tiny_checkpoint)
+    before = files_of(out)
+    other = str(tmp_path / "other-model")
+    create("tiny", other, seed=7)
+    caption_shards(tmp_path / "in", 3)  # a new shard too: it must not be scored by the other model either
+    with pytest.raises(OutputMismatch, match=r"field 'model': .* holds scores of model .*tiny.* this run's is model "
+                                             r".*other-model"):
+        score(tmp_path / "in", out, other)
+    assert files_of(out) == before
+    table = read_scores(str(out))
+    assert {m.split("@")[0] for m in table.column("model").to_pylist()} == {tiny_checkpoint}
+    assert_exactly_once(table, expected)
+    with pytest.raises(OutputMismatch, match="field 'jpeg_draft'"):  # a setting that changes scores, likewise
+        score(tmp_path / "in", out, tiny_checkpoint, jpeg_draft=True)
+
+
+def test_read_scores_refuses_an_output_that_mixes_models(tmp_path, tiny_checkpoint, ray_cluster):
+    caption_shards(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    score(tmp_path / "in", out, tiny_checkpoint)
+    (entry,) = read_manifest(str(out)).values()
+    forged = {**entry, "shard": "99999.tar", "identity": "0123456789abcdef"}
+    forged.pop("_path", None)
+    (out / "_manifest" / "99999.json").write_text(json.dumps(forged))
+    with pytest.raises(OutputMismatch, match="different models or settings"):
+        read_scores(str(out))
+
+
+def test_one_shard_spelled_several_ways_is_scored_once(tmp_path, tiny_checkpoint, ray_cluster):
+    expected = caption_shards(tmp_path / "D", 1)
+    d = tmp_path / "D"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{d}/00000.tar\n{d}/../D/00000.tar\nfile://{d}/00000.tar\n{d}/00000.tar\n")
+    summary = score(listing, tmp_path / "out", tiny_checkpoint)
+    assert summary["shards"]["total"] == 1 and summary["duplicates_in_input"] == 3
+    assert summary["samples_this_run"] == len(expected)
+    assert_exactly_once(read_scores(str(tmp_path / "out")), expected)
+
+
+def _caption_table(n: int, text_column: str, seed: int) -> pa.Table:
+    items = corpus.caption_samples(n, seed=seed, prefix=f"p{seed}-")
+    return pa.table({"id": [i["key"] for i in items], "image": pa.array([i["image"] for i in items], pa.binary()),
+                     text_column: [i["caption"] for i in items]})
+
+
+def test_a_wrong_column_setting_fails_before_anything_is_committed(tmp_path, tiny_checkpoint, ray_cluster):
+    (tmp_path / "in").mkdir()
+    pq.write_table(_caption_table(3, "text", 0), tmp_path / "in" / "a.parquet")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"field 'source.text_column': the shard has no column 'caption'"):
+        score(tmp_path / "in", out, tiny_checkpoint, fmt="parquet")
+    assert not (out / "_manifest").exists() and not (out / "scores").exists()
+    # A later shard that lacks the column stays uncommitted with that reason, never committed as row errors.
+    pq.write_table(_caption_table(3, "caption", 1), tmp_path / "in" / "0.parquet")
+    summary = score(tmp_path / "in", out, tiny_checkpoint, fmt="parquet")
+    assert summary["shards"]["incomplete"] == ["a.parquet"]
+    assert summary["incomplete_reasons"]["a.parquet"].startswith("config: the shard has no column 'caption'")
+    assert summary["errors_this_run"] == 0 and sorted(read_manifest(str(out))) == ["0.parquet"]
+
+
+def test_two_jobs_on_one_output_one_refuses(tmp_path, tiny_checkpoint, ray_cluster):
+    expected = big_caption_shards(str(tmp_path / "in"), n_shards=4, per_shard=6)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
+           "--output", str(out), "--model", tiny_checkpoint, "--batch-size", "4"]
+    env = job_env(RAY_ADDRESS=ray_cluster)
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "_lease.json").exists():
+        time.sleep(0.05)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "error: field 'output':" in second.stderr and "in use by job 'score'" in second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert_exactly_once(read_scores(str(out)), expected)
+    assert not (out / "_lease.json").exists()  # released at the end
+
+
+def test_an_unusable_output_or_model_fails_before_ray_starts(tmp_path, tiny_checkpoint):
+    caption_shards(tmp_path / "in", 1)
+    (tmp_path / "a-file").write_text("not a folder")
+    env = job_env()
+    env.pop("RAY_ADDRESS", None)
+    for output, model, message in (
+        (str(tmp_path / "a-file"), tiny_checkpoint, "error: field 'output': "),
+        (str(tmp_path / "a-file" / "below"), tiny_checkpoint, "error: field 'output': "),
+        (str(tmp_path / "out"), str(tmp_path / "no-model"), "error: field 'model': "),
+    ):
+        started = time.time()
+        res = subprocess.run([sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format",
+                              "webdataset", "--output", output, "--model", model],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+        assert "Started a local Ray instance" not in res.stderr  # checked before Ray starts
+        assert time.time() - started < 60
+    assert not (tmp_path / "out" / "_manifest").exists()
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    import pyarrow.fs as pafs
+
+    from pipeline.manifest import write_bytes
+
+    class FullDisk(pafs.LocalFileSystem):
+        def move(self, src, dest):
+            raise OSError(28, "No space left on device")
+
+    fs = FullDisk()
+    with pytest.raises(OSError, match="No space left"):
+        write_bytes(fs, str(tmp_path / "x" / "file.json"), b"{}")
+    assert os.listdir(tmp_path / "x") == []
