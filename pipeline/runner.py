@@ -131,7 +131,7 @@ def shard_groups(shards: list[Shard]) -> list[list[dict]]:
         if current and (size + weight > CALL_BYTES or len(current) >= CALL_SHARDS):
             groups.append(current)
             current, size = [], 0
-        current.append({"uri": s.uri, "key": s.key, "size": s.size})
+        current.append({"uri": s.uri, "key": s.key, "size": s.size, "aux": s.aux})
         size += weight
     if current:
         groups.append(current)

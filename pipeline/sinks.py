@@ -10,6 +10,7 @@ committed files only, and check that every commit belongs to the output's one mo
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -91,7 +92,9 @@ class ShardCommitter:
         self.on_commit, self.on_records, self.consolidate_every = on_commit, on_records, consolidate_every
         self._rows: dict[str, dict[object, dict]] = defaultdict(dict)  # shard -> row key -> record
         self._expected: dict[str, int] = {}
+        self._extra: dict[str, dict] = {}  # shard -> files the stage wrote itself, and its own counts
         self._unconsolidated: list[dict] = []
+        self.entries: list[dict] = []  # commit records of this run
         self.committed: list[str] = []
         self.failed: dict[str, str] = {}  # shard -> why it could not be read as configured
         self.errors_by_category: Counter = Counter()
@@ -109,9 +112,11 @@ class ShardCommitter:
                 self.failed[shard] = row["error"]
                 self._rows.pop(shard, None)
                 self._expected.pop(shard, None)
+                self._extra.pop(shard, None)
                 continue
             if row["kind"] == SHARD_END:
                 self._expected[shard] = int(row["id"]) * self.rows_per_sample
+                self._extra[shard] = json.loads(row["meta"]) if row.get("meta") else {}
             else:
                 self._rows[shard][self.row_key(row)] = row  # a retried task's duplicate replaces, never adds
             touched.add(shard)
@@ -137,11 +142,15 @@ class ShardCommitter:
             files.append(f"{partition}/{name}.parquet")
             write_bytes(self.fs, f"{self.root}/{files[-1]}", sink.getvalue().to_pybytes())
         errors = [r for r in records if r.get("error")]
-        entry = {"shard": shard, "files": files, "records": expected, "errors": len(errors),
+        extra = self._extra.pop(shard, {})
+        entry = {"shard": shard, "files": files + extra.get("files", []), "records": expected, "errors": len(errors),
                  "identity": self.identity, "model": records[0].get("model") if records else None,
                  "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if "stats" in extra:
+            entry["stats"] = extra["stats"]
         write_entry(self.output, entry)
         self._unconsolidated.append(entry)
+        self.entries.append(entry)
         if len(self._unconsolidated) >= self.consolidate_every:
             self.consolidate()
 

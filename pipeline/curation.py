@@ -1,0 +1,308 @@
+"""Curation: from committed score records to a curated corpus. `python -m jobs.curate` calls `prepare_curation`
+(no Ray: the scores, the output), `compute_thresholds` (two exact distributed passes, `pipeline.selection`), then
+`run_curation` (one shard job: per score shard, the selected records and, with `materialize`, the kept samples
+as shards in the input's format, committed through the manifest) and, with `report`, `pipeline.curation_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline import selection
+from pipeline.errors import Category, InputError, ShardFault
+from pipeline.manifest import check_entries, read_json, read_manifest, write_json
+from pipeline.materialize import materialize
+from pipeline.runner import PreparedJob, ShardJob, Stage, check_writable, common_summary, execute, prepare
+from pipeline.sinks import SCORES_DIR
+from pipeline.sources import SHARD_END, SourceOptions, shard_end, shard_failed
+from pipeline.storage import Shard, ShardListing, filesystem_for, join, list_shards, output_name
+
+SELECTED_DIR = "selected"
+SHARDS_DIR = "shards"
+SELECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.string()),
+                             ("score", pa.float32()), ("label", pa.int8()), ("key", pa.string()),
+                             ("url", pa.string())])
+_ROW_SCHEMA = SELECTED_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.field("meta", pa.string())).append(
+    pa.field("error", pa.string()))
+_SCORE_COLUMNS = ["id", "source", "kind", "score", "label", "error", "key", "url"]
+
+
+class CurateConfig(BaseModel):
+    """`python -m jobs.curate`: every field is a YAML key and a `--flag`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scores: str = Field(description="a scoring job's output (its committed records are read)")
+    output: str = Field(description="where selected/, shards/ (with materialize) and summary.json go")
+    min_score: float | None = Field(None, description="keep records scoring at least this")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the best-scored records")
+    per_kind: bool = Field(False, description="apply the rule within each kind (captions, documents) separately")
+    input: str | None = Field(None, description="the scored corpus (needed by materialize; else found through the "
+                                                "scores' summary)")
+    format: Literal["webdataset", "parquet", "obelics", "interleaved-wds"] | None = Field(
+        None, description="the scored corpus' format")
+    materialize: bool = Field(False, description="also write the kept samples as shards in the input's format")
+    report: str | None = Field(None, description="write an HTML report (index.html) to this directory")
+    examples: int = Field(8, ge=1, le=64, description="example records per report section")
+    report_shards: int = Field(8, ge=1, description="input shards the report reads its examples from")
+    histogram_bins: int = Field(50, ge=5, le=500, description="bins of the report's score histograms")
+    workers: int = Field(2, ge=1, description="most selection workers (one input shard per call)")
+    source: SourceOptions = Field(default_factory=SourceOptions, description="how inputs are read")
+    no_progress_timeout_s: float = Field(3600.0, gt=0, description="how long the job may make no progress")
+
+    @model_validator(mode="after")
+    def _rule(self) -> CurateConfig:
+        if (self.min_score is None) == (self.keep_fraction is None):
+            raise ValueError("set exactly one of field 'min_score' and field 'keep_fraction'")
+        if self.materialize and not (self.input and self.format):
+            raise ValueError("field 'materialize' needs field 'input' and field 'format' (the scored corpus)")
+        if (self.input is None) != (self.format is None):
+            raise ValueError("fields 'input' and 'format' go together")
+        return self
+
+    @property
+    def rule(self) -> str:
+        rule = f"min-score {self.min_score:g}" if self.min_score is not None else f"keep-fraction {self.keep_fraction:g}"
+        return rule + (" per kind" if self.per_kind else "")
+
+
+@dataclass
+class Thresholds:
+    """The cut per group (a kind, or `all`), and what the passes counted on the way."""
+
+    by_group: dict[str, float | None]
+    counts: dict[str, selection.KindCounts]
+    errors: Counter
+    plots: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)  # kind -> (edges, counts)
+
+    def for_kind(self, kind: str, per_kind: bool) -> float | None:
+        return self.by_group.get(kind if per_kind else selection.ALL)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in sorted(self.by_group.items())}
+
+
+@dataclass
+class CurationPlan:
+    config: CurateConfig
+    listing: ShardListing  # one Shard per committed score shard: uri = its score file, key = the input shard's
+    scores_identity: str
+    input_format: str | None
+    input_root: str | None
+    started: float
+
+
+def prepare_curation(config: CurateConfig, started: float | None = None) -> CurationPlan:
+    """Everything before Ray: the committed score records, the input (if named), the output."""
+    entries = read_manifest(config.scores)
+    if not entries:
+        raise InputError("scores", f"no committed score records at {config.scores} (a jobs.score output)")
+    check_entries(config.scores, entries)
+    identity = read_json(join(config.scores, "_output.json")) or {}
+    if identity and identity.get("job") != "score":
+        raise InputError("scores", f"{config.scores} is the output of a '{identity.get('job')}' job, not scores")
+    inputs = {}
+    if config.input:
+        inputs = {s.key: s.uri for s in list_shards(config.input, config.format).shards}
+    summary = read_json(join(config.scores, "summary.json")) or {}
+    shards = []
+    for key, entry in sorted(entries.items()):
+        score_files = [f for f in entry["files"] if f.startswith(f"{SCORES_DIR}/")]
+        for f in score_files:
+            shards.append(Shard(join(config.scores, f), key, None, inputs.get(key)))
+    check_writable(config.output)
+    return CurationPlan(config, ShardListing(config.scores, shards), identity.get("identity_hash", "legacy"),
+                        config.format or summary.get("format"), config.input or summary.get("input_root"),
+                        started or time.time())
+
+
+def compute_thresholds(plan: CurationPlan) -> Thresholds:
+    """Two passes of Ray Data over the score files: exact thresholds, and the histograms on the way."""
+    import ray
+
+    config = plan.config
+    fs, _ = filesystem_for(config.scores)
+    paths = [filesystem_for(s.uri)[1] for s in plan.listing.shards]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["kind", "score", "error", "label"])
+    counts, errors = selection.merge_pass_one(
+        ds.map_batches(selection.pass_one, batch_size=None, batch_format="pyarrow").take_all())
+    groups = list(selection.KINDS) if config.per_kind else [selection.ALL]
+    by_group: dict[str, float | None] = {}
+    cut_bins, needed = {}, {}
+    for name in groups:
+        c = counts.get(name, selection.KindCounts())
+        if config.min_score is not None:
+            by_group[name] = float(np.float32(config.min_score))
+            continue
+        k = selection.keep_count(config.keep_fraction, c.scored)
+        if k == 0:
+            by_group[name] = None  # nothing kept
+        else:
+            cut_bins[name], needed[name] = selection.cut_bin(c, k)
+    edges = {kind: selection.plot_edges(counts.get(kind, selection.KindCounts()), config.histogram_bins)
+             for kind in selection.KINDS if kind in counts and counts[kind].scored}
+    rows = ds.map_batches(selection.pass_two, fn_kwargs={"cut_bins": cut_bins, "edges": edges}, batch_size=None,
+                          batch_format="pyarrow").take_all()
+    low_bins = {name: np.zeros(selection.BINS, dtype=np.int64) for name in cut_bins}
+    plots = {kind: np.zeros(len(e) - 1, dtype=np.int64) for kind, e in edges.items()}
+    for row in rows:
+        for name, entry in json.loads(row["counts"]).items():
+            if name in low_bins and "low_bins" in entry:
+                low_bins[name] += selection._dense(entry["low_bins"])
+            if name in plots and entry.get("plot") is not None:
+                plots[name] += np.asarray(entry["plot"], dtype=np.int64)
+    for name, b in cut_bins.items():
+        by_group[name] = selection.threshold_in_bin(b, needed[name], low_bins[name])
+    return Thresholds(by_group, counts, errors, {k: (edges[k], plots[k].tolist()) for k in plots})
+
+
+class Selector:
+    """A selection worker: per score shard, the records at or above the cut (never error records), their counts
+    by kind and level, and with `materialize` the kept samples written as a shard in the input's format."""
+
+    def __init__(self, config: dict, thresholds: dict, output: str, input_format: str | None):
+        self.config = CurateConfig.model_validate(config)
+        self.thresholds, self.output, self.input_format = thresholds, output, input_format
+
+    def _cut(self, kind: str) -> float | None:
+        return self.thresholds.get(kind if self.config.per_kind else selection.ALL)
+
+    def __call__(self, batch: pa.Table):
+        for shard in (Shard(**s) for group in batch.column("shards").to_pylist() for s in group):
+            try:
+                yield self._select(shard)
+            except ShardFault as fault:
+                yield pa.Table.from_pylist([{k: v for k, v in shard_failed(shard.key, fault).items()
+                                             if k in _ROW_SCHEMA.names}], schema=_ROW_SCHEMA)
+
+    def _select(self, shard: Shard) -> pa.Table:
+        fs, path = filesystem_for(shard.uri)
+        try:
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=_SCORE_COLUMNS)
+        except OSError as err:
+            raise ShardFault(Category.IO, f"cannot read {shard.uri}: {err}") from None
+        cut = np.array([self._cut(k) if self._cut(k) is not None else np.inf for k in table.column("kind").to_pylist()],
+                       dtype=np.float64)
+        scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        ok = table.column("error").is_null().to_numpy(zero_copy_only=False) & np.isfinite(scores)
+        keep = ok & (np.nan_to_num(scores, nan=-np.inf) >= cut)
+        stats = {"kept": Counter(), "dropped": Counter(), "errors": Counter()}
+        examples: dict[str, str] = {}
+        for kind, label, k, good, err in zip(table.column("kind").to_pylist(), table.column("label").to_pylist(),
+                                             keep, ok, table.column("error").to_pylist()):
+            if not good:
+                reason = err or "score: no finite score"
+                stats["errors"][reason.split(":", 1)[0]] += 1
+                examples.setdefault(reason.split(":", 1)[0], reason[:300])
+            else:
+                stats["kept" if k else "dropped"][f"{kind}/{label}"] += 1
+        kept = table.filter(pa.array(keep))
+        files = []
+        if self.config.materialize and kept.num_rows:
+            if not shard.aux:
+                raise ShardFault(Category.CONFIG, f"the input has no shard {shard.key} (set input to the scored corpus)")
+            name = output_name(shard.key) + "." + shard.key.rsplit(".", 1)[-1]
+            written = materialize(self.input_format, shard.aux, set(kept.column("id").to_pylist()),
+                                  join(self.output, SHARDS_DIR, name), self.config.source)
+            if written != kept.num_rows:
+                raise ShardFault(Category.CONFIG, f"{shard.key}: wrote {written} of {kept.num_rows} kept samples (is "
+                                                  "this the corpus that was scored?)")
+            files.append(f"{SHARDS_DIR}/{name}")
+        rows = kept.select(SELECTED_SCHEMA.names).to_pylist()
+        for i, row in enumerate(rows):
+            row.update(ordinal=i, meta=None, error=None)
+        marker = {**{k: None for k in _ROW_SCHEMA.names}, **{k: v for k, v in shard_end(shard.key, len(rows)).items()
+                                                            if k in _ROW_SCHEMA.names}}
+        marker["meta"] = json.dumps({"files": files, "stats": {**{k: dict(v) for k, v in stats.items()},
+                                                               "error_examples": examples}})
+        return pa.Table.from_pylist(rows + [marker], schema=_ROW_SCHEMA)
+
+
+def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = True) -> tuple[PreparedJob, dict]:
+    """Select (and materialize) every committed score shard not yet curated; returns the summary."""
+    config = plan.config
+    identity = {"scores": plan.scores_identity, "rule": config.rule,
+                "thresholds": thresholds.as_dict() if config.keep_fraction is not None else None,
+                "materialize": config.materialize}
+    spec = ShardJob(job="curate", output=config.output, listing=plan.listing, identity=identity,
+                    schema=SELECTED_SCHEMA, partition=lambda r: SELECTED_DIR,
+                    no_progress_timeout_s=config.no_progress_timeout_s, unit="kept")
+    prepared = prepare(spec, plan.started)
+    stage = Stage("select", Selector, {"config": config.model_dump(), "thresholds": thresholds.by_group,
+                                       "output": config.output, "input_format": plan.input_format},
+                  num_cpus=1, max_actors=config.workers)
+    result = execute(prepared, [stage], progress)
+    common = common_summary(prepared, result)
+    entries = [*prepared.committed.values(), *result.committer.entries]
+    totals = {"kept": Counter(), "dropped": Counter(), "errors": Counter()}
+    error_examples: dict[str, str] = {}
+    for entry in entries:
+        stats = entry.get("stats") or {}
+        for part in totals:
+            totals[part].update(stats.get(part, {}))
+        for category, reason in stats.get("error_examples", {}).items():
+            error_examples.setdefault(category, reason)
+    by_kind = {}
+    for kind in selection.KINDS:
+        kept = {int(k.split("/")[1]): v for k, v in totals["kept"].items() if k.startswith(kind + "/")}
+        dropped = {int(k.split("/")[1]): v for k, v in totals["dropped"].items() if k.startswith(kind + "/")}
+        if kept or dropped:
+            by_kind[kind] = {"threshold": thresholds.for_kind(kind, config.per_kind), "kept": sum(kept.values()),
+                             "dropped": sum(dropped.values()), "kept_by_level": kept, "dropped_by_level": dropped}
+    kept_total = sum(totals["kept"].values())
+    scored_total = kept_total + sum(totals["dropped"].values())
+    summary = {
+        "scores": config.scores, "output": config.output, "rule": config.rule, "thresholds": thresholds.as_dict(),
+        "shards": {k: common["shards"][k] for k in ("total", "already_committed", "new", "committed_this_run",
+                                                   "incomplete")},
+        "incomplete_reasons": common["incomplete_reasons"],
+        "kept": kept_total, "scored": scored_total,
+        "kept_fraction": round(kept_total / scored_total, 6) if scored_total else 0.0,
+        "errors": sum(totals["errors"].values()), "errors_by_reason": dict(totals["errors"]),
+        "error_examples": error_examples,
+        "by_kind": by_kind, "materialized": config.materialize,
+        "elapsed_s": common["elapsed_s"],
+    }
+    if "aborted" in common:
+        summary["aborted"] = common["aborted"]
+    write_json(join(config.output, "summary.json"), summary)
+    return prepared, summary
+
+
+def format_summary(summary: dict) -> str:
+    s = summary["shards"]
+    cuts = ", ".join(f"{k} {'none kept' if v is None else f'{v:.4f}'}" for k, v in summary["thresholds"].items())
+    lines = [
+        f"UniFilter curation: {summary['scores']} -> {summary['output']}",
+        f"  rule       {summary['rule']} · threshold {cuts} (records scoring at or above it are kept)",
+        f"  shards     {s['total']} total · {s['already_committed']} already curated · {s['committed_this_run']} "
+        f"now · {len(s['incomplete'])} incomplete",
+        f"  kept       {summary['kept']} of {summary['scored']} scored records ({100 * summary['kept_fraction']:.1f}%)"
+        f" · {summary['errors']} error records never selected",
+    ]
+    for kind, k in summary["by_kind"].items():
+        levels = " · ".join(f"L{lv} {k['kept_by_level'].get(lv, 0)}/{k['kept_by_level'].get(lv, 0) + k['dropped_by_level'].get(lv, 0)}"
+                            for lv in range(4))
+        lines.append(f"  {kind:10s} kept {k['kept']} of {k['kept'] + k['dropped']} · by predicted level {levels}")
+    for reason, n in sorted(summary["errors_by_reason"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  errors     {n:6d} × {reason}")
+    if s["incomplete"]:
+        lines.append(f"  INCOMPLETE {len(s['incomplete'])} shards; rerun the same command to finish them:")
+        for shard, reason in list(summary["incomplete_reasons"].items())[:5]:
+            lines.append(f"             {shard}: {reason[:100]}")
+    return "\n".join(lines)
+
+
+__all__ = ["CurateConfig", "compute_thresholds", "format_summary", "prepare_curation", "run_curation",
+           "SELECTED_SCHEMA", "SHARD_END"]

@@ -1,0 +1,118 @@
+"""The data behind a curation run's HTML report (`pipeline.report` draws it): histograms and counts from the
+curation's own passes and commits, and example records with their images and text read back from a few input
+shards (chosen evenly across the corpus, so the report never reads the whole of it).
+
+Sections: for each predicted level, and for each kind just above and just below its threshold, `examples`
+records; within a section, records are picked deterministically (by a hash of their id), so a rerun shows the
+same ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.curation import CurationPlan, Thresholds
+from pipeline.report import Example, KindStats, ReportData, write_report
+from pipeline.selection import KINDS
+from pipeline.sources import MARKERS, SourceOptions, read_shard
+from pipeline.storage import Shard, filesystem_for, join
+
+EXCERPT_CHARS = 600
+
+
+def _stable(sample_id: str) -> str:
+    return hashlib.sha1(sample_id.encode()).hexdigest()
+
+
+def _candidates(plan: CurationPlan) -> list[dict]:
+    """Score records of `report_shards` score shards spread evenly over the corpus."""
+    shards = plan.listing.shards
+    n = min(plan.config.report_shards, len(shards))
+    picked = [shards[int(i)] for i in np.linspace(0, len(shards) - 1, n).round().astype(int)] if n else []
+    rows = []
+    for shard in dict.fromkeys(picked):
+        fs, path = filesystem_for(shard.uri)
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["id", "source", "kind", "score", "label", "error"])
+        rows += [r for r in table.to_pylist() if r["error"] is None and r["score"] is not None]
+    return rows
+
+
+def _sections(plan: CurationPlan, thresholds: Thresholds, rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    n = plan.config.examples
+    sections = []
+    for level in (3, 2, 1, 0):
+        at_level = sorted((r for r in rows if r["label"] == level), key=lambda r: _stable(r["id"]))[:n]
+        sections.append((f"Predicted level {level}", sorted(at_level, key=lambda r: -r["score"])))
+    for kind in KINDS:
+        cut = thresholds.for_kind(kind, plan.config.per_kind)
+        of_kind = [r for r in rows if r["kind"] == kind]
+        if cut is None or not of_kind:
+            continue
+        above = sorted((r for r in of_kind if r["score"] >= cut), key=lambda r: r["score"])[:n]
+        below = sorted((r for r in of_kind if r["score"] < cut), key=lambda r: -r["score"])[:n]
+        name = "captions" if kind == "caption" else "documents"
+        sections.append((f"Just above the threshold ({name}, {cut:.4f}): kept", above))
+        sections.append((f"Just below the threshold ({name}): dropped", below))
+    return sections
+
+
+@ray.remote(num_cpus=1)
+def _fetch(shard: dict, fmt: str, ids: list[str], options: dict) -> dict[str, dict]:
+    """Texts and images of the wanted samples of one input shard."""
+    wanted, found = set(ids), {}
+    for row in read_shard(Shard(**shard), fmt, SourceOptions.model_validate(options)):
+        if row["kind"] in MARKERS or row["id"] not in wanted or row["error"]:
+            continue
+        texts = [t for t in row["texts"] or [] if t]
+        found[row["id"]] = {"text": "\n\n".join(texts)[:EXCERPT_CHARS],
+                            "images": [i for i in row["images"] or [] if i is not None][:4]}
+    return found
+
+
+def build_report_data(plan: CurationPlan, thresholds: Thresholds, summary: dict) -> ReportData:
+    config = plan.config
+    rows = _candidates(plan)
+    sections = _sections(plan, thresholds, rows)
+    needed: dict[str, set[str]] = {}
+    for _, records in sections:
+        for r in records:
+            needed.setdefault(r["source"], set()).add(r["id"])
+    content: dict[tuple[str, str], dict] = {}
+    if plan.input_root and plan.input_format:
+        refs = {key: _fetch.remote({"uri": join(plan.input_root, key), "key": key}, plan.input_format, sorted(ids),
+                                   config.source.model_dump()) for key, ids in needed.items()}
+        for key, ref in refs.items():
+            for sample_id, data in ray.get(ref).items():
+                content[(key, sample_id)] = data
+    kinds = []
+    for kind in KINDS:
+        if kind not in thresholds.plots:
+            continue
+        edges, counts = thresholds.plots[kind]
+        k = summary["by_kind"].get(kind, {})
+        kinds.append(KindStats(kind, edges, counts, thresholds.for_kind(kind, config.per_kind), k.get("kept", 0),
+                               k.get("dropped", 0), k.get("kept_by_level", {}), k.get("dropped_by_level", {})))
+    examples = []
+    for heading, records in sections:
+        shown = []
+        for r in records:
+            data = content.get((r["source"], r["id"]), {"text": "(the input shard could not be read for this report)",
+                                                       "images": []})
+            shown.append(Example(r["id"], r["source"], r["kind"], float(r["score"]), r["label"], data["text"],
+                                 data["images"]))
+        examples.append((heading, shown))
+    return ReportData(
+        title=f"UniFilter curation: {config.rule}", scores_uri=config.scores, rule=config.rule, kinds=kinds,
+        errors_by_reason=summary["errors_by_reason"],
+        error_examples=summary.get("error_examples", {}), sections=examples,
+        generated_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+
+
+def write_curation_report(plan: CurationPlan, thresholds: Thresholds, summary: dict) -> str:
+    return write_report(plan.config.report, build_report_data(plan, thresholds, summary))
