@@ -29,6 +29,10 @@ class UniFilterConfig(BaseModel):
     text: dict[str, Any]  # Qwen2Config fields
     num_labels: Literal[1, 4] = 1
     pool_size: int = Field(12, ge=1)  # tokens per side after the average pool: 12 -> 144 tokens per image
+    # Which vision encoder output feeds the projector, indexed like LLaVA's `mm_vision_select_layer` into the
+    # encoder's hidden states (0 = the patch embeddings): -1 is the last layer's output, -2 the penultimate.
+    # Always before `post_layernorm`.
+    vision_select_layer: int = -1
     max_images: int = Field(16, ge=1)
     max_tokens: int = Field(4096, ge=8)
     # Apply EXIF orientation when decoding images. Off: the released preprocessing (`Image.open(f).convert("RGB")`)
@@ -49,7 +53,17 @@ class UniFilterConfig(BaseModel):
                 f"max_tokens ({self.max_tokens}) must leave room for one image ({self.tokens_per_image} "
                 "tokens) plus BOS, EOS and one text token"
             )
+        layers = int(self.vision.get("num_hidden_layers", 0))
+        if not -(layers + 1) <= self.vision_select_layer <= layers:
+            raise ValueError(f"vision_select_layer ({self.vision_select_layer}) is outside the vision encoder's "
+                             f"{layers + 1} hidden states")
         return self
+
+    @property
+    def vision_layers_used(self) -> int:
+        """How many vision encoder layers run: all but those after the selected hidden state."""
+        layers = int(self.vision["num_hidden_layers"])
+        return self.vision_select_layer % (layers + 1)
 
     @property
     def image_size(self) -> int:
