@@ -1,147 +1,154 @@
-"""Checkpoints: a directory, an `s3://` prefix or a Hugging Face hub id holding `config.json`, safetensors weights
-and the tokenizer. Weights never go through pickle; a missing or unexpected weight key is an error, never a
-silent random init. Released LLaVA-style UniFilter checkpoints are recognised and converted on load."""
+"""Checkpoints in and out: find one (a directory, an `s3://` prefix through the node's cache, or a Hugging Face hub
+id), load the model and its processor from it, save one, and create a random one from a named config.
+
+A checkpoint holds `config.json`, safetensors weights and the tokenizer. Weights never go through pickle; a missing
+or unexpected weight key is an error, never a silent random init. Released LLaVA-style UniFilter checkpoints are
+recognised and converted as they load.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from model import storage
-from model.config import CHECKPOINT_FORMAT, UniFilterConfig
+from model import cache, llava, storage
+from model.config import CHECKPOINT_FORMAT, UniFilterConfig, get_config
 from model.errors import CheckpointError
 from model.modeling import UniFilter
 from model.processing import UniFilterProcessor
+from model.tokenization import build_tokenizer
+from model.weights import (
+    CONFIG_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    load_state,
+    load_weights,
+    read_header,
+    read_weights,
+    shard_names,
+    shard_paths,
+    write_order,
+    write_safetensors,
+)
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+__all__ = [
+    "WEIGHTS_INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "build", "config_and_tokenizer", "create", "load",
+    "load_processor", "load_state", "read_weights", "resolve", "save",
+]
 _HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
 # -- where a checkpoint lives -------------------------------------------------------------------------------------
-def resolve(uri: str, workdir: str | Path, weights: bool = True) -> tuple[Path, str | None]:
+def resolve(uri: str, weights: bool = True) -> tuple[Path, str | None]:
     """A local directory holding the checkpoint's files, and the source's revision if it names one.
 
-    Local directories are used in place; `s3://` prefixes are downloaded into `workdir`; anything of the form
-    `org/name[@revision]` that is not a local path is a Hugging Face hub id (its cache honours HF_HOME and
-    HF_HUB_OFFLINE). With `weights=False` only the small files (config, tokenizer) are fetched."""
+    Local directories are used in place; `s3://` (and other remote) prefixes go through the node's checkpoint
+    cache (`model.cache`: one download per node and version); anything of the form `org/name[@revision]` that is
+    not a local path is a Hugging Face hub id (its cache honours HF_HOME and HF_HUB_OFFLINE). With
+    `weights=False` only the small files (config, tokenizer) are fetched."""
     uri = str(uri)
-    if storage.is_remote(uri):
-        skip = () if weights else (".safetensors",)
-        return storage.download_dir(uri, Path(workdir) / "checkpoint", skip_suffixes=skip), None
-    local = Path(uri.removeprefix("file://")).expanduser()
+    if _is_hub_id(uri):
+        from huggingface_hub import snapshot_download  # an optional download path: imported when used
+
+        repo_id, revision = _hub_repo(uri)
+        patterns = _HUB_PATTERNS if weights else [p for p in _HUB_PATTERNS if p != "*.safetensors"]
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        return Path(path), Path(path).name  # snapshot folders are named by commit hash
+    if not storage.is_local(uri):
+        return cache.fetch(uri, weights=weights), None
+    local = Path(storage.normalize_uri(uri))
     if local.is_dir():
         return local, None
-    if _HUB_ID.match(uri) and not local.exists():
-        from huggingface_hub import snapshot_download
-
-        repo_id, _, revision = uri.removeprefix("hf://").partition("@")
-        patterns = _HUB_PATTERNS if weights else [p for p in _HUB_PATTERNS if p != "*.safetensors"]
-        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
-        return Path(path), Path(path).name  # snapshot folders are named by commit hash
     raise CheckpointError(f"no checkpoint at {uri!r}: not a local directory, s3:// prefix or hub id")
 
 
+def _is_hub_id(uri: str) -> bool:
+    scheme = storage.scheme_of(uri)
+    return scheme == "hf" or (scheme == "file" and bool(_HUB_ID.match(uri)) and not Path(uri).expanduser().exists())
+
+
+def _hub_repo(uri: str) -> tuple[str, str | None]:
+    repo_id, _, revision = uri.removeprefix("hf://").partition("@")
+    return repo_id, revision or None
+
+
 # -- reading -----------------------------------------------------------------------------------------------------
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors checkpoint (single file or sharded with an index); never unpickles."""
-    index = directory / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / WEIGHTS_NAME).is_file():
-        shards = [WEIGHTS_NAME]
-    else:
-        shards = sorted(p.name for p in directory.glob("*.safetensors"))
-    if not shards:
-        pickled = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        hint = f" (found {pickled}: pickled weights are refused; convert them to safetensors)" if pickled else ""
-        raise CheckpointError(f"no safetensors weights in {directory}{hint}")
-    weights: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        weights.update(load_file(str(directory / shard)))
-    return weights
+def load(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+         ) -> tuple[UniFilter, UniFilterProcessor]:
+    """The model and its processor from a checkpoint URI (local dir, `s3://` prefix or hub id).
 
-
-def load_state(model: UniFilter, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load exactly the model's keys: any missing or unexpected key raises, naming it."""
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(weights))
-    unexpected = sorted(set(weights) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing weight keys {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected weight keys {_preview(unexpected)}")
-        raise CheckpointError(f"checkpoint {source} does not match the model: " + "; ".join(parts))
-    for key, tensor in model.state_dict().items():
-        if weights[key].shape != tensor.shape:
-            raise CheckpointError(
-                f"checkpoint {source}: weight {key} has shape {tuple(weights[key].shape)}, "
-                f"the model expects {tuple(tensor.shape)}"
-            )
-    model.load_state_dict(weights, strict=True)
-
-
-def _preview(keys: list[str], n: int = 8) -> str:
-    shown = ", ".join(keys[:n])
-    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in all)"
-
-
-def build(config: UniFilterConfig, tokenizer, weights: dict[str, torch.Tensor] | None = None,
-          source: str = "config") -> tuple[UniFilter, UniFilterProcessor]:
-    model = UniFilter(config)
-    if weights is not None:
-        load_state(model, weights, source)
+    The model is built on the meta device and each tensor is read straight into `dtype` (None: float32) on
+    `device`: no random initialisation, and at most one copy of the weights in host memory. The score head
+    and the rotary frequencies stay fp32 whatever `dtype` is."""
+    directory, source_revision = resolve(uri)
+    raw = _read_raw_config(directory, uri)
+    headers = {path: read_header(path) for path in shard_paths(directory)}
+    shapes = {key: entry.shape for entries in headers.values() for key, entry in entries.items()}
+    config, tokenizer = _config_and_tokenizer_of(raw, directory, uri, lambda: shapes)
+    rename = llava.rename_table(shapes, uri) if llava.is_llava_config(raw) else None
+    with torch.device("meta"):
+        model = UniFilter(config)
+    load_weights(model, headers, uri, device=device, dtype=dtype or torch.float32, rename=rename)
     model.eval()
+    model.model_id = _model_id(uri, source_revision or config.revision)
     return model, UniFilterProcessor(config, tokenizer)
 
 
-def load(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-         ) -> tuple[UniFilter, UniFilterProcessor]:
-    """The model and its processor from a checkpoint URI (local dir, `s3://` prefix or hub id)."""
-    with tempfile.TemporaryDirectory(prefix="unifilter-ckpt-") as workdir:
-        directory, source_revision = resolve(uri, workdir)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"checkpoint {uri} has no config.json")
-        raw = json.loads(config_path.read_text())
-        if raw.get("format") == CHECKPOINT_FORMAT:
-            config = UniFilterConfig(**raw)
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-            weights = read_weights(directory)
-        elif "mm_vision_tower" in raw:
-            from model.convert import convert_llava
-
-            config, weights, tokenizer = convert_llava(directory)
-        else:
-            raise CheckpointError(f"checkpoint {uri}: config.json is neither a UniFilter nor a LLaVA-style config")
-        model, processor = build(config, tokenizer, weights, source=uri)
-    model.model_id = _model_id(uri, source_revision or config.revision)
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
-    return model, processor
-
-
 def load_processor(uri: str) -> tuple[UniFilterProcessor, str]:
-    """Only the processor (config and tokenizer, no weights) and the model id a full load would report: what a
-    CPU preprocessing stage needs."""
-    with tempfile.TemporaryDirectory(prefix="unifilter-ckpt-") as workdir:
-        directory, source_revision = resolve(uri, workdir, weights=False)
-        raw = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
-        if raw.get("format") != CHECKPOINT_FORMAT:
-            model, processor = load(uri)  # a LLaVA-style checkpoint: its config comes from converting it
-            return processor, model.model_id
-        config = UniFilterConfig(**raw)
-        processor = UniFilterProcessor(config, AutoTokenizer.from_pretrained(str(directory)))
-    return processor, _model_id(uri, source_revision or config.revision)
+    """Only the processor (config and tokenizer) and the model id a full load would report: what a CPU
+    preprocessing stage needs. Never reads the weights: a LLaVA-style checkpoint's config comes from the
+    safetensors headers (ranged reads on object storage)."""
+    directory, source_revision = resolve(uri, weights=False)
+    raw = _read_raw_config(directory, uri)
+    config, tokenizer = _config_and_tokenizer_of(raw, directory, uri, lambda: _weight_shapes(uri, directory))
+    return UniFilterProcessor(config, tokenizer), _model_id(uri, source_revision or config.revision)
+
+
+def _read_raw_config(directory: Path, uri: str) -> dict:
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"checkpoint {uri} has no config.json")
+    return json.loads(config_path.read_text())
+
+
+def _config_and_tokenizer_of(raw: dict, directory: Path, uri: str,
+                             shapes: Callable[[], Mapping[str, tuple[int, ...]]]) -> tuple[UniFilterConfig, object]:
+    """Our config and the tokenizer of a checkpoint, converting a LLaVA-style config (which needs the weights'
+    shapes, asked for only then)."""
+    if raw.get("format") == CHECKPOINT_FORMAT:
+        return UniFilterConfig(**raw), AutoTokenizer.from_pretrained(str(directory))
+    if llava.is_llava_config(raw):
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return llava.convert_config(raw, shapes(), tokenizer, directory, uri), tokenizer
+    raise CheckpointError(f"checkpoint {uri}: config.json is neither a UniFilter nor a LLaVA-style config")
+
+
+def _weight_shapes(uri: str, directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape from the safetensors headers: local files where the weights are here, ranged reads
+    on object storage, the hub's header API for a hub id."""
+    names = shard_names(directory)
+    if all((directory / name).is_file() for name in names):
+        locations = [str(directory / name) for name in names]
+    elif _is_hub_id(uri):
+        from huggingface_hub import get_safetensors_metadata  # an optional download path: imported when used
+
+        repo_id, revision = _hub_repo(uri)
+        try:
+            metadata = get_safetensors_metadata(repo_id, revision=revision)
+        except (OSError, ValueError) as err:  # offline, no such repo, no safetensors
+            raise CheckpointError(f"{uri}: cannot read the weights' headers from the hub ({err})") from None
+        return {key: tuple(info.shape) for file in metadata.files_metadata.values()
+                for key, info in file.tensors.items()}
+    else:
+        locations = [storage.join(uri, name) for name in names]
+    return {key: entry.shape for location in locations for key, entry in read_header(location).items()}
 
 
 def _model_id(uri: str, revision: str | None) -> str:
@@ -149,31 +156,59 @@ def _model_id(uri: str, revision: str | None) -> str:
     return f"{uri}@{revision}" if revision else str(uri)
 
 
-# -- writing -----------------------------------------------------------------------------------------------------
+# -- building and writing ----------------------------------------------------------------------------------------
+def build(config: UniFilterConfig, tokenizer, weights: dict[str, torch.Tensor] | None = None,
+          source: str = "config") -> tuple[UniFilter, UniFilterProcessor]:
+    """A model and its processor: randomly initialised, or (given `weights`) built on the meta device and taking
+    those tensors."""
+    if weights is None:
+        model = UniFilter(config)
+    else:
+        with torch.device("meta"):
+            model = UniFilter(config)
+        load_state(model, weights, source)
+    model.eval()
+    return model, UniFilterProcessor(config, tokenizer)
+
+
 def save(model: UniFilter, tokenizer, uri: str) -> str:
-    """Write config.json, model.safetensors and the tokenizer to a directory or `s3://` prefix; returns the
-    weights' revision (a content hash). On object storage config.json is written last, so an interrupted upload
-    never looks like a complete checkpoint."""
+    """Write model.safetensors, the tokenizer and config.json (last) to a directory or `s3://` prefix; returns the
+    weights' revision (a content hash). Tensors go to host memory one at a time; files are created with the
+    usual permissions (0644 under a 022 umask). config.json comes last everywhere, so a checkpoint that has it
+    is complete, even after an interrupted upload."""
     with tempfile.TemporaryDirectory(prefix="unifilter-save-") as tmp:
-        staging = Path(tmp) if storage.is_remote(uri) else Path(uri).expanduser()
+        local = storage.is_local(uri)
+        staging = Path(storage.normalize_uri(uri)) if local else Path(tmp)
         staging.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        revision = _file_hash(staging / WEIGHTS_NAME)
+        revision = write_safetensors(staging / WEIGHTS_NAME, model.state_dict(), {"format": "pt"})[:16]
         tokenizer.save_pretrained(str(staging))
         config = model.config.model_copy(update={"revision": revision})
-        (staging / "config.json").write_text(config.to_json())
-        if storage.is_remote(uri):
-            names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != "config.json")
-            for name in [*names, "config.json"]:
+        (staging / CONFIG_NAME).write_text(config.to_json())
+        if not local:
+            for name in write_order(p.name for p in staging.iterdir() if p.is_file()):
                 storage.upload_file(staging / name, storage.join(uri, name))
     return revision
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+def config_and_tokenizer(name: str, num_labels: int = 1) -> tuple[UniFilterConfig, object]:
+    """A named config with its offline tokenizer, the config's special-token ids taken from that tokenizer."""
+    config = get_config(name, num_labels=num_labels)
+    tokenizer = build_tokenizer(config.tokenizer)
+    if len(tokenizer) > config.text["vocab_size"]:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the config's vocab_size")
+    config = config.model_copy(update={
+        "tokenizer": "checkpoint",
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    })
+    return config, tokenizer
 
+
+def create(name: str, output: str, num_labels: int = 1, seed: int = 0, dtype: str = "float32") -> str:
+    """Write a randomly initialised checkpoint of a named config (seeded); returns its revision."""
+    config, tokenizer = config_and_tokenizer(name, num_labels)
+    torch.manual_seed(seed)
+    model, _ = build(config, tokenizer)
+    model.to(getattr(torch, dtype))
+    return save(model, tokenizer, output)

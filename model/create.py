@@ -8,36 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
+from model.checkpoint import config_and_tokenizer, create
+from model.config import named_configs
 
-from model.config import get_config, named_configs
-
-
-def config_and_tokenizer(name: str, num_labels: int = 1):
-    """A named config with its offline tokenizer, the config's special-token ids taken from that tokenizer."""
-    from model.tokenization import build_tokenizer
-
-    config = get_config(name, num_labels=num_labels)
-    tokenizer = build_tokenizer(config.tokenizer)
-    if len(tokenizer) > config.text["vocab_size"]:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the config's vocab_size")
-    config = config.model_copy(update={
-        "tokenizer": "checkpoint",
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    })
-    return config, tokenizer
-
-
-def create(name: str, output: str, num_labels: int = 1, seed: int = 0, dtype: str = "float32") -> str:
-    from model.checkpoint import build, save
-
-    config, tokenizer = config_and_tokenizer(name, num_labels)
-    torch.manual_seed(seed)
-    model, _ = build(config, tokenizer)
-    model.to(getattr(torch, dtype))
-    return save(model, tokenizer, output)
+__all__ = ["config_and_tokenizer", "create", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:

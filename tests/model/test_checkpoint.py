@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import model
 from model.checkpoint import CheckpointError
-from model.tiny import tiny_tokenizer
+from model.tokenization import tiny_tokenizer
 from tests.conftest import jpeg_bytes
 
 SAMPLES = [
@@ -91,7 +91,7 @@ def test_pickled_weights_are_refused(tiny_checkpoint, tmp_path):
 
 
 # -- the released LLaVA layout -----------------------------------------------------------------------------------
-def write_llava_checkpoint(tiny_checkpoint: str, out: Path, with_pad: bool = True) -> Path:
+def write_llava_checkpoint(tiny_checkpoint: str, out: Path, with_pad: bool = True, select_layer: int = -1) -> Path:
     """The released layout (weizhiwang/UniFilter-Qwen2.5-1.5B), in tiny: LLaVA keys, a Qwen2-style config with
     mm_* fields naming the tower's config directory, SigLIP's unused pooling-head weights, [PAD] in the tokenizer."""
     out.mkdir(parents=True)
@@ -125,7 +125,7 @@ def write_llava_checkpoint(tiny_checkpoint: str, out: Path, with_pad: bool = Tru
         "architectures": ["LlavaQwenClassifier"], "model_type": "llava_qwen", **text,
         "num_labels": 1, "id2label": {"0": "LABEL_0"}, "mm_vision_tower": str(tower),
         "mm_projector_type": "avgpool", "mm_hidden_size": cfg["vision"]["hidden_size"],
-        "mm_num_image_tokens": cfg["pool_size"] ** 2, "mm_vision_select_layer": -1,
+        "mm_num_image_tokens": cfg["pool_size"] ** 2, "mm_vision_select_layer": select_layer,
         "tokenizer_model_max_length": cfg["max_tokens"], "pad_token_id": cfg["pad_token_id"],
     }))
     tokenizer = tiny_tokenizer()  # the recipe's [PAD] is already added, as in the released tokenizer
@@ -158,7 +158,7 @@ def test_llava_checkpoint_with_unknown_key_fails(tiny_checkpoint, tmp_path):
 
 
 def test_llava_converter_knows_the_so400m_tower_without_download():
-    from model.convert import vision_config_for
+    from model.llava import vision_config_for
 
     vision = vision_config_for("google/siglip-so400m-patch14-384", Path("/nonexistent"))
     assert (vision["hidden_size"], vision["num_hidden_layers"], vision["image_size"]) == (1152, 27, 384)
@@ -188,3 +188,99 @@ def test_qwen25_tokenizer_is_built_offline_with_qwens_ids():
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
     assert tok.pad_token == "[PAD]" and tok.pad_token_id == 151665
     assert tok.bos_token_id == tok.eos_token_id == 151643
+
+
+def test_llava_select_layer_minus_2_reads_the_penultimate_vision_layer(tiny_checkpoint, tmp_path):
+    from model.convert import main
+
+    src = write_llava_checkpoint(tiny_checkpoint, tmp_path / "released", select_layer=-2)
+    net, processor = model.load(str(src))
+    assert net.config.vision_select_layer == -2
+    batch = processor(SAMPLES)
+    with torch.no_grad():
+        pixels = batch["pixel_values"].float() / 255.0
+        direct = net.vision_tower(pixel_values=(pixels - 0.5) / 0.5, output_hidden_states=True).hidden_states
+        assert len(direct) == net.config.vision["num_hidden_layers"] + 1  # the embeddings, then each layer
+        torch.testing.assert_close(net.encode_images(batch["pixel_values"]), net.projector(direct[-2]))
+        assert not torch.allclose(net.projector(direct[-2]), net.projector(direct[-1]))
+        assert not torch.equal(logits((net, processor)), logits(tiny_checkpoint))  # a different layer, a new score
+    assert main(["--llava", str(src), "--output", str(tmp_path / "converted")]) == 0
+    converted = model.load(str(tmp_path / "converted"))
+    assert converted[0].config.vision_select_layer == -2
+    assert torch.equal(logits(converted), logits((net, processor)))
+
+
+def _refuse_weight_reads(monkeypatch):
+    """Every way the library reads tensor data raises: a processor-only load must not get there."""
+    from model import checkpoint, weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a processor-only load read the weights")
+
+    for module, name in [(weights, "iter_tensors"), (weights, "read_weights"), (weights, "load_weights"),
+                         (checkpoint, "load_weights"), (checkpoint, "read_weights"), (checkpoint, "load")]:
+        monkeypatch.setattr(module, name, refuse)
+
+
+def test_load_processor_on_a_llava_checkpoint_reads_only_headers(tiny_checkpoint, tmp_path, monkeypatch):
+    from model.checkpoint import load_processor
+
+    src = write_llava_checkpoint(tiny_checkpoint, tmp_path / "released")
+    expected_processor, expected_id = model.load(str(src))[1], model.load(str(src))[0].model_id
+    _refuse_weight_reads(monkeypatch)
+    processor, model_id = load_processor(str(src))
+    assert model_id == expected_id
+    assert processor.config == expected_processor.config
+    assert processor.config.num_labels == 1 and processor.config.text["vocab_size"] == 1024
+
+
+def test_load_processor_on_a_llava_checkpoint_in_s3_reads_header_bytes_only(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                             s3_bucket, checkpoint_cache):
+    """On object storage: the small files are fetched, and of the weights only their headers are read (two
+    ranged reads per shard), far below the shards' size."""
+    from model import storage, weights
+    from model.checkpoint import load_processor
+
+    src = write_llava_checkpoint(tiny_checkpoint, tmp_path / "released")
+    uri = f"s3://{s3_bucket}/released"
+    for path in src.rglob("*"):
+        if path.is_file():
+            storage.upload_file(path, storage.join(uri, str(path.relative_to(src))))
+    shard_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+
+    read = []
+
+    class CountingFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def size(self):
+            return self.f.size()
+
+        def read_at(self, nbytes, offset):
+            read.append(nbytes)
+            return self.f.read_at(nbytes, offset)
+
+    class CountingFilesystem:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open_input_file(self, path):
+            return CountingFile(self.fs.open_input_file(path))
+
+    counting = type(storage)("counting_storage")
+    counting.filesystem_for = lambda uri: (lambda fs, path: (CountingFilesystem(fs), path))(*storage.filesystem_for(uri))
+    monkeypatch.setattr(weights, "storage", counting)
+    _refuse_weight_reads(monkeypatch)
+
+    processor, model_id = load_processor(uri)
+    assert processor.config.num_labels == 1 and model_id == uri
+    assert len(read) == 4 and sum(read) < shard_bytes / 50, (read, shard_bytes)
+    cached = [p.name for p in checkpoint_cache.rglob("*") if p.is_file()]
+    assert "config.json" in cached and not [n for n in cached if n.endswith(".safetensors")]
