@@ -224,7 +224,7 @@ class Selector:
             row.update(ordinal=i, meta=None, error=None)
         marker = {**{k: None for k in _ROW_SCHEMA.names}, **{k: v for k, v in shard_end(shard.key, len(rows)).items()
                                                             if k in _ROW_SCHEMA.names}}
-        marker["meta"] = json.dumps({"files": files, "stats": {**{k: dict(v) for k, v in stats.items()},
+        marker["meta"] = json.dumps({"artifacts": files, "stats": {**{k: dict(v) for k, v in stats.items()},
                                                                "error_examples": examples}})
         return pa.Table.from_pylist(rows + [marker], schema=_ROW_SCHEMA)
 

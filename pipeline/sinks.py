@@ -143,11 +143,12 @@ class ShardCommitter:
             write_bytes(self.fs, f"{self.root}/{files[-1]}", sink.getvalue().to_pybytes())
         errors = [r for r in records if r.get("error")]
         extra = self._extra.pop(shard, {})
-        entry = {"shard": shard, "files": files + extra.get("files", []), "records": expected, "errors": len(errors),
+        entry = {"shard": shard, "files": files, "records": expected, "errors": len(errors),
                  "identity": self.identity, "model": records[0].get("model") if records else None,
                  "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if "stats" in extra:
-            entry["stats"] = extra["stats"]
+        for key in ("artifacts", "stats"):  # files the stage wrote itself (curation's shards), its own counts
+            if key in extra:
+                entry[key] = extra[key]
         write_entry(self.output, entry)
         self._unconsolidated.append(entry)
         self.entries.append(entry)

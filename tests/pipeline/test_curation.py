@@ -1,0 +1,225 @@
+"""Curation: the exact threshold against sorting, the tie rule, per kind, min-score, error records never kept,
+materialized shards byte-identical to the input in every format (also on S3), and exactly once after a kill."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import corpus, selection
+from pipeline.curation import CurateConfig, compute_thresholds, prepare_curation, run_curation
+from pipeline.manifest import claim_output, identity_hash, read_manifest
+from pipeline.sinks import SCORE_SCHEMA, ShardCommitter, read_committed
+from pipeline.sources import shard_end
+from tests.conftest import job_env
+from tests.pipeline.test_sources import WRITERS
+
+SELECTED = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("score", pa.float32()),
+                      ("label", pa.int8()), ("key", pa.string()), ("url", pa.string())])
+
+
+def fake_scores(output: str, shards: dict[str, list[dict]]) -> None:
+    """A scoring output with known records, committed through the real manifest (records: id, kind, score,
+    label, error)."""
+    identity = {"model": {"id": "fake@0", "revision": "0"}}
+    claim_output(output, "score", identity, {})
+    committer = ShardCommitter(output, SCORE_SCHEMA, identity=identity_hash(identity))
+    for key, records in shards.items():
+        rows = [{"source": key, "ordinal": i, "model": "fake@0", **r} for i, r in enumerate(records)]
+        committer.add(pa.Table.from_pylist([*rows, shard_end(key, len(rows))]))
+    committer.consolidate()
+
+
+def curate(tmp_path, scores, name="cur", **kw) -> dict:
+    config = CurateConfig(scores=str(scores), output=str(tmp_path / name), **kw)
+    plan = prepare_curation(config)
+    return run_curation(plan, compute_thresholds(plan), progress=False)[1]
+
+
+def selected(output) -> pa.Table:
+    return read_committed(str(output), SELECTED)
+
+
+# -- the threshold, without Ray -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_histogram_threshold_equals_the_sort_based_one(seed):
+    rng = np.random.default_rng(seed)
+    scores = np.concatenate([rng.normal(1.5, 0.8, 5000), np.round(rng.uniform(0, 3, 3000), 1),  # many ties
+                             [-2.5, 7.0, 0.0, -0.0]]).astype(np.float32)
+    blocks = np.array_split(scores, 7)  # as Ray Data's blocks would split it
+    tables = [pa.table({"kind": ["caption"] * len(b), "score": b, "error": pa.nulls(len(b), pa.string()),
+                        "label": np.zeros(len(b), dtype=np.int8)}) for b in blocks]
+    counts, _ = selection.merge_pass_one([selection.pass_one(t).to_pylist()[0] for t in tables])
+    for fraction in (0.001, 0.1, 0.3, 0.5, 0.77, 1.0):
+        k = selection.keep_count(fraction, len(scores))
+        b, needed = selection.cut_bin(counts[selection.ALL], k)
+        low = np.zeros(selection.BINS, dtype=np.int64)
+        for t in tables:
+            entry = json.loads(selection.pass_two(t, {selection.ALL: b}, {}).column("counts")[0].as_py())
+            low += selection._dense(entry[selection.ALL]["low_bins"])
+        assert selection.threshold_in_bin(b, needed, low) == selection.sort_threshold(scores, fraction)
+
+
+def test_keep_count_rounds_in_decimals():
+    assert selection.keep_count(0.7, 100) == 70 and selection.keep_count(0.3, 1000) == 300
+    assert selection.keep_count(0.3, 15) == 5 and selection.keep_count(0.001, 10) == 0
+    keys = selection.sortable_key(np.array([-1.0, -0.0, 0.0, 1e-30, 2.5], dtype=np.float32))
+    assert list(keys) == sorted(keys)
+
+
+# -- the job ------------------------------------------------------------------------------------------------------
+def _records(n: int, kind: str, seed: int, prefix: str) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        score = float(np.float32(np.round(rng.uniform(0, 3), 2)))  # rounded: ties
+        out.append({"id": f"{prefix}{i}", "kind": kind, "score": score, "label": int(min(3, round(score))),
+                    "error": None})
+    return out
+
+
+@pytest.fixture(scope="module")
+def known_scores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("known")
+    shards = {"a.tar": _records(40, "caption", 0, "a"), "b.tar": _records(30, "caption", 1, "b"),
+              "c.parquet": _records(30, "interleaved", 2, "c")}
+    shards["a.tar"] += [{"id": "bad1", "kind": "caption", "score": None, "label": None, "error": "decode: corrupt"},
+                        {"id": "bad2", "kind": "caption", "score": None, "label": None, "error": "empty: no text"}]
+    fake_scores(str(root / "scores"), shards)
+    records = [r for rs in shards.values() for r in rs]
+    return root / "scores", records
+
+
+def test_keep_fraction_keeps_the_best_and_every_tie(tmp_path, known_scores, ray_cluster):
+    scores, records = known_scores
+    good = [r for r in records if r["error"] is None]
+    summary = curate(tmp_path, scores, keep_fraction=0.3)
+    cut = selection.sort_threshold(np.array([r["score"] for r in good]), 0.3)
+    assert summary["thresholds"] == {"all": cut}
+    expected = sorted(r["id"] for r in good if r["score"] >= cut)
+    kept = selected(tmp_path / "cur")
+    assert sorted(kept.column("id").to_pylist()) == expected
+    assert len(expected) >= 30 and len(expected) == summary["kept"]  # round(0.3 x 100) plus the ties at the cut
+    assert summary["errors_by_reason"] == {"decode": 1, "empty": 1} and "bad1" not in expected
+    assert summary["scored"] == 100
+
+
+def test_per_kind_and_min_score(tmp_path, known_scores, ray_cluster):
+    scores, records = known_scores
+    good = [r for r in records if r["error"] is None]
+    summary = curate(tmp_path, scores, "perkind", keep_fraction=0.5, per_kind=True)
+    kept = set(selected(tmp_path / "perkind").column("id").to_pylist())
+    for kind in ("caption", "interleaved"):
+        of_kind = [r for r in good if r["kind"] == kind]
+        cut = selection.sort_threshold(np.array([r["score"] for r in of_kind]), 0.5)
+        assert summary["thresholds"][kind] == cut
+        assert {r["id"] for r in of_kind if r["score"] >= cut} == {r["id"] for r in of_kind if r["id"] in kept}
+    summary = curate(tmp_path, scores, "min", min_score=2.0)
+    assert set(selected(tmp_path / "min").column("id").to_pylist()) == {r["id"] for r in good if r["score"] >= 2.0}
+    assert summary["by_kind"]["caption"]["kept"] + summary["by_kind"]["interleaved"]["kept"] == summary["kept"]
+
+
+def _materialized(path: Path, fmt: str) -> dict[str, bytes]:
+    """Sample id -> its bytes, from a shard of any format (tar: every member; Parquet: the row)."""
+    if fmt in ("webdataset", "interleaved-wds"):
+        out: dict[str, bytes] = {}
+        with tarfile.open(fileobj=io.BytesIO(path.read_bytes())) as tar:
+            for m in tar.getmembers():
+                key = m.name.split(".", 1)[0]
+                out[key] = out.get(key, b"") + m.name.encode() + tar.extractfile(m).read()
+        return out
+    table = pq.read_table(path)
+    return {r["id"]: json.dumps(r, default=str, sort_keys=True).encode() for r in table.to_pylist()}
+
+
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_materialized_shards_hold_exactly_the_kept_samples_byte_for_byte(fmt, tmp_path, ray_cluster):
+    write, make, suffix = WRITERS[fmt]
+    kind = "caption" if fmt in ("webdataset", "parquet") else "interleaved"
+    shards = {}
+    for k in range(2):
+        items = make(6, seed=k, prefix=f"m{k}-")
+        write(str(tmp_path / "in" / f"{k}{suffix}"), items)
+        shards[f"{k}{suffix}"] = [{"id": it["key"], "kind": kind, "score": float(i % 4), "label": i % 4, "error": None}
+                                  for i, it in enumerate(items)]
+    fake_scores(str(tmp_path / "scores"), shards)
+    summary = curate(tmp_path, tmp_path / "scores", min_score=2.0, input=str(tmp_path / "in"), format=fmt,
+                     materialize=True)
+    assert summary["shards"]["incomplete"] == []
+    for key, records in shards.items():
+        kept = {r["id"] for r in records if r["score"] >= 2.0}
+        original = _materialized(tmp_path / "in" / key, fmt)
+        written = _materialized(tmp_path / "cur" / "shards" / key, fmt)
+        assert set(written) == kept
+        assert all(written[i] == original[i] for i in kept)
+    if fmt in ("parquet", "obelics"):
+        assert pq.read_schema(tmp_path / "cur" / "shards" / f"0{suffix}") == pq.read_schema(tmp_path / "in" / f"0{suffix}")
+
+
+def test_materialize_through_s3(s3_bucket, tmp_path, ray_cluster):
+    import boto3
+
+    items = corpus.caption_samples(5, seed=3, prefix="s3m-")
+    corpus.write_webdataset(f"s3://{s3_bucket}/in/0.tar", items)
+    fake_scores(f"s3://{s3_bucket}/scores", {"0.tar": [{"id": it["key"], "kind": "caption", "score": float(i),
+                                                        "label": min(i, 3), "error": None}
+                                                       for i, it in enumerate(items)]})
+    config = CurateConfig(scores=f"s3://{s3_bucket}/scores", output=f"s3://{s3_bucket}/cur", keep_fraction=0.4,
+                          input=f"s3://{s3_bucket}/in", format="webdataset", materialize=True)
+    plan = prepare_curation(config)
+    summary = run_curation(plan, compute_thresholds(plan), progress=False)[1]
+    assert summary["kept"] == 2
+    body = boto3.client("s3").get_object(Bucket=s3_bucket, Key="cur/shards/0.tar")["Body"].read()
+    local = tmp_path / "got.tar"
+    local.write_bytes(body)
+    assert set(_materialized(local, "webdataset")) == {"s3m-000003", "s3m-000004"}
+    assert sorted(read_committed(f"s3://{s3_bucket}/cur", SELECTED).column("id").to_pylist()) == \
+        ["s3m-000003", "s3m-000004"]
+
+
+def test_a_killed_curation_finishes_exactly_once(tmp_path, ray_cluster):
+    by_shard: dict[str, list[dict]] = {}
+    for k in range(60):
+        items = corpus.caption_samples(2, seed=k, prefix=f"k{k}-")
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k:03d}.tar"), items)
+        by_shard[f"{k:03d}.tar"] = [{"id": it["key"], "kind": "caption", "score": float(k % 3 + i), "label": 1,
+                                     "error": None} for i, it in enumerate(items)]
+    fake_scores(str(tmp_path / "scores"), by_shard)
+    out = tmp_path / "cur"
+    cmd = [sys.executable, "-m", "jobs.curate", "--scores", str(tmp_path / "scores"), "--output", str(out),
+           "--min-score", "1", "--input", str(tmp_path / "in"), "--format", "webdataset", "--materialize",
+           "--workers", "1"]
+    env = job_env(RAY_ADDRESS=ray_cluster)
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and first.poll() is None:
+        if (out / "_manifest").is_dir() and list((out / "_manifest").glob("*.json")):
+            first.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
+    before = len(read_manifest(str(out)))
+    assert 1 <= before < 60
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards"]["already_committed"] == before and summary["shards"]["committed_this_run"] == 60 - before
+    ids = selected(out).column("id").to_pylist()
+    kept = [r["id"] for rs in by_shard.values() for r in rs if r["score"] >= 1]
+    assert sorted(ids) == sorted(kept) and len(ids) == len(set(ids))
+    assert summary["kept"] == len(kept)
+    for shard, records in by_shard.items():
+        assert set(_materialized(out / "shards" / shard, "webdataset")) == {r["id"] for r in records
+                                                                           if r["score"] >= 1}
