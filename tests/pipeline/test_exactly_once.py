@@ -185,3 +185,33 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         write_bytes(fs, str(tmp_path / "x" / "file.json"), b"{}")
     assert os.listdir(tmp_path / "x") == []
+
+
+def test_reads_that_fail_are_retried_and_a_shard_that_keeps_failing_stays_uncommitted(s3_bucket, tiny_checkpoint,
+                                                                                       ray_cluster):
+    """Through a loopback proxy in front of the S3 server that fails GETs of one shard on purpose."""
+    from tests.support.s3_faults import s3_fault_proxy
+
+    expected = []
+    for k in range(3):
+        items = corpus.caption_samples(4, seed=k, prefix=f"f{k}-")
+        corpus.write_webdataset(f"s3://{s3_bucket}/in/{k:05d}.tar", items)
+        expected += [i["key"] for i in items]
+    out = f"s3://{s3_bucket}/out"
+    retries = SourceOptions(read_attempts=4, read_backoff_s=0.0)
+    with s3_fault_proxy(set_env=True) as proxy:
+        # Six failures in a row: more than the S3 client's own three tries, so the reader's retry takes over.
+        flaky = proxy.fail("GET", "*/in/00001.tar", times=6, status=503)
+        broken = proxy.fail("GET", "*/in/00002.tar", times=None, status=500)
+        first = score(f"s3://{s3_bucket}/in", out, tiny_checkpoint, source=retries)
+        assert flaky.hits == 6 and proxy.count("GET", f"{s3_bucket}/in/00001.tar") > 6
+        assert first["shards"]["incomplete"] == ["00002.tar"]
+        assert first["incomplete_reasons"]["00002.tar"].startswith("io: cannot read")
+        assert "gave up after 4 attempts" in first["incomplete_reasons"]["00002.tar"]
+        assert first["errors_this_run"] == 0  # an I/O failure is never committed as an error record
+        broken.cancel()
+        second = score(f"s3://{s3_bucket}/in", out, tiny_checkpoint, source=retries)
+    assert second["shards"]["already_committed"] == 2 and second["shards"]["scored_this_run"] == 1
+    table = read_scores(out)
+    assert_exactly_once(table, expected)
+    assert table.column("error").null_count == len(expected)
