@@ -18,6 +18,7 @@ import model
 from model import cache
 from model.checkpoint import load_processor
 from tests.conftest import REPO_ROOT
+from tests.support.s3_faults import S3FaultProxy
 
 LOAD_AT_THE_SIGNAL = textwrap.dedent("""
     import json, os, sys, time
@@ -46,25 +47,38 @@ def s3_checkpoint(tiny_checkpoint, s3_bucket):
     return uri
 
 
-def test_four_processes_loading_at_once_download_once(s3_checkpoint, checkpoint_cache, tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT}  # the moto endpoint and the cache dir of this test
-    procs = [subprocess.Popen([sys.executable, "-c", LOAD_AT_THE_SIGNAL, s3_checkpoint, str(tmp_path / f"ready{i}"),
-                               str(tmp_path / "go")], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(4)]
-    deadline = time.time() + 240
-    while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.time() < deadline:
-        time.sleep(0.05)
-    (tmp_path / "go").touch()
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+def test_four_processes_loading_at_once_download_once(s3_checkpoint, s3_endpoint, checkpoint_cache, tmp_path,
+                                                     monkeypatch):
+    """Counted twice: by the cache's own log and by the GET requests for the weights that reach S3 (through a
+    counting proxy), compared with what one download on an empty cache takes."""
+    weights_key = s3_checkpoint.removeprefix("s3://") + "/model.safetensors"
+    with S3FaultProxy(s3_endpoint) as proxy:
+        env = {**os.environ, "PYTHONPATH": REPO_ROOT, "AWS_ENDPOINT_URL": proxy.url}  # this test's cache dir
+        procs = [subprocess.Popen([sys.executable, "-c", LOAD_AT_THE_SIGNAL, s3_checkpoint,
+                                   str(tmp_path / f"ready{i}"), str(tmp_path / "go")], env=env, cwd=REPO_ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+        deadline = time.time() + 240
+        while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.time() < deadline:
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        gets_by_four = proxy.count("GET", weights_key)
+
+        monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "empty-cache"))
+        with proxy.environ():
+            cache.fetch(s3_checkpoint)
+        gets_by_one = proxy.count("GET", weights_key) - gets_by_four
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(checkpoint_cache))
 
     log = fetches(checkpoint_cache)
-    print(f"\n[cache] 4 processes loaded {s3_checkpoint}: {len(log)} download(s) "
-          f"({log[0]['bytes'] if log else 0} bytes by pid {log[0]['pid'] if log else None})")
+    print(f"\n[cache] 4 processes loaded {s3_checkpoint}: {len(log)} download(s) in the cache's log; "
+          f"{gets_by_four} GET(s) of the weights reached S3 (one download takes {gets_by_one})")
     assert len(log) == 1 and log[0]["pid"] in {r["pid"] for r in results}
+    assert gets_by_one >= 1 and gets_by_four == gets_by_one
     assert len({r["entry"] for r in results}) == 1 and len({r["model_id"] for r in results}) == 1
     assert not list(checkpoint_cache.rglob(".tmp-*"))
 
