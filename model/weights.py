@@ -60,7 +60,10 @@ def shard_names(directory: Path) -> list[str]:
     index = directory / WEIGHTS_INDEX_NAME
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    local = sorted(p.name for p in directory.glob("*.safetensors"))
+    if (directory / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME]
+    # model weights only: a training checkpoint keeps its optimizer state in safetensors beside them
+    local = sorted(p.name for p in directory.glob("*.safetensors") if is_model_file(p.name))
     return local or [WEIGHTS_NAME]
 
 

@@ -22,6 +22,8 @@ os.environ.update({
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
+    # the node-local checkpoint cache: this session's own, never the user's ~/.cache
+    "UNIFILTER_CACHE_DIR": tempfile.mkdtemp(prefix="unifilter-test-cache-"),
 })
 os.environ.pop("AWS_PROFILE", None)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -17,16 +16,14 @@ import ray
 
 from model.checkpoint import load_processor
 from model.create import create
+from model.weights import export_checkpoint
 from pipeline.errors import CheckpointError, InputError, UniFilterError
 from pipeline.manifest import write_json
-from pipeline.storage import filesystem_for, is_local, join, storage_env, upload_file
+from pipeline.storage import filesystem_for, join, storage_env
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import ENCODE_TASK_CPUS, encoded, read_pairs
 from pipeline.training.state import STATE_NAME
 from pipeline.training.worker import train_loop
-
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
 class TrainingStalled(UniFilterError):
@@ -187,7 +184,7 @@ def train_classifier(config: TrainConfig) -> dict:
                              key=lambda cm: cm[1]["val_accuracy"], default=(result.checkpoint, result.metrics))
     best_uri = join(config.output, "best")
     with best.as_directory() as d:
-        _export_model(Path(d), best_uri)
+        export_checkpoint(d, best_uri)  # the model's files, config.json last; not the optimizer state
     with result.checkpoint.as_directory() as d:  # the latest checkpoint holds the whole history
         history = json.loads((Path(d) / STATE_NAME).read_text())["history"]
     summary = {
@@ -201,16 +198,3 @@ def train_classifier(config: TrainConfig) -> dict:
     }
     write_json(join(config.output, "train_summary.json"), summary)
     return summary
-
-
-def _export_model(directory: Path, uri: str) -> None:
-    """Copy the model files of a training checkpoint (not the optimizer state) to a loadable checkpoint."""
-    files = [directory / f for f in MODEL_FILES if (directory / f).is_file()]
-    if not is_local(uri):
-        for f in sorted(files, key=lambda p: p.name == "config.json"):  # config.json last
-            upload_file(f, join(uri, f.name))
-    else:
-        target = Path(uri)
-        target.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            shutil.copy2(f, target / f.name)

@@ -10,11 +10,11 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.weights import is_complete
 from pipeline.storage import filesystem_for, join, to_uri
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "train_state.json"  # written last: its presence completes a training checkpoint
-MODEL_NAMES = ("config.json", "model.safetensors")
 
 
 def save_train_state(directory: Path, optimizer, scheduler, state: dict) -> None:
@@ -61,7 +61,7 @@ def latest_checkpoint(storage_uri: str, name: str) -> tuple[str, dict] | None:
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
         names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(info.path))}
-        if not {*MODEL_NAMES, OPTIMIZER_NAME, STATE_NAME} <= names:
+        if not (is_complete(names) and {OPTIMIZER_NAME, STATE_NAME} <= names):
             continue
         try:
             with fs.open_input_stream(f"{info.path}/{STATE_NAME}") as f:
