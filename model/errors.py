@@ -55,7 +55,7 @@ class CheckpointError(UniFilterError):
     """A checkpoint that cannot be found, read or matched to the model."""
 
 
-class ConfigFieldError(UniFilterError):
+class ConfigFieldError(UniFilterError, ValueError):
     """A setting or input that cannot be used, naming the config field to change (exit status 2)."""
 
     def __init__(self, field: str, problem: str):

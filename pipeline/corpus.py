@@ -160,3 +160,20 @@ def write_sample_corpus(root: str, n_captions: int = 240, n_documents: int = 80,
     for k in range(0, len(docs), per_shard):
         write_obelics(join(root, "documents", f"{k // per_shard:05d}.parquet"), docs[k:k + per_shard])
     return {"webdataset": join(root, "captions"), "obelics": join(root, "documents")}
+
+
+def write_held_out_corpus(root: str, pairs, per_shard: int = 40) -> dict[str, str]:
+    """Synthetic pairs (a pyarrow table: id, kind, texts, images) written as a corpus to score: captions as
+    webdataset tars, documents as OBELICS Parquet, keyed by the pair id (whose true level the pairs table holds).
+    Returns {format: input URI}."""
+    rows = pairs.to_pylist()
+    captions = [{"key": r["id"], "image": next(i for i in r["images"] if i is not None),
+                 "caption": next(t for t in r["texts"] if t is not None), "meta": {"pair": r["id"]}}
+                for r in rows if r["kind"] == "caption"]
+    docs = [{"key": r["id"], "texts": r["texts"], "images": r["images"]}
+            for r in rows if r["kind"] == "interleaved"]
+    for k in range(0, len(captions), per_shard):
+        write_webdataset(join(root, "captions", f"{k // per_shard:05d}.tar"), captions[k:k + per_shard])
+    for k in range(0, len(docs), per_shard):
+        write_obelics(join(root, "documents", f"{k // per_shard:05d}.parquet"), docs[k:k + per_shard])
+    return {"webdataset": join(root, "captions"), "obelics": join(root, "documents")}

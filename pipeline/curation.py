@@ -47,8 +47,8 @@ class CurateConfig(BaseModel):
     min_score: float | None = Field(None, description="keep records scoring at least this")
     keep_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the best-scored records")
     per_kind: bool = Field(False, description="apply the rule within each kind (captions, documents) separately")
-    input: str | None = Field(None, description="the scored corpus (needed by materialize; else found through the "
-                                                "scores' summary)")
+    input: str | None = Field(None, description="the scored corpus, if it moved since it was scored (default: the "
+                                                "shards the score records name)")
     format: Literal["webdataset", "parquet", "obelics", "interleaved-wds"] | None = Field(
         None, description="the scored corpus' format")
     materialize: bool = Field(False, description="also write the kept samples as shards in the input's format")
@@ -64,8 +64,6 @@ class CurateConfig(BaseModel):
     def _rule(self) -> CurateConfig:
         if (self.min_score is None) == (self.keep_fraction is None):
             raise ValueError("set exactly one of field 'min_score' and field 'keep_fraction'")
-        if self.materialize and not (self.input and self.format):
-            raise ValueError("field 'materialize' needs field 'input' and field 'format' (the scored corpus)")
         if (self.input is None) != (self.format is None):
             raise ValueError("fields 'input' and 'format' go together")
         return self
@@ -95,10 +93,8 @@ class Thresholds:
 @dataclass
 class CurationPlan:
     config: CurateConfig
-    listing: ShardListing  # one Shard per committed score shard: uri = its score file, key = the input shard's
+    listing: ShardListing  # per committed score shard: uri = its score file, key and aux = the input shard's
     scores_identity: str
-    input_format: str | None
-    input_root: str | None
     started: float
 
 
@@ -112,17 +108,22 @@ def prepare_curation(config: CurateConfig, started: float | None = None) -> Cura
     if identity and identity.get("job") != "score":
         raise InputError("scores", f"{config.scores} is the output of a '{identity.get('job')}' job, not scores")
     inputs = {}
-    if config.input:
+    if config.input:  # the corpus moved: find each shard by its key under the new root
         inputs = {s.key: s.uri for s in list_shards(config.input, config.format).shards}
-    summary = read_json(join(config.scores, "summary.json")) or {}
     shards = []
     for key, entry in sorted(entries.items()):
-        score_files = [f for f in entry["files"] if f.startswith(f"{SCORES_DIR}/")]
-        for f in score_files:
-            shards.append(Shard(join(config.scores, f), key, None, inputs.get(key)))
+        source = inputs.get(key) if config.input else entry.get("input")
+        fmt = config.format or entry.get("format")
+        for f in (f for f in entry["files"] if f.startswith(f"{SCORES_DIR}/")):
+            shards.append(Shard(join(config.scores, f), key, None, source, fmt))
+    if config.materialize:
+        missing = [s.key for s in shards if not (s.aux and s.aux_format)]
+        if missing:
+            raise InputError("input", f"the score records of {len(missing)} shards (e.g. {missing[0]}) do not name "
+                                      "their input shard and format (scored before this version): set input and "
+                                      "format to the scored corpus")
     check_writable(config.output)
     return CurationPlan(config, ShardListing(config.scores, shards), identity.get("identity_hash", "legacy"),
-                        config.format or summary.get("format"), config.input or summary.get("input_root"),
                         started or time.time())
 
 
@@ -170,9 +171,9 @@ class Selector:
     """A selection worker: per score shard, the records at or above the cut (never error records), their counts
     by kind and level, and with `materialize` the kept samples written as a shard in the input's format."""
 
-    def __init__(self, config: dict, thresholds: dict, output: str, input_format: str | None):
+    def __init__(self, config: dict, thresholds: dict, output: str):
         self.config = CurateConfig.model_validate(config)
-        self.thresholds, self.output, self.input_format = thresholds, output, input_format
+        self.thresholds, self.output = thresholds, output
 
     def _cut(self, kind: str) -> float | None:
         return self.thresholds.get(kind if self.config.per_kind else selection.ALL)
@@ -213,7 +214,7 @@ class Selector:
             if not shard.aux:
                 raise ShardFault(Category.CONFIG, f"the input has no shard {shard.key} (set input to the scored corpus)")
             name = output_name(shard.key) + "." + shard.key.rsplit(".", 1)[-1]
-            written = materialize(self.input_format, shard.aux, set(kept.column("id").to_pylist()),
+            written = materialize(shard.aux_format, shard.aux, set(kept.column("id").to_pylist()),
                                   join(self.output, SHARDS_DIR, name), self.config.source)
             if written != kept.num_rows:
                 raise ShardFault(Category.CONFIG, f"{shard.key}: wrote {written} of {kept.num_rows} kept samples (is "
@@ -240,7 +241,7 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
                     no_progress_timeout_s=config.no_progress_timeout_s, unit="kept")
     prepared = prepare(spec, plan.started)
     stage = Stage("select", Selector, {"config": config.model_dump(), "thresholds": thresholds.by_group,
-                                       "output": config.output, "input_format": plan.input_format},
+                                       "output": config.output},
                   num_cpus=1, max_actors=config.workers)
     result = execute(prepared, [stage], progress)
     common = common_summary(prepared, result)

@@ -20,7 +20,7 @@ from pipeline.curation import CurationPlan, Thresholds
 from pipeline.report import Example, KindStats, ReportData, write_report
 from pipeline.selection import KINDS
 from pipeline.sources import MARKERS, SourceOptions, read_shard
-from pipeline.storage import Shard, filesystem_for, join
+from pipeline.storage import Shard, filesystem_for
 
 EXCERPT_CHARS = 600
 
@@ -83,13 +83,18 @@ def build_report_data(plan: CurationPlan, thresholds: Thresholds, summary: dict)
     for _, records in sections:
         for r in records:
             needed.setdefault(r["source"], set()).add(r["id"])
+    inputs = {s.key: s for s in plan.listing.shards}
+    refs = {key: _fetch.remote({"uri": inputs[key].aux, "key": key}, inputs[key].aux_format, sorted(ids),
+                               config.source.model_dump())
+            for key, ids in needed.items() if key in inputs and inputs[key].aux and inputs[key].aux_format}
     content: dict[tuple[str, str], dict] = {}
-    if plan.input_root and plan.input_format:
-        refs = {key: _fetch.remote({"uri": join(plan.input_root, key), "key": key}, plan.input_format, sorted(ids),
-                                   config.source.model_dump()) for key, ids in needed.items()}
-        for key, ref in refs.items():
-            for sample_id, data in ray.get(ref).items():
-                content[(key, sample_id)] = data
+    for key, ref in refs.items():
+        try:
+            found = ray.get(ref)
+        except Exception:  # noqa: BLE001 - an input shard the report cannot read shows as such, nothing more
+            continue
+        for sample_id, data in found.items():
+            content[(key, sample_id)] = data
     kinds = []
     for kind in KINDS:
         if kind not in thresholds.plots:

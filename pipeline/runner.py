@@ -59,6 +59,7 @@ class ShardJob:
     lease_ttl_s: float = 60.0
     no_progress_timeout_s: float = 3600.0
     unit: str = "samples"
+    format: str | None = None  # the input's format, recorded with each commit
 
 
 @dataclass
@@ -131,7 +132,7 @@ def shard_groups(shards: list[Shard]) -> list[list[dict]]:
         if current and (size + weight > CALL_BYTES or len(current) >= CALL_SHARDS):
             groups.append(current)
             current, size = [], 0
-        current.append({"uri": s.uri, "key": s.key, "size": s.size, "aux": s.aux})
+        current.append({"uri": s.uri, "key": s.key, "size": s.size, "aux": s.aux, "aux_format": s.aux_format})
         size += weight
     if current:
         groups.append(current)
@@ -163,9 +164,11 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
 
     spec = prepared.spec
     bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress)
+    uris = {s.key: s.uri for s in prepared.todo}
     committer = ShardCommitter(
         spec.output, spec.schema, prepared.identity, lease=prepared.lease, rows_per_sample=spec.rows_per_sample,
         row_key=spec.row_key, **({"partition": spec.partition} if spec.partition else {}), on_records=on_records,
+        describe=lambda key: {"input": uris.get(key), "format": spec.format},
         on_commit=lambda c: bar.update(len(c.committed), c.samples, sum(c.errors_by_category.values())))
     result = RunResult(committer)
     try:

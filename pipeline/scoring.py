@@ -90,7 +90,7 @@ def prepare_scoring(config: ScoreConfig, started: float | None = None, dry_run: 
     check_first_shard(listing, config.format, config.source)
     model_id = check_model(config.model)
     spec = ShardJob(job="score", output=config.output, listing=listing, identity=config.identity(model_id),
-                    schema=SCORE_SCHEMA, no_progress_timeout_s=config.no_progress_timeout_s)
+                    schema=SCORE_SCHEMA, no_progress_timeout_s=config.no_progress_timeout_s, format=config.format)
     return prepare(spec, started, dry_run), model_id
 
 

@@ -84,12 +84,14 @@ class ShardCommitter:
     def __init__(self, output: str, schema: pa.Schema, identity: str, lease=None, on_commit: Callable | None = None,
                  rows_per_sample: int = 1, row_key: Callable = lambda row: row["ordinal"],
                  partition: Callable = lambda row: SCORES_DIR, consolidate_every: int = CONSOLIDATE_EVERY,
-                 on_records: Callable[[list[dict]], None] | None = None):
+                 on_records: Callable[[list[dict]], None] | None = None,
+                 describe: Callable[[str], dict] | None = None):
         self.output = output
         self.fs, self.root = filesystem_for(output)
         self.schema, self.identity, self.lease = schema, identity, lease
         self.rows_per_sample, self.row_key, self.partition = rows_per_sample, row_key, partition
         self.on_commit, self.on_records, self.consolidate_every = on_commit, on_records, consolidate_every
+        self.describe = describe  # shard -> what its commit record says about it (its input URI and format)
         self._rows: dict[str, dict[object, dict]] = defaultdict(dict)  # shard -> row key -> record
         self._expected: dict[str, int] = {}
         self._extra: dict[str, dict] = {}  # shard -> files the stage wrote itself, and its own counts
@@ -146,6 +148,8 @@ class ShardCommitter:
         entry = {"shard": shard, "files": files, "records": expected, "errors": len(errors),
                  "identity": self.identity, "model": records[0].get("model") if records else None,
                  "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self.describe:
+            entry.update(self.describe(shard))
         for key in ("artifacts", "stats"):  # files the stage wrote itself (curation's shards), its own counts
             if key in extra:
                 entry[key] = extra[key]

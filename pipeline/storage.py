@@ -59,7 +59,8 @@ class Shard:
     uri: str  # normalised URI (what readers open)
     key: str  # path relative to the input root (what outputs are keyed by)
     size: int | None = None  # bytes, where the listing gave it
-    aux: str | None = None  # a second URI a job reads with it (curation: the input shard a score file scored)
+    aux: str | None = None  # a second shard a job reads with it (curation: the input shard a score file scored)
+    aux_format: str | None = None  # its format
 
 
 @dataclass

@@ -324,7 +324,7 @@ def prepare_synth(config: SynthConfig, started: float | None = None, dry_run: bo
     spec = ShardJob(job="synth", output=config.output, listing=listing, identity=identity(config),
                     schema=PAIR_SCHEMA, rows_per_sample=len(config.levels),
                     row_key=lambda r: (r["ordinal"], r["label"]),
-                    partition=lambda r: "errors" if r["error"] else r["split"], unit="pairs")
+                    partition=lambda r: "errors" if r["error"] else r["split"], unit="pairs", format=config.format)
     return prepare(spec, started, dry_run)
 
 
