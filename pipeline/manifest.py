@@ -79,7 +79,9 @@ def read_json(uri: str) -> dict | None:
 
 
 def entry_path(shard_key: str) -> str:
-    return f"{MANIFEST_DIR}/{output_name(shard_key)}.json"
+    """A shard's commit record: named after its full key, so shards of two corpora (`00000.tar` and
+    `00000.parquet` scored into one output) never share one."""
+    return f"{MANIFEST_DIR}/{output_name(shard_key, keep_suffix=True)}.json"
 
 
 def write_entry(output: str, entry: dict) -> None:

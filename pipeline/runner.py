@@ -66,6 +66,7 @@ class ShardJob:
 class PreparedJob:
     spec: ShardJob
     committed: dict[str, dict]  # commit records of the listed shards, by shard key
+    entries: dict[str, dict]  # every commit record of the output (other corpora scored into it too)
     todo: list[Shard]
     lease: Lease | None
     started: float
@@ -121,7 +122,7 @@ def prepare(spec: ShardJob, started: float | None = None, dry_run: bool = False)
             lease.release()
         raise
     todo = [s for s in spec.listing.shards if s.key not in committed]
-    return PreparedJob(spec, committed, todo, lease, started, identity_hash(spec.identity))
+    return PreparedJob(spec, committed, entries, todo, lease, started, identity_hash(spec.identity))
 
 
 def shard_groups(shards: list[Shard]) -> list[list[dict]]:
@@ -168,7 +169,7 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
     committer = ShardCommitter(
         spec.output, spec.schema, prepared.identity, lease=prepared.lease, rows_per_sample=spec.rows_per_sample,
         row_key=spec.row_key, **({"partition": spec.partition} if spec.partition else {}), on_records=on_records,
-        describe=lambda key: {"input": uris.get(key), "format": spec.format},
+        describe=lambda key: {"input": uris.get(key), "format": spec.format}, committed=prepared.entries,
         on_commit=lambda c: bar.update(len(c.committed), c.samples, sum(c.errors_by_category.values())))
     result = RunResult(committer)
     try:

@@ -85,13 +85,17 @@ class ShardCommitter:
                  rows_per_sample: int = 1, row_key: Callable = lambda row: row["ordinal"],
                  partition: Callable = lambda row: SCORES_DIR, consolidate_every: int = CONSOLIDATE_EVERY,
                  on_records: Callable[[list[dict]], None] | None = None,
-                 describe: Callable[[str], dict] | None = None):
+                 describe: Callable[[str], dict] | None = None, committed: dict[str, dict] | None = None):
         self.output = output
         self.fs, self.root = filesystem_for(output)
         self.schema, self.identity, self.lease = schema, identity, lease
         self.rows_per_sample, self.row_key, self.partition = rows_per_sample, row_key, partition
         self.on_commit, self.on_records, self.consolidate_every = on_commit, on_records, consolidate_every
         self.describe = describe  # shard -> what its commit record says about it (its input URI and format)
+        # file stems already taken in the output, by shard: a second corpus' `00000.parquet` beside the first's
+        # `00000.tar` gets `00000.parquet.parquet`, never the other's file
+        self._names = {f.split("/", 1)[-1].removesuffix(".parquet"): key
+                       for key, entry in (committed or {}).items() for f in entry.get("files", [])}
         self._rows: dict[str, dict[object, dict]] = defaultdict(dict)  # shard -> row key -> record
         self._expected: dict[str, int] = {}
         self._extra: dict[str, dict] = {}  # shard -> files the stage wrote itself, and its own counts
@@ -133,6 +137,8 @@ class ShardCommitter:
         expected = self._expected.pop(shard)
         records = [rows[k] for k in sorted(rows)]
         name = output_name(shard)
+        if self._names.setdefault(name, shard) != shard:
+            name = output_name(shard, keep_suffix=True)
         by_partition: dict[str, list[dict]] = defaultdict(list)
         for r in records:
             by_partition[self.partition(r)].append(r)

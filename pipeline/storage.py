@@ -197,10 +197,10 @@ def shard_key(uri: str, root: str) -> str:
     return re.sub(r"^([a-z0-9+.-]+)://", r"\1/", uri).lstrip("/")
 
 
-def output_name(key: str) -> str:
-    """A shard's file stem in an output (`part-1/00000.tar` -> `part-1/00000`): unique per shard key, kept
-    readable, never escaping the output folder."""
-    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
+def output_name(key: str, keep_suffix: bool = False) -> str:
+    """A shard's file stem in an output (`part-1/00000.tar` -> `part-1/00000`, or `part-1/00000.tar` with
+    `keep_suffix`): readable, never escaping the output folder, unique per shard key with `keep_suffix`."""
+    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] and not keep_suffix else key
     parts = [re.sub(r"[\x00-\x1f]", "_", p) for p in stem.split("/") if p not in ("", ".", "..")]
     parts = [("-" + p[1:]) if p.startswith("_") else p for p in parts]  # `_` paths are metadata in outputs
     name = "/".join(parts) or "shard"
