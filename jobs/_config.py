@@ -1,68 +1,118 @@
-"""Configuration at the edge: a YAML file (`--config FILE.yaml`) overlaid with flags, validated by a pydantic
-model. Every field is a flag (`--gpus-per-actor`); nested fields use a dash (`--source-image-column`). Unknown or
-invalid fields fail fast with a message naming the field."""
+"""Configuration at the edge and the one way a job ends: a YAML file (`--config FILE.yaml`) overlaid with flags,
+validated by a pydantic model. Every field is a flag (`--gpus-per-actor`); nested fields use a dash
+(`--source-image-column`). `--help` shows each field's real default. Unknown or invalid fields fail fast with a
+message naming the field. `entry` prints errors (only here) and maps them to exit statuses: 2 for configuration,
+1 for a run that did not finish."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
+
+from model.errors import ConfigFieldError, UniFilterError
 
 
-class ConfigError(SystemExit):
-    def __init__(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        super().__init__(2)
+class ConfigError(UniFilterError):
+    """A configuration that cannot be used (possibly several fields at once): exit status 2."""
 
 
-@contextmanager
-def input_errors_exit_2():
-    """An input that turns out unusable once the job looks at it (nothing at a URI, no shards, no checkpoint) ends
-    the job like a bad flag: one line naming the field and exit status 2, not a traceback."""
-    from model.errors import ConfigFieldError
+@dataclass
+class Invocation:
+    """A parsed command line: the validated config, where each field's value came from, and the run-only flags."""
 
-    try:
-        yield
-    except ConfigFieldError as err:
-        raise ConfigError(str(err)) from None
+    config: BaseModel
+    sources: dict[str, str] = field(default_factory=dict)  # "gpus_per_actor" -> "flag" | "config file" | "default"
+    dry_run: bool = False
+    verbose: bool = False
+
+    def source_of(self, name: str) -> str:
+        return self.sources.get(name, "default")
 
 
 def _flag_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()):
-    for name, field in model.model_fields.items():
-        name = field.alias or name  # e.g. `model_config`, a name pydantic reserves for itself
-        annotation = field.annotation
+    for name, info in model.model_fields.items():
+        name = info.alias or name  # e.g. `model_config`, a name pydantic reserves for itself
+        annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _flag_fields(annotation, (*prefix, name))
         else:
-            yield (*prefix, name), field
+            yield (*prefix, name), info
 
 
-def parse_config(model: type[BaseModel], argv: list[str] | None, prog: str, description: str) -> BaseModel:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML file with any of the fields below (flags override it)")
+def default_of(info) -> Any:
+    """A field's real default (its factory's value too); PydanticUndefined for a required field."""
+    if info.default_factory is not None:
+        return info.default_factory()
+    return info.default
+
+
+def _help(info) -> str:
+    text = info.description or ""
+    default = default_of(info)
+    if default is PydanticUndefined:
+        return f"{text} (required)".strip()
+    if default is None:
+        # a None default means "decided at run time": the description says how; say so when it does not
+        return text if "default" in text.lower() else f"{text} (default: none)".strip()
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return f"{text} (default: {shown})".strip()
+
+
+def _metavar(annotation, choices) -> str | None:
+    if choices:
+        return "|".join(map(str, choices))
+    args = [a for a in (annotation, *get_args(annotation)) if a is not type(None)]
+    if int in args:
+        return "N"
+    if float in args:
+        return "X"
+    if list in [get_origin(a) for a in args]:
+        return "A,B,..."
+    return "VALUE"
+
+
+def build_parser(model: type[BaseModel], prog: str, description: str, dry_run: bool = True):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the fields below (flags "
+                                                              "override it)")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true", help="say what the job would do, and (scoring) what "
+                                                                   "it would cost; start nothing, write nothing")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own progress and logs")
     dests = {}
-    for path, field in _flag_fields(model):
+    for path, info in _flag_fields(model):
         flag = "--" + "-".join(p.replace("_", "-") for p in path)
         dest = "__".join(path)
         dests[dest] = path
-        annotation = field.annotation
+        annotation = info.annotation
         if annotation is bool or annotation == (bool | None):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                                help=field.description)
-        else:
-            literal = [a for a in (annotation, *get_args(annotation)) if get_origin(a) is Literal]
-            choices = get_args(literal[0]) if literal else None
-            as_int = bool(choices) and all(isinstance(c, int) for c in choices)  # e.g. num_labels: 1 | 4
-            parser.add_argument(flag, dest=dest, default=None, help=field.description, type=int if as_int else None,
-                                metavar=("|".join(map(str, choices)) if choices else None))
-    args = parser.parse_args(argv)
+                                help=_help(info))
+            continue
+        literal = [a for a in (annotation, *get_args(annotation)) if get_origin(a) is Literal]
+        choices = get_args(literal[0]) if literal else None
+        as_int = bool(choices) and all(isinstance(c, int) for c in choices)  # e.g. num_labels: 1 | 4
+        is_list = list in [get_origin(a) for a in (annotation, *get_args(annotation))]
+        parser.add_argument(flag, dest=dest, default=None, help=_help(info),
+                            type=(int if as_int else (lambda v: v.split(",")) if is_list else None),
+                            metavar=_metavar(annotation, choices))
+    return parser, dests
 
+
+def parse(model: type[BaseModel], argv: list[str] | None, prog: str, description: str,
+          dry_run: bool = True) -> Invocation:
+    parser, dests = build_parser(model, prog, description, dry_run)
+    args = parser.parse_args(argv)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if args.config:
         try:
             with open(args.config) as f:
@@ -74,6 +124,7 @@ def parse_config(model: type[BaseModel], argv: list[str] | None, prog: str, desc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {args.config} must hold a mapping of fields")
         values.update(loaded)
+        sources.update({k: "config file" for k in loaded})
     for dest, path in dests.items():
         value = getattr(args, dest)
         if value is None:
@@ -82,33 +133,60 @@ def parse_config(model: type[BaseModel], argv: list[str] | None, prog: str, desc
         for part in path[:-1]:
             target = target.setdefault(part, {})
         target[path[-1]] = value
+        sources[".".join(path)] = "flag"
     try:
-        return model.model_validate(values)
+        config = model.model_validate(values)
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "(config)"
+            name = ".".join(str(p) for p in e["loc"]) or "(config)"
             if e["type"] == "extra_forbidden":
-                problems.append(f"field '{field}': unknown field")
+                problems.append(f"field '{name}': unknown field")
             elif e["type"] == "missing":
-                problems.append(f"field '{field}': required (set it in the YAML file or as a flag)")
+                problems.append(f"field '{name}': required (set it in the YAML file or as a flag)")
+            elif name == "(config)":
+                problems.append(e["msg"].removeprefix("Value error, "))
             else:
-                problems.append(f"field '{field}': {e['msg']} (got {e.get('input')!r})")
+                problems.append(f"field '{name}': {e['msg']} (got {e.get('input')!r})")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    return Invocation(config, sources, getattr(args, "dry_run", False), args.verbose)
 
 
-def connect_ray() -> None:
-    """The cluster in RAY_ADDRESS, or a local instance bound to loopback (no dashboard)."""
-    import os
+def entry(run: Callable[[], int]) -> int:
+    """Run a job's main; errors are printed here, one line each: 2 for configuration, 1 for a failed run."""
+    try:
+        return run()
+    except (ConfigError, ConfigFieldError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except UniFilterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def connect_ray(verbose: bool = False, job: str = "job") -> None:
+    """The cluster in RAY_ADDRESS, or a local instance of this job's own bound to loopback. Quiet unless
+    `verbose`: Ray's progress bars and info logs off, our own progress line instead."""
+    import logging
 
     import ray
 
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(level)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=verbose, logging_level=level)
     else:
         # address="local": always this job's own instance, even when other Ray instances run on this host (which
         # ray.init() would otherwise try to join, or refuse with "Found multiple active Ray instances").
         ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+                 _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level)
+        resources = ray.cluster_resources()
+        print(f"[{job}] started a local Ray instance ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} "
+              "GPUs; set RAY_ADDRESS to run on a cluster)", file=sys.stderr, flush=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    ctx.enable_operator_progress_bars = verbose

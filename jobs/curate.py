@@ -4,29 +4,42 @@
 Selects the best-scored records (error records never), writes them per input shard to OUTPUT/selected/ (and, with
 --materialize, the kept samples as shards in the input's format to OUTPUT/shards/), and with --report an HTML
 report to judge the threshold by. Rerunning after a kill finishes the job exactly once; with --min-score a rerun
-curates only the score shards committed since the last run. Exit status: 0 when every shard is committed, 1 when
-some are incomplete, 2 on bad configuration.
+curates only the score shards committed since the last run. `--dry-run` says what a run would do, starting
+nothing. Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad configuration.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
-from jobs._config import connect_ray, input_errors_exit_2, parse_config
+from jobs._config import connect_ray, entry, parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    import time
+    return entry(lambda: _run(argv))
 
+
+def _run(argv: list[str] | None) -> int:
     started = time.time()
-    from pipeline.curation import CurateConfig, compute_thresholds, format_summary, prepare_curation, run_curation
+    from pipeline.curation import (
+        CurateConfig,
+        compute_thresholds,
+        dry_run_plan,
+        format_summary,
+        prepare_curation,
+        run_curation,
+    )
 
-    config = parse_config(CurateConfig, argv, "python -m jobs.curate", __doc__.split("\n")[0])
-    with input_errors_exit_2():
-        plan = prepare_curation(config, started)  # the scores and the output: before Ray starts
-        connect_ray()
-        thresholds = compute_thresholds(plan)
-        prepared, summary = run_curation(plan, thresholds)
+    invocation = parse(CurateConfig, argv, "python -m jobs.curate", __doc__.split("\n")[0])
+    config = invocation.config
+    if invocation.dry_run:
+        print(dry_run_plan(config))
+        return 0
+    plan = prepare_curation(config, started)  # the scores and the output: before Ray starts
+    connect_ray(invocation.verbose, "curate")
+    thresholds = compute_thresholds(plan)
+    _, summary = run_curation(plan, thresholds)
     print(format_summary(summary))
     if config.report:
         from pipeline.curation_report import write_curation_report

@@ -1,28 +1,35 @@
 """Score every sample of a corpus: `python -m jobs.score --input URI --format FMT --output URI --model URI`.
 
 Runs on the Ray cluster in RAY_ADDRESS, or a local one. Rerunning the same command scores only the shards not
-yet committed. Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad configuration.
+yet committed. `--dry-run` says what a run would do and cost, starting nothing. Exit status: 0 when every shard is
+committed, 1 when some are incomplete, 2 on bad configuration.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
-from jobs._config import connect_ray, input_errors_exit_2, parse_config
+from jobs._config import connect_ray, entry, parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    import time
+    return entry(lambda: _run(argv))
 
+
+def _run(argv: list[str] | None) -> int:
     started = time.time()
-    from pipeline.scoring import ScoreConfig, format_summary, prepare_scoring, run_scoring
+    from pipeline.scoring import ScoreConfig, dry_run_plan, format_summary, prepare_scoring, run_scoring
 
-    config = parse_config(ScoreConfig, argv, "python -m jobs.score", __doc__.split("\n")[0])
-    with input_errors_exit_2():
-        prepared, model_id = prepare_scoring(config, started)  # shards, model, output: before Ray starts
+    invocation = parse(ScoreConfig, argv, "python -m jobs.score", __doc__.split("\n")[0])
+    config = invocation.config
+    if invocation.dry_run:
+        print(dry_run_plan(config))
+        return 0
+    prepared, model_id = prepare_scoring(config, started)  # shards, model, output: before Ray starts
     try:
-        connect_ray()
-        summary = run_scoring(prepared, config, model_id)
+        connect_ray(invocation.verbose, "score")
+        summary = run_scoring(prepared, config, model_id, sources=invocation.sources)
     finally:
         if prepared.lease is not None:
             prepared.lease.release()

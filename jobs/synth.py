@@ -2,27 +2,34 @@
 --generator offline|bedrock|openai [--endpoint URL] [--llm ID]`.
 
 Rerunning the same command finishes the shards not yet committed and never pays twice for a cached request.
-Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad configuration.
+`--dry-run` says what a run would do, starting nothing. Exit status: 0 when every shard is committed, 1 when some
+are incomplete, 2 on bad configuration.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
-from jobs._config import connect_ray, input_errors_exit_2, parse_config
+from jobs._config import connect_ray, entry, parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    import time
+    return entry(lambda: _run(argv))
 
+
+def _run(argv: list[str] | None) -> int:
     started = time.time()
-    from pipeline.synth import SynthConfig, format_summary, prepare_synth, synthesize
+    from pipeline.synth import SynthConfig, dry_run_plan, format_summary, prepare_synth, synthesize
 
-    config = parse_config(SynthConfig, argv, "python -m jobs.synth", __doc__.split("\n")[0])
-    with input_errors_exit_2():
-        prepared = prepare_synth(config, started)  # shards, generator, output: before Ray starts
+    invocation = parse(SynthConfig, argv, "python -m jobs.synth", __doc__.split("\n")[0])
+    config = invocation.config
+    if invocation.dry_run:
+        print(dry_run_plan(config))
+        return 0
+    prepared = prepare_synth(config, started)  # shards, generator, output: before Ray starts
     try:
-        connect_ray()
+        connect_ray(invocation.verbose, "synth")
         summary = synthesize(config, prepared=prepared)
     finally:
         if prepared.lease is not None:

@@ -1,28 +1,33 @@
 """Train the classifier on Ray Train: `python -m jobs.train --train URI --val URI --output URI
 --model-config tiny|qwen2.5-0.5b|qwen2.5-1.5b [--init URI] [--workers N] [--use-gpu]`.
 
-Rerunning with the same `--name` and storage resumes from the latest checkpoint. The best checkpoint by
+Rerunning with the same `--name` and storage resumes from the furthest checkpoint. The best checkpoint by
 validation accuracy is exported to OUTPUT/best/, which `python -m jobs.score --model OUTPUT/best` loads.
+`--dry-run` says what a run would do, starting nothing. Exit status: 0 when training finished, 1 when it stalled
+or failed, 2 on bad configuration.
 """
 
 from __future__ import annotations
 
 import sys
 
-from jobs._config import connect_ray, input_errors_exit_2, parse_config
+from jobs._config import connect_ray, entry, parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.training import TrainConfig, TrainingStalled, format_summary, train_classifier
+    return entry(lambda: _run(argv))
 
-    config = parse_config(TrainConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
-    connect_ray()
-    with input_errors_exit_2():
-        try:
-            summary = train_classifier(config)
-        except TrainingStalled as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+
+def _run(argv: list[str] | None) -> int:
+    from pipeline.training import TrainConfig, dry_run_plan, format_summary, train_classifier
+
+    invocation = parse(TrainConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
+    config = invocation.config
+    if invocation.dry_run:
+        print(dry_run_plan(config))
+        return 0
+    connect_ray(invocation.verbose, "train")
+    summary = train_classifier(config, sources=invocation.sources)
     print(format_summary(summary))
     return 0
 

@@ -14,7 +14,6 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -281,6 +280,24 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
     return prepared, summary
 
 
+def dry_run_plan(config: CurateConfig) -> str:
+    """What a run would do: committed score shards and records, what is already curated. Starts nothing."""
+    entries = read_manifest(config.scores)
+    if not entries:
+        raise InputError("scores", f"no committed score records at {config.scores} (a jobs.score output)")
+    curated = read_manifest(config.output)
+    new = [k for k in entries if k not in curated]
+    records = sum(entries[k].get("records", 0) for k in new)
+    return "\n".join([
+        f"UniFilter curation, dry run (nothing started, nothing written): {config.scores} -> {config.output}",
+        f"  rule       {config.rule} (the threshold is computed when the job runs)",
+        f"  shards     {len(entries)} scored · {len(entries) - len(new)} already curated · {len(new)} new",
+        f"  records    {records:,} score records in the new shards",
+        f"  writes     selected/ per shard{', the kept samples as shards in shards/' if config.materialize else ''}"
+        f"{', an HTML report to ' + config.report if config.report else ''}",
+    ])
+
+
 def format_summary(summary: dict) -> str:
     s = summary["shards"]
     cuts = ", ".join(f"{k} {'none kept' if v is None else f'{v:.4f}'}" for k, v in summary["thresholds"].items())
@@ -305,5 +322,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CurateConfig", "compute_thresholds", "format_summary", "prepare_curation", "run_curation",
+__all__ = ["CurateConfig", "compute_thresholds", "dry_run_plan", "format_summary", "prepare_curation", "run_curation",
            "SELECTED_SCHEMA", "SHARD_END"]

@@ -125,12 +125,16 @@ def prepare(spec: ShardJob, started: float | None = None, dry_run: bool = False)
     return PreparedJob(spec, committed, entries, todo, lease, started, identity_hash(spec.identity))
 
 
-def shard_groups(shards: list[Shard]) -> list[list[dict]]:
-    """Shards packed into CPU-stage calls by size (unknown sizes count as a full call)."""
+def shard_groups(shards: list[Shard], workers: int = 1) -> list[list[dict]]:
+    """Shards packed into CPU-stage calls by size (small shards share a call and its fixed cost), yet at least
+    four calls per worker where there are enough shards, so every worker has work. Unknown sizes count as full."""
+    known = [s.size for s in shards if s.size is not None]
+    spread = (sum(known) // max(1, 4 * workers)) if known and len(known) == len(shards) else CALL_BYTES
+    target = max(1, min(CALL_BYTES, spread))
     groups, current, size = [], [], 0
     for s in shards:
         weight = s.size if s.size is not None else CALL_BYTES
-        if current and (size + weight > CALL_BYTES or len(current) >= CALL_SHARDS):
+        if current and (size + weight > target or len(current) >= CALL_SHARDS):
             groups.append(current)
             current, size = [], 0
         current.append({"uri": s.uri, "key": s.key, "size": s.size, "aux": s.aux, "aux_format": s.aux_format})
@@ -143,7 +147,7 @@ def shard_groups(shards: list[Shard]) -> list[list[dict]]:
 def _dataset(prepared: PreparedJob, stages: list[Stage]):
     import ray
 
-    groups = shard_groups(prepared.todo)
+    groups = shard_groups(prepared.todo, stages[0].max_actors)
     ds = ray.data.from_items([{"shards": g} for g in groups], override_num_blocks=len(groups))
     env = storage_env()  # workers read and write object storage too
     extra = {"runtime_env": {"env_vars": env}} if env else {}

@@ -1,7 +1,9 @@
 """The model stage of scoring: encoded rows in, score records out.
 
-`BatchScorer` is the whole of it and runs without Ray (tests drive it directly); `ScoringActor` is the thin Ray
-adapter that loads the model once per actor. Failures are told apart:
+`BatchScorer` is the whole of it and runs without Ray (tests and benchmarks drive it directly); `ScoringActor` is
+the thin Ray adapter that loads the model once per actor. The device never waits on the host: while one
+micro-batch runs, a helper thread gathers the next one from the Arrow buffers, pins it and starts its copy on a
+side stream. Failures are told apart:
 - out of memory: the micro-batch is split in halves (memory released first, outside the handler, so the failed
   batch's tensors are gone) until the pieces fit; a single sample that still does not fit is that sample's error;
 - any other error of the device (a CUDA error, after which the process's GPU is unusable) ends the actor, so Ray
@@ -14,19 +16,25 @@ from __future__ import annotations
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from model.errors import Category
+from model.processing import EncodedSample
 from pipeline.errors import UniFilterError
-from pipeline.preprocess import decode_encoded, token_budget_batches
+from pipeline.preprocess import token_budget_batches
 from pipeline.sinks import SCORE_SCHEMA
 from pipeline.sources import MARKERS
 
+# Besides the score record: its position in the shard, its error's category, and the size of the micro-batch it
+# was scored in (the summary reports how full the device's batches were).
 ACTOR_OUTPUT_SCHEMA = SCORE_SCHEMA.append(pa.field("ordinal", pa.int64())).append(
-    pa.field("error_category", pa.string()))
+    pa.field("error_category", pa.string())).append(pa.field("micro_batch", pa.int32()))
+_PASSED = ["id", "source", "kind", "ordinal", "n_images", "n_tokens", "truncated", "error", "error_category", "key",
+           "url"]
 _DEVICE_ERROR = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|device-side assert|illegal memory "
                            r"access|NCCL error|ECC error|unspecified launch failure", re.I)
 
@@ -40,35 +48,93 @@ def is_device_error(err: BaseException) -> bool:
     return (accelerator_error and isinstance(err, accelerator_error)) or bool(_DEVICE_ERROR.search(str(err)))
 
 
-class BatchScorer:
-    """Scores encoded rows with a loaded model: token-budget micro-batches of similar length."""
+def _binary_views(column: pa.ChunkedArray) -> list[memoryview | None]:
+    """Zero-copy views of a binary column's values (no Python bytes objects for megabytes of pixels)."""
+    out: list[memoryview | None] = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        offs = np.frombuffer(offsets, dtype=np.int32)[chunk.offset: chunk.offset + len(chunk) + 1]
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        base = memoryview(data) if data is not None else memoryview(b"")
+        out += [base[offs[i]:offs[i + 1]] if valid[i] else None for i in range(len(chunk))]
+    return out
 
-    def __init__(self, model, processor, token_budget: int, max_batch: int):
+
+class BatchScorer:
+    """Scores encoded rows with a loaded model: token-budget micro-batches of similar length, overlapped."""
+
+    def __init__(self, model, processor, token_budget: int, max_batch: int, overlap: bool = True):
         self.model, self.processor = model, processor
         self.token_budget, self.max_batch = token_budget, max_batch
         self.micro_batch_sizes: list[int] = []  # what the device saw, for tests and benchmarks
+        self.cuda = model.device.type == "cuda"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prepare") if overlap else None
+        self._stream = torch.cuda.Stream() if self.cuda else None
 
+    # -- one call ----------------------------------------------------------------------------------------------
     def score_table(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        columns = {name: batch.column(name).to_pylist() for name in _PASSED}
+        n = batch.num_rows
+        todo = [i for i in range(n) if columns["kind"][i] not in MARKERS and not columns["error"][i]]
+        encoded = self._decode(batch, todo)
+        results: dict[int, dict | str] = {}
+        plan = list(token_budget_batches([e.n_tokens for e in encoded], self.token_budget, self.max_batch))
+        pending = self._submit(encoded, plan[0]) if plan else None
+        for k, micro in enumerate(plan):
+            prepared = pending.result() if self._pool else pending
+            pending = self._submit(encoded, plan[k + 1]) if k + 1 < len(plan) else None
+            results.update(self._score_group(encoded, micro, prepared))
         model_id = self.model.model_id
-        out = [_passthrough_record(r, model_id) for r in rows]
-        todo = [i for i, r in enumerate(rows) if r["kind"] not in MARKERS and not r["error"]]
-        size = self.processor.config.image_size
-        encoded = [decode_encoded(rows[i], size) for i in todo]
-        for micro in token_budget_batches([e.n_tokens for e in encoded], self.token_budget, self.max_batch):
-            for j, result in self._score_group(encoded, micro).items():
-                record = out[todo[j]]
-                if isinstance(result, str):
-                    record.update(error=result, error_category=Category.SCORE.value)
-                else:
-                    record.update(result)
-        return pa.Table.from_pylist(out, schema=ACTOR_OUTPUT_SCHEMA)
+        score, label, probs, micro_batch = [None] * n, [None] * n, [None] * n, [None] * n
+        for j, result in results.items():
+            i = todo[j]
+            if isinstance(result, str):
+                columns["error"][i], columns["error_category"][i] = result, Category.SCORE.value
+            else:
+                score[i], label[i], probs[i] = result["score"], result["label"], result["probs"]
+                micro_batch[i] = result["micro_batch"]
+        out = {**columns, "score": score, "label": label, "probs": probs, "model": [model_id] * n,
+               "micro_batch": micro_batch}
+        return pa.table({name: out[name] for name in ACTOR_OUTPUT_SCHEMA.names}, schema=ACTOR_OUTPUT_SCHEMA)
 
-    def _score_group(self, encoded, group: list[int]) -> dict[int, dict | str]:
+    def _decode(self, batch: pa.Table, rows: list[int]) -> list[EncodedSample]:
+        ids = _binary_views(batch.column("input_ids"))
+        pixels = _binary_views(batch.column("pixel_values"))
+        n_images = batch.column("n_images").to_pylist()
+        truncated = batch.column("truncated").to_pylist()
+        size = self.processor.config.image_size
+        return [EncodedSample(np.frombuffer(ids[i], dtype=np.int32).astype(np.int64),
+                              np.frombuffer(pixels[i], dtype=np.uint8).reshape(n_images[i], 3, size, size),
+                              bool(truncated[i])) for i in rows]
+
+    # -- host side of a micro-batch: gather, pin, start the copy ------------------------------------------------
+    def _submit(self, encoded, group: list[int]):
+        if self._pool is None:
+            return self._prepare(encoded, group)
+        return self._pool.submit(self._prepare, encoded, group)
+
+    def _prepare(self, encoded, group: list[int]) -> dict:
+        try:
+            batch = self.processor.collate([encoded[j] for j in group])
+        except Exception as err:  # noqa: BLE001 - a sample's own fault: narrowed down by _score_group
+            return {"error": err}
+        if self.cuda:
+            with torch.cuda.stream(self._stream):
+                pixels = batch["pixel_values"].pin_memory().to(self.model.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            batch["pixel_values"], batch["ready"] = pixels, event
+        return batch
+
+    # -- device side -------------------------------------------------------------------------------------------
+    def _score_group(self, encoded, group: list[int], prepared: dict | None = None) -> dict[int, dict | str]:
         """{index: record fields or error reason} for one micro-batch, halving it on failure."""
         failure = None
         try:
-            results = self._forward([encoded[j] for j in group])
+            prepared = prepared if prepared is not None else self._prepare(encoded, group)
+            if "error" in prepared:
+                raise prepared["error"]
+            results = self._forward(prepared, len(group))
         except torch.OutOfMemoryError:
             failure = "out of memory"
         except Exception as err:
@@ -78,6 +144,7 @@ class BatchScorer:
         if failure is None:
             return self._records(group, results)
         # Outside the handler: the failed forward's tensors (held by the traceback) are gone now.
+        prepared = None
         release_memory(self.model.device)
         if len(group) == 1:
             n_tokens = encoded[group[0]].n_tokens
@@ -87,12 +154,13 @@ class BatchScorer:
         half = len(group) // 2
         return {**self._score_group(encoded, group[:half]), **self._score_group(encoded, group[half:])}
 
-    def _forward(self, samples) -> dict:
-        batch = self.processor.collate(samples)
-        if self.model.device.type == "cuda":
-            batch = {k: v.pin_memory().to(self.model.device, non_blocking=True) for k, v in batch.items()}
-        self.micro_batch_sizes.append(len(samples))
-        out = self.model.score(**batch)
+    def _forward(self, batch: dict, n: int) -> dict:
+        if "ready" in batch:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(batch["ready"])
+            batch["pixel_values"].record_stream(stream)
+        self.micro_batch_sizes.append(n)
+        out = self.model.score(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         return {k: (None if v is None else v.float().cpu().numpy()) for k, v in out.items()}
 
     @staticmethod
@@ -103,7 +171,7 @@ class BatchScorer:
             if not np.isfinite(score):  # float16 overflow, say: reproducible for this sample, never a score
                 out[j] = f"{Category.SCORE.value}: non-finite score ({score}); float16 overflows, use bfloat16"
                 continue
-            out[j] = {"score": score, "label": int(result["label"][k]),
+            out[j] = {"score": score, "label": int(result["label"][k]), "micro_batch": len(group),
                       "probs": None if result["probs"] is None else result["probs"][k].tolist()}
         return out
 
@@ -111,13 +179,6 @@ class BatchScorer:
 def release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _passthrough_record(row: dict, model_id: str) -> dict:
-    return {"id": row["id"], "source": row["source"], "kind": row["kind"], "ordinal": row["ordinal"],
-            "score": None, "label": None, "probs": None, "n_images": row["n_images"], "n_tokens": row["n_tokens"],
-            "truncated": row["truncated"], "error": row["error"], "error_category": row.get("error_category"),
-            "model": model_id, "key": row.get("key"), "url": row.get("url")}
 
 
 class ScoringActor:
@@ -130,6 +191,7 @@ class ScoringActor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
+        self.model_uri = model_uri
         net, processor = unifilter.load(model_uri, device=device, dtype=getattr(torch, dtype))
         self.scorer = BatchScorer(net, processor, token_budget or (32768 if device == "cuda" else 8192), max_batch)
 

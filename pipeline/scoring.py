@@ -4,16 +4,19 @@ both, for code that has already connected to Ray)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Literal
 
-import ray
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.checkpoint import load_processor
 from pipeline.errors import CheckpointError, InputError
 from pipeline.manifest import write_json
 from pipeline.preprocess import ShardEncoder
+from pipeline.resources import current_view, decode_workers, gpus_per_actor
 from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare
 from pipeline.scorer import ScoringActor
 from pipeline.sinks import SCORE_SCHEMA
@@ -33,15 +36,20 @@ class ScoreConfig(BaseModel):
     concurrency: int = Field(1, ge=1, description="most scoring actors (the pool autoscales up to this)")
     min_actors: int = Field(1, ge=1, description="fewest scoring actors kept alive")
     gpus_per_actor: float | None = Field(
-        None, ge=0, description="GPUs per scoring actor (0.5 packs two per GPU); default: 1 if the cluster has GPUs")
+        None, ge=0, description="GPUs per scoring actor (0.5 packs two per GPU); default: 1 on a cluster reached "
+                                "through RAY_ADDRESS (which must have or be able to start GPU nodes), else 1 if "
+                                "this machine has a GPU")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scoring actor")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per preprocessing (decode + tokenize) worker")
     preprocess_workers: int | None = Field(
-        None, ge=1, description="most preprocessing workers; default: the cluster's CPUs not reserved for scoring")
+        None, ge=1, description="most preprocessing (decode) workers; default: 4 per GPU scoring actor on a cluster, "
+                                "this machine's CPUs not reserved for scoring when local")
     max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are errors (decompression bombs)")
     jpeg_draft: bool = Field(
         False, description="decode large JPEGs at reduced scale (1.4x faster preprocessing, <1 grey level mean diff)")
-    batch_size: int = Field(64, ge=1, description="rows handed to a scoring actor per call")
+    batch_size: int | None = Field(
+        None, ge=1, description="rows handed to a scoring actor per call; default 4 x max_batch, so micro-batches "
+                                "fill up to max_batch or the token budget")
     token_budget: int | None = Field(
         None, ge=64, description="padded tokens per forward pass (rows x longest); default 32768 on GPU, 8192 on CPU")
     max_batch: int = Field(256, ge=1, description="most samples per forward pass")
@@ -49,7 +57,12 @@ class ScoreConfig(BaseModel):
         "auto", description="model precision; auto: bfloat16 on GPU, float32 on CPU")
     source: SourceOptions = Field(default_factory=SourceOptions, description="how inputs are read")
     no_progress_timeout_s: float = Field(
-        3600.0, gt=0, description="how long the job may make no progress (e.g. waiting for GPU nodes to start)")
+        3600.0, gt=0, description="seconds the job may make no progress (e.g. waiting for GPU nodes to start)")
+    gpu_rate: float | None = Field(
+        None, gt=0, description="for --dry-run's estimate: samples/s one GPU scores; default: measured reference "
+                                "rates on one H200 (captions: 379/s up to 1B parameters, 282/s above; documents: a "
+                                "quarter of that)")
+    gpu_hour_price: float = Field(5.0, ge=0, description="for --dry-run's estimate: USD per GPU-hour")
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> ScoreConfig:
@@ -66,13 +79,13 @@ class ScoreConfig(BaseModel):
                 "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}
 
 
-def check_model(uri: str) -> str:
-    """Config and tokenizer only (no weights): fails fast on a bad URI; returns the model id records carry."""
+def check_model(uri: str):
+    """Config and tokenizer only (no weights): fails fast on a bad URI; returns (processor, the model id records
+    carry)."""
     try:
-        _, model_id = load_processor(uri)
+        return load_processor(uri)
     except (CheckpointError, OSError, ValueError) as err:
         raise InputError("model", str(err)) from None
-    return model_id
 
 
 def check_first_shard(listing, fmt: str, options: SourceOptions) -> None:
@@ -88,21 +101,24 @@ def prepare_scoring(config: ScoreConfig, started: float | None = None, dry_run: 
     """Everything before Ray: shards, the first shard's columns, the model, the output's lease and identity."""
     listing = list_shards(config.input, config.format)
     check_first_shard(listing, config.format, config.source)
-    model_id = check_model(config.model)
+    _, model_id = check_model(config.model)
     spec = ShardJob(job="score", output=config.output, listing=listing, identity=config.identity(model_id),
                     schema=SCORE_SCHEMA, no_progress_timeout_s=config.no_progress_timeout_s, format=config.format)
     return prepare(spec, started, dry_run), model_id
 
 
-def _resources(config: ScoreConfig) -> dict:
-    gpus = config.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    cpus = ray.cluster_resources().get("CPU", 1)
-    workers = config.preprocess_workers or max(1, int(cpus - config.concurrency * config.cpus_per_actor))
-    return {"min_actors": config.min_actors, "max_actors": config.concurrency, "gpus_per_actor": gpus,
-            "cpus_per_actor": config.cpus_per_actor, "preprocess_workers": workers,
-            "preprocess_cpus": config.preprocess_cpus, "no_progress_timeout_s": config.no_progress_timeout_s}
+def _resources(config: ScoreConfig, sources: dict[str, str]) -> tuple[dict, dict]:
+    """(what the job asks for, why): sized from what the cluster can scale to (`pipeline.resources`)."""
+    view = current_view()
+    gpus = gpus_per_actor(config.gpus_per_actor, sources.get("gpus_per_actor", "default"), view)
+    decode = decode_workers(config.preprocess_workers, sources.get("preprocess_workers", "default"), view,
+                            config.concurrency, config.cpus_per_actor, gpus.value)
+    values = {"min_actors": config.min_actors, "max_actors": config.concurrency, "gpus_per_actor": gpus.value,
+              "cpus_per_actor": config.cpus_per_actor, "preprocess_workers": decode.value,
+              "preprocess_cpus": config.preprocess_cpus, "no_progress_timeout_s": config.no_progress_timeout_s}
+    why = {"gpus_per_actor": gpus.why, "preprocess_workers": decode.why,
+           "max_actors": sources.get("concurrency", "default")}
+    return values, why
 
 
 def stages(config: ScoreConfig, resources: dict, actor_cls: type = ScoringActor) -> list[Stage]:
@@ -117,15 +133,27 @@ def stages(config: ScoreConfig, resources: dict, actor_cls: type = ScoringActor)
         Stage("score", actor_cls, {"model_uri": config.model, "dtype": config.dtype,
                                    "token_budget": config.token_budget, "max_batch": config.max_batch},
               num_cpus=config.cpus_per_actor, num_gpus=resources["gpus_per_actor"],
-              min_actors=config.min_actors, max_actors=config.concurrency, batch_size=config.batch_size),
+              min_actors=config.min_actors, max_actors=config.concurrency,
+              batch_size=config.batch_size or 4 * config.max_batch),
     ]
 
 
 def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progress: bool = True,
-                actor_cls: type = ScoringActor) -> dict:
+                actor_cls: type = ScoringActor, sources: dict[str, str] | None = None) -> dict:
     """Score every sample of the shards not yet committed; returns (and writes) the summary."""
-    resources = _resources(config)
-    result = execute(prepared, stages(config, resources, actor_cls), progress)
+    resources, why = _resources(config, sources or {})
+    if progress and prepared.todo:
+        print(f"[score] asking for {resources['max_actors']} scoring actor(s) x {resources['gpus_per_actor']:g} GPU "
+              f"({why['gpus_per_actor']}) and {resources['preprocess_workers']} decode workers "
+              f"({why['preprocess_workers']})", file=sys.stderr, flush=True)
+    batch_sizes = []
+
+    def device_batches(batch) -> None:  # how full the device's micro-batches were
+        sizes = batch.column("micro_batch").drop_null()
+        if len(sizes):
+            batch_sizes.append((pa.compute.sum(sizes).as_py(), len(sizes), pa.compute.max(sizes).as_py()))
+
+    result = execute(prepared, stages(config, resources, actor_cls), progress, on_batch=device_batches)
     c = result.committer
     common = common_summary(prepared, result)
     committed_before = prepared.committed
@@ -137,6 +165,7 @@ def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progr
         "incomplete_reasons": common["incomplete_reasons"],
         "duplicates_in_input": common["shards"]["duplicates_in_input"],
         "resources": resources,
+        "resources_why": why,
         "samples_this_run": c.samples,
         "scored_this_run": c.scored,
         "errors_this_run": sum(c.errors_by_category.values()),
@@ -145,6 +174,7 @@ def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progr
         "error_examples": common["error_examples"],
         "elapsed_s": common["elapsed_s"],
         "throughput_samples_per_s": common["samples_per_s"],
+        "micro_batch_rows": _micro_batch_stats(batch_sizes, config.max_batch),
         "committed_shards_total": len(committed_before) + len(c.committed),
         "committed_samples_total": sum(e["records"] for e in committed_before.values()) + c.samples,
     }
@@ -155,10 +185,54 @@ def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progr
     return summary
 
 
+def _micro_batch_stats(sizes: list[tuple[int, int, int]], configured: int) -> dict:
+    """How full the device's micro-batches were: the micro-batch size the average sample was scored in, and the
+    largest, against `max_batch` (the token budget may cap them lower for long samples)."""
+    rows = sum(n for _, n, _ in sizes)
+    return {"mean": round(sum(t for t, _, _ in sizes) / rows, 1) if rows else None,
+            "max": max((m for _, _, m in sizes), default=None), "configured": configured}
+
+
 def score_dataset(config: ScoreConfig, progress: bool = True, actor_cls: type = ScoringActor) -> dict:
     """prepare + run, on the Ray instance this process is connected to."""
     prepared, model_id = prepare_scoring(config, time.time())
     return run_scoring(prepared, config, model_id, progress, actor_cls)
+
+
+# Reference rates on one H200 (README, "Running on a cluster"): captions/s with bf16 batching.
+REFERENCE_RATES = ((1.0e9, 379.0), (float("inf"), 282.0))
+
+
+def dry_run_plan(config: ScoreConfig) -> str:
+    """What a run would do and cost: shards, samples, the model, GPU-hours at a rate. Starts nothing."""
+    from pipeline.plan import count_samples, human, parameter_count
+
+    prepared, model_id = prepare_scoring(config, dry_run=True)
+    processor, _ = load_processor(config.model)
+    params = parameter_count(processor.config)
+    samples, how = count_samples(prepared.todo, config.format, config.source)
+    rate = config.gpu_rate
+    rate_source = "--gpu-rate"
+    if rate is None:
+        rate = next(r for limit, r in REFERENCE_RATES if params <= limit)
+        if config.format in ("obelics", "interleaved-wds"):
+            rate /= 4
+        rate_source = "the reference rate for a model of this size (set --gpu-rate to your own)"
+    s = prepared
+    lines = [
+        f"UniFilter scoring, dry run (nothing started, nothing written): {config.input} ({config.format}) -> "
+        f"{config.output}",
+        f"  shards     {len(s.shards)} total · {len(s.committed)} already committed · {len(s.todo)} new",
+        f"  samples    {'unknown' if samples is None else f'{samples:,}'} in the new shards ({how})",
+        f"  model      {model_id} · {human(params)} parameters · {config.dtype} "
+        f"(auto: bfloat16 on GPU)",
+    ]
+    if samples is not None:
+        hours = samples / rate / 3600
+        lines.append(f"  estimate   {hours:,.2f} GPU-hours at {rate:g} samples/s per GPU ({rate_source}) · "
+                     f"${hours * config.gpu_hour_price:,.2f} at ${config.gpu_hour_price:g} per GPU-hour "
+                     "(--gpu-hour-price)")
+    return "\n".join(lines)
 
 
 def format_summary(summary: dict) -> str:

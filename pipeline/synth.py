@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from model.errors import Category, SampleError
 from model.processing import decode_image
+from pipeline.errors import InputError
 from pipeline.generators import (
     BedrockGenerator,
     GenerationRequest,
@@ -31,11 +32,18 @@ from pipeline.generators import (
     cache_namespace,
     generate_with_retries,
 )
-from pipeline.prompts import PROMPT_VERSION
 from pipeline.manifest import MANIFEST_DIR, write_json
+from pipeline.prompts import PROMPT_VERSION
 from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare
-from pipeline.sources import MARKERS, SAMPLE_SCHEMA, SHARD_FAILED, SourceOptions, check_columns, read_shard, sample_kind
-from pipeline.errors import InputError
+from pipeline.sources import (
+    MARKERS,
+    SAMPLE_SCHEMA,
+    SHARD_FAILED,
+    SourceOptions,
+    check_columns,
+    read_shard,
+    sample_kind,
+)
 from pipeline.storage import Shard, filesystem_for, join, list_shards
 
 DEFAULT_BEDROCK_MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
@@ -326,6 +334,27 @@ def prepare_synth(config: SynthConfig, started: float | None = None, dry_run: bo
                     row_key=lambda r: (r["ordinal"], r["label"]),
                     partition=lambda r: "errors" if r["error"] else r["split"], unit="pairs", format=config.format)
     return prepare(spec, started, dry_run)
+
+
+def dry_run_plan(config: SynthConfig) -> str:
+    """What a run would do: shards, origins, pairs, requests. Starts nothing, writes nothing."""
+    from pipeline.plan import count_samples
+
+    prepared = prepare_synth(config, dry_run=True)
+    origins, how = count_samples(prepared.todo, config.format, config.source)
+    pairs = None if origins is None else origins * len(config.levels)
+    requests = 0 if config.generator == "offline" else pairs
+    return "\n".join([
+        f"UniFilter synthetic data, dry run (nothing started, nothing written): {config.input} ({config.format}) "
+        f"-> {config.output}",
+        f"  generator  {config.generator_name()} · prompts {PROMPT_VERSION} · levels {config.levels}",
+        f"  shards     {len(prepared.shards)} total · {len(prepared.committed)} already committed · "
+        f"{len(prepared.todo)} new",
+        f"  origins    {'unknown' if origins is None else f'{origins:,}'} in the new shards ({how}) -> "
+        f"{'unknown' if pairs is None else f'{pairs:,}'} pairs",
+        f"  requests   {'unknown' if requests is None else f'at most {requests:,}'} (fewer where the request cache "
+        "under OUTPUT/_cache already holds them)",
+    ])
 
 
 def synthesize(config: SynthConfig, progress: bool = True, prepared: PreparedJob | None = None) -> dict:

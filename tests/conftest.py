@@ -170,7 +170,7 @@ def ray_head(tmp_path_factory):
 
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)

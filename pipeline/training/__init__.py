@@ -15,6 +15,6 @@ checkpoints), `loop` (one worker's TrainLoop, no Ray), `worker` (the Ray Train w
 from pipeline.training.config import TrainConfig
 from pipeline.training.driver import TrainingStalled, train_classifier
 from pipeline.training.metrics import spearman, validation_metrics
-from pipeline.training.summary import format_summary
+from pipeline.training.summary import dry_run_plan, format_summary
 
-__all__ = ["TrainConfig", "TrainingStalled", "format_summary", "spearman", "train_classifier", "validation_metrics"]
+__all__ = ["TrainConfig", "TrainingStalled", "dry_run_plan", "format_summary", "spearman", "train_classifier", "validation_metrics"]

@@ -22,11 +22,14 @@ class TrainConfig(BaseModel):
     init: str | None = Field(None, description="start from this checkpoint (dir, s3:// or hub id; LLaVA-style too)")
     num_labels: Literal[1, 4] | None = Field(None, description="1: regression + MSE (default); 4: cross-entropy")
     workers: int = Field(1, ge=1, description="Ray Train workers")
-    use_gpu: bool = Field(False, description="one GPU per worker")
+    use_gpu: bool | None = Field(
+        None, description="one GPU per worker; default: yes on a cluster reached through RAY_ADDRESS (which must have "
+                          "or be able to start GPU nodes), else yes if this machine has a GPU")
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs reserved per worker; default: 1, less on a small local machine so the data "
                                 "feed keeps a CPU")
-    feed_cpus: float = Field(1.0, gt=0, description="CPUs kept free for the data feed (decode + tokenize)")
+    feed_cpus: float = Field(1.0, gt=0, description="CPUs kept free for the data feed (decode + tokenize) on the local "
+                                                    "instance")
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1, description="samples per worker per optimizer step (before grad_accum)")
     token_budget: int | None = Field(
@@ -52,8 +55,8 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
     shuffle_buffer: int = Field(256, ge=0, description="local shuffle buffer of training samples")
     no_progress_timeout_s: float = Field(
-        1800.0, gt=0, description="end the run with an error when no training step is made for this long (start-up, "
-                                  "e.g. GPU nodes starting, included)")
+        1800.0, gt=0, description="seconds without a training step after which the run is ended with an error "
+                                  "(start-up, e.g. GPU nodes starting, included)")
 
     @model_validator(mode="after")
     def _stage_needs(self) -> TrainConfig:

@@ -19,6 +19,7 @@ from model.create import create
 from model.weights import export_checkpoint
 from pipeline.errors import CheckpointError, InputError, UniFilterError
 from pipeline.manifest import write_json
+from pipeline.resources import current_view, use_gpu
 from pipeline.storage import filesystem_for, join, storage_env
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import ENCODE_TASK_CPUS, encoded, read_pairs
@@ -64,16 +65,21 @@ def fit_workers(config: TrainConfig, cluster_cpus: float, local: bool) -> float:
 
 @ray.remote(num_cpus=0)
 class ProgressBeacon:
-    """Where training workers report progress; the driver's watchdog reads it."""
+    """Where training workers report progress (steps for the watchdog, epoch lines for the terminal); the driver
+    reads it, so the terminal shows the workers' own lines without Ray's log forwarding."""
 
     def __init__(self):
-        self.at, self.step = time.time(), None
+        self.at, self.step, self.lines = time.time(), None, []
 
     def beat(self, step: int) -> None:
         self.at, self.step = time.time(), step
 
-    def last(self) -> tuple[float, int | None]:
-        return self.at, self.step
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def last(self) -> tuple[float, int | None, list[str]]:
+        lines, self.lines = self.lines, []
+        return self.at, self.step, lines
 
 
 class Watchdog:
@@ -84,7 +90,7 @@ class Watchdog:
         self.started = clock()
 
     def check(self) -> None:
-        at, step = self.last_beat()
+        at, step = self.last_beat()[:2]
         at = max(at, self.started)
         idle = self.clock() - at
         if idle > self.timeout_s:
@@ -101,9 +107,15 @@ def _fit_with_watchdog(trainer, beacon, timeout_s: float):
     does (Ray Train's own SIGINT handler aborts the controller gracefully) and the driver raises TrainingStalled."""
     done, stalled = threading.Event(), []
 
+    def last_beat():
+        at, step, lines = ray.get(beacon.last.remote())
+        for line in lines:  # the workers' epoch lines, printed here on the driver
+            print(line, flush=True)
+        return at, step
+
     def watch() -> None:
-        watchdog = Watchdog(lambda: ray.get(beacon.last.remote()), timeout_s)
-        while not done.wait(5.0):
+        watchdog = Watchdog(last_beat, timeout_s)
+        while not done.wait(2.0):
             try:
                 watchdog.check()
             except TrainingStalled as err:
@@ -123,10 +135,11 @@ def _fit_with_watchdog(trainer, beacon, timeout_s: float):
         done.set()
     if stalled:
         raise stalled[0]
+    last_beat()  # the lines of the last epoch
     return result
 
 
-def train_classifier(config: TrainConfig) -> dict:
+def train_classifier(config: TrainConfig, sources: dict[str, str] | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -139,8 +152,9 @@ def train_classifier(config: TrainConfig) -> dict:
     if val_raw.count() == 0:  # checkpoints are ranked by validation accuracy: without pairs there is no ranking
         raise InputError("val", f"no validation pairs at {config.val} (jobs.synth's --val-fraction sets how many "
                                 "origins it holds out)")
-    local = not os.environ.get("RAY_ADDRESS")
-    cpus_per_worker = fit_workers(config, ray.cluster_resources().get("CPU", 1), local)
+    view = current_view()
+    gpu = use_gpu(config.use_gpu, (sources or {}).get("use_gpu", "default"), view)
+    cpus_per_worker = fit_workers(config, view.cpus or 1, not view.remote)
     base = _base_checkpoint(config)
     try:
         base_labels = load_processor(base)[0].config.num_labels  # config and tokenizer only: fails fast
@@ -172,7 +186,7 @@ def train_classifier(config: TrainConfig) -> dict:
         train_loop,
         train_loop_config={"config": config.model_dump(by_alias=True), "base": base, "total_steps": total_steps,
                            "heartbeat": beacon_name},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=gpu.value,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         datasets=datasets, run_config=run_config,
     )
@@ -191,7 +205,8 @@ def train_classifier(config: TrainConfig) -> dict:
         "train": config.train, "val": config.val, "output": config.output, "best": best_uri,
         "base": base, "name": config.name, "storage": config.storage_uri,
         "train_pairs": n_train, "epochs": config.epochs, "total_steps": total_steps,
-        "resources": {"workers": config.workers, "cpus_per_worker": cpus_per_worker, "use_gpu": config.use_gpu},
+        "resources": {"workers": config.workers, "cpus_per_worker": cpus_per_worker, "use_gpu": gpu.value},
+        "resources_why": {"use_gpu": gpu.why},
         "best_metrics": {k: v for k, v in best_metrics.items() if not k.startswith("_")},
         "last_metrics": {k: v for k, v in result.metrics.items() if not k.startswith("_")},
         "history": history, "elapsed_s": round(time.time() - start, 2),

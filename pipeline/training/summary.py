@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from model.config import NUM_LEVELS
+from pipeline.training.config import TrainConfig
 
 
 def format_summary(summary: dict) -> str:
@@ -26,3 +27,37 @@ def format_summary(summary: dict) -> str:
         lines.append("  confusion  (rows: true level, columns: predicted) " + json.dumps(m["val_confusion"]))
     lines.append(f"  score it:  python -m jobs.score --model {summary['best']} ...")
     return "\n".join(lines)
+
+
+def dry_run_plan(config: TrainConfig) -> str:
+    """What a run would do: pairs, steps, the base model, resources, the resume point. Starts nothing."""
+    import math
+    import os
+
+    from pipeline.plan import count_samples
+    from pipeline.storage import list_shards
+    from pipeline.training.driver import fit_workers
+    from pipeline.training.state import latest_checkpoint
+
+    counts = {}
+    for split, uri in (("train", config.train), ("val", config.val)):
+        listing = list_shards(uri, "parquet", field=split)
+        counts[split], _ = count_samples(listing.shards, "parquet")
+    per_step = config.batch_size * config.workers * config.grad_accum
+    steps = config.epochs * math.ceil((counts["train"] or 0) / per_step)
+    if config.max_steps:
+        steps = min(steps, config.max_steps)
+    local = not os.environ.get("RAY_ADDRESS")
+    cpus = fit_workers(config, float(os.cpu_count() or 1), local) if local else config.cpus_per_worker or 1.0
+    found = latest_checkpoint(config.storage_uri, config.name)
+    base = config.init or f"a new {config.architecture} model (written to OUTPUT/_base)"
+    return "\n".join([
+        f"UniFilter training, dry run (nothing started, nothing written): {config.train} -> {config.output}",
+        f"  pairs      {counts['train']} training · {counts['val']} validation",
+        f"  steps      {steps} ({config.epochs} epochs of {per_step} pairs a step)",
+        f"  model      {base} · head of {config.num_labels or 1} output(s)",
+        f"  workers    {config.workers} x {cpus:g} CPUs{' (fitted to this machine)' if local else ''}"
+        f"{' + GPU' if config.use_gpu else ''}",
+        f"  resume     {'from step ' + str(found[1]['step']) + ' (' + found[0] + ')' if found else 'nothing to resume'}"
+        f" · storage {config.storage_uri}, run name {config.name!r}",
+    ])

@@ -33,6 +33,13 @@ class _Heartbeat:
             self.actor.beat.remote(step)
             self.last = now
 
+    def say(self, line: str) -> None:
+        """A line for the terminal, printed by the driver (or here, when there is no driver to read it)."""
+        if self.actor is not None:
+            self.actor.say.remote(line)
+        else:
+            print(line, flush=True)
+
 
 def _resume_point(cfg: TrainConfig):
     """The furthest checkpoint in storage (recorded by Ray Train or not), else Ray Train's own."""
@@ -71,8 +78,8 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             loop.setup(Path(d))
         if rank == 0:
-            print(f"[train] resumed from the checkpoint at step {loop.step} (epoch {loop.epoch + 1}, "
-                  f"{loop.skip_batches} batches in)", flush=True)
+            beat.say(f"[train] resumed from the checkpoint at step {loop.step} (epoch {loop.epoch + 1}, "
+                     f"{loop.skip_batches} batches in)")
     else:
         loop.setup(None)
     beat(loop.step, force=True)
@@ -115,7 +122,7 @@ def train_loop(loop_config: dict) -> None:
         loop.history.append({k: v for k, v in metrics.items() if k != "val_confusion"})
         loop.epoch = epoch + 1
         if rank == 0:
-            print(format_epoch(metrics), flush=True)
+            beat.say(format_epoch(metrics))
         report_with_checkpoint(metrics, 0)
         beat(loop.step, force=True)
         if loop.done:

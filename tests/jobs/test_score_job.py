@@ -16,8 +16,10 @@ from tests.pipeline.test_scoring import assert_exactly_once, big_caption_shards
 
 
 def score_cmd(input_uri, output, model, *extra):
+    """The job as a cluster user runs it here: the test cluster has no GPU, so say so (a cluster job otherwise
+    wants one GPU per scoring actor and fails fast)."""
     return [sys.executable, "-m", "jobs.score", "--input", input_uri, "--format", "webdataset",
-            "--output", output, "--model", model, *extra]
+            "--output", output, "--model", model, "--gpus-per-actor", "0", *extra]
 
 
 def test_unknown_format_fails_fast_naming_the_field(tmp_path):
@@ -111,6 +113,22 @@ def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head
                                     "preprocess_workers": 1, "preprocess_cpus": 0.5, "no_progress_timeout_s": 900.0}
 
 
+def test_a_cluster_job_without_a_gpu_anywhere_fails_naming_gpus_per_actor(tmp_path, tiny_checkpoint, ray_head):
+    corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(2))
+    config = tmp_path / "job.yaml"  # the README's few-flag submission: no resource fields
+    config.write_text(f"input: {tmp_path / 'in'}\nformat: webdataset\noutput: {tmp_path / 'out'}\n"
+                      f"model: {tiny_checkpoint}\n")
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    res = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".", "--",
+         "python", "-m", "jobs.score", "--config", str(config)],
+        cwd=REPO_ROOT, env=job_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode != 0
+    assert "error: field 'gpus_per_actor': the cluster at RAY_ADDRESS has no GPU now" in res.stdout + res.stderr
+    assert not (tmp_path / "out" / "scores").exists()  # nothing scored at CPU speed behind the user's back
+
+
 def test_without_ray_address_the_job_starts_its_own_local_instance(tmp_path, tiny_checkpoint):
     items = corpus.caption_samples(4, seed=3, prefix="local-")
     corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), items)
@@ -119,5 +137,5 @@ def test_without_ray_address_the_job_starts_its_own_local_instance(tmp_path, tin
     res = subprocess.run(score_cmd(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint), env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Started a local Ray instance" in res.stderr
+    assert "[score] started a local Ray instance" in res.stderr
     assert_exactly_once(read_scores(str(tmp_path / "out")), [i["key"] for i in items])

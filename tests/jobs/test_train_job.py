@@ -21,37 +21,51 @@ def test_unknown_model_config_fails_fast_naming_the_field(tmp_path):
     assert res.returncode == 2 and "field 'model_config'" in res.stderr
 
 
-def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, ray_cluster):
+def _checkpoint_states(bucket: str, prefix: str) -> list[dict]:
+    import boto3
+
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    return [json.loads(s3.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys
+            if k.endswith("train_state.json") and "/checkpoint_" in k]
+
+
+def test_a_killed_run_resumes_from_its_checkpoints_on_s3(tmp_path, s3_bucket, ray_cluster):
+    """Checkpoints go to object storage; a run killed after one is rerun and carries on from the furthest one."""
+    import boto3
+
     corpus.write_webdataset(str(tmp_path / "in" / "caps.tar"), corpus.caption_samples(20, seed=21))
     synthesize(SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "pairs"),
                            val_fraction=0.2), progress=False)
-    out = tmp_path / "run"
+    out = f"s3://{s3_bucket}/run"
     cmd = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "pairs" / "train"),
-           "--val", str(tmp_path / "pairs" / "val"), "--output", str(out), "--epochs", "2", "--batch-size", "8",
-           "--cpus-per-worker", "0.5", "--checkpoint-every-steps", "4", "--name", "killed"]
+           "--val", str(tmp_path / "pairs" / "val"), "--output", out, "--epochs", "2", "--batch-size", "8",
+           "--cpus-per-worker", "0.5", "--checkpoint-every-steps", "4", "--name", "killed", "--no-use-gpu"]
     log = tmp_path / "first.log"
     with open(log, "wb") as sink:
         first = subprocess.Popen(cmd, env=job_env(RAY_ADDRESS=ray_cluster), stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
-        if list((out / "ray_train" / "killed").glob("checkpoint_*/train_state.json")):
+        if _checkpoint_states(s3_bucket, "run/ray_train/killed/"):
             time.sleep(0.5)  # let the checkpoint's registration finish
             first.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.1)
+        time.sleep(0.2)
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed:\n" + \
         log.read_text(errors="replace")[-4000:]
-    states = [json.loads(p.read_text()) for p in (out / "ray_train" / "killed").glob("checkpoint_*/train_state.json")]
-    latest_step = max(s["step"] for s in states)
+    latest_step = max(s["step"] for s in _checkpoint_states(s3_bucket, "run/ray_train/killed/"))
     assert latest_step >= 4
     time.sleep(2)
 
     second = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    summary = json.loads((out / "train_summary.json").read_text())
+    summary = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="run/train_summary.json")["Body"].read())
     resumed = summary["last_metrics"]["resumed_from_step"]
     assert resumed is not None and resumed >= latest_step  # it continued from a checkpoint, not from step 0
     assert summary["last_metrics"]["step"] == summary["total_steps"]  # and the step counter carried on
-    assert [h["epoch"] for h in summary["history"]][-1] == 2
-    assert model.load(str(out / "best"))[0].config.num_labels == 1
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="run/best/")["Contents"]]
+    assert {"run/best/model.safetensors", "run/best/config.json"} <= set(keys)
+    assert not any("optimizer" in k for k in keys)  # the exported model, not the training state
+    assert model.load(f"{out}/best")[0].config.num_labels == 1

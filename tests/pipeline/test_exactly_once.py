@@ -135,7 +135,7 @@ def test_two_jobs_on_one_output_one_refuses(tmp_path, tiny_checkpoint, ray_clust
     expected = big_caption_shards(str(tmp_path / "in"), n_shards=4, per_shard=6)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
-           "--output", str(out), "--model", tiny_checkpoint, "--batch-size", "4"]
+           "--output", str(out), "--model", tiny_checkpoint, "--batch-size", "4", "--gpus-per-actor", "0"]
     env = job_env(RAY_ADDRESS=ray_cluster)
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -167,7 +167,7 @@ def test_an_unusable_output_or_model_fails_before_ray_starts(tmp_path, tiny_chec
                               "webdataset", "--output", output, "--model", model],
                              env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
-        assert "Started a local Ray instance" not in res.stderr  # checked before Ray starts
+        assert "started a local Ray instance" not in res.stderr  # checked before Ray starts
         assert time.time() - started < 60
     assert not (tmp_path / "out" / "_manifest").exists()
 

@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline import corpus
-from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.manifest import read_manifest
+from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.sinks import read_scores
 from tests.conftest import jpeg_bytes
 from tests.model.test_processing import huge_png_header

@@ -1,0 +1,352 @@
+"""What a billion samples asks of the parts that do not scale with GPUs, measured side by side in one run.
+
+    python benchmarks/scale.py [--sizes 1000,10000,50000] [--quick]
+
+1. Manifest start-up: reading the commit records of 1k / 10k / 50k committed shards, local and on a loopback S3
+   server (moto on 127.0.0.1): before (one JSON object per shard, read one at a time: the previous version) and
+   after (consolidated Parquet parts, per-shard records read in parallel); and a rerun's whole start-up
+   (`prepare_scoring`: listing, model check, lease, manifest) over 4,000 committed shards against 400.
+2. The driver's committer: records/s, and how many GPUs one driver serves at 620 captions/s per GPU.
+3. The scoring actor with a stand-in model whose forward sleeps a fixed time per micro-batch (a GPU-bound stage
+   simulated on CPU): achieved samples/s against the ideal rate, serial and overlapped (target >= 95%).
+4. The actor's host ceiling: the same with a forward that does nothing (target >= 3,000 captions/s per actor,
+   5x the GPU target), at the real image size (384 px).
+5. Checkpoint downloads per node with 4 actors starting at once (target: 1).
+6. The fixed cost per shard: one-sample shards through the whole Ray pipeline (target >= 100 shards/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+TARGET_CAPTIONS_PER_GPU = 620.0
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print("| " + " | ".join(str(h).rjust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |")
+
+
+# -- 1. manifest start-up ----------------------------------------------------------------------------------------
+def _entry(k: int) -> dict:
+    return {"shard": f"{k:06d}.tar", "files": [f"scores/{k:06d}.parquet"], "records": 10000, "errors": 0,
+            "identity": "bench", "model": "m@0", "committed_at": "2026-01-01T00:00:00Z"}
+
+
+def _write_entries(output: str, n: int, consolidated: bool) -> None:
+    from pipeline.manifest import PARTS_DIR, consolidate, entry_path, write_bytes
+
+    fs, root = _fs(output)
+    entries = [_entry(k) for k in range(n)]
+    if consolidated:  # as a run leaves it: one part per 1,000 commits, compacted past 32 parts
+        for k in range(0, n, 1000):
+            chunk = entries[k:k + 1000]
+            for e in chunk:
+                e["_path"] = f"{root}/{entry_path(e['shard'])}"  # (never written: nothing to delete)
+            consolidate(output, chunk)
+        return
+    payloads = [(f"{root}/{entry_path(e['shard'])}", json.dumps(e).encode()) for e in entries]
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda p: write_bytes(fs, p[0], p[1]), payloads))
+    del PARTS_DIR
+
+
+def _fs(uri: str):
+    from pipeline.storage import filesystem_for
+
+    return filesystem_for(uri)
+
+
+def _read_before(output: str) -> int:
+    """The previous version's start-up: list the manifest, then read each JSON object one at a time."""
+    fs, root = _fs(output)
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/_manifest", allow_not_found=True))
+    n = 0
+    for info in infos:
+        if info.path.endswith(".json"):
+            with fs.open_input_stream(info.path) as f:
+                json.loads(f.read())
+            n += 1
+    return n
+
+
+def manifest_startup(sizes: list[int], bucket_root: str | None) -> None:
+    from pipeline.manifest import read_manifest
+
+    rows = []
+    for store, base in (("local", tempfile.mkdtemp(prefix="bench-manifest-")), ("loopback S3", bucket_root)):
+        if base is None:
+            continue
+        for n in sizes:
+            before_out, after_out = f"{base}/before-{n}", f"{base}/after-{n}"
+            _write_entries(before_out, n, consolidated=False)
+            _write_entries(after_out, n, consolidated=True)
+            t = time.perf_counter()
+            assert _read_before(before_out) == n
+            before = time.perf_counter() - t
+            t = time.perf_counter()
+            assert len(read_manifest(before_out)) == n
+            parallel = time.perf_counter() - t
+            t = time.perf_counter()
+            assert len(read_manifest(after_out)) == n
+            after = time.perf_counter() - t
+            rows.append([store, f"{n:,}", f"{before:.2f}", f"{parallel:.2f}", f"{after:.2f}", f"{before / after:.0f}x"])
+    table("1. Manifest start-up (seconds to read every commit record)",
+          ["store", "committed shards", "before: one by one", "after: per-shard, parallel", "after: consolidated",
+           "speed-up"], rows)
+
+
+def rerun_startup(bucket_root: str, model_dir: str) -> None:
+    """A rerun that finds every shard committed: 400 against 4,000 (target: within 1.5x)."""
+    from pipeline import corpus
+    from pipeline.manifest import claim_output
+    from pipeline.scoring import ScoreConfig, prepare_scoring
+
+    rows = []
+    for n in (400, 4000):
+        inputs = f"{bucket_root}/rerun-in-{n}"
+        fs, root = _fs(inputs)
+        data = corpus._tar([("a.jpg", b"x"), ("a.txt", b"y")])
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda k: fs.open_output_stream(f"{root}/{k:06d}.tar").write(data) or None, range(n)))
+        output = f"{bucket_root}/rerun-out-{n}"
+        config = ScoreConfig(input=inputs, format="webdataset", output=output, model=model_dir)
+        prepared, model_id = prepare_scoring(config)  # claims the identity
+        prepared.lease.release()
+        _write_entries(output, n, consolidated=True)
+        t = time.perf_counter()
+        prepared, _ = prepare_scoring(config)
+        elapsed = time.perf_counter() - t
+        prepared.lease.release()
+        assert not prepared.todo, "every shard should be committed"
+        rows.append([f"{n:,}", f"{elapsed:.2f}"])
+        del claim_output, model_id
+    ratio = float(rows[1][1]) / float(rows[0][1])
+    rows.append(["ratio", f"{ratio:.2f}x (target <= 1.5x)"])
+    table("   Rerun start-up on loopback S3 (listing, model check, lease, manifest; seconds)",
+          ["committed shards", "start-up"], rows)
+
+
+# -- 2. committer ------------------------------------------------------------------------------------------------
+def committer_rate(shards: int = 400, per_shard: int = 500) -> None:
+    from pipeline.scorer import ACTOR_OUTPUT_SCHEMA
+    from pipeline.sinks import SCORE_SCHEMA, ShardCommitter
+    from pipeline.sources import shard_end
+
+    out = tempfile.mkdtemp(prefix="bench-commit-")
+    batches = []
+    for s in range(shards):
+        key = f"{s:06d}.tar"
+        rows = {name: [None] * per_shard for name in ACTOR_OUTPUT_SCHEMA.names}
+        rows.update(id=[f"{key}-{i}" for i in range(per_shard)], source=[key] * per_shard,
+                    kind=["caption"] * per_shard, score=np.random.rand(per_shard).astype(np.float32).tolist(),
+                    label=[1] * per_shard, model=["m@0"] * per_shard, ordinal=list(range(per_shard)),
+                    n_images=[1] * per_shard, n_tokens=[157] * per_shard, truncated=[False] * per_shard)
+        marker = {k: shard_end(key, per_shard).get(k) for k in ACTOR_OUTPUT_SCHEMA.names}
+        batches.append(pa.concat_tables([pa.table(rows, schema=ACTOR_OUTPUT_SCHEMA),
+                                         pa.Table.from_pylist([marker], schema=ACTOR_OUTPUT_SCHEMA)]))
+    committer = ShardCommitter(out, SCORE_SCHEMA, identity="bench")
+    t = time.perf_counter()
+    for b in batches:
+        committer.add(b)
+    committer.consolidate()
+    elapsed = time.perf_counter() - t
+    rate = shards * per_shard / elapsed
+    table("2. The driver's committer (local output, one process)",
+          ["records", "shards", "seconds", "records/s", f"GPUs served at {TARGET_CAPTIONS_PER_GPU:.0f} captions/s"],
+          [[f"{shards * per_shard:,}", shards, f"{elapsed:.2f}", f"{rate:,.0f}", f"{rate / TARGET_CAPTIONS_PER_GPU:.0f}"]])
+
+
+# -- 3/4. the scoring actor's host side --------------------------------------------------------------------------
+class _StandIn:
+    """A model whose forward takes a fixed time per micro-batch (or none), as a GPU-bound stage would."""
+
+    def __init__(self, seconds: float):
+        import torch
+
+        self.seconds, self.device, self.model_id = seconds, torch.device("cpu"), "stand-in"
+
+    def score(self, input_ids, attention_mask, pixel_values=None):
+        import torch
+
+        if self.seconds:
+            time.sleep(self.seconds)
+        n = input_ids.shape[0]
+        return {"score": torch.zeros(n), "label": torch.zeros(n, dtype=torch.int8), "probs": None}
+
+
+def _encoded_captions(processor, n: int, seed: int = 0) -> pa.Table:
+    from pipeline.preprocess import ENCODED_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    cfg = processor.config
+    size, per_image = cfg.image_size, cfg.tokens_per_image
+    pixels = rng.integers(0, 255, (3, size, size), dtype=np.uint8).tobytes()
+    rows = []
+    for i in range(n):
+        text = rng.integers(10, 500, int(rng.integers(8, 30))).tolist()
+        ids = np.asarray([cfg.bos_token_id, *[-200] * per_image, *text, cfg.eos_token_id], dtype=np.int32)
+        rows.append({"id": f"c{i}", "source": "x.tar", "kind": "caption", "ordinal": i, "error": None,
+                     "error_category": None, "key": None, "url": None, "truncated": False, "n_images": 1,
+                     "n_tokens": len(ids), "input_ids": ids.tobytes(), "pixel_values": pixels})
+    return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+
+
+def actor_overlap(quick: bool) -> None:
+    from model.checkpoint import config_and_tokenizer
+    from model.processing import UniFilterProcessor
+    from pipeline.scorer import BatchScorer
+
+    config, tokenizer = config_and_tokenizer("tiny")
+    config = config.model_copy(update={"vision": {**config.vision, "image_size": 384}})  # real-size images
+    processor = UniFilterProcessor(config, tokenizer)
+    calls = [_encoded_captions(processor, 256, seed=k) for k in range(2 if quick else 6)]
+    n = sum(c.num_rows for c in calls)
+    rows = []
+    for sleep in (0.1, 0.0):
+        for overlap in (False, True):
+            scorer = BatchScorer(_StandIn(sleep), processor, token_budget=10**9, max_batch=64, overlap=overlap)
+            scorer.score_table(calls[0])  # warm
+            t = time.perf_counter()
+            for c in calls:
+                scorer.score_table(c)
+            elapsed = time.perf_counter() - t
+            achieved = n / elapsed
+            if sleep:
+                ideal = 64 / sleep
+                rows.append([f"forward sleeps {sleep * 1000:.0f} ms / 64", "overlapped" if overlap else "serial",
+                             f"{achieved:,.0f}", f"{ideal:,.0f}", f"{100 * achieved / ideal:.1f}%"])
+            else:
+                rows.append(["forward does nothing", "overlapped" if overlap else "serial", f"{achieved:,.0f}",
+                             "host ceiling", f"{achieved / 3000:.1f}x of 3,000"])
+    table("3/4. The scoring actor at 384 px, captions in calls of 256 rows (samples/s per actor)",
+          ["model stand-in", "host work", "achieved", "ideal", "of ideal"], rows)
+
+
+# -- 5. downloads per node ---------------------------------------------------------------------------------------
+_LOAD = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, sys.argv[4])
+    import model
+    open(sys.argv[2], "w").close()
+    while not os.path.exists(sys.argv[3]):
+        time.sleep(0.005)
+    model.load(sys.argv[1])
+""")
+
+
+def downloads_per_node(bucket_root: str) -> None:
+    from model import cache
+    from model.checkpoint import create
+
+    uri = f"{bucket_root}/model"
+    create("tiny", uri)
+    cache_dir = tempfile.mkdtemp(prefix="bench-cache-")
+    env = dict(os.environ, UNIFILTER_CACHE_DIR=cache_dir)
+    go = os.path.join(cache_dir, "go")
+    procs, ready = [], []
+    for i in range(4):
+        r = os.path.join(cache_dir, f"ready{i}")
+        ready.append(r)
+        procs.append(subprocess.Popen([sys.executable, "-c", _LOAD, uri, r, go, REPO], env=env))
+    while not all(os.path.exists(r) for r in ready):
+        time.sleep(0.01)
+    open(go, "w").close()
+    for p in procs:
+        p.wait(timeout=300)
+    log = os.path.join(cache_dir, cache.FETCH_LOG)
+    fetches = sum(1 for line in open(log) if '"weights": true' in line or '"weights":true' in line) \
+        if os.path.exists(log) else 0
+    total = sum(1 for _ in open(log)) if os.path.exists(log) else 0
+    table("5. Checkpoint downloads on one node, 4 actors loading one s3:// checkpoint at once",
+          ["actors", "downloads (with weights)", "cache fetches in all", "target"], [[4, fetches, total, 1]])
+
+
+# -- 6. fixed cost per shard -------------------------------------------------------------------------------------
+def per_shard_cost(n_shards: int, model_dir: str) -> None:
+    import ray
+
+    from pipeline import corpus
+    from pipeline.scoring import ScoreConfig, score_dataset
+
+    root = tempfile.mkdtemp(prefix="bench-shards-")
+    for k, sample in enumerate(corpus.caption_samples(n_shards, seed=3)):
+        corpus.write_webdataset(os.path.join(root, "in", f"{k:06d}.tar"), [sample])
+    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    warm = os.path.join(root, "warm")
+    corpus.write_webdataset(os.path.join(warm, "0.tar"), corpus.caption_samples(1))
+    score_dataset(ScoreConfig(input=warm, format="webdataset", output=os.path.join(root, "warm-out"),
+                              model=model_dir), progress=False)
+    t = time.perf_counter()
+    summary = score_dataset(ScoreConfig(input=os.path.join(root, "in"), format="webdataset",
+                                        output=os.path.join(root, "out"), model=model_dir), progress=False)
+    elapsed = time.perf_counter() - t
+    assert summary["shards"]["scored_this_run"] == n_shards
+    table("6. Fixed cost per shard: one-sample shards through the Ray pipeline (tiny model, 2 cores)",
+          ["shards", "seconds (whole job)", "shards/s", "target"],
+          [[n_shards, f"{elapsed:.1f}", f"{n_shards / elapsed:.0f}", ">= 100"]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,50000", help="committed shards for the manifest start-up")
+    parser.add_argument("--shards", type=int, default=2000, help="one-sample shards for the fixed-cost run")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.quick:
+        sizes, args.shards = [min(s, 1000) for s in sizes[:2]], min(args.shards, 200)
+    for var, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION":
+                       "us-east-1", "AWS_EC2_METADATA_DISABLED": "true", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(var, value)
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address[:2]
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    boto3.client("s3").create_bucket(Bucket="bench")
+    bucket = "s3://bench"
+    from model.checkpoint import create
+
+    model_dir = os.path.join(tempfile.mkdtemp(prefix="bench-model-"), "tiny")
+    create("tiny", model_dir)
+    print(f"cores: {os.cpu_count()}; loopback S3: moto at {os.environ['AWS_ENDPOINT_URL']}")
+    try:
+        manifest_startup(sizes, bucket)
+        rerun_startup(bucket, model_dir)
+        committer_rate()
+        actor_overlap(args.quick)
+        downloads_per_node(bucket)
+        per_shard_cost(args.shards, model_dir)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

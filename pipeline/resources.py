@@ -1,0 +1,102 @@
+"""What a job asks of the cluster, and why: sized from what the cluster can scale to, not from the nodes that
+happen to be up when the job is submitted.
+
+- The local embedded instance (no RAY_ADDRESS) is this machine: scoring actors get a GPU if it has one, and the
+  CPUs not reserved for them decode.
+- A cluster reached through RAY_ADDRESS autoscales from zero: scoring actors want one GPU each unless told
+  otherwise, and the CPU stage scales with the model actors (`DECODE_WORKERS_PER_GPU_ACTOR` decode workers per
+  GPU actor). When the cluster has no GPU now and no GPU worker type it can start, the job fails naming
+  `gpus_per_actor` rather than quietly scoring at CPU speed.
+- A field set by flag or config file always wins.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pipeline.errors import InputError
+
+# Decode + tokenize workers per GPU scoring actor on a cluster: one GPU scores several hundred captions/s, one core
+# decodes and resizes a few hundred web JPEGs/s at most (benchmarks/preprocess_throughput.py). Set
+# preprocess_workers to size it from your own measurements.
+DECODE_WORKERS_PER_GPU_ACTOR = 4
+DECODE_WORKERS_PER_CPU_ACTOR = 1
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    remote: bool  # reached through RAY_ADDRESS (a cluster that may autoscale), else this job's own local instance
+    cpus: float  # CPUs of the nodes up now
+    gpus: float  # GPUs of the nodes up now
+    max_gpus: float | None = None  # GPUs the autoscaler can provide (None: no autoscaler config to tell)
+
+
+def current_view() -> ClusterView:
+    """The cluster this process is connected to."""
+    import ray
+
+    resources = ray.cluster_resources()
+    max_gpus = None
+    try:
+        from ray._private.state import state
+
+        scalable = state.get_max_resources_from_cluster_config()
+        if scalable is not None:
+            max_gpus = float(scalable.get("GPU", 0))
+    except Exception:  # noqa: BLE001 - no autoscaler state (a plain `ray start`): nothing to add
+        max_gpus = None
+    return ClusterView(bool(os.environ.get("RAY_ADDRESS")), resources.get("CPU", 0), resources.get("GPU", 0),
+                       max_gpus)
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: float | int
+    why: str  # "flag", "config file", or "default: <reason>"
+
+
+def gpus_per_actor(set_value: float | None, source: str, view: ClusterView) -> Choice:
+    if set_value is not None:
+        return Choice(set_value, source)
+    if not view.remote:
+        return Choice(1.0 if view.gpus > 0 else 0.0,
+                      f"default: this machine has {view.gpus:g} GPUs" if view.gpus else "default: no GPU here")
+    if view.gpus > 0:
+        return Choice(1.0, f"default for a cluster job: one GPU per scoring actor ({view.gpus:g} GPUs up now)")
+    if view.max_gpus:
+        return Choice(1.0, f"default for a cluster job: one GPU per scoring actor (none up now; the autoscaler "
+                           f"can start {view.max_gpus:g})")
+    raise InputError("gpus_per_actor", "the cluster at RAY_ADDRESS has no GPU now and no GPU worker type the "
+                                       "autoscaler can start; set gpus_per_actor: 0 to score on CPUs, or add GPU "
+                                       "workers to the cluster")
+
+
+def decode_workers(set_value: int | None, source: str, view: ClusterView, actors: int, cpus_per_actor: float,
+                   gpus: float) -> Choice:
+    if set_value is not None:
+        return Choice(set_value, source)
+    if not view.remote:
+        n = max(1, int(view.cpus - actors * cpus_per_actor))
+        return Choice(n, f"default: this machine's {view.cpus:g} CPUs not reserved for scoring")
+    ratio = DECODE_WORKERS_PER_GPU_ACTOR if gpus > 0 else DECODE_WORKERS_PER_CPU_ACTOR
+    return Choice(ratio * actors, f"default for a cluster job: {ratio} per {'GPU' if gpus > 0 else 'CPU'} scoring "
+                                  f"actor x {actors} actors")
+
+
+def use_gpu(set_value: bool | None, source: str, view: ClusterView) -> Choice:
+    """Training workers: one GPU each on a cluster (unless told otherwise), none on the local instance unless
+    this machine has GPUs."""
+    if set_value is not None:
+        return Choice(set_value, source)
+    if not view.remote:
+        return Choice(view.gpus > 0, f"default: this machine has {view.gpus:g} GPUs")
+    if view.gpus > 0 or view.max_gpus:
+        return Choice(True, "default for a cluster job: one GPU per training worker")
+    raise InputError("use_gpu", "the cluster at RAY_ADDRESS has no GPU now and no GPU worker type the autoscaler "
+                                "can start; set use_gpu: false to train on CPUs, or add GPU workers")
+
+
+def describe(choices: dict[str, Choice]) -> str:
+    return " · ".join(f"{name} {c.value:g} ({c.why})" if isinstance(c.value, (int, float)) and
+                      not isinstance(c.value, bool) else f"{name} {c.value} ({c.why})" for name, c in choices.items())

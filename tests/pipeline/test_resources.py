@@ -1,0 +1,50 @@
+"""What jobs ask of the cluster, as a function of (cluster reached or local, resources now, flags): sized from what
+an autoscaling cluster can scale to, never from the nodes that happen to be up."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.resources import ClusterView, decode_workers, gpus_per_actor, use_gpu
+
+LOCAL_2_CPU = ClusterView(remote=False, cpus=2, gpus=0)
+REMOTE_GPUS_SCALED_TO_ZERO = ClusterView(remote=True, cpus=0, gpus=0, max_gpus=64)  # head with CPU: 0, workers at 0
+REMOTE_GPUS_UP = ClusterView(remote=True, cpus=96, gpus=8, max_gpus=64)
+REMOTE_NO_GPU_AT_ALL = ClusterView(remote=True, cpus=2, gpus=0, max_gpus=None)
+
+
+def test_a_local_two_cpu_machine_scores_on_cpu_sized_to_the_machine():
+    gpus = gpus_per_actor(None, "default", LOCAL_2_CPU)
+    assert gpus.value == 0 and "no GPU here" in gpus.why
+    decode = decode_workers(None, "default", LOCAL_2_CPU, actors=1, cpus_per_actor=1, gpus=0)
+    assert decode.value == 1 and "this machine's 2 CPUs" in decode.why
+    assert use_gpu(None, "default", LOCAL_2_CPU).value is False
+
+
+def test_a_cluster_with_its_gpu_nodes_scaled_to_zero_still_asks_for_gpus():
+    gpus = gpus_per_actor(None, "default", REMOTE_GPUS_SCALED_TO_ZERO)
+    assert gpus.value == 1 and "the autoscaler can start 64" in gpus.why
+    decode = decode_workers(None, "default", REMOTE_GPUS_SCALED_TO_ZERO, actors=8, cpus_per_actor=2, gpus=1)
+    assert decode.value == 32  # scales with the model actors, not with the CPUs up now (zero)
+    assert use_gpu(None, "default", REMOTE_GPUS_SCALED_TO_ZERO).value is True
+
+
+def test_a_cluster_with_gpu_nodes_up():
+    assert gpus_per_actor(None, "default", REMOTE_GPUS_UP).value == 1
+    assert decode_workers(None, "default", REMOTE_GPUS_UP, actors=4, cpus_per_actor=1, gpus=1).value == 16
+
+
+def test_a_cluster_that_cannot_have_a_gpu_fails_naming_the_field():
+    with pytest.raises(InputError, match="field 'gpus_per_actor': .*set gpus_per_actor: 0"):
+        gpus_per_actor(None, "default", REMOTE_NO_GPU_AT_ALL)
+    with pytest.raises(InputError, match="field 'use_gpu'"):
+        use_gpu(None, "default", REMOTE_NO_GPU_AT_ALL)
+
+
+@pytest.mark.parametrize("view", [LOCAL_2_CPU, REMOTE_GPUS_SCALED_TO_ZERO, REMOTE_GPUS_UP, REMOTE_NO_GPU_AT_ALL])
+def test_explicit_settings_always_win(view):
+    assert gpus_per_actor(0.5, "flag", view).value == 0.5 and gpus_per_actor(0.0, "config file", view).why == \
+        "config file"
+    assert decode_workers(7, "flag", view, actors=3, cpus_per_actor=1, gpus=1).value == 7
+    assert use_gpu(False, "flag", view).value is False
