@@ -176,6 +176,9 @@ def connect_ray(verbose: bool = False, job: str = "job") -> None:
     level = logging.INFO if verbose else logging.WARNING
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(level)
+    if not verbose:
+        # Said on every run, asking nothing of the user: that token authentication is on (it is, by default).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=verbose, logging_level=level)
     else:
@@ -190,3 +193,7 @@ def connect_ray(verbose: bool = False, job: str = "job") -> None:
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     ctx.enable_operator_progress_bars = verbose
+    if not verbose:  # Ray Data's console lines (its debug log still goes to the session's ray-data.log)
+        for handler in logging.getLogger("ray.data").handlers:
+            if not type(handler).__name__.endswith("FileHandler"):
+                handler.setLevel(logging.ERROR)

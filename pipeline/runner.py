@@ -19,6 +19,7 @@ from pipeline.errors import InputError
 from pipeline.lease import Lease
 from pipeline.manifest import claim_output, identity_hash, match_legacy, read_manifest
 from pipeline.progress import Progress
+from pipeline.ray_compat import pass_actor_arguments_by_value
 from pipeline.sinks import ShardCommitter
 from pipeline.storage import Shard, ShardListing, filesystem_for, storage_env
 
@@ -168,6 +169,7 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
     import ray
 
     spec = prepared.spec
+    pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (pipeline.ray_compat)
     bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress)
     uris = {s.key: s.uri for s in prepared.todo}
     committer = ShardCommitter(
