@@ -66,9 +66,14 @@ def _help(info) -> str:
     return f"{text} (default: {shown})".strip()
 
 
-def _metavar(annotation, choices) -> str | None:
+_URI_FIELDS = {"input", "output", "model", "scores", "train", "val", "init", "storage", "report", "endpoint"}
+
+
+def _metavar(name: str, annotation, choices) -> str | None:
     if choices:
         return "|".join(map(str, choices))
+    if name in _URI_FIELDS:
+        return "URI"
     args = [a for a in (annotation, *get_args(annotation)) if a is not type(None)]
     if int in args:
         return "N"
@@ -103,7 +108,7 @@ def build_parser(model: type[BaseModel], prog: str, description: str, dry_run: b
         is_list = list in [get_origin(a) for a in (annotation, *get_args(annotation))]
         parser.add_argument(flag, dest=dest, default=None, help=_help(info),
                             type=(int if as_int else (lambda v: v.split(",")) if is_list else None),
-                            metavar=_metavar(annotation, choices))
+                            metavar=_metavar(path[-1], annotation, choices))
     return parser, dests
 
 
@@ -184,8 +189,12 @@ def connect_ray(verbose: bool = False, job: str = "job") -> None:
     else:
         # address="local": always this job's own instance, even when other Ray instances run on this host (which
         # ray.init() would otherwise try to join, or refuse with "Found multiple active Ray instances").
+        # Ray Train starts a handful of helper actors beside its workers: on a small machine that is more worker
+        # processes than Ray's startup-concurrency heuristic (one per CPU) expects, and the raylet warns of it on
+        # every run; let a few more start at once.
         ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level)
+                 _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level,
+                 _system_config={"worker_maximum_startup_concurrency": max(4, os.cpu_count() or 1)})
         resources = ray.cluster_resources()
         print(f"[{job}] started a local Ray instance ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} "
               "GPUs; set RAY_ADDRESS to run on a cluster)", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from model.errors import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--llava", required=True, help="released checkpoint: local dir, s3:// prefix or hub id")
     parser.add_argument("--output", required=True, help="where to write the converted checkpoint")
     args = parser.parse_args(argv)

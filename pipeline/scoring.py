@@ -59,8 +59,8 @@ class ScoreConfig(BaseModel):
     no_progress_timeout_s: float = Field(
         3600.0, gt=0, description="seconds the job may make no progress (e.g. waiting for GPU nodes to start)")
     gpu_rate: float | None = Field(
-        None, gt=0, description="for --dry-run's estimate: samples/s one GPU scores; default: measured reference "
-                                "rates on one H200 (captions: 379/s up to 1B parameters, 282/s above; documents: a "
+        None, gt=0, description="for --dry-run's estimate: samples/s one GPU scores; default: the README's reference "
+                                "rates for one H200 (captions: 379/s up to 1B parameters, 282/s above; documents: a "
                                 "quarter of that)")
     gpu_hour_price: float = Field(5.0, ge=0, description="for --dry-run's estimate: USD per GPU-hour")
 

@@ -129,7 +129,14 @@ def test_a_cluster_job_without_a_gpu_anywhere_fails_naming_gpus_per_actor(tmp_pa
     assert not (tmp_path / "out" / "scores").exists()  # nothing scored at CPU speed behind the user's back
 
 
-def test_without_ray_address_the_job_starts_its_own_local_instance(tmp_path, tiny_checkpoint):
+NOISE = ("core_worker.cc", "constructor arguments in the object store", "Token authentication", " INFO ",
+         "WARNING", "Running Dataset", "Execution plan", "it/s]", "%|", "(raylet)", "None samples/s", "Traceback")
+
+
+def test_without_ray_address_the_job_starts_its_own_local_instance_and_keeps_the_terminal_quiet(tmp_path,
+                                                                                                 tiny_checkpoint):
+    """Its own instance (another one of this session's runs on this host), and a terminal that holds the progress
+    bar and the summary and none of the noise Ray prints by default."""
     items = corpus.caption_samples(4, seed=3, prefix="local-")
     corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), items)
     env = job_env()
@@ -138,4 +145,8 @@ def test_without_ray_address_the_job_starts_its_own_local_instance(tmp_path, tin
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "[score] started a local Ray instance" in res.stderr
+    assert "[score] [####################] 1/1 shards · 4 samples" in res.stderr  # the progress bar
+    assert res.stdout.startswith("UniFilter scoring:") and "samples/s over the whole job" in res.stdout
+    assert [line for line in (res.stderr + res.stdout).splitlines() if any(n in line for n in NOISE)] == []
+    assert len(res.stderr.splitlines()) <= 5
     assert_exactly_once(read_scores(str(tmp_path / "out")), [i["key"] for i in items])

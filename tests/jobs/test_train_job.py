@@ -60,6 +60,11 @@ def test_a_killed_run_resumes_from_its_checkpoints_on_s3(tmp_path, s3_bucket, ra
 
     second = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
+    # a quiet terminal: each epoch's line once, no progress bars of Ray's, no warnings of our own loop
+    assert second.stdout.count("[train] epoch 2/2 ") == 1
+    assert "[train] resumed from the checkpoint at step" in second.stdout
+    assert not [line for line in (second.stdout + second.stderr).splitlines()
+                if "it/s]" in line or "%|" in line or "UserWarning" in line or "core_worker.cc" in line]
     summary = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="run/train_summary.json")["Body"].read())
     resumed = summary["last_metrics"]["resumed_from_step"]
     assert resumed is not None and resumed >= latest_step  # it continued from a checkpoint, not from step 0

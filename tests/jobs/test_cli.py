@@ -1,0 +1,105 @@
+"""The command line as curation people use it: help that shows the real defaults, dry runs that start nothing and
+tell what a run would do (and what it would cost), and the console scripts."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from jobs._config import _flag_fields, build_parser, default_of
+from pipeline import corpus
+from pipeline.curation import CurateConfig
+from pipeline.scoring import ScoreConfig, score_dataset
+from pipeline.synth import SynthConfig
+from pipeline.training import TrainConfig
+from tests.conftest import job_env
+
+CONFIGS = {"score": ScoreConfig, "synth": SynthConfig, "train": TrainConfig, "curate": CurateConfig}
+
+
+@pytest.mark.parametrize("job", list(CONFIGS))
+def test_help_shows_every_fields_real_default(job):
+    config = CONFIGS[job]
+    parser, _ = build_parser(config, f"python -m jobs.{job}", "")
+    text = parser.format_help()
+    assert "(default: None)" not in text and "SOURCE__" not in text
+    helps = {flag: action.help for action in parser._actions for flag in action.option_strings}
+    for path, info in _flag_fields(config):
+        flag = "--" + "-".join(p.replace("_", "-") for p in path)
+        shown = helps.get(flag)
+        assert shown and flag in text, f"{flag} missing from --help"
+        assert info.description and shown.startswith(info.description), f"{flag} has no help"
+        default = default_of(info)
+        if default is None:
+            assert "default" in shown.lower(), f"{flag}: says nothing of what happens when unset: {shown}"
+        elif isinstance(default, bool):
+            assert shown.endswith(f"(default: {str(default).lower()})"), shown
+        elif not str(default).startswith("PydanticUndefined"):
+            assert shown.endswith(f"(default: {default})"), shown
+
+
+def test_the_model_commands_describe_themselves():
+    for module in ("model.convert", "model.create"):
+        res = subprocess.run([sys.executable, "-m", module, "--help"], env=job_env(), capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0
+        usage, description = res.stdout.split("\n\n")[:2]
+        assert description.strip() and not description.strip().startswith("options"), res.stdout[:400]
+
+
+def _ray_jobs_and_actors() -> tuple[int, int]:
+    from ray._private import state
+
+    return len(state.jobs()), len(state.actors())
+
+
+def test_a_dry_run_starts_nothing_and_its_numbers_match_the_run(tmp_path, tiny_checkpoint, ray_cluster):
+    for k in range(3):
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(4, seed=k, prefix=f"d{k}-"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
+           "--output", str(out), "--model", tiny_checkpoint, "--dry-run", "--gpu-rate", "100",
+           "--gpu-hour-price", "3.6"]
+    before = _ray_jobs_and_actors()
+    res = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _ray_jobs_and_actors() == before  # it never even connected: no driver, no actor
+    assert not out.exists()  # and wrote nothing, not even the lease
+    assert "3 total · 0 already committed · 3 new" in res.stdout
+    assert "12 in the new shards (counted)" in res.stdout
+    assert "0.00 GPU-hours at 100 samples/s per GPU (--gpu-rate)" in res.stdout  # 12 / 100 / 3600
+    assert re.search(r"\$0\.0[01] at \$3\.6 per GPU-hour", res.stdout)
+    summary = score_dataset(ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out),
+                                        model=tiny_checkpoint), progress=False)
+    assert summary["shards"]["new"] == 3 and summary["samples_this_run"] == 12  # what the dry run said
+    corpus.write_webdataset(str(tmp_path / "in" / "3.tar"), corpus.caption_samples(5, seed=9, prefix="d3-"))
+    res = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=120)
+    assert "4 total · 3 already committed · 1 new" in res.stdout and "5 in the new shards" in res.stdout
+
+
+@pytest.mark.parametrize("job, args", [
+    ("synth", ["--input", "{in}", "--format", "webdataset", "--output", "{tmp}/pairs"]),
+    ("curate", ["--scores", "{tmp}/none", "--output", "{tmp}/cur", "--keep-fraction", "0.5"]),
+])
+def test_every_job_has_a_dry_run(job, args, tmp_path):
+    corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(3))
+    argv = [a.format(tmp=tmp_path, **{"in": tmp_path / "in"}) for a in args]
+    res = subprocess.run([sys.executable, "-m", f"jobs.{job}", *argv, "--dry-run"], env=job_env(),
+                         capture_output=True, text=True, timeout=120)
+    if job == "synth":
+        assert res.returncode == 0 and "3 origins" not in res.stdout and "3 in the new shards" in res.stdout
+        assert "12 pairs" in res.stdout and not (tmp_path / "pairs").exists()
+    else:  # nothing scored there: the same error a run would give, before anything starts
+        assert res.returncode == 2 and "error: field 'scores': no committed score records" in res.stderr
+
+
+def test_console_scripts_are_installed():
+    bindir = os.path.dirname(sys.executable)
+    for name in ("unifilter-score", "unifilter-synth", "unifilter-train", "unifilter-curate"):
+        res = subprocess.run([os.path.join(bindir, name), "--help"], capture_output=True, text=True, timeout=120,
+                             env=job_env())
+        assert res.returncode == 0 and "--dry-run" in res.stdout, name
