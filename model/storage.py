@@ -99,8 +99,9 @@ def normalize_uri(uri: str) -> str:
         local = uri[len("file://"):] if uri.startswith("file://") else uri
         return str(Path(local).expanduser().resolve())
     rest = uri.split("://", 1)[1]
-    rest = posixpath.normpath("/" + rest).lstrip("/")
-    return f"{scheme}://{rest}"
+    absolute = rest.startswith("/")  # `memory:///x`, `file:///x`-like filesystems: keep the root
+    rest = posixpath.normpath("/" + rest)
+    return f"{scheme}://{rest if absolute else rest.lstrip('/')}"
 
 
 def to_uri(uri_like: str, path: str) -> str:
@@ -108,7 +109,9 @@ def to_uri(uri_like: str, path: str) -> str:
     scheme = scheme_of(uri_like)
     if scheme == "file":
         return path
-    return f"{scheme}://{path.lstrip('/')}"
+    if scheme == "s3":
+        return f"s3://{path.lstrip('/')}"
+    return f"{scheme}://{path}"  # fsspec paths keep their own root (`memory:///x`, `gs://bucket/x`)
 
 
 def join(uri: str, *parts: str) -> str:

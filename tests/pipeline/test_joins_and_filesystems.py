@@ -1,0 +1,82 @@
+"""Scores that join back to the corpus (img2dataset's key and url), a corpus that moves without being scored again,
+brace ranges, and filesystems pyarrow has none of its own for (an in-memory one, and any fsspec package's)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import corpus
+from pipeline.scoring import ScoreConfig, score_dataset
+from pipeline.sinks import read_scores
+from tests.pipeline.test_scoring import assert_exactly_once
+
+
+def img2dataset_shards(root, n_shards: int, per_shard: int) -> list[dict]:
+    """Shards as img2dataset writes them: KEY.jpg, KEY.txt, KEY.json (key, url, ...) in a tar, and the
+    shard's metadata beside it as `<stem>.parquet`."""
+    rows = []
+    for k in range(n_shards):
+        samples = corpus.caption_samples(per_shard, seed=k, prefix=f"{k:05d}")
+        for s in samples:
+            s["meta"] = {"key": s["key"], "url": f"https://example.com/img/{s['key']}.jpg", "caption": s["caption"],
+                         "status": "success", "width": 128}
+        corpus.write_webdataset(str(root / f"{k:05d}.tar"), samples)
+        meta = [s["meta"] for s in samples]
+        pq.write_table(pa.Table.from_pylist(meta), root / f"{k:05d}.parquet")
+        rows += meta
+    return rows
+
+
+def score(input_uri, output, model, **kw):
+    return score_dataset(ScoreConfig(input=str(input_uri), format="webdataset", output=str(output), model=model, **kw),
+                         progress=False)
+
+
+def test_scores_join_back_to_img2dataset_shards_and_a_moved_corpus_is_not_scored_again(tmp_path, tiny_checkpoint,
+                                                                                         ray_cluster):
+    meta = img2dataset_shards(tmp_path / "laion", 2, 5)
+    out = tmp_path / "scores"
+    score(tmp_path / "laion", out, tiny_checkpoint)
+    scores = read_scores(str(out)).drop_columns(["probs"])  # (pyarrow joins no list columns)
+    metadata = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "laion").glob("*.parquet"))])
+    joined = scores.join(metadata, keys="key", right_keys="key", join_type="inner", right_suffix="_meta")
+    assert joined.num_rows == len(meta) == scores.num_rows  # every score row finds its metadata row
+    for row in joined.to_pylist():
+        assert row["url"] == row["url_meta"] == f"https://example.com/img/{row['key']}.jpg"
+        assert row["source"] == f"{row['key'][:5]}.tar"  # the shard, relative to the input root
+    assert sorted(p.name for p in (out / "scores").iterdir()) == ["00000.parquet", "00001.parquet"]
+
+    shutil.copytree(tmp_path / "laion", tmp_path / "moved" / "laion")  # the corpus, copied elsewhere
+    again = score(tmp_path / "moved" / "laion", out, tiny_checkpoint)
+    assert again["shards"]["already_committed"] == 2 and again["shards"]["new"] == 0
+    assert again["samples_this_run"] == 0
+
+
+def test_brace_ranges_and_an_in_memory_output_end_to_end(tmp_path, tiny_checkpoint, ray_cluster):
+    expected = []
+    for k in range(4):
+        items = corpus.caption_samples(3, seed=k, prefix=f"b{k}-")
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k:05d}.tar"), items)
+        expected += [i["key"] for i in items] if k <= 2 else []
+    out = "memory://unifilter-test/scores"  # the driver writes every output file; an fsspec in-memory store
+    summary = score(f"{tmp_path}/in/{{00000..00002}}.tar", out, tiny_checkpoint)
+    assert summary["shards"]["total"] == 3 and summary["shards"]["incomplete"] == []
+    assert_exactly_once(read_scores(out), expected)
+    memory = fsspec.filesystem("memory")
+    assert memory.exists("/unifilter-test/scores/_output.json")
+    assert not memory.exists("/unifilter-test/scores/_lease.json")  # released at the end
+    assert json.loads(memory.cat("/unifilter-test/scores/summary.json"))["samples_this_run"] == 9
+
+
+def test_inputs_on_any_fsspec_filesystem(tmp_path, tiny_checkpoint, ray_cluster, monkeypatch):
+    monkeypatch.setenv("UNIFILTER_FSSPEC_IMPORTS", "tests.support.testfs")  # the job's workers import it too
+    items = corpus.caption_samples(4, seed=7, prefix="fs-")
+    corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), items)
+    summary = score(f"testdir://{tmp_path}/in", tmp_path / "out", tiny_checkpoint)
+    assert summary["shards"]["scored_this_run"] == 1
+    assert_exactly_once(read_scores(str(tmp_path / "out")), [i["key"] for i in items])
