@@ -75,7 +75,6 @@ def test_the_model_overfits_a_small_fixed_set(tmp_path, tiny_checkpoint):
     is the same class the Ray Train workers run)."""
     import pyarrow as pa
 
-    from pipeline.synth import OfflineGenerator  # noqa: F401 - the offline pairs below come from jobs.synth's code
     from pipeline.training.data import encode_pairs
     from pipeline.training.loop import TrainLoop
 
