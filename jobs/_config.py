@@ -206,3 +206,18 @@ def connect_ray(verbose: bool = False, job: str = "job") -> None:
         for handler in logging.getLogger("ray.data").handlers:
             if not type(handler).__name__.endswith("FileHandler"):
                 handler.setLevel(logging.ERROR)
+
+
+def run_prepared(prepared, job: str, verbose: bool, run: Callable[[], dict]) -> dict:
+    """Connect to Ray and run a prepared shard job; its output's lease is released whatever happens."""
+    try:
+        connect_ray(verbose, job)
+        return run()
+    finally:
+        if prepared.lease is not None:
+            prepared.lease.release()
+
+
+def exit_status(summary: dict) -> int:
+    """0 when every shard is committed; 1 when some are not (the summary names them) or the run was aborted."""
+    return 1 if summary["shards"]["incomplete"] or summary.get("aborted") else 0

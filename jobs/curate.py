@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from jobs._config import connect_ray, entry, parse
+from jobs._config import connect_ray, entry, exit_status, parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,7 @@ def _run(argv: list[str] | None) -> int:
         from pipeline.curation_report import write_curation_report
 
         print(f"  report     {write_curation_report(plan, thresholds, summary)}")
-    return 1 if summary["shards"]["incomplete"] or summary.get("aborted") else 0
+    return exit_status(summary)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from jobs._config import connect_ray, entry, parse
+from jobs._config import entry, exit_status, parse, run_prepared
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,14 +27,10 @@ def _run(argv: list[str] | None) -> int:
         print(dry_run_plan(config))
         return 0
     prepared, model_id = prepare_scoring(config, started)  # shards, model, output: before Ray starts
-    try:
-        connect_ray(invocation.verbose, "score")
-        summary = run_scoring(prepared, config, model_id, sources=invocation.sources)
-    finally:
-        if prepared.lease is not None:
-            prepared.lease.release()
+    summary = run_prepared(prepared, "score", invocation.verbose,
+                           lambda: run_scoring(prepared, config, model_id, sources=invocation.sources))
     print(format_summary(summary))
-    return 1 if summary["shards"]["incomplete"] or summary.get("aborted") else 0
+    return exit_status(summary)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-from jobs._config import connect_ray, entry, parse
+from jobs._config import entry, exit_status, parse, run_prepared
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +28,9 @@ def _run(argv: list[str] | None) -> int:
         print(dry_run_plan(config))
         return 0
     prepared = prepare_synth(config, started)  # shards, generator, output: before Ray starts
-    try:
-        connect_ray(invocation.verbose, "synth")
-        summary = synthesize(config, prepared=prepared)
-    finally:
-        if prepared.lease is not None:
-            prepared.lease.release()
+    summary = run_prepared(prepared, "synth", invocation.verbose, lambda: synthesize(config, prepared=prepared))
     print(format_summary(summary))
-    return 1 if summary["shards"]["incomplete"] or summary.get("aborted") else 0
+    return exit_status(summary)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,16 @@ from pipeline import selection
 from pipeline.errors import Category, InputError, ShardFault
 from pipeline.manifest import check_entries, read_json, read_manifest, write_json
 from pipeline.materialize import materialize
-from pipeline.runner import PreparedJob, ShardJob, Stage, check_writable, common_summary, execute, prepare
+from pipeline.runner import (
+    PreparedJob,
+    ShardJob,
+    Stage,
+    check_writable,
+    common_summary,
+    execute,
+    prepare,
+    summary_tail,
+)
 from pipeline.sinks import SCORES_DIR
 from pipeline.sources import SHARD_END, SourceOptions, shard_end, shard_failed
 from pipeline.storage import Shard, ShardListing, filesystem_for, join, list_shards, output_name
@@ -313,13 +322,7 @@ def format_summary(summary: dict) -> str:
         levels = " · ".join(f"L{lv} {k['kept_by_level'].get(lv, 0)}/{k['kept_by_level'].get(lv, 0) + k['dropped_by_level'].get(lv, 0)}"
                             for lv in range(4))
         lines.append(f"  {kind:10s} kept {k['kept']} of {k['kept'] + k['dropped']} · by predicted level {levels}")
-    for reason, n in sorted(summary["errors_by_reason"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  errors     {n:6d} × {reason}")
-    if s["incomplete"]:
-        lines.append(f"  INCOMPLETE {len(s['incomplete'])} shards; rerun the same command to finish them:")
-        for shard, reason in list(summary["incomplete_reasons"].items())[:5]:
-            lines.append(f"             {shard}: {reason[:100]}")
-    return "\n".join(lines)
+    return "\n".join(lines + summary_tail(summary))
 
 
 __all__ = ["CurateConfig", "compute_thresholds", "dry_run_plan", "format_summary", "prepare_curation", "run_curation",

@@ -233,3 +233,19 @@ def common_summary(prepared: PreparedJob, result: RunResult) -> dict:
         if window >= 10 and len(c.committed) >= 4 and samples > first_samples:
             summary["steady_samples_per_s"] = round((samples - first_samples) / window, 2)
     return summary
+
+
+def summary_tail(summary: dict) -> list[str]:
+    """The closing lines every job's summary shares: errors by reason, shards left uncommitted (and why), an
+    aborted run."""
+    lines = [f"  error      {n:6d} × {summary['error_examples'].get(reason, reason)[:90]}"
+             for reason, n in sorted(summary["errors_by_reason"].items(), key=lambda kv: -kv[1])]
+    incomplete = summary["shards"]["incomplete"]
+    if incomplete:
+        lines.append(f"  INCOMPLETE {len(incomplete)} shards were not committed; rerun the same command to finish "
+                     "them:")
+        lines += [f"             {shard}: {reason[:100]}"
+                  for shard, reason in list(summary["incomplete_reasons"].items())[:5]]
+    if summary.get("aborted"):
+        lines.append(f"  ABORTED    {summary['aborted'][:150]}")
+    return lines

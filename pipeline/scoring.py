@@ -17,7 +17,7 @@ from pipeline.errors import CheckpointError, InputError
 from pipeline.manifest import write_json
 from pipeline.preprocess import ShardEncoder
 from pipeline.resources import current_view, decode_workers, gpus_per_actor
-from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare
+from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare, summary_tail
 from pipeline.scorer import ScoringActor
 from pipeline.sinks import SCORE_SCHEMA
 from pipeline.sources import SourceOptions, check_columns
@@ -252,19 +252,10 @@ def format_summary(summary: dict) -> str:
         f"  committed  {summary['committed_samples_total']} samples in {summary['committed_shards_total']} shards "
         f"(read them with pipeline.sinks.read_scores)",
     ]
-    for reason, n in sorted(summary["errors_by_reason"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  error      {n:6d} × {summary['error_examples'][reason][:90]}")
     if summary.get("duplicates_in_input"):
         lines.append(f"  note       {summary['duplicates_in_input']} input entries named a shard already listed "
                      "(each shard is scored once)")
-    if s["incomplete"]:
-        lines.append(f"  INCOMPLETE {len(s['incomplete'])} shards were not committed; rerun the same command to "
-                     "finish them:")
-        for shard, reason in list(summary["incomplete_reasons"].items())[:5]:
-            lines.append(f"             {shard}: {reason[:100]}")
-    if summary.get("aborted"):
-        lines.append(f"  ABORTED    {summary['aborted'][:150]}")
-    return "\n".join(lines)
+    return "\n".join(lines + summary_tail(summary))
 
 
 __all__ = ["ScoreConfig", "ScoringActor", "format_summary", "prepare_scoring", "run_scoring", "score_dataset"]

@@ -26,7 +26,7 @@ from pipeline.pairs import (
     split_of,
 )
 from pipeline.prompts import PROMPT_VERSION
-from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare
+from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare, summary_tail
 from pipeline.sources import MARKERS, check_columns
 from pipeline.storage import join, list_shards
 from pipeline.synth_actor import SynthActor
@@ -165,14 +165,5 @@ def format_summary(summary: dict) -> str:
         f"{summary['input_tokens']} in / {summary['output_tokens']} out · cost "
         f"{'unknown (set the price fields)' if summary['estimated_cost_usd'] is None else '$' + str(summary['estimated_cost_usd'])}",
     ]
-    for reason, n in sorted(summary["errors_by_reason"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  error      {n:6d} × {summary['error_examples'][reason][:90]}")
     lines += [f"  warning    {w}" for w in summary.get("warnings", [])]
-    if s["incomplete"]:
-        lines.append(f"  INCOMPLETE {len(s['incomplete'])} shards were not committed; rerun the same command to "
-                     "finish them:")
-        for shard, reason in list(summary["incomplete_reasons"].items())[:5]:
-            lines.append(f"             {shard}: {reason[:100]}")
-    if summary.get("aborted"):
-        lines.append(f"  ABORTED    {summary['aborted'][:150]}")
-    return "\n".join(lines)
+    return "\n".join(lines + summary_tail(summary))
