@@ -209,9 +209,11 @@ def connect_ray(verbose: bool = False, job: str = "job") -> None:
 
 
 def run_prepared(prepared, job: str, verbose: bool, run: Callable[[], dict]) -> dict:
-    """Connect to Ray and run a prepared shard job; its output's lease is released whatever happens."""
+    """Connect to Ray and run a prepared shard job; its output's lease is released whatever happens. A rerun with
+    nothing left to do never starts Ray."""
     try:
-        connect_ray(verbose, job)
+        if prepared.todo:
+            connect_ray(verbose, job)
         return run()
     finally:
         if prepared.lease is not None:

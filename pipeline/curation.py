@@ -245,7 +245,7 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
                 "thresholds": thresholds.as_dict() if config.keep_fraction is not None else None,
                 "materialize": config.materialize}
     spec = ShardJob(job="curate", output=config.output, listing=plan.listing, identity=identity,
-                    schema=SELECTED_SCHEMA, partition=lambda r: SELECTED_DIR,
+                    schema=SELECTED_SCHEMA, partition=lambda table: [SELECTED_DIR] * table.num_rows,
                     no_progress_timeout_s=config.no_progress_timeout_s, unit="kept")
     prepared = prepare(spec, plan.started)
     stage = Stage("select", Selector, {"config": config.model_dump(), "thresholds": thresholds.by_group,

@@ -55,8 +55,8 @@ class ShardJob:
     identity: dict
     schema: pa.Schema
     rows_per_sample: int = 1
-    row_key: Callable = lambda row: row["ordinal"]
-    partition: Callable | None = None
+    key_columns: tuple[str, ...] = ("ordinal",)  # what tells a shard's records apart
+    partition: Callable[[pa.Table], list[str]] | None = None  # records -> the folder of each
     lease_ttl_s: float = 60.0
     no_progress_timeout_s: float = 3600.0
     unit: str = "samples"
@@ -164,7 +164,7 @@ def _dataset(prepared: PreparedJob, stages: list[Stage]):
 
 def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
             on_batch: Callable[[pa.Table], None] | None = None,
-            on_records: Callable[[list[dict]], None] | None = None) -> RunResult:
+            on_records: Callable[[pa.Table], None] | None = None) -> RunResult:
     """Run the stages over the shards still to do; commit as records complete. Releases the lease at the end."""
     import ray
 
@@ -174,7 +174,7 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
     uris = {s.key: s.uri for s in prepared.todo}
     committer = ShardCommitter(
         spec.output, spec.schema, prepared.identity, lease=prepared.lease, rows_per_sample=spec.rows_per_sample,
-        row_key=spec.row_key, **({"partition": spec.partition} if spec.partition else {}), on_records=on_records,
+        key_columns=spec.key_columns, partition=spec.partition, on_records=on_records,
         describe=lambda key: {"input": uris.get(key), "format": spec.format}, committed=prepared.entries,
         on_commit=lambda c: bar.update(len(c.committed), c.samples, sum(c.errors_by_category.values())))
     result = RunResult(committer)

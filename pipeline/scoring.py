@@ -141,7 +141,7 @@ def stages(config: ScoreConfig, resources: dict, actor_cls: type = ScoringActor)
 def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progress: bool = True,
                 actor_cls: type = ScoringActor, sources: dict[str, str] | None = None) -> dict:
     """Score every sample of the shards not yet committed; returns (and writes) the summary."""
-    resources, why = _resources(config, sources or {})
+    resources, why = _resources(config, sources or {}) if prepared.todo else ({}, {})
     if progress and prepared.todo:
         print(f"[score] asking for {resources['max_actors']} scoring actor(s) x {resources['gpus_per_actor']:g} GPU "
               f"({why['gpus_per_actor']}) and {resources['preprocess_workers']} decode workers "
@@ -153,7 +153,8 @@ def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progr
         if len(sizes):
             batch_sizes.append((pa.compute.sum(sizes).as_py(), len(sizes), pa.compute.max(sizes).as_py()))
 
-    result = execute(prepared, stages(config, resources, actor_cls), progress, on_batch=device_batches)
+    planned = stages(config, resources, actor_cls) if prepared.todo else []
+    result = execute(prepared, planned, progress, on_batch=device_batches)
     c = result.committer
     common = common_summary(prepared, result)
     committed_before = prepared.committed
@@ -239,7 +240,9 @@ def format_summary(summary: dict) -> str:
     """The one-screen summary a job prints at the end."""
     s = summary["shards"]
     speed = f"{summary['throughput_samples_per_s']} samples/s over the whole job ({summary['elapsed_s']} s)"
-    if summary.get("steady_samples_per_s"):
+    if not summary["samples_this_run"]:
+        speed = f"nothing new to score ({summary['elapsed_s']} s)"
+    elif summary.get("steady_samples_per_s"):
         speed += f"; {summary['steady_samples_per_s']} samples/s after start-up ({summary['startup_s']} s)"
     lines = [
         f"UniFilter scoring: {summary['input']} ({summary['format']}) -> {summary['output']}",

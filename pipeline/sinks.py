@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -77,26 +78,29 @@ def read_scores(output: str) -> pa.Table:
 
 class ShardCommitter:
     """Collects records as they stream in, in any order, and commits each shard once all its records are present
-    (its SHARD_END marker carries the sample count; each sample yields `rows_per_sample` records, told apart by
-    `row_key`): Parquet files first, then the commit record. A shard whose reader reported a fault (SHARD_FAILED)
-    is never committed; its rows are dropped and its reason kept for the summary."""
+    (its SHARD_END marker carries the sample count; each sample yields `rows_per_sample` records, told apart by the
+    `key_columns`): Parquet files first, then the commit record. A shard whose reader reported a fault
+    (SHARD_FAILED) is never committed; its rows are dropped and its reason kept for the summary. Records stay in
+    Arrow all along (a driver commits for hundreds of GPUs: see benchmarks/scale.py)."""
 
     def __init__(self, output: str, schema: pa.Schema, identity: str, lease=None, on_commit: Callable | None = None,
-                 rows_per_sample: int = 1, row_key: Callable = lambda row: row["ordinal"],
-                 partition: Callable = lambda row: SCORES_DIR, consolidate_every: int = CONSOLIDATE_EVERY,
-                 on_records: Callable[[list[dict]], None] | None = None,
+                 rows_per_sample: int = 1, key_columns: tuple[str, ...] = ("ordinal",),
+                 partition: Callable[[pa.Table], list[str]] | None = None,
+                 consolidate_every: int = CONSOLIDATE_EVERY, on_records: Callable[[pa.Table], None] | None = None,
                  describe: Callable[[str], dict] | None = None, committed: dict[str, dict] | None = None):
         self.output = output
         self.fs, self.root = filesystem_for(output)
         self.schema, self.identity, self.lease = schema, identity, lease
-        self.rows_per_sample, self.row_key, self.partition = rows_per_sample, row_key, partition
+        self.rows_per_sample, self.key_columns = rows_per_sample, key_columns
+        self.partition = partition or (lambda table: [SCORES_DIR] * table.num_rows)
         self.on_commit, self.on_records, self.consolidate_every = on_commit, on_records, consolidate_every
         self.describe = describe  # shard -> what its commit record says about it (its input URI and format)
         # file stems already taken in the output, by shard: a second corpus' `00000.parquet` beside the first's
         # `00000.tar` gets `00000.parquet.parquet`, never the other's file
         self._names = {f.split("/", 1)[-1].removesuffix(".parquet"): key
                        for key, entry in (committed or {}).items() for f in entry.get("files", [])}
-        self._rows: dict[str, dict[object, dict]] = defaultdict(dict)  # shard -> row key -> record
+        self._parts: dict[str, list[pa.Table]] = defaultdict(list)  # shard -> its records as they arrived
+        self._keys: dict[str, set] = defaultdict(set)  # shard -> row keys seen (a retried task's rows repeat)
         self._expected: dict[str, int] = {}
         self._extra: dict[str, dict] = {}  # shard -> files the stage wrote itself, and its own counts
         self._unconsolidated: list[dict] = []
@@ -109,50 +113,71 @@ class ShardCommitter:
         self.first_commit: tuple[float, int] | None = None  # (time, samples then): start-up vs steady state
 
     def add(self, batch: pa.Table) -> None:
+        kinds = batch.column("kind").to_pylist()
+        markers = [i for i, k in enumerate(kinds) if k in (SHARD_END, SHARD_FAILED)]
         touched = set()
-        for row in batch.to_pylist():
+        if len(markers) < len(kinds):
+            data = batch.filter(pc.invert(pc.is_in(batch.column("kind"), pa.array([SHARD_END, SHARD_FAILED]))))
+            sources = data.column("source")
+            keys = list(zip(*(data.column(c).to_pylist() for c in self.key_columns)))
+            for shard in pc.unique(sources).to_pylist():
+                if shard in self.failed:
+                    continue
+                mask = pc.equal(sources, shard)
+                self._parts[shard].append(data.filter(mask))
+                self._keys[shard].update(k for k, m in zip(keys, mask.to_pylist()) if m)
+                touched.add(shard)
+        for row in batch.take(markers).to_pylist() if markers else []:
             shard = row["source"]
-            if shard in self.failed:
-                continue
             if row["kind"] == SHARD_FAILED:
                 self.failed[shard] = row["error"]
-                self._rows.pop(shard, None)
-                self._expected.pop(shard, None)
-                self._extra.pop(shard, None)
-                continue
-            if row["kind"] == SHARD_END:
+                for pending in (self._parts, self._keys, self._expected, self._extra):
+                    pending.pop(shard, None)
+            elif shard not in self.failed:
                 self._expected[shard] = int(row["id"]) * self.rows_per_sample
                 self._extra[shard] = json.loads(row["meta"]) if row.get("meta") else {}
-            else:
-                self._rows[shard][self.row_key(row)] = row  # a retried task's duplicate replaces, never adds
-            touched.add(shard)
+                touched.add(shard)
         for shard in touched:
-            if shard in self._expected and len(self._rows[shard]) == self._expected[shard]:
+            if shard in self._expected and len(self._keys[shard]) == self._expected[shard]:
                 self._commit(shard)
+
+    def _records(self, shard: str) -> pa.Table:
+        """The shard's records, each key once (the last to arrive), in key order."""
+        parts = self._parts.pop(shard, [])
+        table = pa.concat_tables(parts, promote_options="permissive") if parts else None
+        self._keys.pop(shard, None)
+        if table is None:
+            return pa.table({name: pa.array([], type=field.type) for name, field in
+                             zip(self.schema.names, self.schema)})
+        keys = list(zip(*(table.column(c).to_pylist() for c in self.key_columns)))
+        last = {k: i for i, k in enumerate(keys)}
+        return table.take(pa.array([last[k] for k in sorted(last)], pa.int64()))
 
     def _commit(self, shard: str) -> None:
         if self.lease is not None:
             self.lease.check()  # never commit into an output another job holds
-        rows = self._rows.pop(shard)
+        records = self._records(shard)
         expected = self._expected.pop(shard)
-        records = [rows[k] for k in sorted(rows)]
         name = output_name(shard)
         if self._names.setdefault(name, shard) != shard:
             name = output_name(shard, keep_suffix=True)
-        by_partition: dict[str, list[dict]] = defaultdict(list)
-        for r in records:
-            by_partition[self.partition(r)].append(r)
+        partitions = self.partition(records)
         files = []
-        for partition, part in sorted(by_partition.items()):
-            table = pa.Table.from_pylist([{k: r.get(k) for k in self.schema.names} for r in part], schema=self.schema)
+        for partition in sorted(set(partitions)):
+            part = records.filter(pa.array([p == partition for p in partitions])) if len(set(partitions)) > 1 \
+                else records
+            columns = {f.name: (part.column(f.name) if f.name in part.column_names else
+                                pa.nulls(part.num_rows, f.type)) for f in self.schema}
             sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
+            pq.write_table(pa.table(columns).cast(self.schema), sink, compression="zstd")
             files.append(f"{partition}/{name}.parquet")
             write_bytes(self.fs, f"{self.root}/{files[-1]}", sink.getvalue().to_pybytes())
-        errors = [r for r in records if r.get("error")]
+        errors = records.filter(pc.is_valid(records.column("error"))) if "error" in records.column_names else None
+        n_errors = errors.num_rows if errors is not None else 0
         extra = self._extra.pop(shard, {})
-        entry = {"shard": shard, "files": files, "records": expected, "errors": len(errors),
-                 "identity": self.identity, "model": records[0].get("model") if records else None,
+        model = records.column("model")[0].as_py() if "model" in records.column_names and records.num_rows else None
+        entry = {"shard": shard, "files": files, "records": expected, "errors": n_errors,
+                 "identity": self.identity, "model": model,
                  "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if self.describe:
             entry.update(self.describe(shard))
@@ -164,17 +189,24 @@ class ShardCommitter:
         self.entries.append(entry)
         if len(self._unconsolidated) >= self.consolidate_every:
             self.consolidate()
+        self._count(shard, records, errors)
 
+    def _count(self, shard: str, records: pa.Table, errors: pa.Table | None) -> None:
         self.committed.append(shard)
-        self.samples += len(records)
-        self.scored += len(records) - len(errors)
-        self.truncated += sum(1 for r in records if r.get("truncated"))
+        self.samples += records.num_rows
+        self.scored += records.num_rows - (errors.num_rows if errors is not None else 0)
+        if "truncated" in records.column_names:
+            self.truncated += pc.sum(pc.fill_null(records.column("truncated"), False)).as_py() or 0
         if self.first_commit is None:
             self.first_commit = (time.time(), self.samples)
-        for r in errors:
-            category = r.get("error_category") or r["error"].split(":", 1)[0]
-            self.errors_by_category[category] += 1
-            self.error_examples.setdefault(category, r["error"])
+        if errors is not None and errors.num_rows:
+            reasons = errors.column("error").to_pylist()
+            categories = (errors.column("error_category").to_pylist() if "error_category" in errors.column_names
+                          else [None] * len(reasons))
+            for reason, category in zip(reasons, categories):
+                category = category or reason.split(":", 1)[0]
+                self.errors_by_category[category] += 1
+                self.error_examples.setdefault(category, reason)
         if self.on_records:
             self.on_records(records)
         if self.on_commit:
@@ -188,8 +220,8 @@ class ShardCommitter:
     @property
     def pending(self) -> dict[str, tuple[int, int | None]]:
         """Shards seen but neither committed nor failed: (records received, records expected or None)."""
-        shards = set(self._rows) | set(self._expected)
-        return {s: (len(self._rows.get(s, {})), self._expected.get(s)) for s in shards}
+        shards = set(self._keys) | set(self._expected)
+        return {s: (len(self._keys.get(s, ())), self._expected.get(s)) for s in shards}
 
     def incomplete(self) -> dict[str, str]:
         """Every shard of this run that is not committed, with the reason."""

@@ -43,6 +43,12 @@ def identity(config: SynthConfig) -> dict:
             "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}
 
 
+def _pair_folders(pairs: pa.Table) -> list[str]:
+    """train/, val/, or errors/ for a pair that could not be made."""
+    return ["errors" if error else split for error, split in zip(pairs.column("error").to_pylist(),
+                                                                   pairs.column("split").to_pylist())]
+
+
 def prepare_synth(config: SynthConfig, started: float | None = None, dry_run: bool = False) -> PreparedJob:
     """Everything before Ray: the shards, the first shard's columns, the generator's settings, the output."""
     listing = list_shards(config.input, config.format)
@@ -53,8 +59,7 @@ def prepare_synth(config: SynthConfig, started: float | None = None, dry_run: bo
     config.make_generator()  # fail fast on an unusable generator configuration (e.g. no AWS region)
     spec = ShardJob(job="synth", output=config.output, listing=listing, identity=identity(config),
                     schema=PAIR_SCHEMA, rows_per_sample=len(config.levels),
-                    row_key=lambda r: (r["ordinal"], r["label"]),
-                    partition=lambda r: "errors" if r["error"] else r["split"], unit="pairs", format=config.format)
+                    key_columns=("ordinal", "label"), partition=_pair_folders, unit="pairs", format=config.format)
     return prepare(spec, started, dry_run)
 
 
@@ -92,8 +97,8 @@ def synthesize(config: SynthConfig, progress: bool = True, prepared: PreparedJob
                 accounting.update(input_tokens=row["input_tokens"] or 0, output_tokens=row["output_tokens"] or 0,
                                   requests=row["requests"] or 0, cache_hits=int(bool(row["cached"])))
 
-    def committed(records: list[dict]) -> None:
-        for row in records:
+    def committed(records: pa.Table) -> None:
+        for row in records.select(["error", "split", "label", "kind"]).to_pylist():
             if not row["error"]:
                 balance[row["split"]][row["label"]] += 1
                 kinds[row["kind"]] += 1

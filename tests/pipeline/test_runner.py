@@ -45,7 +45,7 @@ def test_a_job_built_on_the_runner_keeps_every_record_once_and_counts_its_errors
     listing = list_shards(str(tmp_path / "in"), "webdataset")
     (tmp_path / "in" / "3.tar").rename(tmp_path / "held.tar")  # listed, then gone: a fault, not data
     job = ShardJob(job="caption-length", output=str(tmp_path / "out"), listing=listing, identity={"stage": "v1"},
-                   schema=RECORD, partition=lambda row: "lengths")
+                   schema=RECORD, partition=lambda table: ["lengths"] * table.num_rows)
     prepared = prepare(job)
     result = execute(prepared, [Stage("length", CaptionLength, {}, max_actors=2)], progress=False)
     summary = common_summary(prepared, result)
