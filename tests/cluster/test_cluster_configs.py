@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.curation import CurateConfig
 from pipeline.scoring import ScoreConfig
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
@@ -103,14 +104,16 @@ def test_scheduled_run_is_a_cronjob_that_submits_the_job_without_overlap():
     assert pod["restartPolicy"] in ("Never", "OnFailure")
     command = " ".join(pod["containers"][0]["args"])
     assert "ray job submit" in command and "python -m jobs.score --config" in command
+    assert command.index("python -m jobs.score") < command.index("python -m jobs.curate --config")  # then curate
     token = next(e for e in pod["containers"][0]["env"] if e["name"] == "RAY_AUTH_TOKEN")
     assert "secretKeyRef" in token["valueFrom"]
 
 
-@pytest.mark.parametrize("name", ["score-job.yaml"])
-def test_example_job_config_is_valid(name):
-    config = ScoreConfig.model_validate(yaml.safe_load((CLUSTER / name).read_text()))
+def test_example_job_configs_are_valid():
+    config = ScoreConfig.model_validate(yaml.safe_load((CLUSTER / "score-job.yaml").read_text()))
     assert config.min_actors <= config.concurrency and config.no_progress_timeout_s >= 600
+    curate = CurateConfig.model_validate(yaml.safe_load((CLUSTER / "curate-job.yaml").read_text()))
+    assert curate.min_score is not None and curate.keep_fraction is None  # incremental nightly runs need a fixed cut
 
 
 def test_the_schema_check_rejects_a_broken_launcher_config():
