@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test lint bench bench-learning demo clean
+.PHONY: install test lint bench bench-gpu bench-learning demo clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py
 	$(PY) benchmarks/preprocess_throughput.py
 	$(PY) benchmarks/pipeline_throughput.py
+	$(PY) benchmarks/scale.py
+
+bench-gpu: $(VENV)/.installed
+	$(PY) benchmarks/gpu.py
 
 bench-learning: $(VENV)/.installed
 	$(PY) benchmarks/learning.py

@@ -137,3 +137,17 @@ def test_a_device_error_restarts_the_actor_and_its_batch_is_retried(tmp_path, ti
     table = read_scores(str(tmp_path / "out"))
     assert_exactly_once(table, expected)
     assert table.column("score").null_count == 0
+
+
+def test_captions_fill_micro_batches_of_the_configured_size_across_calls(tmp_path, tiny_checkpoint, ray_cluster):
+    """The CPU stage hands over 16 rows at a time; with the default rows per call (4 x max_batch) the device still
+    sees micro-batches of max_batch, not of one call's worth of an old 64-row default."""
+    from pipeline.scoring import ScoreConfig, score_dataset
+
+    for k in range(6):
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(50, seed=k, prefix=f"m{k}-"))
+    summary = score_dataset(ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+                                        model=tiny_checkpoint, max_batch=128), progress=False)
+    assert summary["samples_this_run"] == 300
+    assert summary["micro_batch_rows"]["max"] == 128 and summary["micro_batch_rows"]["configured"] == 128
+    assert summary["micro_batch_rows"]["mean"] >= 64  # most samples ride in full micro-batches
