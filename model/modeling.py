@@ -1,6 +1,6 @@
 """UniFilter: SigLIP vision tower -> average-pool projector + MLP -> Qwen2 -> last-token pooling -> score head.
 
-Reads top to bottom like the diagram in DESIGN.md. No Ray here: the model is a plain `nn.Module`.
+Reads top to bottom like the diagram in docs/ARCHITECTURE.md. No Ray here: the model is a plain `nn.Module`.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class UniFilter(nn.Module):
     def score(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | None]:
-        """Score records' `score`, `label` and `probs` (DESIGN.md) for a collated batch: `model.score(**batch)`."""
+        """Score records' `score`, `label` and `probs` (docs/ARCHITECTURE.md) for a collated batch: `model.score(**batch)`."""
         return scores_from_logits(self(input_ids, attention_mask, pixel_values))
 
     # -- dtype and device ----------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def prepare_image(img: Image.Image, size: int) -> np.ndarray:
 class UniFilterProcessor:
     """Turns samples (ordered text/image segments) into model inputs, identically for training and scoring.
 
-    Layout (DESIGN.md): a caption is `BOS <image> "\\n" caption EOS`; an interleaved document joins its segments
+    Layout (docs/ARCHITECTURE.md): a caption is `BOS <image> "\\n" caption EOS`; an interleaved document joins its segments
     with "\\n\\n", one image slot per image, then EOS. Text between two slots is tokenised as its own piece.
     """
 
