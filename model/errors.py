@@ -25,11 +25,12 @@ class Category(str, Enum):
     # a shard that cannot be read as configured: left uncommitted, reported, rerun later
     IO = "io"  # reading failed after retries (network, throttling, a missing file)
     CONFIG = "config"  # the shard does not fit the job's settings (a missing column)
+    INTERNAL = "internal"  # a bug of ours met while reading the shard: reported, never blamed on the data
 
     @property
     def is_fault(self) -> bool:
         """A shard-level fault: never committed as records."""
-        return self in (Category.IO, Category.CONFIG)
+        return self in (Category.IO, Category.CONFIG, Category.INTERNAL)
 
 
 class UniFilterError(Exception):

@@ -37,6 +37,7 @@ class Holder:
     acquired_at: float
     renewed_at: float
     expires_at: float
+    pid_namespace: str = ""  # containers sharing a host name and boot id do not share process ids
 
     def describe(self, now: float) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.acquired_at))
@@ -47,7 +48,8 @@ class Holder:
         """Expired, or held by a process of this host that is gone."""
         if now >= self.expires_at:
             return True
-        if self.host == socket.gethostname() and self.boot_id == _boot_id():
+        if self.host == socket.gethostname() and self.boot_id == _boot_id() and \
+                self.pid_namespace == _pid_namespace():
             return _process_started(self.pid) != self.pid_started
         return False
 
@@ -56,6 +58,13 @@ def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
 
@@ -195,7 +204,7 @@ class _BestEffortStore:
         try:
             with self.fs.open_input_stream(self.path) as f:
                 data = f.read()
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
             return None
         return data, json.loads(data)["token"] + ":" + str(json.loads(data)["renewed_at"])
 
@@ -239,6 +248,7 @@ class Lease:
         self.uri = join(output, LEASE_NAME)
         self._store = _store_for(self.uri)
         self._version = None
+        self._valid_until = 0.0  # the expiry of the last write that succeeded
         self._holder: Holder | None = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -252,18 +262,20 @@ class Lease:
     def acquire(self) -> Lease:
         now = time.time()
         self._holder = Holder(token=uuid.uuid4().hex, job=self.job, host=socket.gethostname(), boot_id=_boot_id(),
-                              pid=os.getpid(), pid_started=_process_started(os.getpid()), acquired_at=now,
+                              pid=os.getpid(), pid_started=_process_started(os.getpid()),
+                              pid_namespace=_pid_namespace(), acquired_at=now,
                               renewed_at=now, expires_at=now + self.ttl_s)
         for _ in range(3):
             data = self._payload(time.time())
             version = self._store.create(data)
             if version:
                 self._version = self._store.version_of(data) if version is True else version
+                self._valid_until = self._holder.expires_at
                 break
             current = self._store.read()
             if current is None:
                 continue  # released between our create and read: try again
-            holder = Holder(**json.loads(current[0]))
+            holder = Holder(**{k: v for k, v in json.loads(current[0]).items() if k in Holder.__dataclass_fields__})
             if not holder.is_stale(time.time()):
                 raise OutputBusy(f"{self.output} is in use by {holder.describe(time.time())}. Two jobs on one output "
                                  "would redo each other's work: wait for that job to end, or choose another "
@@ -271,6 +283,7 @@ class Lease:
             version = self._store.replace(data, current[1])  # take over an expired lease, if nobody else did
             if version:
                 self._version = self._store.version_of(data) if version is True else version
+                self._valid_until = self._holder.expires_at
                 break
         else:
             raise OutputBusy(f"could not take the lease on {self.output}: other jobs keep taking it")
@@ -284,8 +297,8 @@ class Lease:
             try:
                 data = self._payload(now)
                 version = self._store.replace(data, self._version)
-            except Exception as err:  # storage unreachable: keep trying until our lease would have expired
-                if time.time() > self._holder.expires_at - self.ttl_s / 3:
+            except Exception as err:  # storage unreachable: keep trying while the last renewal still holds
+                if time.time() > self._valid_until - self.ttl_s / 3:
                     self._lost = f"could not renew the lease on {self.output}: {err}"
                     return
                 continue
@@ -293,9 +306,15 @@ class Lease:
                 self._lost = f"another job took over the lease on {self.output}"
                 return
             self._version = self._store.version_of(data) if version is True else version
+            self._valid_until = now + self.ttl_s
 
     def check(self) -> None:
+        """Raise LeaseLost unless this job still holds the lease: one that could not be renewed in time (storage
+        down, or this process paused past its expiry) is lost even before another job takes it."""
         if self._lost:
+            raise LeaseLost(self._lost)
+        if time.time() > self._valid_until:
+            self._lost = f"the lease on {self.output} expired before it could be renewed"
             raise LeaseLost(self._lost)
 
     def release(self) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import SampleError, ShardFault
+from pipeline.errors import Category, SampleError, ShardFault
 from pipeline.sources.files import open_shard
 from pipeline.sources.parquet import check_columns, parquet_rows
 from pipeline.sources.tar import interleaved_row, tar_samples, webdataset_meta, webdataset_row
@@ -98,11 +98,37 @@ def read_shard(shard: Shard | str, fmt: str, options: SourceOptions | None = Non
                 row.setdefault("error_category", None)
                 row.update(source=shard.key, kind=sample_kind(fmt), ordinal=count, **_join_keys(row["meta"]))
                 count += 1
-                yield row
+                yield _valid_text(row)
     except ShardFault as fault:
         yield shard_failed(shard.key, fault)
         return
+    except Exception as err:  # a reader bug, never a sample's fault: the shard stays uncommitted and is named
+        yield shard_failed(shard.key, ShardFault(Category.INTERNAL, f"reading {shard.key} failed after {count} "
+                                                                    f"samples ({type(err).__name__}: {err})"))
+        return
     yield shard_end(shard.key, count)
+
+
+def _clean(text: str | None) -> str | None:
+    """Text Arrow can hold: lone surrogates (from a JSON escape, or a non-UTF-8 tar member name) written out."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _valid_text(row: dict) -> dict:
+    """Ids, keys and metadata are cleaned; a text that is not valid Unicode makes the sample a decode error."""
+    for name in ("id", "meta", "key", "url"):
+        row[name] = _clean(row[name])
+    texts = row.get("texts")
+    if texts and any(t is not None and _clean(t) is not t for t in texts):
+        row.update(texts=None, images=None, error="decode: a text holds invalid Unicode (a lone surrogate)",
+                   error_category=Category.DECODE.value)
+    return row
 
 
 def _rows(file, stem: str, fmt: str, options: SourceOptions) -> Iterator[dict]:
@@ -117,6 +143,9 @@ def _rows(file, stem: str, fmt: str, options: SourceOptions) -> Iterator[dict]:
                 continue
             except SampleError as err:
                 error = err
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:  # a document's odd shape
+                error = SampleError(Category.MALFORMED, f"document does not have the expected structure "
+                                                        f"({type(err).__name__}: {err})")
         meta = webdataset_meta(files) if fmt == "webdataset" else None
         yield {"id": key, "texts": None, "images": None, "meta": meta, "error": error.reason,
                "error_category": error.category.value}

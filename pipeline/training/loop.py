@@ -9,6 +9,7 @@ Order matters on a GPU: optimizer state is restored only after the model is on i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -40,6 +41,7 @@ class TrainLoop:
         self.on_gpu = self.device.type == "cuda"
         self.autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and self.on_gpu)
         self.token_budget = cfg.micro_token_budget(self.on_gpu)
+        self._spare = None  # the last micro-batch seen: a stand-in for a batch left empty
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, checkpoint_dir: Path | None = None) -> TrainLoop:
@@ -86,6 +88,10 @@ class TrainLoop:
             labels = torch.tensor([rows[i]["label"] for i in micro], device=self.device)
             yield micro, inputs, labels, [rows[i]["kind"] for i in micro]
 
+    def _sync_if(self, sync: bool):
+        """DDP all-reduces gradients in the backward of this forward only when `sync`."""
+        return contextlib.nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync()
+
     def _forward(self, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(inputs["input_ids"], inputs["attention_mask"],
@@ -110,21 +116,31 @@ class TrainLoop:
         correct = torch.zeros((), device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         for batch in batches:
-            batch = batch.filter(pc.is_null(batch.column("error")))
             batches_seen += 1
             if batches_seen <= self.skip_batches:
                 continue  # resumed mid-epoch: these batches were trained before the checkpoint
-            if batch.num_rows == 0:
-                continue
-            for _, inputs, labels, _ in self._micro_batches(batch):
-                loss, logits = self._forward(inputs, labels)
-                # the step's loss is the mean over its rows, whatever the micro-batch split
-                (loss * (len(labels) / batch.num_rows) / cfg.grad_accum).backward()
-                with torch.no_grad():
-                    correct += (scores_from_logits(logits.detach())["label"].long() == labels.long()).sum()
-                    loss_sum += loss.detach() * len(labels)
-                    seen += len(labels)
-            if batches_seen % cfg.grad_accum == 0:
+            batch = batch.filter(pc.is_null(batch.column("error")))
+            ends_step = batches_seen % cfg.grad_accum == 0
+            micro = list(self._micro_batches(batch)) if batch.num_rows else []
+            # Workers split their batches into different numbers of micro-batches: only the last backward of a
+            # step all-reduces (DDP's no_sync before it), so every worker takes part in each step exactly once.
+            # A batch whose pairs all failed to encode still takes part, with a weight-0 pass on a kept input.
+            weight = 1.0
+            if not micro and self._spare is not None:
+                micro, weight = [self._spare], 0.0
+            for k, (_, inputs, labels, _) in enumerate(micro):
+                with self._sync_if(ends_step and k == len(micro) - 1):
+                    loss, logits = self._forward(inputs, labels)
+                    # the step's loss is the mean over its rows, whatever the micro-batch split
+                    (loss * (weight * len(labels) / max(batch.num_rows, 1)) / cfg.grad_accum).backward()
+                if weight:
+                    with torch.no_grad():
+                        correct += (scores_from_logits(logits.detach())["label"].long() == labels.long()).sum()
+                        loss_sum += loss.detach() * len(labels)
+                        seen += len(labels)
+            if micro and weight:
+                self._spare = micro[-1]
+            if ends_step:
                 torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()

@@ -69,8 +69,11 @@ def train_loop(loop_config: dict) -> None:
     ctx = get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     beat = _Heartbeat(loop_config.get("heartbeat"))
-    # Every trainable parameter takes part in every step (no unused-parameter search).
-    wrap = (lambda net: prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False})) \
+    # Every trainable parameter takes part in every step (no unused-parameter search); the buffers (rotary
+    # frequencies, position ids) are constants, and broadcasting them in each forward would add a collective that
+    # workers with different micro-batch counts would not match.
+    wrap = (lambda net: prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": False,
+                                                                     "broadcast_buffers": False})) \
         if world > 1 else None
     loop = TrainLoop(cfg, loop_config["base"], loop_config["total_steps"], device=get_device(), wrap=wrap)
     checkpoint = _resume_point(cfg)

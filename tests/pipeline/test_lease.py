@@ -99,3 +99,15 @@ def test_the_lease_file_is_metadata(tmp_path):
     with Lease(str(tmp_path / "o"), "score"):
         assert (tmp_path / "o" / LEASE_NAME).is_file()
     assert not (tmp_path / "o" / LEASE_NAME).exists()
+
+
+def test_a_lease_that_cannot_be_renewed_in_time_is_lost(tmp_path):
+    lease = Lease(str(tmp_path / "out"), "score", ttl_s=0.6).acquire()
+    try:
+        lease._stop.set()  # the renewals stop (storage down, or this process paused past its expiry)
+        lease._thread.join()
+        time.sleep(0.8)
+        with pytest.raises(LeaseLost, match="expired before it could be renewed"):
+            lease.check()  # before the next commit: no other job needs to have taken it over
+    finally:
+        lease.release()
