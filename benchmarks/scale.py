@@ -132,12 +132,37 @@ def _write_tiny_shards(root_uri: str, n: int, data: bytes) -> None:
         list(pool.map(lambda k: write_bytes(fs, f"{root}/{k:06d}.tar", data), range(n)))
 
 
+def _list_seconds(uri: str) -> float:
+    """Seconds to list the input shards: the part of start-up that grows with the input on any store, the same
+    before and after the manifest change (best of two)."""
+    from pipeline.storage import list_shards
+
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        list_shards(uri, "webdataset")
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _cli_rerun_seconds(config) -> float:
+    """A user's rerun end to end: `python -m jobs.score` in a fresh interpreter (imports included)."""
+    command = [sys.executable, "-m", "jobs.score", "--input", config.input, "--format", config.format,
+               "--output", config.output, "--model", config.model]
+    t = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    if done.returncode != 0:
+        raise RuntimeError(f"the rerun failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return elapsed
+
+
 def rerun_startup(bucket_root: str, model_dir: str) -> None:
     """A rerun that finds every shard committed: 400 against 4,000 (target: within 1.5x)."""
     from pipeline import corpus
     from pipeline.scoring import ScoreConfig, prepare_scoring
 
-    rows = []
+    rows, measured = [], []
     for n in (400, 4000):
         inputs = f"{bucket_root}/rerun-in-{n}"
         _write_tiny_shards(inputs, n, corpus._tar([("a.jpg", b"x"), ("a.txt", b"y")]))
@@ -146,16 +171,23 @@ def rerun_startup(bucket_root: str, model_dir: str) -> None:
         prepared, _ = prepare_scoring(config)  # claims the identity
         prepared.lease.release()
         _write_entries(output, n, consolidated=True)
-        t = time.perf_counter()
-        prepared, _ = prepare_scoring(config)
-        elapsed = time.perf_counter() - t
-        prepared.lease.release()
+        prepare_scoring(config)[0].lease.release()  # warm the interpreter's imports and clients
+        elapsed = float("inf")
+        for _ in range(2):  # best of two: the loopback server shares these 2 cores
+            t = time.perf_counter()
+            prepared, _ = prepare_scoring(config)
+            elapsed = min(elapsed, time.perf_counter() - t)
+            prepared.lease.release()
         assert not prepared.todo, "every shard should be committed"
-        rows.append([f"{n:,}", f"{elapsed:.2f}"])
-    ratio = float(rows[1][1]) / float(rows[0][1])
-    rows.append(["ratio", f"{ratio:.2f}x (target <= 1.5x)"])
-    table("   Rerun start-up on loopback S3 (listing, model check, lease, manifest; seconds)",
-          ["committed shards", "start-up"], rows)
+        listing = _list_seconds(inputs)
+        cli = _cli_rerun_seconds(config)
+        measured.append((cli, elapsed, elapsed - listing))
+        rows.append([f"{n:,}", f"{cli:.2f}", f"{elapsed:.2f}", f"{listing:.2f}", f"{elapsed - listing:.2f}"])
+    ratios = [b / a for a, b in zip(*measured)]
+    rows.append(["ratio 4,000 / 400", f"{ratios[0]:.2f}x", f"{ratios[1]:.2f}x", "", f"{ratios[2]:.2f}x"])
+    table("   Rerun over committed shards on loopback S3 (seconds; target: 4,000 within 1.5x of 400)",
+          ["committed shards", "CLI end to end", "start-up in process", "of which listing the input shards",
+           "start-up less the listing"], rows)
 
 
 # -- 2. committer ------------------------------------------------------------------------------------------------
@@ -314,7 +346,10 @@ def per_shard_cost(n_shards: int, model_dir: str) -> None:
                                         output=os.path.join(root, "out"), model=model_dir), progress=False)
     elapsed = time.perf_counter() - t
     assert summary["shards"]["scored_this_run"] == n_shards
-    steady = summary.get("steady_samples_per_s")  # one sample per shard: shards/s once the actors are up
+    # one sample per shard: shards/s once the first commit is in (the actors are up and the pipeline is full)
+    steady = summary.get("steady_samples_per_s")
+    if not steady and summary.get("startup_s") and elapsed > summary["startup_s"]:
+        steady = (n_shards - summary["startup_samples"]) / (summary["elapsed_s"] - summary["startup_s"])
     table("6. Fixed cost per shard: one-sample shards through the Ray pipeline (tiny model, 2 cores)",
           ["shards", "seconds (whole job)", "shards/s, whole job", "shards/s after start-up", "ms per shard",
            "target"],
@@ -325,7 +360,7 @@ def per_shard_cost(n_shards: int, model_dir: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000,10000,50000", help="committed shards for the manifest start-up")
-    parser.add_argument("--shards", type=int, default=2000, help="one-sample shards for the fixed-cost run")
+    parser.add_argument("--shards", type=int, default=4000, help="one-sample shards for the fixed-cost run")
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

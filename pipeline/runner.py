@@ -228,6 +228,7 @@ def common_summary(prepared: PreparedJob, result: RunResult) -> dict:
     if c and c.first_commit:
         first_time, first_samples = c.first_commit
         summary["startup_s"] = round(first_time - prepared.started, 3)
+        summary["startup_samples"] = first_samples  # what the first commit held
         window = result.ended - first_time
         # a steady rate only over a window worth the name: 10 s and a few commits after the first one
         if window >= 10 and len(c.committed) >= 4 and samples > first_samples:

@@ -179,7 +179,7 @@ def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progr
         "committed_shards_total": len(committed_before) + len(c.committed),
         "committed_samples_total": sum(e["records"] for e in committed_before.values()) + c.samples,
     }
-    for key in ("startup_s", "steady_samples_per_s", "aborted"):
+    for key in ("startup_s", "startup_samples", "steady_samples_per_s", "aborted"):
         if key in common:
             summary[key] = common[key]
     write_json(join(config.output, "summary.json"), summary)
