@@ -104,6 +104,7 @@ class ShardCommitter:
         self._expected: dict[str, int] = {}
         self._extra: dict[str, dict] = {}  # shard -> files the stage wrote itself, and its own counts
         self._unconsolidated: list[dict] = []
+        self._done: set[str] = set()  # committed in this run: a re-executed task's late rows are dropped
         self.entries: list[dict] = []  # commit records of this run
         self.committed: list[str] = []
         self.failed: dict[str, str] = {}  # shard -> why it could not be read as configured
@@ -121,7 +122,7 @@ class ShardCommitter:
             sources = data.column("source")
             keys = list(zip(*(data.column(c).to_pylist() for c in self.key_columns)))
             for shard in pc.unique(sources).to_pylist():
-                if shard in self.failed:
+                if shard in self.failed or shard in self._done:
                     continue
                 mask = pc.equal(sources, shard)
                 self._parts[shard].append(data.filter(mask))
@@ -129,6 +130,8 @@ class ShardCommitter:
                 touched.add(shard)
         for row in batch.take(markers).to_pylist() if markers else []:
             shard = row["source"]
+            if shard in self._done:
+                continue
             if row["kind"] == SHARD_FAILED:
                 self.failed[shard] = row["error"]
                 for pending in (self._parts, self._keys, self._expected, self._extra):
@@ -161,6 +164,7 @@ class ShardCommitter:
         name = output_name(shard)
         if self._names.setdefault(name, shard) != shard:
             name = output_name(shard, keep_suffix=True)
+            self._names.setdefault(name, shard)
         partitions = self.partition(records)
         files = []
         for partition in sorted(set(partitions)):
@@ -193,6 +197,7 @@ class ShardCommitter:
 
     def _count(self, shard: str, records: pa.Table, errors: pa.Table | None) -> None:
         self.committed.append(shard)
+        self._done.add(shard)
         self.samples += records.num_rows
         self.scored += records.num_rows - (errors.num_rows if errors is not None else 0)
         if "truncated" in records.column_names:

@@ -106,3 +106,24 @@ def test_an_output_of_the_version_before_still_resumes_and_reads(tmp_path, tiny_
     summary = score_dataset(config, progress=False)
     assert summary["shards"]["already_committed"] == 2 and summary["shards"]["scored_this_run"] == 1
     assert_exactly_once(read_scores(str(out)), expected)
+
+
+def test_a_re_executed_task_after_its_commit_writes_nothing_twice(tmp_path):
+    """Ray may run a finished task again (a lost block, a restarted actor): its rows and end marker for a shard
+    already committed in this run are dropped, never committed a second time."""
+    import pyarrow as pa
+
+    from pipeline.sinks import ShardCommitter
+    from pipeline.sources import shard_end
+
+    out = str(tmp_path / "out")
+    committer = ShardCommitter(out, SCORE_SCHEMA, identity="id")
+    rows = [{"id": f"a-{i}", "source": "a.tar", "kind": "caption", "ordinal": i, "score": 1.0, "label": 1}
+            for i in range(2)]
+    committer.add(pa.Table.from_pylist([*rows, shard_end("a.tar", 2)]))
+    again = [{**r, "score": 2.0} for r in rows]
+    committer.add(pa.Table.from_pylist(again[:1]))
+    committer.add(pa.Table.from_pylist([*again[1:], shard_end("a.tar", 2)]))
+    assert committer.committed == ["a.tar"] and committer.samples == 2
+    table = read_committed(out, SCORE_SCHEMA)
+    assert table.column("score").to_pylist() == [1.0, 1.0]
