@@ -219,8 +219,8 @@ def claim_output(output: str, job: str, identity: dict, entries: dict[str, dict]
     current = read_json(uri)
     ours = {"job": job, "identity": identity, "identity_hash": identity_hash(identity)}
     if current is None:
-        legacy_models = {e.get("model") for e in entries.values()}
-        if entries and isinstance(identity.get("model"), dict) and legacy_models != {identity["model"].get("id")}:
+        legacy_models = {e.get("model") for e in entries.values()} - {None}  # an empty shard names no model
+        if legacy_models and isinstance(identity.get("model"), dict) and legacy_models != {identity["model"].get("id")}:
             raise OutputMismatch("model", f"{output} already holds records of {sorted(map(str, legacy_models))}, "
                                  f"not of {identity['model'].get('id')}: score into another output")
         write_json(uri, {**ours, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -250,6 +250,6 @@ def check_entries(output: str, entries: dict[str, dict]) -> None:
             raise OutputMismatch("output", f"{output} holds records of {len(foreign) + 1} different models or "
                                            f"settings (identities {[current['identity_hash'], *foreign]})")
     else:
-        models = {e.get("model") for e in entries.values()}
+        models = {e.get("model") for e in entries.values()} - {None}
         if len(models) > 1:
             raise OutputMismatch("output", f"{output} holds records of {len(models)} models: {sorted(map(str, models))}")

@@ -56,6 +56,26 @@ class Choice:
     why: str  # "flag", "config file", or "default: <reason>"
 
 
+def expects_gpu(gpus_per_actor_set: float | None) -> bool:
+    """Before Ray starts: will the scoring actors hold GPUs? The rule `gpus_per_actor` applies once connected (a
+    job reached through RAY_ADDRESS gets GPUs unless told otherwise; a local one when this machine has one)."""
+    if gpus_per_actor_set is not None:
+        return gpus_per_actor_set > 0
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def model_dtype(dtype: str, gpus_per_actor_set: float | None) -> str:
+    """`auto` made definite before the job starts, so the output's identity names the precision its scores were
+    computed in: bfloat16 where the actors hold GPUs, float32 on CPUs."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if expects_gpu(gpus_per_actor_set) else "float32"
+
+
 def gpus_per_actor(set_value: float | None, source: str, view: ClusterView) -> Choice:
     if set_value is not None:
         return Choice(set_value, source)

@@ -16,7 +16,7 @@ from model.checkpoint import load_processor
 from pipeline.errors import CheckpointError, InputError
 from pipeline.manifest import write_json
 from pipeline.preprocess import ShardEncoder
-from pipeline.resources import current_view, decode_workers, gpus_per_actor
+from pipeline.resources import current_view, decode_workers, gpus_per_actor, model_dtype
 from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare, summary_tail
 from pipeline.scorer import ScoringActor
 from pipeline.sinks import SCORE_SCHEMA
@@ -70,11 +70,16 @@ class ScoreConfig(BaseModel):
             raise ValueError(f"min_actors ({self.min_actors}) exceeds concurrency ({self.concurrency})")
         return self
 
+    def resolved_dtype(self) -> str:
+        """The precision the actors will use (`auto` resolved the way they resolve it)."""
+        return model_dtype(self.dtype, self.gpus_per_actor)
+
     def identity(self, model_id: str) -> dict:
         """What the output's records depend on: the model (its content hash) and the settings that change scores."""
         revision = model_id.rsplit("@", 1)[1] if "@" in model_id else None
         s = self.source
-        return {"model": {"id": model_id, "revision": revision}, "dtype": self.dtype, "jpeg_draft": self.jpeg_draft,
+        return {"model": {"id": model_id, "revision": revision}, "dtype": self.resolved_dtype(),
+                "jpeg_draft": self.jpeg_draft,
                 "max_image_pixels": self.max_image_pixels,
                 "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}
 
@@ -130,7 +135,7 @@ def stages(config: ScoreConfig, resources: dict, actor_cls: type = ScoringActor)
                                            "jpeg_draft": config.jpeg_draft},
               num_cpus=config.preprocess_cpus, max_actors=resources["preprocess_workers"]),
         # Ray Data restarts a crashed actor and retries its batches (max_restarts=-1).
-        Stage("score", actor_cls, {"model_uri": config.model, "dtype": config.dtype,
+        Stage("score", actor_cls, {"model_uri": config.model, "dtype": config.resolved_dtype(),
                                    "token_budget": config.token_budget, "max_batch": config.max_batch},
               num_cpus=config.cpus_per_actor, num_gpus=resources["gpus_per_actor"],
               min_actors=config.min_actors, max_actors=config.concurrency,
@@ -225,8 +230,8 @@ def dry_run_plan(config: ScoreConfig) -> str:
         f"{config.output}",
         f"  shards     {len(s.shards)} total · {len(s.committed)} already committed · {len(s.todo)} new",
         f"  samples    {'unknown' if samples is None else f'{samples:,}'} in the new shards ({how})",
-        f"  model      {model_id} · {human(params)} parameters · {config.dtype} "
-        f"(auto: bfloat16 on GPU)",
+        f"  model      {model_id} · {human(params)} parameters · {config.resolved_dtype()}"
+        + (" (auto: bfloat16 on GPU, float32 on CPU)" if config.dtype == "auto" else ""),
     ]
     if samples is not None:
         hours = samples / rate / 3600

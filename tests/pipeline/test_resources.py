@@ -48,3 +48,20 @@ def test_explicit_settings_always_win(view):
         "config file"
     assert decode_workers(7, "flag", view, actors=3, cpus_per_actor=1, gpus=1).value == 7
     assert use_gpu(False, "flag", view).value is False
+
+
+def test_auto_precision_is_made_definite_before_the_job_so_the_identity_names_it(monkeypatch):
+    """A CPU run and a GPU run of `dtype: auto` compute scores in different precisions: their identities differ,
+    so one output never mixes the two, and the actors are handed the same resolved precision."""
+    from pipeline.scoring import ScoreConfig, stages
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    base = {"input": "in", "format": "webdataset", "output": "out", "model": "m"}
+    assert ScoreConfig(**base).identity("m@1")["dtype"] == "float32"  # no GPU on this machine
+    assert ScoreConfig(**base, gpus_per_actor=1).identity("m@1")["dtype"] == "bfloat16"
+    assert ScoreConfig(**base, dtype="float16", gpus_per_actor=0).identity("m@1")["dtype"] == "float16"
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # a cluster job gets GPUs unless told otherwise
+    config = ScoreConfig(**base)
+    assert config.identity("m@1")["dtype"] == "bfloat16"
+    resources = {"preprocess_workers": 1, "gpus_per_actor": 1.0}
+    assert stages(config, resources)[1].kwargs["dtype"] == "bfloat16"
