@@ -84,6 +84,7 @@ class BatchScorer:
             prepared = pending.result() if self._pool else pending
             pending = self._submit(encoded, plan[k + 1]) if k + 1 < len(plan) else None
             results.update(self._score_group(encoded, micro, prepared))
+        _check_not_all_failed(results)
         model_id = self.model.model_id
         score, label, probs, micro_batch = [None] * n, [None] * n, [None] * n, [None] * n
         for j, result in results.items():
@@ -174,6 +175,17 @@ class BatchScorer:
             out[j] = {"score": score, "label": int(result["label"][k]), "micro_batch": len(group),
                       "probs": None if result["probs"] is None else result["probs"][k].tolist()}
         return out
+
+
+def _check_not_all_failed(results: dict[int, dict | str]) -> None:
+    """Samples that fail on their own fail for their own reasons. When every sample of a call (two or more) failed
+    alone with the same error, the error is the device's or the model's, not the data's (an unrecognised CUDA
+    error, say): a DeviceFault, so the batch is retried and nothing is committed as an error record."""
+    if len(results) < 2 or not all(isinstance(r, str) for r in results.values()):
+        return
+    causes = {re.sub(r"\(\d+ tokens\)", "", r) for r in results.values()}  # out of memory names each size
+    if len(causes) == 1:
+        raise DeviceFault(f"every one of {len(results)} samples failed alone with: {next(iter(results.values()))}")
 
 
 def release_memory(device: torch.device) -> None:

@@ -86,6 +86,18 @@ def test_only_a_sample_that_fails_on_its_own_gets_an_error_record(loaded):
     assert errors.keys() == {out[5]["id"]}
 
 
+def test_every_sample_failing_alone_the_same_way_is_a_fault_not_bad_data(loaded):
+    """An error the device-error patterns do not know, met by every sample alone: the model or the device is at
+    fault, so the batch is retried (DeviceFault) instead of committing every sample as an error record."""
+    net, processor = loaded
+    faulty = Faulty(net, RuntimeError("cuDNN launch failure 0x7f"), when=lambda ids: True)
+    with pytest.raises(DeviceFault, match="every one of 8 samples failed alone"):
+        BatchScorer(faulty, processor, token_budget=10**6, max_batch=8).score_table(encoded_table(processor, 8))
+    oom = Faulty(net, torch.OutOfMemoryError("CUDA out of memory"), when=lambda ids: True)  # memory held elsewhere
+    with pytest.raises(DeviceFault, match="out of memory on this sample alone"):
+        BatchScorer(oom, processor, token_budget=10**6, max_batch=8).score_table(encoded_table(processor, 3))
+
+
 def test_overlapped_preparation_gives_the_serial_scores_in_any_order(loaded):
     net, processor = loaded
     tables = [encoded_table(processor, 12, seed=k) for k in range(3)]
