@@ -190,7 +190,9 @@ class Selector:
         for shard in (Shard(**s) for group in batch.column("shards").to_pylist() for s in group):
             try:
                 yield self._select(shard)
-            except ShardFault as fault:
+            except Exception as err:  # noqa: BLE001 - whatever it is, the shard stays uncommitted and is named
+                fault = err if isinstance(err, ShardFault) else ShardFault(
+                    Category.INTERNAL, f"selecting from {shard.key} failed ({type(err).__name__}: {err})")
                 yield pa.Table.from_pylist([{k: v for k, v in shard_failed(shard.key, fault).items()
                                              if k in _ROW_SCHEMA.names}], schema=_ROW_SCHEMA)
 
@@ -201,6 +203,9 @@ class Selector:
                 table = pq.read_table(f, columns=_SCORE_COLUMNS)
         except OSError as err:
             raise ShardFault(Category.IO, f"cannot read {shard.uri}: {err}") from None
+        # A score file holds every sample of its input shard in reading order: a record's row is its position in
+        # the input (what Parquet rows are matched by when materializing; their ids may repeat).
+        table = table.append_column("ordinal", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         cut = np.array([self._cut(k) if self._cut(k) is not None else np.inf for k in table.column("kind").to_pylist()],
                        dtype=np.float64)
         scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -222,11 +227,7 @@ class Selector:
             if not shard.aux:
                 raise ShardFault(Category.CONFIG, f"the input has no shard {shard.key} (set input to the scored corpus)")
             name = output_name(shard.key) + "." + shard.key.rsplit(".", 1)[-1]
-            written = materialize(shard.aux_format, shard.aux, set(kept.column("id").to_pylist()),
-                                  join(self.output, SHARDS_DIR, name), self.config.source)
-            if written != kept.num_rows:
-                raise ShardFault(Category.CONFIG, f"{shard.key}: wrote {written} of {kept.num_rows} kept samples (is "
-                                                  "this the corpus that was scored?)")
+            materialize(shard.aux_format, shard.aux, kept, join(self.output, SHARDS_DIR, name), self.config.source)
             files.append(f"{SHARDS_DIR}/{name}")
         rows = kept.select(SELECTED_SCHEMA.names).to_pylist()
         for i, row in enumerate(rows):

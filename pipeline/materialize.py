@@ -2,8 +2,9 @@
 interleaved-wds) -> tar out with every member of each kept sample, headers and contents as they were; Parquet in
 (parquet, obelics) -> Parquet out with every column of each kept row. Users feed these straight into training.
 
-Samples are matched by the ids the readers give them (the tar key; the Parquet id column, or `<stem>:<row>` for
-rows without one), so what is written is exactly what was scored.
+Samples are matched the way the readers named them: a tar sample by its key, a Parquet row by its position in the
+file (the record's `ordinal`; ids may repeat). Nothing is published unless every kept sample was found, so a
+shard file in the output is always complete.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.errors import Category
+from pipeline.errors import ShardFault
 from pipeline.sources import SourceOptions
 from pipeline.sources.files import open_shard
 from pipeline.sources.tar import _key
@@ -37,6 +40,12 @@ def _publish(local: Path, uri: str) -> None:
             out.write(chunk)
 
 
+def _check_count(input_uri: str, written: int, expected: int) -> None:
+    if written != expected:
+        raise ShardFault(Category.CONFIG, f"{input_uri} holds {written} of the {expected} kept samples (is this the "
+                                          "corpus that was scored?)")
+
+
 def materialize_tar(input_uri: str, keep: set[str], output_uri: str, options: SourceOptions) -> int:
     """Copy the members of kept keys, in their order and with their headers; returns the samples written."""
     written = set()
@@ -50,6 +59,7 @@ def materialize_tar(input_uri: str, keep: set[str], output_uri: str, options: So
                         tar_out.addfile(member, tar_in.extractfile(member))
                         written.add(_key(member.name))
             tmp.close()
+            _check_count(input_uri, len(written), len(keep))
             if written:
                 _publish(Path(tmp.name), output_uri)
         finally:
@@ -57,30 +67,24 @@ def materialize_tar(input_uri: str, keep: set[str], output_uri: str, options: So
     return len(written)
 
 
-def materialize_parquet(input_uri: str, keep: set[str], output_uri: str, options: SourceOptions) -> int:
-    """Copy the kept rows with every column and the input's schema; returns the rows written."""
-    stem = input_uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+def materialize_parquet(input_uri: str, keep: set[int], output_uri: str, options: SourceOptions) -> int:
+    """Copy the rows at the kept positions with every column and the input's schema; returns the rows written."""
     with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src:
         pf = pq.ParquetFile(src)
-        schema = pf.schema_arrow
         with tempfile.NamedTemporaryFile(prefix="unifilter-kept-", suffix=".parquet", delete=False) as tmp:
             pass
         written, row = 0, 0
         try:
-            with pq.ParquetWriter(tmp.name, schema, compression="zstd") as writer:
+            with pq.ParquetWriter(tmp.name, pf.schema_arrow, compression="zstd") as writer:
                 for group in range(pf.num_row_groups):
-                    table = pf.read_row_group(group)
-                    if options.id_column in table.column_names:
-                        ids = [str(v) if v is not None else f"{stem}:{row + i}"
-                               for i, v in enumerate(table.column(options.id_column).to_pylist())]
-                    else:
-                        ids = [f"{stem}:{row + i}" for i in range(table.num_rows)]
-                    mask = pa.array([i in keep for i in ids])
-                    kept = table.filter(mask)
-                    if kept.num_rows:
+                    n = pf.metadata.row_group(group).num_rows
+                    wanted = [i for i in range(n) if row + i in keep]
+                    if wanted:
+                        kept = pf.read_row_group(group).take(pa.array(wanted, pa.int64()))
                         writer.write_table(kept)
                         written += kept.num_rows
-                    row += table.num_rows
+                    row += n
+            _check_count(input_uri, written, len(keep))
             if written:
                 _publish(Path(tmp.name), output_uri)
         finally:
@@ -88,7 +92,9 @@ def materialize_parquet(input_uri: str, keep: set[str], output_uri: str, options
     return written
 
 
-def materialize(fmt: str, input_uri: str, keep: set[str], output_uri: str, options: SourceOptions) -> int:
+def materialize(fmt: str, input_uri: str, kept: pa.Table, output_uri: str, options: SourceOptions) -> int:
+    """Write the kept score records' samples (`kept`: their `id` and `ordinal` columns) from the input shard;
+    raises ShardFault, publishing nothing, when the shard does not hold all of them."""
     if fmt in ("webdataset", "interleaved-wds"):
-        return materialize_tar(input_uri, keep, output_uri, options)
-    return materialize_parquet(input_uri, keep, output_uri, options)
+        return materialize_tar(input_uri, set(kept.column("id").to_pylist()), output_uri, options)
+    return materialize_parquet(input_uri, set(kept.column("ordinal").to_pylist()), output_uri, options)
