@@ -136,10 +136,15 @@ def prepare_curation(config: CurateConfig, started: float | None = None) -> Cura
 
 
 def compute_thresholds(plan: CurationPlan) -> Thresholds:
-    """Two passes of Ray Data over the score files: exact thresholds, and the histograms on the way."""
+    """Two passes of Ray Data over the score files: exact thresholds, and the histograms on the way. A fixed
+    min_score with no report needs neither: no pass is made."""
     import ray
 
     config = plan.config
+    if config.min_score is not None and not config.report:
+        cut = float(np.float32(config.min_score))
+        return Thresholds({name: cut for name in (selection.KINDS if config.per_kind else [selection.ALL])},
+                          {}, Counter())
     fs, _ = filesystem_for(config.scores)
     paths = [filesystem_for(s.uri)[1] for s in plan.listing.shards]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["kind", "score", "error", "label"])
