@@ -202,7 +202,11 @@ def _micro_batch_stats(sizes: list[tuple[int, int, int]], configured: int) -> di
 def score_dataset(config: ScoreConfig, progress: bool = True, actor_cls: type = ScoringActor) -> dict:
     """prepare + run, on the Ray instance this process is connected to."""
     prepared, model_id = prepare_scoring(config, time.time())
-    return run_scoring(prepared, config, model_id, progress, actor_cls)
+    try:
+        return run_scoring(prepared, config, model_id, progress, actor_cls)
+    finally:  # also when sizing the job fails before it starts: the output is not left held
+        if prepared.lease is not None:
+            prepared.lease.release()
 
 
 # Reference rates on one H200 (README, "Running on a cluster"): captions/s with bf16 batching.
