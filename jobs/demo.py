@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[demo] 2/5 training a tiny model on them with Ray Train (CPU)")
     summary = training.train_classifier(training.TrainConfig(
         train=str(pairs_dir / "train"), val=str(pairs_dir / "val"), output=str(run_dir), epochs=args.epochs,
-        batch_size=32, train_vision=True, name="demo"))
+        batch_size=32, train_vision=True, name="demo", use_gpu=False))  # a tiny model: CPU wherever it runs
     print(training.format_summary(summary))
     model_dir = summary["best"]
 
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = work / "scores"
     exit_code = 0
     for fmt in ("webdataset", "obelics"):  # both kinds into one output: curation compares within each kind
-        summary = score_dataset(ScoreConfig(input=held_out[fmt], format=fmt, output=str(scores), model=model_dir))
+        summary = score_dataset(ScoreConfig(input=held_out[fmt], format=fmt, output=str(scores), model=model_dir,
+                                             gpus_per_actor=0))
         print(format_summary(summary))
         exit_code = exit_code or (1 if summary["shards"]["incomplete"] else 0)
     by_level: dict[int, list[float]] = defaultdict(list)

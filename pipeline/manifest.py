@@ -212,9 +212,10 @@ def _differences(theirs: dict, ours: dict) -> list[str]:
     return fields
 
 
-def claim_output(output: str, job: str, identity: dict, entries: dict[str, dict]) -> None:
-    """Make sure the output belongs to this job's identity, recording it on first use. Raises OutputMismatch
-    (naming the fields that differ) rather than mixing records of two models or settings."""
+def claim_output(output: str, job: str, identity: dict, entries: dict[str, dict], record: bool = True) -> None:
+    """Make sure the output belongs to this job's identity, recording it on first use (unless `record` is False:
+    a dry run checks and writes nothing). Raises OutputMismatch (naming the fields that differ) rather than
+    mixing records of two models or settings."""
     uri = join(output, IDENTITY_NAME)
     current = read_json(uri)
     ours = {"job": job, "identity": identity, "identity_hash": identity_hash(identity)}
@@ -223,7 +224,8 @@ def claim_output(output: str, job: str, identity: dict, entries: dict[str, dict]
         if legacy_models and isinstance(identity.get("model"), dict) and legacy_models != {identity["model"].get("id")}:
             raise OutputMismatch("model", f"{output} already holds records of {sorted(map(str, legacy_models))}, "
                                  f"not of {identity['model'].get('id')}: score into another output")
-        write_json(uri, {**ours, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if record:
+            write_json(uri, {**ours, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         return
     if current.get("job") != job:
         raise OutputMismatch("output", f"{output} holds the output of a '{current.get('job')}' job, not '{job}'")

@@ -115,8 +115,7 @@ def prepare(spec: ShardJob, started: float | None = None, dry_run: bool = False)
             raise InputError("output", f"cannot write to {spec.output}: {err}") from None
     try:
         entries = read_manifest(spec.output)
-        if not dry_run:
-            claim_output(spec.output, spec.job, spec.identity, entries)
+        claim_output(spec.output, spec.job, spec.identity, entries, record=not dry_run)
         committed = match_legacy(entries, [s.key for s in spec.listing.shards])
     except BaseException:
         if lease is not None:

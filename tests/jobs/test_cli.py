@@ -62,7 +62,7 @@ def test_a_dry_run_starts_nothing_and_its_numbers_match_the_run(tmp_path, tiny_c
         corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(4, seed=k, prefix=f"d{k}-"))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
-           "--output", str(out), "--model", tiny_checkpoint, "--dry-run", "--gpu-rate", "100",
+           "--output", str(out), "--model", tiny_checkpoint, "--dry-run", "--gpus-per-actor", "0", "--gpu-rate", "100",
            "--gpu-hour-price", "3.6"]
     before = _ray_jobs_and_actors()
     res = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=120)
@@ -79,6 +79,12 @@ def test_a_dry_run_starts_nothing_and_its_numbers_match_the_run(tmp_path, tiny_c
     corpus.write_webdataset(str(tmp_path / "in" / "3.tar"), corpus.caption_samples(5, seed=9, prefix="d3-"))
     res = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=120)
     assert "4 total · 3 already committed · 1 new" in res.stdout and "5 in the new shards" in res.stdout
+    # The dry run checks the output's identity as the run would (and still writes nothing).
+    identity = (out / "_output.json").read_bytes()
+    res = subprocess.run([*cmd, "--dtype", "float16"], env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "dtype='float32'" in res.stderr and "dtype='float16'" in res.stderr, res.stderr
+    assert (out / "_output.json").read_bytes() == identity
 
 
 @pytest.mark.parametrize("job, args", [
