@@ -192,11 +192,18 @@ def connect_ray(verbose: bool = False, job: str = "job") -> None:
         # Ray Train starts a handful of helper actors beside its workers: on a small machine that is more worker
         # processes than Ray's startup-concurrency heuristic (one per CPU) expects, and the raylet warns of it on
         # every run; let a few more start at once.
+        # Ray resolves 127.0.0.1 to the host's network address (so that other nodes could join); this instance is
+        # this machine's alone: with cluster mode off, it and every process it starts bind to loopback only.
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by the processes it starts
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read by this one, already imported
         ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level,
                  _system_config={"worker_maximum_startup_concurrency": max(4, os.cpu_count() or 1)})
         resources = ray.cluster_resources()
-        print(f"[{job}] started a local Ray instance ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} "
+        host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+        print(f"[{job}] started a local Ray instance on {host} ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} "
               "GPUs; set RAY_ADDRESS to run on a cluster)", file=sys.stderr, flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose

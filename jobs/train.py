@@ -19,9 +19,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    from pipeline.training import TrainConfig, dry_run_plan, format_summary, train_classifier
+    from pipeline.training import TrainConfig
 
     invocation = parse(TrainConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
+    from pipeline.training import dry_run_plan, format_summary, train_classifier
+
     config = invocation.config
     if invocation.dry_run:
         print(dry_run_plan(config))

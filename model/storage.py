@@ -19,7 +19,6 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-S3_SCHEMES = ("s3://", "s3a://")
 # Modules to import before resolving a URI: where a custom fsspec filesystem registers itself (comma-separated).
 FSSPEC_IMPORTS_ENV = "UNIFILTER_FSSPEC_IMPORTS"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

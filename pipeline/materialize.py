@@ -1,4 +1,4 @@
-"""Kept samples written back as shards in the input's own format, byte for byte: tar in (webdataset,
+"""Kept samples written back as shards in the input's own format: tar in (webdataset,
 interleaved-wds) -> tar out with every member of each kept sample, headers and contents as they were; Parquet in
 (parquet, obelics) -> Parquet out with every column of each kept row. Users feed these straight into training.
 

@@ -12,16 +12,34 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.checkpoint import load_processor
 from pipeline.errors import CheckpointError, InputError
 from pipeline.manifest import write_json
-from pipeline.preprocess import ShardEncoder
 from pipeline.resources import current_view, decode_workers, gpus_per_actor, model_dtype
 from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare, summary_tail
-from pipeline.scorer import ScoringActor
 from pipeline.sinks import SCORE_SCHEMA
 from pipeline.sources import SourceOptions, check_columns
 from pipeline.storage import join, list_shards
+
+# torch and transformers (seconds to import) load with the first function that needs them, so a bad flag or
+# YAML key is reported at once.
+
+
+def load_processor(uri: str):
+    from model.checkpoint import load_processor
+
+    return load_processor(uri)
+
+
+def _scoring_actor() -> type:
+    from pipeline.scorer import ScoringActor
+
+    return ScoringActor
+
+
+def __getattr__(name: str):
+    if name == "ScoringActor":
+        return _scoring_actor()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ScoreConfig(BaseModel):
@@ -126,7 +144,9 @@ def _resources(config: ScoreConfig, sources: dict[str, str]) -> tuple[dict, dict
     return values, why
 
 
-def stages(config: ScoreConfig, resources: dict, actor_cls: type = ScoringActor) -> list[Stage]:
+def stages(config: ScoreConfig, resources: dict, actor_cls: type | None = None) -> list[Stage]:
+    from pipeline.preprocess import ShardEncoder
+
     return [
         # Read + decode + tokenize whole shards on CPU actors (the processor loads once per actor), apart from
         # the model actors so the GPU never waits on JPEG decoding.
@@ -135,7 +155,7 @@ def stages(config: ScoreConfig, resources: dict, actor_cls: type = ScoringActor)
                                            "jpeg_draft": config.jpeg_draft},
               num_cpus=config.preprocess_cpus, max_actors=resources["preprocess_workers"]),
         # Ray Data restarts a crashed actor and retries its batches (max_restarts=-1).
-        Stage("score", actor_cls, {"model_uri": config.model, "dtype": config.resolved_dtype(),
+        Stage("score", actor_cls or _scoring_actor(), {"model_uri": config.model, "dtype": config.resolved_dtype(),
                                    "token_budget": config.token_budget, "max_batch": config.max_batch},
               num_cpus=config.cpus_per_actor, num_gpus=resources["gpus_per_actor"],
               min_actors=config.min_actors, max_actors=config.concurrency,
@@ -144,7 +164,7 @@ def stages(config: ScoreConfig, resources: dict, actor_cls: type = ScoringActor)
 
 
 def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progress: bool = True,
-                actor_cls: type = ScoringActor, sources: dict[str, str] | None = None) -> dict:
+                actor_cls: type | None = None, sources: dict[str, str] | None = None) -> dict:
     """Score every sample of the shards not yet committed; returns (and writes) the summary."""
     resources, why = _resources(config, sources or {}) if prepared.todo else ({}, {})
     if progress and prepared.todo:
@@ -170,6 +190,7 @@ def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progr
                    "scored_this_run": len(c.committed), "incomplete": common["shards"]["incomplete"]},
         "incomplete_reasons": common["incomplete_reasons"],
         "duplicates_in_input": common["shards"]["duplicates_in_input"],
+        "duplicate_spellings": common["shards"]["duplicate_spellings"],
         "resources": resources,
         "resources_why": why,
         "samples_this_run": c.samples,
@@ -199,7 +220,7 @@ def _micro_batch_stats(sizes: list[tuple[int, int, int]], configured: int) -> di
             "max": max((m for _, _, m in sizes), default=None), "configured": configured}
 
 
-def score_dataset(config: ScoreConfig, progress: bool = True, actor_cls: type = ScoringActor) -> dict:
+def score_dataset(config: ScoreConfig, progress: bool = True, actor_cls: type | None = None) -> dict:
     """prepare + run, on the Ray instance this process is connected to."""
     prepared, model_id = prepare_scoring(config, time.time())
     try:
@@ -267,7 +288,9 @@ def format_summary(summary: dict) -> str:
     if summary.get("duplicates_in_input"):
         lines.append(f"  note       {summary['duplicates_in_input']} input entries named a shard already listed "
                      "(each shard is scored once)")
+        for key, spelled in summary.get("duplicate_spellings", {}).items():
+            lines.append(f"             {key} was named as {', '.join(map(repr, spelled))}")
     return "\n".join(lines + summary_tail(summary))
 
 
-__all__ = ["ScoreConfig", "ScoringActor", "format_summary", "prepare_scoring", "run_scoring", "score_dataset"]
+__all__ = ["ScoreConfig", "format_summary", "prepare_scoring", "run_scoring", "score_dataset"]

@@ -29,9 +29,8 @@ from pipeline.prompts import PROMPT_VERSION
 from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare, summary_tail
 from pipeline.sources import MARKERS, check_columns
 from pipeline.storage import join, list_shards
-from pipeline.synth_actor import SynthActor
 
-__all__ = ["PAIR_SCHEMA", "RequestCache", "SynthActor", "SynthConfig", "dry_run_plan", "format_summary",
+__all__ = ["PAIR_SCHEMA", "RequestCache", "SynthConfig", "dry_run_plan", "format_summary",
            "prepare_synth", "split_key", "split_of", "synthesize"]
 
 
@@ -103,6 +102,9 @@ def synthesize(config: SynthConfig, progress: bool = True, prepared: PreparedJob
                 balance[row["split"]][row["label"]] += 1
                 kinds[row["kind"]] += 1
 
+    # the actor's module (the processor, torch) loads here, on first use, not for a bad flag
+    from pipeline.synth_actor import SynthActor
+
     stage = Stage("synth", SynthActor, {"config": config.model_dump()}, num_cpus=1, max_actors=config.concurrency)
     result = execute(prepared, [stage], progress, on_batch=spent, on_records=committed)
     committer = result.committer
@@ -172,3 +174,11 @@ def format_summary(summary: dict) -> str:
     ]
     lines += [f"  warning    {w}" for w in summary.get("warnings", [])]
     return "\n".join(lines + summary_tail(summary))
+
+
+def __getattr__(name: str):
+    if name == "SynthActor":
+        from pipeline.synth_actor import SynthActor
+
+        return SynthActor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

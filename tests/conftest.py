@@ -15,6 +15,9 @@ import pytest
 os.environ.update({
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",  # the same for every cluster and client the tests start
+    # Ray otherwise resolves 127.0.0.1 to the host's network address; with cluster mode off every Ray instance
+    # the tests start (and every job's own) binds and advertises loopback only.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "AWS_ACCESS_KEY_ID": "testing",

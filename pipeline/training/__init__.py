@@ -12,9 +12,19 @@ Modules: `config` (TrainConfig), `data` (pairs -> encoded datasets), `metrics`, 
 checkpoints), `loop` (one worker's TrainLoop, no Ray), `worker` (the Ray Train worker function), `driver`.
 """
 
+import importlib
+
 from pipeline.training.config import TrainConfig
-from pipeline.training.driver import TrainingStalled, train_classifier
-from pipeline.training.metrics import spearman, validation_metrics
-from pipeline.training.summary import dry_run_plan, format_summary
+
+# The rest loads on first use: torch and transformers take seconds to import, and a bad flag is reported first.
+_LAZY = {"TrainingStalled": "driver", "train_classifier": "driver", "spearman": "metrics",
+         "validation_metrics": "metrics", "dry_run_plan": "summary", "format_summary": "summary"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"pipeline.training.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["TrainConfig", "TrainingStalled", "dry_run_plan", "format_summary", "spearman", "train_classifier", "validation_metrics"]

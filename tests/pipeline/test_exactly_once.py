@@ -106,6 +106,7 @@ def test_one_shard_spelled_several_ways_is_scored_once(tmp_path, tiny_checkpoint
     listing.write_text(f"{d}/00000.tar\n{d}/../D/00000.tar\nfile://{d}/00000.tar\n{d}/00000.tar\n")
     summary = score(listing, tmp_path / "out", tiny_checkpoint)
     assert summary["shards"]["total"] == 1 and summary["duplicates_in_input"] == 3
+    assert len(summary["duplicate_spellings"]["00000.tar"]) == 4  # and says which spellings named it
     assert summary["samples_this_run"] == len(expected)
     assert_exactly_once(read_scores(str(tmp_path / "out")), expected)
 
