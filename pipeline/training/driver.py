@@ -140,7 +140,7 @@ def _fit_with_watchdog(trainer, beacon, timeout_s: float):
 
 
 def train_classifier(config: TrainConfig, sources: dict[str, str] | None = None) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     start = time.time()
@@ -189,6 +189,9 @@ def train_classifier(config: TrainConfig, sources: dict[str, str] | None = None)
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=gpu.value,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         datasets=datasets, run_config=run_config,
+        # One worker reads the pairs itself: a streaming split would start a coordinator actor per dataset (seconds
+        # of start-up each) to hand everything to that one worker.
+        dataset_config=DataConfig(datasets_to_split="all" if config.workers > 1 else []),
     )
     result = _fit_with_watchdog(trainer, beacon, config.no_progress_timeout_s)
     if result.error:

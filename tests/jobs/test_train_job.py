@@ -31,7 +31,8 @@ def _checkpoint_states(bucket: str, prefix: str) -> list[dict]:
 
 
 def test_a_killed_run_resumes_from_its_checkpoints_on_s3(tmp_path, s3_bucket, ray_cluster):
-    """Checkpoints go to object storage; a run killed after one is rerun and carries on from the furthest one."""
+    """Checkpoints go to object storage; a run killed after one (mid-epoch) is rerun and carries on from the
+    furthest one."""
     import boto3
 
     corpus.write_webdataset(str(tmp_path / "in" / "caps.tar"), corpus.caption_samples(20, seed=21))
@@ -39,7 +40,7 @@ def test_a_killed_run_resumes_from_its_checkpoints_on_s3(tmp_path, s3_bucket, ra
                            val_fraction=0.2), progress=False)
     out = f"s3://{s3_bucket}/run"
     cmd = [sys.executable, "-m", "jobs.train", "--train", str(tmp_path / "pairs" / "train"),
-           "--val", str(tmp_path / "pairs" / "val"), "--output", out, "--epochs", "2", "--batch-size", "8",
+           "--val", str(tmp_path / "pairs" / "val"), "--output", out, "--epochs", "1", "--batch-size", "8",
            "--cpus-per-worker", "0.5", "--checkpoint-every-steps", "4", "--name", "killed", "--no-use-gpu"]
     log = tmp_path / "first.log"
     with open(log, "wb") as sink:
@@ -61,7 +62,7 @@ def test_a_killed_run_resumes_from_its_checkpoints_on_s3(tmp_path, s3_bucket, ra
     second = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     # a quiet terminal: each epoch's line once, no progress bars of Ray's, no warnings of our own loop
-    assert second.stdout.count("[train] epoch 2/2 ") == 1
+    assert second.stdout.count("[train] epoch 1/1 ") == 1
     assert "[train] resumed from the checkpoint at step" in second.stdout
     assert not [line for line in (second.stdout + second.stderr).splitlines()
                 if "it/s]" in line or "%|" in line or "UserWarning" in line or "core_worker.cc" in line]
@@ -69,7 +70,7 @@ def test_a_killed_run_resumes_from_its_checkpoints_on_s3(tmp_path, s3_bucket, ra
     resumed = summary["last_metrics"]["resumed_from_step"]
     assert resumed is not None and resumed >= latest_step  # it continued from a checkpoint, not from step 0
     assert summary["last_metrics"]["step"] == summary["total_steps"]  # and the step counter carried on
-    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert [h["epoch"] for h in summary["history"]] == [1]
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="run/best/")["Contents"]]
     assert {"run/best/model.safetensors", "run/best/config.json"} <= set(keys)
     assert not any("optimizer" in k for k in keys)  # the exported model, not the training state
