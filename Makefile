@@ -8,8 +8,10 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# constraints.txt pins the exact tested set; torch==2.13.0 is the CPU build on machines without a GPU
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# constraints.txt pins the exact tested set; torch==2.13.0 is the CPU build on machines without a GPU.
+	# editable_mode=compat puts the project on sys.path (a .pth line), so a model/, pipeline/ or jobs/ folder in the
+	# directory a job runs from cannot shadow its packages (the default editable finder loses to such a folder)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --config-settings editable_mode=compat -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -205,6 +205,10 @@ def connect_ray(verbose: bool = False, job: str = "job") -> None:
         host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
         print(f"[{job}] started a local Ray instance on {host} ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} "
               "GPUs; set RAY_ADDRESS to run on a cluster)", file=sys.stderr, flush=True)
+    if not verbose:  # a failing worker is one line per cause, not its whole traceback
+        from pipeline.ray_compat import quiet_worker_errors
+
+        quiet_worker_errors(f"[{job}]")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
@@ -228,5 +232,7 @@ def run_prepared(prepared, job: str, verbose: bool, run: Callable[[], dict]) -> 
 
 
 def exit_status(summary: dict) -> int:
-    """0 when every shard is committed; 1 when some are not (the summary names them) or the run was aborted."""
-    return 1 if summary["shards"]["incomplete"] or summary.get("aborted") else 0
+    """0 when every shard is committed; 1 when some are not (the summary names them), the run was aborted, or
+    every sample it read is an error record (a wrong format or column, almost always)."""
+    failed = summary["shards"]["incomplete"] or summary.get("aborted") or summary.get("every_sample_failed")
+    return 1 if failed else 0

@@ -26,7 +26,8 @@ def _run(argv: list[str] | None) -> int:
     if invocation.dry_run:
         print(dry_run_plan(config))
         return 0
-    prepared, model_id = prepare_scoring(config, started)  # shards, model, output: before Ray starts
+    # shards, model, output, surveyed before Ray starts; the output is claimed once the job's resources are known
+    prepared, model_id = prepare_scoring(config, started, dry_run=True)
     summary = run_prepared(prepared, "score", invocation.verbose,
                            lambda: run_scoring(prepared, config, model_id, sources=invocation.sources))
     print(format_summary(summary))

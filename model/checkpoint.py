@@ -9,7 +9,6 @@ recognised and converted as they load.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from model import cache, llava, storage
+from model import cache, llava, locate, storage
 from model.config import CHECKPOINT_FORMAT, UniFilterConfig, get_config
 from model.errors import CheckpointError
 from model.modeling import UniFilter
@@ -41,7 +40,6 @@ __all__ = [
     "WEIGHTS_INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "build", "config_and_tokenizer", "create", "load",
     "load_processor", "load_state", "read_weights", "resolve", "save",
 ]
-_HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
@@ -63,20 +61,13 @@ def resolve(uri: str, weights: bool = True) -> tuple[Path, str | None]:
         return Path(path), Path(path).name  # snapshot folders are named by commit hash
     if not storage.is_local(uri):
         return cache.fetch(uri, weights=weights), None
-    local = Path(storage.normalize_uri(uri))
+    local = Path(storage.normalize_uri(uri)).expanduser()
     if local.is_dir():
         return local, None
-    raise CheckpointError(f"no checkpoint at {uri!r}: not a local directory, s3:// prefix or hub id")
+    raise CheckpointError(locate.checkpoint_problem(uri) or f"no checkpoint at {uri!r}")
 
 
-def _is_hub_id(uri: str) -> bool:
-    scheme = storage.scheme_of(uri)
-    return scheme == "hf" or (scheme == "file" and bool(_HUB_ID.match(uri)) and not Path(uri).expanduser().exists())
-
-
-def _hub_repo(uri: str) -> tuple[str, str | None]:
-    repo_id, _, revision = uri.removeprefix("hf://").partition("@")
-    return repo_id, revision or None
+_is_hub_id, _hub_repo = locate.is_hub_id, locate.hub_repo
 
 
 # -- reading -----------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pipeline.runner import (
     prepare,
     summary_tail,
 )
-from pipeline.sinks import SCORES_DIR
+from pipeline.sinks import SCORES_DIR, ErrorCounts
 from pipeline.sources import SHARD_END, SourceOptions, shard_end, shard_failed
 from pipeline.storage import Shard, ShardListing, filesystem_for, join, list_shards, output_name
 
@@ -216,14 +216,13 @@ class Selector:
         scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
         ok = table.column("error").is_null().to_numpy(zero_copy_only=False) & np.isfinite(scores)
         keep = ok & (np.nan_to_num(scores, nan=-np.inf) >= cut)
-        stats = {"kept": Counter(), "dropped": Counter(), "errors": Counter()}
-        examples: dict[str, str] = {}
-        for kind, label, k, good, err in zip(table.column("kind").to_pylist(), table.column("label").to_pylist(),
-                                             keep, ok, table.column("error").to_pylist()):
+        stats = {"kept": Counter(), "dropped": Counter()}
+        errors = ErrorCounts()
+        for sample_id, kind, label, k, good, err in zip(
+                table.column("id").to_pylist(), table.column("kind").to_pylist(), table.column("label").to_pylist(),
+                keep, ok, table.column("error").to_pylist()):
             if not good:
-                reason = err or "score: no finite score"
-                stats["errors"][reason.split(":", 1)[0]] += 1
-                examples.setdefault(reason.split(":", 1)[0], reason[:300])
+                errors.add(err or "score: no finite score", None, sample_id, shard.key)
             else:
                 stats["kept" if k else "dropped"][f"{kind}/{label}"] += 1
         kept = table.filter(pa.array(keep))
@@ -240,7 +239,7 @@ class Selector:
         marker = {**{k: None for k in _ROW_SCHEMA.names}, **{k: v for k, v in shard_end(shard.key, len(rows)).items()
                                                             if k in _ROW_SCHEMA.names}}
         marker["meta"] = json.dumps({"artifacts": files, "stats": {**{k: dict(v) for k, v in stats.items()},
-                                                               "error_examples": examples}})
+                                                               **errors.as_summary()}})
         return pa.Table.from_pylist(rows + [marker], schema=_ROW_SCHEMA)
 
 
@@ -260,14 +259,19 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
     result = execute(prepared, [stage], progress)
     common = common_summary(prepared, result)
     entries = [*prepared.committed.values(), *result.committer.entries]
-    totals = {"kept": Counter(), "dropped": Counter(), "errors": Counter()}
-    error_examples: dict[str, str] = {}
+    totals = {"kept": Counter(), "dropped": Counter(), "errors_by_category": Counter(),
+              "errors_by_reason": Counter()}
+    error_examples: dict[str, dict] = {}
     for entry in entries:
-        stats = entry.get("stats") or {}
+        stats = dict(entry.get("stats") or {})
+        if "errors_by_reason" not in stats:  # curated before errors were counted by reason
+            stats["errors_by_category"] = stats["errors_by_reason"] = stats.get("errors", {})
+            stats["error_examples"] = {k: {"id": None, "shard": entry.get("shard"), "error": v}
+                                       for k, v in stats.get("error_examples", {}).items()}
         for part in totals:
             totals[part].update(stats.get(part, {}))
-        for category, reason in stats.get("error_examples", {}).items():
-            error_examples.setdefault(category, reason)
+        for reason, example in stats.get("error_examples", {}).items():
+            error_examples.setdefault(reason, example)
     by_kind = {}
     for kind in selection.KINDS:
         kept = {int(k.split("/")[1]): v for k, v in totals["kept"].items() if k.startswith(kind + "/")}
@@ -284,8 +288,10 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
         "incomplete_reasons": common["incomplete_reasons"],
         "kept": kept_total, "scored": scored_total,
         "kept_fraction": round(kept_total / scored_total, 6) if scored_total else 0.0,
-        "errors": sum(totals["errors"].values()), "errors_by_reason": dict(totals["errors"]),
-        "error_examples": error_examples,
+        "errors": sum(totals["errors_by_category"].values()),
+        "errors_by_category": dict(totals["errors_by_category"].most_common()),
+        "errors_by_reason": dict(totals["errors_by_reason"].most_common()),
+        "error_examples": {k: error_examples[k] for k in dict(totals["errors_by_reason"]) if k in error_examples},
         "by_kind": by_kind, "materialized": config.materialize,
         "elapsed_s": common["elapsed_s"],
     }

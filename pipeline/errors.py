@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
 __all__ = ["Category", "CheckpointError", "ConfigFieldError", "InputError", "LeaseLost", "OutputBusy",
-           "OutputMismatch", "SampleError", "ShardFault", "UniFilterError"]
+           "OutputMismatch", "SampleError", "ShardFault", "UniFilterError", "reason_key"]
 
 
 class InputError(ConfigFieldError):
@@ -36,3 +38,21 @@ class ShardFault(UniFilterError):
 
 class LeaseLost(UniFilterError):
     """This job no longer holds its output's lease (it could not renew it, or another job took it over)."""
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_PATHLIKE = re.compile(r"(?:[a-z][a-z0-9+.-]*://|/)[^\s()\[\],;]*[^\s()\[\],;:.]|[\w.-]+(?:/[\w.-]+)+", re.I)
+_FILENAME = re.compile(r"\b[\w.-]+\.(?:jpe?g|png|webp|gif|bmp|tiff?|txt|json|tar|parquet)\b", re.I)
+_NUMBER = re.compile(r"0x[0-9a-f]+|\d+x\d+|(?<![A-Za-z_-])\d+(?:\.\d+)?", re.I)
+
+
+def reason_key(reason: str, limit: int = 160) -> str:
+    """An error reason with what varies from sample to sample taken out (quoted names, paths and URIs, numbers),
+    so that summaries count reasons, not samples: `decode: image too large: 20000x20000 pixels ...` and the same
+    with 9000x9000 are one reason; a truncated JPEG and a zero-byte image are two."""
+    text = _QUOTED.sub("'…'", str(reason))
+    text = _PATHLIKE.sub("<path>", text)
+    text = _FILENAME.sub("<file>", text)
+    text = _NUMBER.sub(lambda m: "N" if m.group(0).lower().startswith("0x") or "x" not in m.group(0) else "NxN", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -66,6 +66,10 @@ class SynthConfig(BaseModel):
     price_input_per_mtok: float | None = Field(None, ge=0, description="USD per million input tokens")
     price_output_per_mtok: float | None = Field(None, ge=0, description="USD per million output tokens")
     source: SourceOptions = Field(default_factory=SourceOptions, description="Parquet column names")
+    moved_from: str | None = Field(
+        None, description="the input root this output's committed shards were read from, when the corpus has moved "
+                          "since (they are not read again); default: none (a shard committed from another location "
+                          "is refused)")
 
     @field_validator("levels")
     @classmethod

@@ -15,6 +15,7 @@ changes it leaves Ray's own behaviour, and the warning, in place).
 from __future__ import annotations
 
 import functools
+import re
 
 import ray
 
@@ -60,4 +61,45 @@ def pass_actor_arguments_by_value() -> bool:
 
     ActorPoolMapOperator._start_actor = _start_actor
     _APPLIED = True
+    return True
+
+
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Fault|Interrupt)): (.*)$")
+
+
+def first_cause(text: str) -> str:
+    """The innermost `SomeError: message` line of a Ray error's text (its traceback), else its first line."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    causes = [m for m in map(_ERROR_LINE.match, lines) if m]
+    if causes:
+        m = causes[-1]
+        return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(3).strip()}"
+    return lines[0].strip() if lines else ""
+
+
+def quiet_worker_errors(prefix: str) -> bool:
+    """Ray prints every failed worker task's whole traceback on the driver's terminal (its error listener does
+    not heed `log_to_driver`): a job whose actors all fail at start-up prints hundreds of lines. Instead, one line
+    per distinct cause, with `prefix`; the full text stays in the session's logs (and `--verbose` keeps Ray's own
+    printing). Returns whether the adjustment is in place."""
+    import sys
+
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:
+        return False
+    seen: set[str] = set()
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        for line in data.get("lines", []):
+            cause = first_cause(line)
+            if cause and cause not in seen:
+                seen.add(cause)
+                print(f"{prefix} a worker failed and Ray retries it: {cause[:300]}", file=sys.stderr, flush=True)
+        return None
+
+    worker.print_to_stdstream = print_to_stdstream
     return True

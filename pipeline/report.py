@@ -74,8 +74,8 @@ class ReportData:
     scores_uri: str
     rule: str  # e.g. "keep-fraction 0.3 per kind" or "min-score 2.0"
     kinds: list[KindStats]
-    errors_by_reason: dict[str, int]  # e.g. {"decode": 12, "empty": 3}
-    error_examples: dict[str, str]  # one example reason per category
+    errors_by_reason: dict[str, int]  # reason (ids, paths and numbers taken out) -> records
+    error_examples: dict[str, dict]  # reason -> one example: {"id", "shard", "error"} (the reason in full)
     sections: list[tuple[str, list[Example]]]  # (heading, examples)
     generated_at: str
 
@@ -271,12 +271,18 @@ def _counts_tables(kinds: list[KindStats]) -> str:
     return '<div class="tables">' + "".join(parts) + "</div>"
 
 
-def _errors_table(errors: dict[str, int], examples: dict[str, str]) -> str:
+def _errors_table(errors: dict[str, int], examples: dict[str, dict]) -> str:
     if not errors:
         return '<p class="empty">No error records.</p>'
-    rows = [f'<tr><td class="l">{_esc(reason)}</td><td>{int(n):,}</td>'
-            f'<td class="reason">{_esc(examples.get(reason, ""), REASON_CHARS)}</td></tr>'
-            for reason, n in sorted(errors.items(), key=lambda kv: (-int(kv[1]), str(kv[0])))]
+    rows = []
+    for reason, n in sorted(errors.items(), key=lambda kv: (-int(kv[1]), str(kv[0]))):
+        example = examples.get(reason) or {}
+        if isinstance(example, str):  # a report of an earlier version: the reason only
+            example = {"error": example}
+        where = (f'<div class="id">{_esc(example.get("id"), ID_CHARS)} in {_esc(example.get("shard"), ID_CHARS)}'
+                 "</div>" if example.get("id") else "")
+        rows.append(f'<tr><td class="l reason">{_esc(reason, REASON_CHARS)}</td><td>{int(n):,}</td>'
+                    f'<td class="reason">{where}{_esc(example.get("error", ""), REASON_CHARS)}</td></tr>')
     rows.append(f'<tr class="total"><td class="l">total</td><td>{sum(int(n) for n in errors.values()):,}</td>'
                 "<td></td></tr>")
     return ('<div class="scroll"><table class="errors"><tr><th class="l">reason</th><th>records</th>'

@@ -9,6 +9,7 @@ commits each shard as its records complete. A job is a spec, two `Stage`s and a 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,11 +18,18 @@ import pyarrow as pa
 
 from pipeline.errors import InputError
 from pipeline.lease import Lease
-from pipeline.manifest import claim_output, identity_hash, match_legacy, read_manifest
+from pipeline.manifest import (
+    Claim,
+    check_identity,
+    match_legacy,
+    missing_files,
+    read_manifest,
+    record_identity,
+)
 from pipeline.progress import Progress
-from pipeline.ray_compat import pass_actor_arguments_by_value
-from pipeline.sinks import ShardCommitter
-from pipeline.storage import Shard, ShardListing, filesystem_for, storage_env
+from pipeline.ray_compat import first_cause, pass_actor_arguments_by_value
+from pipeline.sinks import ErrorCounts, ShardCommitter
+from pipeline.storage import Shard, ShardListing, filesystem_for, is_remote, join, normalize_uri, storage_env
 
 # Shards are handed to the CPU stage in calls of about this many bytes (small shards share a call; the fixed
 # cost of a call is paid once per group), and never more than this many shards per call.
@@ -61,6 +69,7 @@ class ShardJob:
     no_progress_timeout_s: float = 3600.0
     unit: str = "samples"
     format: str | None = None  # the input's format, recorded with each commit
+    moved_from: str | None = None  # the input root the committed shards were read from, when the corpus moved
 
 
 @dataclass
@@ -72,6 +81,8 @@ class PreparedJob:
     lease: Lease | None
     started: float
     identity: str = ""
+    notes: list[str] = field(default_factory=list)  # what the user should know before the run (a re-claim)
+    claim: Claim | None = None  # how the run stands with the output's identity
 
     @property
     def shards(self) -> list[Shard]:
@@ -86,43 +97,110 @@ class RunResult:
     ended: float = 0.0
 
 
-def check_writable(output: str) -> None:
-    """The output can be created and written (a file where a folder should be, a read-only mount: fail now)."""
-    fs, path = filesystem_for(output)
+def check_writable(output: str, create: bool = True) -> None:
+    """The output can be created and written (a file where a folder should be, a read-only mount, a missing
+    bucket: fail now). Without `create` nothing is written: only what can be seen without writing is checked."""
     import pyarrow.fs as pafs
 
-    info = fs.get_file_info(path)
+    fs, path = filesystem_for(output)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as err:
+        raise InputError("output", f"cannot reach {output}: {err}") from None
     if info.type == pafs.FileType.File:
         raise InputError("output", f"{output} is a file, not a folder or prefix")
+    if not create:
+        if isinstance(fs, pafs.LocalFileSystem):
+            existing = os.path.abspath(path)
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+                raise InputError("output", f"cannot create {output}: {existing} is not a writable folder")
+        elif is_remote(output):
+            bucket = path.split("/", 1)[0]
+            try:
+                missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+            except OSError as err:
+                raise InputError("output", f"cannot reach {output}: {err}") from None
+            if missing:
+                raise InputError("output", f"bucket {bucket!r} of {output} does not exist")
+        return
     try:
         fs.create_dir(path, recursive=True)
     except OSError as err:
         raise InputError("output", f"cannot create {output}: {err}") from None
 
 
-def prepare(spec: ShardJob, started: float | None = None, dry_run: bool = False) -> PreparedJob:
-    """Lease, identity and manifest: everything before Ray. With `dry_run` nothing is written or held."""
-    started = started or time.time()
-    lease = None
-    if not dry_run:
-        check_writable(spec.output)
-        lease = Lease(spec.output, spec.job, ttl_s=spec.lease_ttl_s)
-        try:
-            lease.acquire()
-        except PermissionError as err:
-            raise InputError("output", f"cannot write to {spec.output}: {err}") from None
-        except OSError as err:
-            raise InputError("output", f"cannot write to {spec.output}: {err}") from None
-    try:
-        entries = read_manifest(spec.output)
-        claim_output(spec.output, spec.job, spec.identity, entries, record=not dry_run)
-        committed = match_legacy(entries, [s.key for s in spec.listing.shards])
-    except BaseException:
-        if lease is not None:
-            lease.release()
-        raise
+def survey(spec: ShardJob, started: float | None = None) -> PreparedJob:
+    """What a run would do, reading only: the output's identity (checked, not written), its commit records, the
+    shards left to do. A dry run is a survey; a run surveys again under the lease (`claim`)."""
+    check_writable(spec.output, create=False)
+    entries = read_manifest(spec.output)
+    claim = check_identity(spec.output, spec.job, spec.identity, entries)
+    committed = match_committed(spec, entries)
+    notes = [claim.note] if claim.note else []
+    lost = missing_files(spec.output, committed)
+    if lost:  # committed, then deleted: scored again (their commit records are rewritten)
+        example = next(iter(lost.values()))[0]
+        notes.append(f"{len(lost)} committed shards lost their files since (e.g. {example}): they are done again")
+        committed = {k: v for k, v in committed.items() if k not in lost}
     todo = [s for s in spec.listing.shards if s.key not in committed]
-    return PreparedJob(spec, committed, entries, todo, lease, started, identity_hash(spec.identity))
+    return PreparedJob(spec, committed, entries, todo, None, started or time.time(), claim.hash, notes, claim)
+
+
+def claim(spec: ShardJob, started: float | None = None) -> PreparedJob:
+    """Take the output's lease, survey again under it (another job may have committed since), and record the
+    output's identity: the first write a run makes, after every check has passed."""
+    survey(spec, started)  # every refusal before anything is written
+    check_writable(spec.output)
+    lease = Lease(spec.output, spec.job, ttl_s=spec.lease_ttl_s)
+    try:
+        lease.acquire()
+    except OSError as err:
+        raise InputError("output", f"cannot write to {spec.output}: {err}") from None
+    try:
+        prepared = survey(spec, started)
+        record_identity(spec.output, spec.job, prepared.claim)
+    except BaseException:
+        lease.release()
+        raise
+    prepared.lease = lease
+    return prepared
+
+
+def prepare(spec: ShardJob, started: float | None = None, dry_run: bool = False) -> PreparedJob:
+    """`survey` for a dry run (nothing written or held), else `claim`."""
+    return survey(spec, started) if dry_run else claim(spec, started)
+
+
+def match_committed(spec: ShardJob, entries: dict[str, dict]) -> dict[str, dict]:
+    """The commit records of the listed shards, by shard key. A key committed from another file (another corpus
+    whose shards share names with this one) or in another format is refused, naming the field and what to do; a
+    listed file committed under another key (the listing's root moved) counts as committed."""
+    committed = match_legacy(entries, [s.key for s in spec.listing.shards])
+    by_input = {e["input"]: e for e in entries.values() if e.get("input")}
+    for shard in spec.listing.shards:
+        entry = committed.get(shard.key)
+        if entry is None and shard.uri in by_input:
+            entry = committed[shard.key] = by_input[shard.uri]
+        if entry is not None:
+            _check_same_input(spec, shard, entry)
+    return committed
+
+
+def _check_same_input(spec: ShardJob, shard: Shard, entry: dict) -> None:
+    read_from, output = entry.get("input"), spec.output
+    if read_from and read_from != shard.uri:
+        moved = spec.moved_from and read_from == join(normalize_uri(spec.moved_from), entry.get("shard", shard.key))
+        if not moved:
+            old_root = read_from[: -len(shard.key)].rstrip("/") if read_from.endswith(shard.key) else read_from
+            raise InputError("input", f"{output} already holds shard {shard.key!r} read from {read_from}; this run's "
+                                      f"{shard.uri} has the same key. Score another corpus into its own output; if "
+                                      f"this is the same corpus moved, set moved_from: {old_root}")
+    if entry.get("format") and spec.format and entry["format"] != spec.format:
+        raise InputError("format", f"{output} holds shard {shard.key!r} committed as {entry['format']} records; this "
+                                   f"run reads it as {spec.format}. Choose another output (or delete this one to "
+                                   "score the corpus again)")
 
 
 def shard_groups(shards: list[Shard], workers: int = 1) -> list[list[dict]]:
@@ -175,7 +253,7 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
         spec.output, spec.schema, prepared.identity, lease=prepared.lease, rows_per_sample=spec.rows_per_sample,
         key_columns=spec.key_columns, partition=spec.partition, on_records=on_records,
         describe=lambda key: {"input": uris.get(key), "format": spec.format}, committed=prepared.entries,
-        on_commit=lambda c: bar.update(len(c.committed), c.samples, sum(c.errors_by_category.values())))
+        on_commit=lambda c: bar.update(len(c.committed), c.samples, c.errors.total()))
     result = RunResult(committer)
     try:
         if prepared.todo:
@@ -188,10 +266,10 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
                         on_batch(batch)
                     committer.add(batch)
             except Exception as err:  # a stalled or failed pipeline: what is committed stays committed
-                result.aborted = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                result.aborted = aborted_because(err)
             finally:
                 committer.consolidate()
-                bar.close(len(committer.committed), committer.samples, sum(committer.errors_by_category.values()))
+                bar.close(len(committer.committed), committer.samples, committer.errors.total())
     finally:
         if prepared.lease is not None:
             prepared.lease.release()
@@ -203,6 +281,15 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
                 f"not reached: the run ended ({result.aborted})" if result.aborted else "not reached")
     result.ended = time.time()
     return result
+
+
+def aborted_because(err: BaseException) -> str:
+    """One line saying why the pipeline stopped: the innermost cause, not Ray's wrapping of it."""
+    text = str(err)
+    cause = first_cause(text) or type(err).__name__
+    if "creation task" in text:  # Ray Data gave up on actors whose constructor raised
+        return f"the stage's actors failed at start-up: {cause}"
+    return cause if cause.startswith(type(err).__name__) or "Error" in cause else f"{type(err).__name__}: {cause}"
 
 
 def common_summary(prepared: PreparedJob, result: RunResult) -> dict:
@@ -218,8 +305,7 @@ def common_summary(prepared: PreparedJob, result: RunResult) -> dict:
                    "duplicates_in_input": listing.duplicates,
                    "duplicate_spellings": dict(list(listing.spellings.items())[:3])},
         "incomplete_reasons": dict(sorted(result.incomplete.items())),
-        "errors_by_reason": dict(c.errors_by_category) if c else {},
-        "error_examples": dict(c.error_examples) if c else {},
+        **(c.errors.as_summary() if c else ErrorCounts().as_summary()),
         "elapsed_s": round(elapsed, 3),
         "samples_per_s": round(samples / elapsed, 2) if elapsed > 0 and samples else 0.0,
     }
@@ -236,17 +322,34 @@ def common_summary(prepared: PreparedJob, result: RunResult) -> dict:
     return summary
 
 
+def error_lines(summary: dict, shown: int = 8) -> list[str]:
+    """Error records by reason, most frequent first, each with an example sample."""
+    reasons = list(summary.get("errors_by_reason", {}).items())
+    lines = []
+    for reason, n in reasons[:shown]:
+        example = summary.get("error_examples", {}).get(reason) or {}
+        where = f" (e.g. {example.get('id')} in {example.get('shard')})" if example.get("id") else ""
+        lines.append(f"  error      {n:6d} × {reason[:100]}{where[:80]}")
+    if len(reasons) > shown:
+        lines.append(f"             ... and {len(reasons) - shown} more reasons ({sum(n for _, n in reasons[shown:])} "
+                     "records): see summary.json")
+    return lines
+
+
 def summary_tail(summary: dict) -> list[str]:
     """The closing lines every job's summary shares: errors by reason, shards left uncommitted (and why), an
-    aborted run."""
-    lines = [f"  error      {n:6d} × {summary['error_examples'].get(reason, reason)[:90]}"
-             for reason, n in sorted(summary["errors_by_reason"].items(), key=lambda kv: -kv[1])]
+    aborted run, a run whose every sample failed."""
+    lines = error_lines(summary)
     incomplete = summary["shards"]["incomplete"]
     if incomplete:
-        lines.append(f"  INCOMPLETE {len(incomplete)} shards were not committed; rerun the same command to finish "
-                     "them:")
+        then = ("once the cause below is fixed, rerun the same command to finish them" if summary.get("aborted")
+                else "rerun the same command to finish them")
+        lines.append(f"  INCOMPLETE {len(incomplete)} shards were not committed; {then}:")
         lines += [f"             {shard}: {reason[:100]}"
                   for shard, reason in list(summary["incomplete_reasons"].items())[:5]]
     if summary.get("aborted"):
-        lines.append(f"  ABORTED    {summary['aborted'][:150]}")
+        lines.append(f"  ABORTED    {summary['aborted'][:300]}")
+    if summary.get("every_sample_failed"):
+        lines.append("  FAILED     every sample of this run is an error record: almost always a configuration mistake "
+                     "(the format, a column); see the reasons above")
     return lines

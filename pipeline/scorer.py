@@ -24,7 +24,7 @@ import torch
 
 from model.errors import Category
 from model.processing import EncodedSample
-from pipeline.errors import UniFilterError
+from pipeline.errors import CheckpointError, UniFilterError
 from pipeline.preprocess import token_budget_batches
 from pipeline.sinks import SCORE_SCHEMA
 from pipeline.sources import MARKERS
@@ -188,6 +188,20 @@ def _check_not_all_failed(results: dict[int, dict | str]) -> None:
         raise DeviceFault(f"every one of {len(results)} samples failed alone with: {next(iter(results.values()))}")
 
 
+def check_weights(model_uri: str, model_id: str, expected: str | None) -> None:
+    """The weights this actor loaded are the ones the run's identity names: a checkpoint rewritten in place while
+    the job runs (or between an actor's restarts) never adds another model's scores to the output."""
+    from model.digest import weights_digest
+
+    if expected is None:
+        return
+    found = weights_digest(model_uri, model_id.rsplit("@", 1)[-1] if "@" in model_id else None)
+    if found != expected:
+        raise CheckpointError(f"the weights at {model_uri} changed since the job started (digest {expected}, now "
+                              f"{found}): their scores would mix with the earlier weights' in one output; score the "
+                              "new weights into another output")
+
+
 def release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -197,7 +211,8 @@ class ScoringActor:
     """One model replica: loaded once per actor (a NeMo-Curator-style `setup` in `__init__`), then scores batches.
     Markers and error rows pass through. A device fault ends the process: Ray restarts the actor and retries."""
 
-    def __init__(self, model_uri: str, dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256):
+    def __init__(self, model_uri: str, dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256,
+                 weights: str | None = None):
         import model as unifilter
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -205,6 +220,7 @@ class ScoringActor:
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.model_uri = model_uri
         net, processor = unifilter.load(model_uri, device=device, dtype=getattr(torch, dtype))
+        check_weights(model_uri, net.model_id, weights)
         self.scorer = BatchScorer(net, processor, token_budget or (32768 if device == "cuda" else 8192), max_batch)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

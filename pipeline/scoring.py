@@ -15,9 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.errors import CheckpointError, InputError
 from pipeline.manifest import write_json
 from pipeline.resources import current_view, decode_workers, gpus_per_actor, model_dtype
-from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare, summary_tail
+from pipeline.runner import (
+    PreparedJob,
+    ShardJob,
+    Stage,
+    claim,
+    common_summary,
+    execute,
+    prepare,
+    summary_tail,
+)
 from pipeline.sinks import SCORE_SCHEMA
-from pipeline.sources import SourceOptions, check_columns
+from pipeline.sources import SourceOptions
+from pipeline.sources.sniff import check_first_shard
 from pipeline.storage import join, list_shards
 
 # torch and transformers (seconds to import) load with the first function that needs them, so a bad flag or
@@ -74,6 +84,10 @@ class ScoreConfig(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="model precision; auto: bfloat16 on GPU, float32 on CPU")
     source: SourceOptions = Field(default_factory=SourceOptions, description="how inputs are read")
+    moved_from: str | None = Field(
+        None, description="the input root this output's committed shards were read from, when the corpus has moved "
+                          "since (they are not scored again); default: none (a shard committed from another "
+                          "location is refused)")
     no_progress_timeout_s: float = Field(
         3600.0, gt=0, description="seconds the job may make no progress (e.g. waiting for GPU nodes to start)")
     gpu_rate: float | None = Field(
@@ -92,41 +106,57 @@ class ScoreConfig(BaseModel):
         """The precision the actors will use (`auto` resolved the way they resolve it)."""
         return model_dtype(self.dtype, self.gpus_per_actor)
 
-    def identity(self, model_id: str) -> dict:
-        """What the output's records depend on: the model (its content hash) and the settings that change scores."""
+    def identity(self, model_id: str, weights: str | None = None) -> dict:
+        """What the output's records depend on: the model (its weights' digest) and the settings that change
+        scores."""
         revision = model_id.rsplit("@", 1)[1] if "@" in model_id else None
         s = self.source
-        return {"model": {"id": model_id, "revision": revision}, "dtype": self.resolved_dtype(),
+        return {"model": {"id": model_id, "revision": revision, "weights": weights}, "dtype": self.resolved_dtype(),
                 "jpeg_draft": self.jpeg_draft,
                 "max_image_pixels": self.max_image_pixels,
                 "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}
 
 
-def check_model(uri: str):
-    """Config and tokenizer only (no weights): fails fast on a bad URI; returns (processor, the model id records
-    carry)."""
+def locate_model(uri: str) -> None:
+    """A model URI that cannot be a checkpoint fails in milliseconds (before torch loads), naming the field."""
+    from model.locate import checkpoint_problem
+
+    problem = checkpoint_problem(uri)
+    if problem:
+        raise InputError("model", problem)
+
+
+def check_model(uri: str) -> tuple[object, str, str]:
+    """Config and tokenizer only (no weights read, beyond a local checkpoint's digest): fails fast on a bad URI;
+    returns (processor, the model id records carry, the weights' digest)."""
+    from model.digest import weights_digest
+
+    locate_model(uri)
     try:
-        return load_processor(uri)
+        processor, model_id = load_processor(uri)
+        return processor, model_id, weights_digest(uri, model_id.rsplit("@", 1)[-1] if "@" in model_id else None)
     except (CheckpointError, OSError, ValueError) as err:
         raise InputError("model", str(err)) from None
 
 
-def check_first_shard(listing, fmt: str, options: SourceOptions) -> None:
-    """A column the settings name but the first shard lacks stops the job before anything is committed."""
-    if fmt in ("parquet", "obelics") and listing.shards:
-        problem = check_columns(listing.shards[0].uri, fmt, options)
-        if problem:
-            raise InputError(*problem)
+def scoring_job(config: ScoreConfig) -> tuple[ShardJob, str]:
+    """What the job is, from what can be checked without writing anything or starting Ray: the shards, the first
+    shard's columns and records, the model and its weights."""
+    locate_model(config.model)  # before the listing: a typo in --model is reported at once
+    listing = list_shards(config.input, config.format)
+    check_first_shard(listing, config.format, config.source)
+    _, model_id, weights = check_model(config.model)
+    spec = ShardJob(job="score", output=config.output, listing=listing, identity=config.identity(model_id, weights),
+                    schema=SCORE_SCHEMA, no_progress_timeout_s=config.no_progress_timeout_s, format=config.format,
+                    moved_from=config.moved_from)
+    return spec, model_id
 
 
 def prepare_scoring(config: ScoreConfig, started: float | None = None, dry_run: bool = False
                     ) -> tuple[PreparedJob, str]:
-    """Everything before Ray: shards, the first shard's columns, the model, the output's lease and identity."""
-    listing = list_shards(config.input, config.format)
-    check_first_shard(listing, config.format, config.source)
-    _, model_id = check_model(config.model)
-    spec = ShardJob(job="score", output=config.output, listing=listing, identity=config.identity(model_id),
-                    schema=SCORE_SCHEMA, no_progress_timeout_s=config.no_progress_timeout_s, format=config.format)
+    """The job surveyed (`dry_run`: nothing written, no lease) or claimed (the output's lease held, its identity
+    recorded)."""
+    spec, model_id = scoring_job(config)
     return prepare(spec, started, dry_run), model_id
 
 
@@ -144,7 +174,8 @@ def _resources(config: ScoreConfig, sources: dict[str, str]) -> tuple[dict, dict
     return values, why
 
 
-def stages(config: ScoreConfig, resources: dict, actor_cls: type | None = None) -> list[Stage]:
+def stages(config: ScoreConfig, resources: dict, actor_cls: type | None = None, weights: str | None = None
+           ) -> list[Stage]:
     from pipeline.preprocess import ShardEncoder
 
     return [
@@ -156,17 +187,31 @@ def stages(config: ScoreConfig, resources: dict, actor_cls: type | None = None) 
               num_cpus=config.preprocess_cpus, max_actors=resources["preprocess_workers"]),
         # Ray Data restarts a crashed actor and retries its batches (max_restarts=-1).
         Stage("score", actor_cls or _scoring_actor(), {"model_uri": config.model, "dtype": config.resolved_dtype(),
-                                   "token_budget": config.token_budget, "max_batch": config.max_batch},
+                                   "token_budget": config.token_budget, "max_batch": config.max_batch,
+                                   "weights": weights},
               num_cpus=config.cpus_per_actor, num_gpus=resources["gpus_per_actor"],
               min_actors=config.min_actors, max_actors=config.concurrency,
               batch_size=config.batch_size or 4 * config.max_batch),
     ]
 
 
-def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progress: bool = True,
+def run_scoring(surveyed: PreparedJob, config: ScoreConfig, model_id: str, progress: bool = True,
                 actor_cls: type | None = None, sources: dict[str, str] | None = None) -> dict:
-    """Score every sample of the shards not yet committed; returns (and writes) the summary."""
-    resources, why = _resources(config, sources or {}) if prepared.todo else ({}, {})
+    """Score every sample of the shards not yet committed; returns (and writes) the summary. The resources are
+    sized before the output is claimed, so a job the cluster cannot run writes nothing."""
+    resources, why = _resources(config, sources or {}) if surveyed.todo else ({}, {})
+    prepared = surveyed if surveyed.lease is not None else claim(surveyed.spec, surveyed.started)
+    try:
+        return _run_claimed(prepared, config, model_id, progress, actor_cls, resources, why)
+    finally:
+        if prepared.lease is not None:
+            prepared.lease.release()
+
+
+def _run_claimed(prepared: PreparedJob, config: ScoreConfig, model_id: str, progress: bool, actor_cls,
+                 resources: dict, why: dict) -> dict:
+    for note in prepared.notes:
+        print(f"[score] note: {note}", file=sys.stderr, flush=True)
     if progress and prepared.todo:
         print(f"[score] asking for {resources['max_actors']} scoring actor(s) x {resources['gpus_per_actor']:g} GPU "
               f"({why['gpus_per_actor']}) and {resources['preprocess_workers']} decode workers "
@@ -178,7 +223,8 @@ def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progr
         if len(sizes):
             batch_sizes.append((pa.compute.sum(sizes).as_py(), len(sizes), pa.compute.max(sizes).as_py()))
 
-    planned = stages(config, resources, actor_cls) if prepared.todo else []
+    weights = prepared.spec.identity["model"].get("weights")
+    planned = stages(config, resources, actor_cls, weights) if prepared.todo else []
     result = execute(prepared, planned, progress, on_batch=device_batches)
     c = result.committer
     common = common_summary(prepared, result)
@@ -195,8 +241,10 @@ def run_scoring(prepared: PreparedJob, config: ScoreConfig, model_id: str, progr
         "resources_why": why,
         "samples_this_run": c.samples,
         "scored_this_run": c.scored,
-        "errors_this_run": sum(c.errors_by_category.values()),
+        "errors_this_run": c.errors.total(),
+        "every_sample_failed": bool(c.samples) and not c.scored,
         "truncated_this_run": c.truncated,
+        "errors_by_category": common["errors_by_category"],
         "errors_by_reason": common["errors_by_reason"],
         "error_examples": common["error_examples"],
         "elapsed_s": common["elapsed_s"],
@@ -221,13 +269,9 @@ def _micro_batch_stats(sizes: list[tuple[int, int, int]], configured: int) -> di
 
 
 def score_dataset(config: ScoreConfig, progress: bool = True, actor_cls: type | None = None) -> dict:
-    """prepare + run, on the Ray instance this process is connected to."""
-    prepared, model_id = prepare_scoring(config, time.time())
-    try:
-        return run_scoring(prepared, config, model_id, progress, actor_cls)
-    finally:  # also when sizing the job fails before it starts: the output is not left held
-        if prepared.lease is not None:
-            prepared.lease.release()
+    """survey + run, on the Ray instance this process is connected to."""
+    surveyed, model_id = prepare_scoring(config, time.time(), dry_run=True)
+    return run_scoring(surveyed, config, model_id, progress, actor_cls)
 
 
 # Reference rates on one H200 (README, "Running on a cluster"): captions/s with bf16 batching.
@@ -254,6 +298,7 @@ def dry_run_plan(config: ScoreConfig) -> str:
         f"UniFilter scoring, dry run (nothing started, nothing written): {config.input} ({config.format}) -> "
         f"{config.output}",
         f"  shards     {len(s.shards)} total · {len(s.committed)} already committed · {len(s.todo)} new",
+        *(f"  note       {note}" for note in s.notes),
         f"  samples    {'unknown' if samples is None else f'{samples:,}'} in the new shards ({how})",
         f"  model      {model_id} · {human(params)} parameters · {config.resolved_dtype()}"
         + (" (auto: bfloat16 on GPU, float32 on CPU)" if config.dtype == "auto" else ""),
@@ -271,7 +316,8 @@ def format_summary(summary: dict) -> str:
     s = summary["shards"]
     speed = f"{summary['throughput_samples_per_s']} samples/s over the whole job ({summary['elapsed_s']} s)"
     if not summary["samples_this_run"]:
-        speed = f"nothing new to score ({summary['elapsed_s']} s)"
+        speed = (f"nothing scored: the run stopped ({summary['elapsed_s']} s)" if s["new"] else
+                 f"nothing new to score ({summary['elapsed_s']} s)")
     elif summary.get("steady_samples_per_s"):
         speed += f"; {summary['steady_samples_per_s']} samples/s after start-up ({summary['startup_s']} s)"
     lines = [

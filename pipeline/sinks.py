@@ -20,10 +20,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline.errors import OutputMismatch, reason_key
 from pipeline.manifest import (
     CONSOLIDATE_EVERY,
     check_entries,
     consolidate,
+    missing_files,
     read_json,
     read_manifest,
     write_bytes,
@@ -57,6 +59,11 @@ def read_committed(output: str, schema: pa.Schema) -> pa.Table:
     """All committed records of an output (uncommitted files of an interrupted run are ignored)."""
     entries = read_manifest(output)
     check_entries(output, entries)
+    lost = missing_files(output, entries)
+    if lost:
+        shard, gone = next(iter(lost.items()))
+        raise OutputMismatch("output", f"{output}: {len(lost)} committed shards' files are gone (e.g. {gone[0]} of "
+                                       f"{shard}); rerun the job that wrote the output to write them again")
     fs, root = filesystem_for(output)
     files = [f"{root}/{f}" for e in entries.values() for f in e["files"]]
     if not files:
@@ -74,6 +81,43 @@ def read_committed(output: str, schema: pa.Schema) -> pa.Table:
 def read_scores(output: str) -> pa.Table:
     """All committed score records of a scoring output."""
     return read_committed(output, SCORE_SCHEMA)
+
+
+class ErrorCounts:
+    """Error records counted by category and by reason (`reason_key`: what varies per sample taken out), with
+    one example per reason (the sample's id and shard, and the reason in full), as img2dataset counts statuses."""
+
+    EXAMPLES = 200  # reasons with an example kept (counts are kept for all)
+
+    def __init__(self):
+        self.by_category: Counter = Counter()
+        self.by_reason: Counter = Counter()
+        self.examples: dict[str, dict] = {}
+
+    def add(self, reason: str, category: str | None, sample_id: str | None, shard: str | None) -> None:
+        category = category or reason.split(":", 1)[0]
+        key = reason_key(reason)
+        self.by_category[category] += 1
+        self.by_reason[key] += 1
+        if key not in self.examples and len(self.examples) < self.EXAMPLES:
+            self.examples[key] = {"id": sample_id, "shard": shard, "error": reason[:500]}
+
+    def add_table(self, errors: pa.Table, shard: str) -> None:
+        reasons = errors.column("error").to_pylist()
+        names = errors.column_names
+        categories = errors.column("error_category").to_pylist() if "error_category" in names else [None] * len(reasons)
+        ids = errors.column("id").to_pylist() if "id" in names else [None] * len(reasons)
+        for reason, category, sample_id in zip(reasons, categories, ids):
+            self.add(reason, category, sample_id, shard)
+
+    def total(self) -> int:
+        return sum(self.by_category.values())
+
+    def as_summary(self) -> dict:
+        """The summary's fields: `errors_by_category`, `errors_by_reason` (most frequent first), `error_examples`."""
+        reasons = dict(self.by_reason.most_common())
+        return {"errors_by_category": dict(self.by_category.most_common()), "errors_by_reason": reasons,
+                "error_examples": {k: self.examples[k] for k in reasons if k in self.examples}}
 
 
 class ShardCommitter:
@@ -108,8 +152,7 @@ class ShardCommitter:
         self.entries: list[dict] = []  # commit records of this run
         self.committed: list[str] = []
         self.failed: dict[str, str] = {}  # shard -> why it could not be read as configured
-        self.errors_by_category: Counter = Counter()
-        self.error_examples: dict[str, str] = {}
+        self.errors = ErrorCounts()
         self.samples = self.scored = self.truncated = 0
         self.first_commit: tuple[float, int] | None = None  # (time, samples then): start-up vs steady state
 
@@ -205,13 +248,7 @@ class ShardCommitter:
         if self.first_commit is None:
             self.first_commit = (time.time(), self.samples)
         if errors is not None and errors.num_rows:
-            reasons = errors.column("error").to_pylist()
-            categories = (errors.column("error_category").to_pylist() if "error_category" in errors.column_names
-                          else [None] * len(reasons))
-            for reason, category in zip(reasons, categories):
-                category = category or reason.split(":", 1)[0]
-                self.errors_by_category[category] += 1
-                self.error_examples.setdefault(category, reason)
+            self.errors.add_table(errors, shard)
         if self.on_records:
             self.on_records(records)
         if self.on_commit:

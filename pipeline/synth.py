@@ -14,7 +14,6 @@ from collections import Counter
 
 import pyarrow as pa
 
-from pipeline.errors import InputError
 from pipeline.manifest import MANIFEST_DIR, write_json
 from pipeline.pairs import (
     DEFAULT_BEDROCK_MODEL,
@@ -27,7 +26,8 @@ from pipeline.pairs import (
 )
 from pipeline.prompts import PROMPT_VERSION
 from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare, summary_tail
-from pipeline.sources import MARKERS, check_columns
+from pipeline.sources import MARKERS
+from pipeline.sources.sniff import check_first_shard
 from pipeline.storage import join, list_shards
 
 __all__ = ["PAIR_SCHEMA", "RequestCache", "SynthConfig", "dry_run_plan", "format_summary",
@@ -51,14 +51,12 @@ def _pair_folders(pairs: pa.Table) -> list[str]:
 def prepare_synth(config: SynthConfig, started: float | None = None, dry_run: bool = False) -> PreparedJob:
     """Everything before Ray: the shards, the first shard's columns, the generator's settings, the output."""
     listing = list_shards(config.input, config.format)
-    if config.format in ("parquet", "obelics"):
-        problem = check_columns(listing.shards[0].uri, config.format, config.source)
-        if problem:
-            raise InputError(*problem)
+    check_first_shard(listing, config.format, config.source)
     config.make_generator()  # fail fast on an unusable generator configuration (e.g. no AWS region)
     spec = ShardJob(job="synth", output=config.output, listing=listing, identity=identity(config),
                     schema=PAIR_SCHEMA, rows_per_sample=len(config.levels),
-                    key_columns=("ordinal", "label"), partition=_pair_folders, unit="pairs", format=config.format)
+                    key_columns=("ordinal", "label"), partition=_pair_folders, unit="pairs", format=config.format,
+                    moved_from=config.moved_from)
     return prepare(spec, started, dry_run)
 
 
@@ -136,7 +134,9 @@ def synthesize(config: SynthConfig, progress: bool = True, prepared: PreparedJob
         "incomplete_reasons": common["incomplete_reasons"],
         "origins_this_run": committer.samples // len(config.levels),
         "pairs_this_run": pairs,
-        "errors_this_run": sum(committer.errors_by_category.values()),
+        "errors_this_run": committer.errors.total(),
+        "every_sample_failed": bool(committer.samples) and not pairs,
+        "errors_by_category": common["errors_by_category"],
         "errors_by_reason": common["errors_by_reason"],
         "error_examples": common["error_examples"],
         "level_balance": {split: {str(lv): counts[lv] for lv in config.levels} for split, counts in balance.items()},

@@ -111,7 +111,7 @@ def test_keep_fraction_keeps_the_best_and_every_tie(tmp_path, known_scores, ray_
     kept = selected(tmp_path / "cur")
     assert sorted(kept.column("id").to_pylist()) == expected
     assert len(expected) >= 30 and len(expected) == summary["kept"]  # round(0.3 x 100) plus the ties at the cut
-    assert summary["errors_by_reason"] == {"decode": 1, "empty": 1} and "bad1" not in expected
+    assert summary["errors_by_category"] == {"decode": 1, "empty": 1} and "bad1" not in expected
     assert summary["scored"] == 100
 
 

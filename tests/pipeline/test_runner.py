@@ -51,7 +51,7 @@ def test_a_job_built_on_the_runner_keeps_every_record_once_and_counts_its_errors
     summary = common_summary(prepared, result)
     assert summary["shards"]["committed_this_run"] == 3 and summary["shards"]["incomplete"] == ["3.tar"]
     assert summary["incomplete_reasons"]["3.tar"].startswith("io: cannot read")
-    assert summary["errors_by_reason"] == {"malformed": 3}  # one per committed shard, by category
+    assert summary["errors_by_category"] == {"malformed": 3}  # one per committed shard
     table = read_committed(str(tmp_path / "out"), RECORD)
     assert sorted(table.column("id").to_pylist()) == sorted(expected[:15])
 

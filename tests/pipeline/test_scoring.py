@@ -80,7 +80,7 @@ def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_c
     cut_rows = [r for r in table if r["source"] == "cut.tar"]
     assert sum(1 for r in cut_rows if r["error"]) == 1
     assert any(r["error"] and "truncated or corrupt tar" in r["error"] for r in cut_rows)
-    assert summary["errors_by_reason"]["decode"] >= 5 and summary["errors_by_reason"]["empty"] == 1
+    assert summary["errors_by_category"]["decode"] >= 5 and summary["errors_by_category"]["empty"] == 1
 
 
 def test_bad_documents_are_errors_or_truncated(tmp_path, tiny_checkpoint, ray_cluster):
