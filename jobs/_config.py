@@ -213,10 +213,11 @@ def connect_ray(verbose: bool = False, job: str = "job") -> None:
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     ctx.enable_operator_progress_bars = verbose
-    if not verbose:  # Ray Data's console lines (its debug log still goes to the session's ray-data.log)
+    if not verbose:  # Ray Data's console lines, its errors' stack traces too (the session's ray-data.log keeps
+        # them; the job's summary says what stopped it, in one line)
         for handler in logging.getLogger("ray.data").handlers:
             if not type(handler).__name__.endswith("FileHandler"):
-                handler.setLevel(logging.ERROR)
+                handler.setLevel(logging.CRITICAL + 1)
 
 
 def run_prepared(prepared, job: str, verbose: bool, run: Callable[[], dict]) -> dict:

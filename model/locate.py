@@ -51,7 +51,8 @@ def checkpoint_problem(uri: str) -> str | None:
         return None
     if storage.is_local(uri):
         path = Path(storage.normalize_uri(uri)).expanduser()
-        where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
+        given = Path(uri.removeprefix("file://")).expanduser()
+        where = "" if given.is_absolute() else f" (relative to {os.getcwd()})"
         if not path.exists():
             return f"no checkpoint at {uri!r}: no such directory{where}"
         if not path.is_dir():

@@ -33,7 +33,15 @@ from pipeline.runner import (
 )
 from pipeline.sinks import SCORES_DIR, ErrorCounts
 from pipeline.sources import SHARD_END, SourceOptions, shard_end, shard_failed
-from pipeline.storage import Shard, ShardListing, filesystem_for, join, list_shards, output_name
+from pipeline.storage import (
+    Shard,
+    ShardListing,
+    filesystem_for,
+    join,
+    list_shards,
+    normalize_uri,
+    output_name,
+)
 
 SELECTED_DIR = "selected"
 SHARDS_DIR = "shards"
@@ -52,7 +60,7 @@ class CurateConfig(BaseModel):
 
     scores: str = Field(description="a scoring job's output (its committed records are read)")
     output: str = Field(description="where selected/, shards/ (with materialize) and summary.json go")
-    min_score: float | None = Field(None, description="keep records scoring at least this")
+    min_score: float | None = Field(None, allow_inf_nan=False, description="keep records scoring at least this")
     keep_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the best-scored records")
     per_kind: bool = Field(False, description="apply the rule within each kind (captions, documents) separately")
     input: str | None = Field(None, description="the scored corpus, if it moved since it was scored (default: the "
@@ -106,8 +114,12 @@ class CurationPlan:
     started: float
 
 
-def prepare_curation(config: CurateConfig, started: float | None = None) -> CurationPlan:
-    """Everything before Ray: the committed score records, the input (if named), the output."""
+def prepare_curation(config: CurateConfig, started: float | None = None, dry_run: bool = False) -> CurationPlan:
+    """Everything before Ray: the committed score records, the input (if named), the output (created unless
+    `dry_run`)."""
+    if normalize_uri(config.output).rstrip("/") == normalize_uri(config.scores).rstrip("/"):
+        raise InputError("output", f"{config.output} is the scores' own output: curation writes its records, shards "
+                                   "and summary elsewhere (choose another output)")
     entries = read_manifest(config.scores)
     if not entries:
         raise InputError("scores", f"no committed score records at {config.scores} (a jobs.score output)")
@@ -130,7 +142,7 @@ def prepare_curation(config: CurateConfig, started: float | None = None) -> Cura
             raise InputError("input", f"the score records of {len(missing)} shards (e.g. {missing[0]}) do not name "
                                       "their input shard and format (scored before this version): set input and "
                                       "format to the scored corpus")
-    check_writable(config.output)
+    check_writable(config.output, create=not dry_run)
     return CurationPlan(config, ShardListing(config.scores, shards), identity.get("identity_hash", "legacy"),
                         started or time.time())
 
@@ -303,16 +315,16 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
 
 def dry_run_plan(config: CurateConfig) -> str:
     """What a run would do: committed score shards and records, what is already curated. Starts nothing."""
+    plan = prepare_curation(config, dry_run=True)
     entries = read_manifest(config.scores)
-    if not entries:
-        raise InputError("scores", f"no committed score records at {config.scores} (a jobs.score output)")
     curated = read_manifest(config.output)
-    new = [k for k in entries if k not in curated]
+    keys = list(dict.fromkeys(s.key for s in plan.listing.shards))
+    new = [k for k in keys if k not in curated]
     records = sum(entries[k].get("records", 0) for k in new)
     return "\n".join([
         f"UniFilter curation, dry run (nothing started, nothing written): {config.scores} -> {config.output}",
         f"  rule       {config.rule} (the threshold is computed when the job runs)",
-        f"  shards     {len(entries)} scored · {len(entries) - len(new)} already curated · {len(new)} new",
+        f"  shards     {len(keys)} scored · {len(keys) - len(new)} already curated · {len(new)} new",
         f"  records    {records:,} score records in the new shards",
         f"  writes     selected/ per shard{', the kept samples as shards in shards/' if config.materialize else ''}"
         f"{', an HTML report to ' + config.report if config.report else ''}",

@@ -98,7 +98,7 @@ def quiet_worker_errors(prefix: str) -> bool:
             cause = first_cause(line)
             if cause and cause not in seen:
                 seen.add(cause)
-                print(f"{prefix} a worker failed and Ray retries it: {cause[:300]}", file=sys.stderr, flush=True)
+                print(f"{prefix} a worker failed: {cause[:300]}", file=sys.stderr, flush=True)
         return None
 
     worker.print_to_stdstream = print_to_stdstream

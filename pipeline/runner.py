@@ -10,6 +10,7 @@ commits each shard as its records complete. A job is a spec, two `Stage`s and a 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -287,8 +288,9 @@ def aborted_because(err: BaseException) -> str:
     """One line saying why the pipeline stopped: the innermost cause, not Ray's wrapping of it."""
     text = str(err)
     cause = first_cause(text) or type(err).__name__
-    if "creation task" in text:  # Ray Data gave up on actors whose constructor raised
-        return f"the stage's actors failed at start-up: {cause}"
+    if "creation task" in text or "during initialization" in text:  # actors whose constructor raised
+        stage = re.search(r"MapBatches\((\w+)\)", text)
+        return f"{stage.group(1) if stage else 'the stage'}'s actors failed at start-up: {cause}"
     return cause if cause.startswith(type(err).__name__) or "Error" in cause else f"{type(err).__name__}: {cause}"
 
 

@@ -19,6 +19,7 @@ from pipeline.runner import (
     PreparedJob,
     ShardJob,
     Stage,
+    check_writable,
     claim,
     common_summary,
     execute,
@@ -142,7 +143,8 @@ def check_model(uri: str) -> tuple[object, str, str]:
 def scoring_job(config: ScoreConfig) -> tuple[ShardJob, str]:
     """What the job is, from what can be checked without writing anything or starting Ray: the shards, the first
     shard's columns and records, the model and its weights."""
-    locate_model(config.model)  # before the listing: a typo in --model is reported at once
+    check_writable(config.output, create=False)  # the cheap checks first: a typo is reported at once
+    locate_model(config.model)
     listing = list_shards(config.input, config.format)
     check_first_shard(listing, config.format, config.source)
     _, model_id, weights = check_model(config.model)

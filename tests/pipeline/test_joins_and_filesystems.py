@@ -1,5 +1,6 @@
-"""Scores that join back to the corpus (img2dataset's key and url), a corpus that moves without being scored again,
-brace ranges, and filesystems pyarrow has none of its own for (an in-memory one, and any fsspec package's)."""
+"""Scores that join back to the corpus (img2dataset's key and url), a corpus that moves (declared) without being
+scored again, brace ranges, and filesystems pyarrow has none of its own for (an in-memory one, and any fsspec
+package's)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import shutil
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline import corpus
+from pipeline.errors import InputError
 from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.sinks import read_scores
 from tests.pipeline.test_scoring import assert_exactly_once
@@ -52,7 +55,9 @@ def test_scores_join_back_to_img2dataset_shards_and_a_moved_corpus_is_not_scored
     assert sorted(p.name for p in (out / "scores").iterdir()) == ["00000.parquet", "00001.parquet"]
 
     shutil.copytree(tmp_path / "laion", tmp_path / "moved" / "laion")  # the corpus, copied elsewhere
-    again = score(tmp_path / "moved" / "laion", out, tiny_checkpoint)
+    with pytest.raises(InputError, match="set moved_from: .*laion"):  # unless declared, another corpus' shards
+        score(tmp_path / "moved" / "laion", out, tiny_checkpoint)
+    again = score(tmp_path / "moved" / "laion", out, tiny_checkpoint, moved_from=str(tmp_path / "laion"))
     assert again["shards"]["already_committed"] == 2 and again["shards"]["new"] == 0
     assert again["samples_this_run"] == 0
 
