@@ -106,15 +106,20 @@ class BatchScorer:
         keys = [(columns["source"][i], columns["ordinal"][i]) for i in todo]
         blamed, suspects = self.journal.lookup(keys) if keys else ({}, {})
         encoded = self._decode(batch, todo)
-        alone = [j for j, key in enumerate(keys) if suspects.get(key, 0) >= FAULTS_BEFORE_NARROWING]
-        rest = [j for j, key in enumerate(keys) if key not in blamed and suspects.get(key, 0) < FAULTS_BEFORE_NARROWING]
+        narrowed = {key for key, faults in suspects.items() if faults >= FAULTS_BEFORE_NARROWING}
+        alone = [j for j, key in enumerate(keys) if key in narrowed]
+        rest = [j for j, key in enumerate(keys) if key not in narrowed and key not in blamed]
         results: dict[int, dict | str] = {}
         cleared: list[Key] = []  # suspects that scored alone in this call
         try:
             results.update(self._score_alone(encoded, alone, keys, cleared))
             results.update(self._score_planned(encoded, rest))
         except DeviceFault as fault:
-            self._record(fault, keys, alone, cleared)
+            try:
+                self._record(fault, keys, alone, cleared)
+            except Exception as err:  # noqa: BLE001 - the fault is handled (the process ends) all the same
+                print(f"[score] the device fault could not be recorded in the fault journal: {err}",
+                      file=sys.stderr, flush=True)
             raise
         _check_not_all_failed(results)
         if suspects:  # the call completes: its suspects are cleared

@@ -1,6 +1,8 @@
-"""The scoring actor's device side without Ray: out-of-memory batches are halved, device errors end the actor
-(never error records), only a sample that fails on its own gets an error record, overlapped preparation gives
-the serial scores; and with Ray: a device error restarts the actor and its batch is retried."""
+"""The scoring actor's device side without Ray: out-of-memory batches are halved (wherever the error is raised)
+and lower the budget, device errors end the actor (never error records, unless a sample faults the device on its
+own after a canary succeeded), only a sample that fails on its own gets an error record, overlapped preparation
+gives the serial scores; and with Ray: a device error restarts the actor and its batch is retried, and a sample
+that faults the device is narrowed down while the rest of its call is scored and committed."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import torch
 
 import model
 from pipeline import corpus
-from pipeline.preprocess import ENCODED_SCHEMA, encode_row
 from pipeline.device_faults import FaultJournal
+from pipeline.preprocess import ENCODED_SCHEMA, encode_row
 from pipeline.scorer import BatchScorer, DeviceFault, ScoringActor
 from pipeline.sources import shard_end
 
@@ -172,7 +174,7 @@ def test_a_device_that_faults_on_the_canary_blames_no_sample(loaded):
     out, ended = fresh_actors(net, processor, table, journal, DEVICE_ASSERT, when=lambda ids: True)
     assert out is None and ended == 8
     stats = journal.stats()
-    assert stats["samples_blamed"] == 0 and stats["canary_faults"] == 8 - 2
+    assert stats["samples_blamed"] == 0 and stats["canary_faults"] == 8 - 2  # after the two tries as it was
     assert journal.lookup((r["source"], r["ordinal"]) for r in table.to_pylist())[0] == {}
 
 
@@ -283,13 +285,38 @@ def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_complete
         corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), shard)
     max_batch = 4
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
-                         model=str(model_dir), max_batch=max_batch, batch_size=64, no_progress_timeout_s=60)
+                         model=str(model_dir), max_batch=max_batch, batch_size=64,
+                         no_progress_timeout_s=120)  # the narrowing's restarts are one task: no progress meanwhile
     summary = score_dataset(config, progress=False, actor_cls=FaultsWithOneSample)
     assert summary["shards"]["incomplete"] == [] and summary["shards"]["scored_this_run"] == 2, summary
     by_id = {r["id"]: r for r in read_scores(str(tmp_path / "out")).to_pylist()}
     assert by_id.keys() == tokens.keys()
     assert by_id[bad["key"]]["error"].startswith("device: the sample faults the device on its own (")
     assert all(r["score"] is not None for key, r in by_id.items() if key != bad["key"])
-    assert summary["errors_by_reason"] == {"device": 1}
+    assert summary["errors_by_reason"] == {"device": 1} and summary["device_faults"]["samples_blamed"] == 1
     restarts = len(list((tmp_path / "model" / "actors").iterdir())) - 1
     assert restarts == 3  # the micro-batch twice as it was, then X alone after the canary
+
+
+class OutOfMemoryAboveTwo(ScoringActor):
+    """A scoring actor whose device runs out of memory for micro-batches of more than two samples."""
+
+    def __init__(self, model_uri: str, **kwargs):
+        super().__init__(model_uri, **kwargs)
+        self.scorer.model = Faulty(self.scorer.model, torch.OutOfMemoryError("CUDA out of memory"),
+                                   when=lambda ids: ids.shape[0] > 2)
+
+
+def test_the_summary_reports_a_token_budget_lowered_after_out_of_memory(tmp_path, tiny_checkpoint, ray_cluster):
+    from pipeline.scoring import ScoreConfig, format_summary, score_dataset
+
+    for k in range(2):
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(6, seed=k, prefix=f"o{k}-"))
+    config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+                         model=tiny_checkpoint, max_batch=8, batch_size=64, token_budget=4096)
+    summary = score_dataset(config, progress=False, actor_cls=OutOfMemoryAboveTwo)
+    assert summary["scored_this_run"] == 12 and summary["micro_batch_rows"]["max"] <= 2
+    lowered = summary["token_budget_lowered"]
+    assert lowered["actors"] == 1 and lowered["from"] == 4096 and lowered["to"] < 4096
+    assert (f"token budget lowered after out-of-memory: 4096 -> {lowered['to']} on 1 actor"
+            in format_summary(summary))
