@@ -18,7 +18,7 @@ The protocol (`pipeline.scorer.BatchScorer` follows it):
    scored alone are cleared. A canary that faults blames nobody: the device is broken, the block is retried until
    the job's no-progress timeout ends the run, and nothing is committed as bad data.
 
-So one sample that faults the device costs its call `FAULTS_BEFORE_NARROWING + 1` actor processes (each further
+So one sample that faults the device costs its call `FAULTS_BEFORE_NARROWING + 1` actor restarts (each further
 such sample in the call one more), and then the call completes: its healthy rows, and the shards they belong to,
 are committed. (Scoring suspects alone costs at most `max_batch` small forward passes; bisecting instead would
 cost up to log2(max_batch) more restarts, each a model load.)

@@ -40,7 +40,7 @@ from pipeline.sources import MARKERS
 # scored in (the summary reports how full the device's batches were), and, once an out-of-memory error made the
 # actor lower its token budget, which actor and from what to what (on the first row of each call; null
 # otherwise).
-BUDGET_LOWERED = pa.struct([("actor", pa.string()), ("from", pa.int32()), ("to", pa.int32())])
+BUDGET_LOWERED = pa.struct([("actor", pa.string()), ("from", pa.int64()), ("to", pa.int64())])
 ACTOR_OUTPUT_SCHEMA = SCORE_SCHEMA.append(pa.field("ordinal", pa.int64())).append(
     pa.field("error_category", pa.string())).append(pa.field("micro_batch", pa.int32())).append(
     pa.field("budget_lowered", BUDGET_LOWERED))
