@@ -4,10 +4,15 @@
 the thin Ray adapter that loads the model once per actor. The device never waits on the host: while one
 micro-batch runs, a helper thread gathers the next one from the Arrow buffers, pins it and starts its copy on a
 side stream. Failures are told apart:
-- out of memory: the micro-batch is split in halves (memory released first, outside the handler, so the failed
-  batch's tensors are gone) until the pieces fit; a single sample that still does not fit is that sample's error;
+- out of memory, anywhere in a micro-batch's life (collate, pin, copy, forward): the micro-batch is split in
+  halves (memory released first, outside the handler, so the failed batch's tensors are gone) until the pieces
+  fit, and the actor lowers its token budget for later micro-batches (half the padded size that failed; the
+  output's `budget_lowered` column tells the driver, whose summary reports it); a single sample that still does
+  not fit is that sample's error;
 - any other error of the device (a CUDA error, after which the process's GPU is unusable) ends the actor, so Ray
-  restarts it and retries the batch: a broken GPU is never committed as bad data;
+  restarts it and retries the batch: a broken GPU is never committed as bad data. Before the process ends the
+  micro-batch's samples go into the run's fault journal, which bounds the retries and narrows a fault that
+  follows one sample down to that sample (`pipeline.device_faults`);
 - any other error is narrowed down by halving too: only a sample that fails on its own becomes its error record.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,15 +30,20 @@ import torch
 
 from model.errors import Category
 from model.processing import EncodedSample
+from pipeline.device_faults import FAULTS_BEFORE_NARROWING, FaultJournal, Key, RemoteJournal
 from pipeline.errors import CheckpointError, UniFilterError
 from pipeline.preprocess import token_budget_batches
 from pipeline.sinks import SCORE_SCHEMA
 from pipeline.sources import MARKERS
 
-# Besides the score record: its position in the shard, its error's category, and the size of the micro-batch it
-# was scored in (the summary reports how full the device's batches were).
+# Besides the score record: its position in the shard, its error's category, the size of the micro-batch it was
+# scored in (the summary reports how full the device's batches were), and, once an out-of-memory error made the
+# actor lower its token budget, which actor and from what to what (on the first row of each call; null
+# otherwise).
+BUDGET_LOWERED = pa.struct([("actor", pa.string()), ("from", pa.int64()), ("to", pa.int64())])
 ACTOR_OUTPUT_SCHEMA = SCORE_SCHEMA.append(pa.field("ordinal", pa.int64())).append(
-    pa.field("error_category", pa.string())).append(pa.field("micro_batch", pa.int32()))
+    pa.field("error_category", pa.string())).append(pa.field("micro_batch", pa.int32())).append(
+    pa.field("budget_lowered", BUDGET_LOWERED))
 _PASSED = ["id", "source", "kind", "ordinal", "n_images", "n_tokens", "truncated", "error", "error_category", "key",
            "url"]
 _DEVICE_ERROR = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|device-side assert|illegal memory "
@@ -40,7 +51,17 @@ _DEVICE_ERROR = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|d
 
 
 class DeviceFault(UniFilterError):
-    """The device failed (not the sample): the actor must end so Ray restarts it and retries the batch."""
+    """The device failed (not the sample): the actor must end so Ray restarts it and retries the batch.
+    `samples`: the micro-batch that met it (indices of the call's rows to score), when one did; `canary`: the
+    canary sample met it (the device is broken)."""
+
+    def __init__(self, message: str, samples: list[int] | None = None, canary: bool = False):
+        super().__init__(message)
+        self.samples, self.canary = samples, canary
+
+    @property
+    def first_line(self) -> str:
+        return (str(self).strip().splitlines() or [""])[0][:300]
 
 
 def is_device_error(err: BaseException) -> bool:
@@ -61,11 +82,17 @@ def _binary_views(column: pa.ChunkedArray) -> list[memoryview | None]:
 
 
 class BatchScorer:
-    """Scores encoded rows with a loaded model: token-budget micro-batches of similar length, overlapped."""
+    """Scores encoded rows with a loaded model: token-budget micro-batches of similar length, overlapped. Device
+    faults go into `journal` (`pipeline.device_faults`; an in-memory one by default)."""
 
-    def __init__(self, model, processor, token_budget: int, max_batch: int, overlap: bool = True):
+    def __init__(self, model, processor, token_budget: int, max_batch: int, overlap: bool = True,
+                 journal: FaultJournal | RemoteJournal | None = None):
         self.model, self.processor = model, processor
         self.token_budget, self.max_batch = token_budget, max_batch
+        self.configured_budget = token_budget  # what it started with; out-of-memory errors lower token_budget
+        self.journal = journal if journal is not None else FaultJournal()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"  # one process: a restart starts at the configured budget
+        self.healthy = False  # a forward pass succeeded in this process: the device works
         self.micro_batch_sizes: list[int] = []  # what the device saw, for tests and benchmarks
         self.cuda = model.device.type == "cuda"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prepare") if overlap else None
@@ -76,26 +103,44 @@ class BatchScorer:
         columns = {name: batch.column(name).to_pylist() for name in _PASSED}
         n = batch.num_rows
         todo = [i for i in range(n) if columns["kind"][i] not in MARKERS and not columns["error"][i]]
+        keys = [(columns["source"][i], columns["ordinal"][i]) for i in todo]
+        blamed, suspects = self.journal.lookup(keys) if keys else ({}, {})
         encoded = self._decode(batch, todo)
+        narrowed = {key for key, faults in suspects.items() if faults >= FAULTS_BEFORE_NARROWING}
+        alone = [j for j, key in enumerate(keys) if key in narrowed]
+        rest = [j for j, key in enumerate(keys) if key not in narrowed and key not in blamed]
         results: dict[int, dict | str] = {}
-        plan = list(token_budget_batches([e.n_tokens for e in encoded], self.token_budget, self.max_batch))
-        pending = self._submit(encoded, plan[0]) if plan else None
-        for k, micro in enumerate(plan):
-            prepared = pending.result() if self._pool else pending
-            pending = self._submit(encoded, plan[k + 1]) if k + 1 < len(plan) else None
-            results.update(self._score_group(encoded, micro, prepared))
+        cleared: list[Key] = []  # suspects that scored alone in this call
+        try:
+            results.update(self._score_alone(encoded, alone, keys, cleared))
+            results.update(self._score_planned(encoded, rest))
+        except DeviceFault as fault:
+            try:
+                self._record(fault, keys, alone, cleared)
+            except Exception as err:  # noqa: BLE001 - the fault is handled (the process ends) all the same
+                print(f"[score] the device fault could not be recorded in the fault journal: {err}",
+                      file=sys.stderr, flush=True)
+            raise
         _check_not_all_failed(results)
-        model_id = self.model.model_id
+        if suspects:  # the call completes: its suspects are cleared
+            self.journal.clear([key for key in keys if key in suspects])
+        results.update({j: blamed[key] for j, key in enumerate(keys) if key in blamed})
+        return self._output(columns, n, todo, results)
+
+    def _output(self, columns: dict, n: int, todo: list[int], results: dict[int, dict | str]) -> pa.Table:
         score, label, probs, micro_batch = [None] * n, [None] * n, [None] * n, [None] * n
         for j, result in results.items():
             i = todo[j]
-            if isinstance(result, str):
-                columns["error"][i], columns["error_category"][i] = result, Category.SCORE.value
+            if isinstance(result, str):  # "<category>: <detail>"
+                columns["error"][i], columns["error_category"][i] = result, result.split(":", 1)[0]
             else:
                 score[i], label[i], probs[i] = result["score"], result["label"], result["probs"]
                 micro_batch[i] = result["micro_batch"]
-        out = {**columns, "score": score, "label": label, "probs": probs, "model": [model_id] * n,
-               "micro_batch": micro_batch}
+        lowered = [None] * n  # one row per call tells the driver (it reads every row the actors return)
+        if self.token_budget < self.configured_budget and n:
+            lowered[0] = {"actor": self.name, "from": self.configured_budget, "to": self.token_budget}
+        out = {**columns, "score": score, "label": label, "probs": probs, "model": [self.model.model_id] * n,
+               "micro_batch": micro_batch, "budget_lowered": lowered}
         return pa.table({name: out[name] for name in ACTOR_OUTPUT_SCHEMA.names}, schema=ACTOR_OUTPUT_SCHEMA)
 
     def _decode(self, batch: pa.Table, rows: list[int]) -> list[EncodedSample]:
@@ -108,6 +153,56 @@ class BatchScorer:
                               np.frombuffer(pixels[i], dtype=np.uint8).reshape(n_images[i], 3, size, size),
                               bool(truncated[i])) for i in rows]
 
+    def _score_planned(self, encoded, rows: list[int]) -> dict[int, dict | str]:
+        """Micro-batches of similar length within the token budget, each prepared while the one before runs."""
+        plan = [[rows[k] for k in micro] for micro in
+                token_budget_batches([encoded[j].n_tokens for j in rows], self.token_budget, self.max_batch)]
+        results: dict[int, dict | str] = {}
+        pending = self._submit(encoded, plan[0]) if plan else None
+        for k, micro in enumerate(plan):
+            prepared = pending.result() if self._pool else pending
+            pending = self._submit(encoded, plan[k + 1]) if k + 1 < len(plan) else None
+            results.update(self._score_group(encoded, micro, prepared))
+        return results
+
+    # -- narrowing a device fault down (pipeline.device_faults) -------------------------------------------------
+    def _score_alone(self, encoded, rows: list[int], keys: list[Key], cleared: list[Key]) -> dict[int, dict | str]:
+        """Suspects at the bound, each on its own, once the canary has shown that the device works."""
+        if not rows:
+            return {}
+        self._canary()
+        results: dict[int, dict | str] = {}
+        for j in rows:
+            results.update(self._score_group(encoded, [j]))
+            cleared.append(keys[j])
+        return results
+
+    def _canary(self) -> None:
+        """A synthetic caption (a grey square) through the whole path: a fault here is the device's own."""
+        if self.healthy:
+            return
+        size = self.processor.config.image_size
+        sample = self.processor.encode([None, "a grey square"], [np.full((3, size, size), 127, np.uint8), None],
+                                       "caption")
+        try:
+            prepared = self._prepare([sample], [0])
+            if "error" in prepared:
+                raise prepared["error"]
+            self._forward(prepared, 1)
+        except Exception as err:
+            raise DeviceFault(f"the canary sample failed: {type(err).__name__}: {err}", canary=True) from err
+
+    def _record(self, fault: DeviceFault, keys: list[Key], alone: list[int], cleared: list[Key]) -> None:
+        """Into the journal before the process ends: a sample that faulted alone after the canary is blamed, a
+        micro-batch that faulted gets one more fault, a canary fault blames nobody."""
+        if fault.canary:
+            self.journal.record_canary_fault(fault.first_line)
+        elif fault.samples is not None and len(fault.samples) == 1 and fault.samples[0] in alone:
+            reason = f"{Category.DEVICE.value}: the sample faults the device on its own ({fault.first_line})"
+            self.journal.blame(keys[fault.samples[0]], reason[:500], cleared)
+        elif fault.samples is not None:
+            self.journal.record_fault([keys[j] for j in fault.samples], fault.first_line, cleared)
+
     # -- host side of a micro-batch: gather, pin, start the copy ------------------------------------------------
     def _submit(self, encoded, group: list[int]):
         if self._pool is None:
@@ -116,9 +211,12 @@ class BatchScorer:
 
     def _prepare(self, encoded, group: list[int]) -> dict:
         try:
-            batch = self.processor.collate([encoded[j] for j in group])
-        except Exception as err:  # noqa: BLE001 - a sample's own fault: narrowed down by _score_group
+            return self._to_device(self.processor.collate([encoded[j] for j in group]))
+        except Exception as err:  # noqa: BLE001 - out of memory, the device's or a sample's: told apart by _score_group
             return {"error": err}
+
+    def _to_device(self, batch: dict) -> dict:
+        """Pin the pixels and start their copy on the side stream (the forward pass waits for its event)."""
         if self.cuda:
             with torch.cuda.stream(self._stream):
                 pixels = batch["pixel_values"].pin_memory().to(self.model.device, non_blocking=True)
@@ -130,6 +228,9 @@ class BatchScorer:
     # -- device side -------------------------------------------------------------------------------------------
     def _score_group(self, encoded, group: list[int], prepared: dict | None = None) -> dict[int, dict | str]:
         """{index: record fields or error reason} for one micro-batch, halving it on failure."""
+        padded = len(group) * max(encoded[j].n_tokens for j in group)
+        if len(group) > 1 and padded > self.token_budget:  # planned before an out-of-memory error lowered it
+            return self._halves(encoded, group)
         failure = None
         try:
             prepared = prepared if prepared is not None else self._prepare(encoded, group)
@@ -140,7 +241,7 @@ class BatchScorer:
             failure = "out of memory"
         except Exception as err:
             if is_device_error(err):
-                raise DeviceFault(f"{type(err).__name__}: {err}") from err
+                raise DeviceFault(f"{type(err).__name__}: {err}", samples=group) from err
             failure = f"{type(err).__name__}: {err}"
         if failure is None:
             return self._records(group, results)
@@ -148,10 +249,14 @@ class BatchScorer:
         prepared = None
         release_memory(self.model.device)
         if len(group) == 1:
-            n_tokens = encoded[group[0]].n_tokens
             if failure == "out of memory":
-                failure = f"out of memory on this sample alone ({n_tokens} tokens)"
+                failure = f"out of memory on this sample alone ({padded} tokens)"
             return {group[0]: f"{Category.SCORE.value}: {failure}"[:500]}
+        if failure == "out of memory":  # later micro-batches of this size would fail first too
+            self.token_budget = min(self.token_budget, max(1, padded // 2))
+        return self._halves(encoded, group)
+
+    def _halves(self, encoded, group: list[int]) -> dict[int, dict | str]:
         half = len(group) // 2
         return {**self._score_group(encoded, group[:half]), **self._score_group(encoded, group[half:])}
 
@@ -162,7 +267,9 @@ class BatchScorer:
             batch["pixel_values"].record_stream(stream)
         self.micro_batch_sizes.append(n)
         out = self.model.score(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        return {k: (None if v is None else v.float().cpu().numpy()) for k, v in out.items()}
+        out = {k: (None if v is None else v.float().cpu().numpy()) for k, v in out.items()}
+        self.healthy = True
+        return out
 
     @staticmethod
     def _records(group: list[int], result: dict) -> dict[int, dict | str]:
@@ -209,10 +316,11 @@ def release_memory(device: torch.device) -> None:
 
 class ScoringActor:
     """One model replica: loaded once per actor (a NeMo-Curator-style `setup` in `__init__`), then scores batches.
-    Markers and error rows pass through. A device fault ends the process: Ray restarts the actor and retries."""
+    Markers and error rows pass through. A device fault ends the process: Ray restarts the actor and retries;
+    `fault_journal` names the run's journal actor (`pipeline.device_faults`), which bounds those retries."""
 
     def __init__(self, model_uri: str, dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256,
-                 weights: str | None = None):
+                 fault_journal: str | None = None, weights: str | None = None):
         import model as unifilter
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -221,12 +329,14 @@ class ScoringActor:
         self.model_uri = model_uri
         net, processor = unifilter.load(model_uri, device=device, dtype=getattr(torch, dtype))
         check_weights(model_uri, net.model_id, weights)
-        self.scorer = BatchScorer(net, processor, token_budget or (32768 if device == "cuda" else 8192), max_batch)
+        journal = RemoteJournal(fault_journal) if fault_journal else None
+        self.scorer = BatchScorer(net, processor, token_budget or (32768 if device == "cuda" else 8192), max_batch,
+                                  journal=journal)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:
             return self.scorer.score_table(batch)
         except DeviceFault as fault:
-            print(f"[score] device error in a scoring actor ({fault}); ending it so Ray restarts it and retries "
-                  "the batch", file=sys.stderr, flush=True)
+            print(f"[score] device error in a scoring actor ({fault.first_line}); ending it so Ray restarts it and "
+                  "retries the batch", file=sys.stderr, flush=True)
             os._exit(3)

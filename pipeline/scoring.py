@@ -176,8 +176,8 @@ def _resources(config: ScoreConfig, sources: dict[str, str]) -> tuple[dict, dict
     return values, why
 
 
-def stages(config: ScoreConfig, resources: dict, actor_cls: type | None = None, weights: str | None = None
-           ) -> list[Stage]:
+def stages(config: ScoreConfig, resources: dict, actor_cls: type | None = None,
+           fault_journal: str | None = None, weights: str | None = None) -> list[Stage]:
     from pipeline.preprocess import ShardEncoder
 
     return [
@@ -187,10 +187,11 @@ def stages(config: ScoreConfig, resources: dict, actor_cls: type | None = None, 
                                            "max_image_pixels": config.max_image_pixels,
                                            "jpeg_draft": config.jpeg_draft},
               num_cpus=config.preprocess_cpus, max_actors=resources["preprocess_workers"]),
-        # Ray Data restarts a crashed actor and retries its batches (max_restarts=-1).
+        # Ray Data restarts a crashed actor and retries its batches (max_restarts=-1); the run's fault journal
+        # bounds the retries of a batch whose data faults the device (pipeline.device_faults).
         Stage("score", actor_cls or _scoring_actor(), {"model_uri": config.model, "dtype": config.resolved_dtype(),
                                    "token_budget": config.token_budget, "max_batch": config.max_batch,
-                                   "weights": weights},
+                                   "fault_journal": fault_journal, "weights": weights},
               num_cpus=config.cpus_per_actor, num_gpus=resources["gpus_per_actor"],
               min_actors=config.min_actors, max_actors=config.concurrency,
               batch_size=config.batch_size or 4 * config.max_batch),
@@ -218,16 +219,23 @@ def _run_claimed(prepared: PreparedJob, config: ScoreConfig, model_id: str, prog
         print(f"[score] asking for {resources['max_actors']} scoring actor(s) x {resources['gpus_per_actor']:g} GPU "
               f"({why['gpus_per_actor']}) and {resources['preprocess_workers']} decode workers "
               f"({why['preprocess_workers']})", file=sys.stderr, flush=True)
-    batch_sizes = []
+    batch_sizes, lowered = [], {}
 
-    def device_batches(batch) -> None:  # how full the device's micro-batches were
+    def device_batches(batch) -> None:  # how full the device's micro-batches were; budgets lowered, by actor
         sizes = batch.column("micro_batch").drop_null()
         if len(sizes):
             batch_sizes.append((pa.compute.sum(sizes).as_py(), len(sizes), pa.compute.max(sizes).as_py()))
+        lowered.update((r["actor"], r) for r in batch.column("budget_lowered").drop_null().to_pylist())
 
-    weights = prepared.spec.identity["model"].get("weights")
-    planned = stages(config, resources, actor_cls, weights) if prepared.todo else []
-    result = execute(prepared, planned, progress, on_batch=device_batches)
+    journal = _journal() if prepared.todo else None
+    try:
+        planned = stages(config, resources, actor_cls, journal and journal.name,
+                         prepared.spec.identity["model"].get("weights")) if prepared.todo else []
+        result = execute(prepared, planned, progress, on_batch=device_batches)
+        device_faults = journal.stats() if journal else {}
+    finally:
+        if journal:
+            journal.stop()
     c = result.committer
     common = common_summary(prepared, result)
     committed_before = prepared.committed
@@ -252,6 +260,8 @@ def _run_claimed(prepared: PreparedJob, config: ScoreConfig, model_id: str, prog
         "elapsed_s": common["elapsed_s"],
         "throughput_samples_per_s": common["samples_per_s"],
         "micro_batch_rows": _micro_batch_stats(batch_sizes, config.max_batch),
+        "token_budget_lowered": _lowered_budgets(lowered),
+        "device_faults": device_faults,
         "committed_shards_total": len(committed_before) + len(c.committed),
         "committed_samples_total": sum(e["records"] for e in committed_before.values()) + c.samples,
     }
@@ -268,6 +278,20 @@ def _micro_batch_stats(sizes: list[tuple[int, int, int]], configured: int) -> di
     rows = sum(n for _, n, _ in sizes)
     return {"mean": round(sum(t for t, _, _ in sizes) / rows, 1) if rows else None,
             "max": max((m for _, _, m in sizes), default=None), "configured": configured}
+
+
+def _lowered_budgets(lowered: dict[str, dict]) -> dict | None:
+    """Actors that lowered their token budget after an out-of-memory error: how many, from what, to how low."""
+    if not lowered:
+        return None
+    return {"actors": len(lowered), "from": max(r["from"] for r in lowered.values()),
+            "to": min(r["to"] for r in lowered.values())}
+
+
+def _journal():
+    from pipeline.device_faults import JournalActor
+
+    return JournalActor()
 
 
 def score_dataset(config: ScoreConfig, progress: bool = True, actor_cls: type | None = None) -> dict:
@@ -338,7 +362,25 @@ def format_summary(summary: dict) -> str:
                      "(each shard is scored once)")
         for key, spelled in summary.get("duplicate_spellings", {}).items():
             lines.append(f"             {key} was named as {', '.join(map(repr, spelled))}")
-    return "\n".join(lines + summary_tail(summary))
+    return "\n".join(lines + _device_lines(summary) + summary_tail(summary))
+
+
+def _device_lines(summary: dict) -> list[str]:
+    """What the device went through: budgets lowered after out-of-memory errors, faults and whom they blamed."""
+    lines = []
+    budget = summary.get("token_budget_lowered")
+    if budget:
+        actors = f"{budget['actors']} actor" + ("s" if budget["actors"] > 1 else "")
+        lowest = " (the lowest)" if budget["actors"] > 1 else ""
+        lines.append(f"  memory     token budget lowered after out-of-memory: {budget['from']} -> {budget['to']}"
+                     f"{lowest} on {actors}")
+    faults = summary.get("device_faults") or {}
+    if faults.get("micro_batches") or faults.get("canary_faults"):
+        lines.append(f"  device     {faults['micro_batches']} micro-batches faulted the device; "
+                     f"{faults['samples_blamed']} samples fault it on their own (error records); "
+                     f"{faults['canary_faults']} canary faults (the device itself)")
+        lines.append(f"             first error: {(faults.get('first_error') or '')[:100]}")
+    return lines
 
 
 __all__ = ["ScoreConfig", "format_summary", "prepare_scoring", "run_scoring", "score_dataset"]

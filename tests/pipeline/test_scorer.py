@@ -1,6 +1,8 @@
-"""The scoring actor's device side without Ray: out-of-memory batches are halved, device errors end the actor
-(never error records), only a sample that fails on its own gets an error record, overlapped preparation gives
-the serial scores; and with Ray: a device error restarts the actor and its batch is retried."""
+"""The scoring actor's device side without Ray: out-of-memory batches are halved (wherever the error is raised)
+and lower the budget, device errors end the actor (never error records, unless a sample faults the device on its
+own after a canary succeeded), only a sample that fails on its own gets an error record, overlapped preparation
+gives the serial scores; and with Ray: a device error restarts the actor and its batch is retried, and a sample
+that faults the device is narrowed down while the rest of its call is scored and committed."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 import model
 from pipeline import corpus
+from pipeline.device_faults import FaultJournal
 from pipeline.preprocess import ENCODED_SCHEMA, encode_row
 from pipeline.scorer import BatchScorer, DeviceFault, ScoringActor
 from pipeline.sources import shard_end
@@ -63,7 +66,9 @@ def test_an_out_of_memory_batch_is_halved_and_every_sample_scored(loaded):
     out = records(BatchScorer(faulty, processor, token_budget=10**6, max_batch=8).score_table(
         encoded_table(processor, 8)))
     assert len(out) == 8 and all(r["error"] is None and r["score"] is not None for r in out)
-    assert faulty.calls == [8, 4, 2, 2, 4, 2, 2]  # 8 -> 4 + 4 -> 2 + 2 each
+    # 8 -> 4 + 4; the first 4 -> 2 + 2, and the budget is lowered to what fits: the second 4 (one token longer
+    # each) is split before it is tried, its longest two alone
+    assert faulty.calls == [8, 4, 2, 2, 2, 1, 1]
 
 
 def test_a_device_error_ends_the_actor_and_is_never_a_record(loaded):
@@ -96,6 +101,81 @@ def test_every_sample_failing_alone_the_same_way_is_a_fault_not_bad_data(loaded)
     oom = Faulty(net, torch.OutOfMemoryError("CUDA out of memory"), when=lambda ids: True)  # memory held elsewhere
     with pytest.raises(DeviceFault, match="out of memory on this sample alone"):
         BatchScorer(oom, processor, token_budget=10**6, max_batch=8).score_table(encoded_table(processor, 3))
+
+
+class CopyOutOfMemory(BatchScorer):
+    """A device whose host-to-device step (the helper thread's pin and copy) runs out of memory for micro-batches
+    of more than two samples."""
+
+    def _to_device(self, batch):
+        if batch["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (pinned host memory)")
+        return super()._to_device(batch)
+
+
+def test_an_out_of_memory_error_in_the_copy_to_the_device_halves_the_batch(loaded):
+    net, processor = loaded
+    scorer = CopyOutOfMemory(net, processor, token_budget=10**6, max_batch=8, overlap=True)
+    out = records(scorer.score_table(encoded_table(processor, 8)))
+    assert len(out) == 8 and all(r["error"] is None and r["score"] is not None for r in out)
+    assert max(scorer.micro_batch_sizes) == 2
+
+
+def test_after_an_out_of_memory_error_later_micro_batches_fit_the_lowered_budget(loaded):
+    net, processor = loaded
+    faulty = Faulty(net, torch.OutOfMemoryError("CUDA out of memory"), when=lambda ids: ids.shape[0] > 2)
+    scorer = BatchScorer(faulty, processor, token_budget=10**6, max_batch=8)
+    scorer.score_table(encoded_table(processor, 8, seed=1))
+    faulty.calls.clear()
+    table = scorer.score_table(encoded_table(processor, 8, seed=2))
+    assert faulty.calls and max(faulty.calls) <= 2  # no micro-batch fails first any more
+    assert all(r["score"] is not None for r in records(table))
+    reported = table.column("budget_lowered").to_pylist()[0]
+    assert reported == {"actor": scorer.name, "from": 10**6, "to": scorer.token_budget} and scorer.token_budget < 10**6
+
+
+def fresh_actors(net, processor, table, journal, error, when, limit=8):
+    """Score `table` as Ray would: a scorer whose device faults ends (its process would), and a fresh one, with
+    the run's journal, retries the same rows. Returns (the output, how many scorers ended)."""
+    for ended in range(limit):
+        scorer = BatchScorer(Faulty(net, error, when), processor, token_budget=10**6, max_batch=8, journal=journal)
+        try:
+            return scorer.score_table(table), ended
+        except DeviceFault:
+            continue
+    return None, limit
+
+
+DEVICE_ASSERT = RuntimeError("CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA`")
+
+
+def test_a_sample_that_faults_the_device_is_narrowed_down_on_fresh_actors(loaded):
+    net, processor = loaded
+    table = encoded_table(processor, 8, long=5)  # sample 5 faults the device whenever it is in the micro-batch
+    bad = table.column("n_tokens")[5].as_py()
+    journal = FaultJournal()
+    out, ended = fresh_actors(net, processor, table, journal, DEVICE_ASSERT,
+                              when=lambda ids: bool((ids != processor.config.pad_token_id).sum(1).eq(bad).any()))
+    assert ended == 3  # the micro-batch twice as it was, then sample 5 alone after the canary
+    rows = records(out)
+    assert rows[5]["error"] == ("device: the sample faults the device on its own (RuntimeError: CUDA error: "
+                                "device-side assert triggered)")
+    assert rows[5]["error_category"] == "device"
+    assert all(r["score"] is not None for k, r in enumerate(rows) if k != 5)
+    assert journal.stats()["samples_blamed"] == 1
+
+
+def test_a_device_that_faults_on_the_canary_blames_no_sample(loaded):
+    """A broken device faults on everything, the canary too: the batch is retried (until the job's no-progress
+    timeout), and no sample is ever given an error record."""
+    net, processor = loaded
+    table = encoded_table(processor, 8)
+    journal = FaultJournal()
+    out, ended = fresh_actors(net, processor, table, journal, DEVICE_ASSERT, when=lambda ids: True)
+    assert out is None and ended == 8
+    stats = journal.stats()
+    assert stats["samples_blamed"] == 0 and stats["canary_faults"] == 8 - 2  # after the two tries as it was
+    assert journal.lookup((r["source"], r["ordinal"]) for r in table.to_pylist())[0] == {}
 
 
 def test_overlapped_preparation_gives_the_serial_scores_in_any_order(loaded):
@@ -163,3 +243,80 @@ def test_captions_fill_micro_batches_of_the_configured_size_across_calls(tmp_pat
     assert summary["samples_this_run"] == 300
     assert summary["micro_batch_rows"]["max"] == 128 and summary["micro_batch_rows"]["configured"] == 128
     assert summary["micro_batch_rows"]["mean"] >= 64  # most samples ride in full micro-batches
+
+
+class FaultsWithOneSample(ScoringActor):
+    """A scoring actor whose device faults (an injected CUDA device-side assert) whenever one given sample (told
+    by its token count, written beside the model) is in the micro-batch; each of its processes leaves its pid
+    there too, so the test counts restarts."""
+
+    def __init__(self, model_uri: str, **kwargs):
+        super().__init__(model_uri, **kwargs)
+        root = Path(model_uri).parent
+        (root / "actors").mkdir(exist_ok=True)
+        (root / "actors" / str(os.getpid())).touch()
+        bad, pad = int((root / "faulting-sample-tokens").read_text()), self.scorer.processor.config.pad_token_id
+        self.scorer.model = Faulty(self.scorer.model, RuntimeError("CUDA error: device-side assert triggered"),
+                                   when=lambda ids: bool((ids != pad).sum(1).eq(bad).any()))
+
+
+def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_completes(tmp_path, tiny_checkpoint,
+                                                                                 ray_cluster):
+    """Whenever sample X is in the micro-batch the device faults: the micro-batch is retried a bounded number of
+    times on fresh actors, then narrowed down to X, which becomes X's error record (device); every other sample
+    of the call, the healthy shard's too, is scored and both shards are committed."""
+    import shutil
+
+    from model.checkpoint import load_processor
+    from pipeline.scoring import ScoreConfig, score_dataset
+    from pipeline.sinks import read_scores
+
+    model_dir = tmp_path / "model" / "tiny"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    processor = load_processor(str(model_dir))[0]
+    items = [corpus.caption_samples(6, seed=k, prefix=f"df{k}-") for k in range(2)]
+    bad = items[0][2]
+    bad["caption"] = " and then ".join([bad["caption"]] * 6)  # a token count no other sample has
+    tokens = {i["key"]: processor.encode([None, i["caption"]], [i["image"], None], "caption").n_tokens
+              for shard in items for i in shard}
+    assert list(tokens.values()).count(tokens[bad["key"]]) == 1
+    (tmp_path / "model" / "faulting-sample-tokens").write_text(str(tokens[bad["key"]]))
+    for k, shard in enumerate(items):
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), shard)
+    max_batch = 4
+    config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+                         model=str(model_dir), max_batch=max_batch, batch_size=64,
+                         no_progress_timeout_s=120)  # the narrowing's restarts are one task: no progress meanwhile
+    summary = score_dataset(config, progress=False, actor_cls=FaultsWithOneSample)
+    assert summary["shards"]["incomplete"] == [] and summary["shards"]["scored_this_run"] == 2, summary
+    by_id = {r["id"]: r for r in read_scores(str(tmp_path / "out")).to_pylist()}
+    assert by_id.keys() == tokens.keys()
+    assert by_id[bad["key"]]["error"].startswith("device: the sample faults the device on its own (")
+    assert all(r["score"] is not None for key, r in by_id.items() if key != bad["key"])
+    assert summary["errors_by_reason"] == {"device": 1} and summary["device_faults"]["samples_blamed"] == 1
+    restarts = len(list((tmp_path / "model" / "actors").iterdir())) - 1
+    assert restarts == 3  # the micro-batch twice as it was, then X alone after the canary
+
+
+class OutOfMemoryAboveTwo(ScoringActor):
+    """A scoring actor whose device runs out of memory for micro-batches of more than two samples."""
+
+    def __init__(self, model_uri: str, **kwargs):
+        super().__init__(model_uri, **kwargs)
+        self.scorer.model = Faulty(self.scorer.model, torch.OutOfMemoryError("CUDA out of memory"),
+                                   when=lambda ids: ids.shape[0] > 2)
+
+
+def test_the_summary_reports_a_token_budget_lowered_after_out_of_memory(tmp_path, tiny_checkpoint, ray_cluster):
+    from pipeline.scoring import ScoreConfig, format_summary, score_dataset
+
+    for k in range(2):
+        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(6, seed=k, prefix=f"o{k}-"))
+    config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+                         model=tiny_checkpoint, max_batch=8, batch_size=64, token_budget=4096)
+    summary = score_dataset(config, progress=False, actor_cls=OutOfMemoryAboveTwo)
+    assert summary["scored_this_run"] == 12 and summary["micro_batch_rows"]["max"] <= 2
+    lowered = summary["token_budget_lowered"]
+    assert lowered["actors"] == 1 and lowered["from"] == 4096 and lowered["to"] < 4096
+    assert (f"token budget lowered after out-of-memory: 4096 -> {lowered['to']} on 1 actor"
+            in format_summary(summary))
