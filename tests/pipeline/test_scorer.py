@@ -293,7 +293,7 @@ def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_complete
     assert by_id.keys() == tokens.keys()
     assert by_id[bad["key"]]["error"].startswith("device: the sample faults the device on its own (")
     assert all(r["score"] is not None for key, r in by_id.items() if key != bad["key"])
-    assert summary["errors_by_reason"] == {"device": 1} and summary["device_faults"]["samples_blamed"] == 1
+    assert summary["errors_by_category"] == {"device": 1} and summary["device_faults"]["samples_blamed"] == 1
     restarts = len(list((tmp_path / "model" / "actors").iterdir())) - 1
     assert restarts == 3  # the micro-batch twice as it was, then X alone after the canary
 
