@@ -136,15 +136,25 @@ def mount_config_map(data: dict[str, str], mount: Path) -> None:
     (mount / "..data").symlink_to(stamped.name)
 
 
+def readme_secret(token: str) -> dict[str, dict[str, str]]:
+    """The Secret as the README's `kubectl create secret generic NAME --from-literal=KEY=...` makes it, holding the
+    cluster's token."""
+    made = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=", README.read_text())
+    assert made, "the README does not say how to create the token's Secret"
+    return {made[1]: {made[2]: token}}
+
+
 def cronjob_attempt(cluster: dict, config_dir: Path, pod_home: Path) -> subprocess.CompletedProcess:
     """One attempt of the CronJob's Job: its container's command and args, its env with the Secret's value and the
     in-cluster head service pointed at the local head, its ConfigMap mounted at a local folder."""
     (cron,) = [d for d in yaml.safe_load_all(CRONJOB.read_text()) if d]
     container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    secrets = {"unifilter-ray-token": {"auth_token": cluster["token"]}}  # kubectl create secret ... (README)
+    secrets = readme_secret(cluster["token"])
     env = ray_env(pod_home)
     for var in container.get("env", []):
         ref = var.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert ref["key"] in secrets.get(ref["name"], {}), f"{var['name']} reads {ref}; README's: {secrets}"
         env[var["name"]] = secrets[ref["name"]][ref["key"]] if ref else str(var["value"])
     if "RAY_ADDRESS" in env:
         env["RAY_ADDRESS"] = cluster["dashboard"]
@@ -182,6 +192,7 @@ def test_the_nightly_cronjob_submits_with_the_secrets_token_and_its_retry_is_acc
     # Scoring left the unreadable shard uncommitted (its job failed), curation succeeded: the pod fails, so the
     # Kubernetes Job runs it again (backoffLimit).
     assert first.returncode == 1, log[-3000:]
+    assert re.search(r"Job 'nightly-score-\S+' failed", log) and re.search(r"Job 'nightly-curate-\S+' succeeded", log)
     assert len(submission_ids(log)) == 2, log[-3000:]
 
     corpus.write_webdataset(str(shards[1][0]), shards[1][1])  # the fault has passed
