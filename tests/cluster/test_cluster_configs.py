@@ -1,10 +1,12 @@
 """Cluster configuration: the launcher YAML against Ray's own schema, the KubeRay manifests against the fields
-KubeRay requires (no CRD schema is available offline; the list below is KubeRay v1's required fields), and the
-example job configs against the job's own config model."""
+KubeRay requires (no CRD schema is available offline; the list below is KubeRay v1's required fields), every
+`ray start` they cause against `ray start`'s own parser, the token wiring, and the example job configs against the
+job's own config model."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,96 @@ def test_the_schema_check_rejects_a_broken_launcher_config():
     config["available_node_types"]["gpu_l40s"]["max_workers"] = "lots"
     with pytest.raises((jsonschema.ValidationError, ValueError)):
         validate_config(prepare_config(config))
+
+
+# -- every `ray start` the cluster files cause, parsed by `ray start` itself ------------------------------------------
+# KubeRay writes `rayStartParams` as flags (its convertParamMap): "true" -> a bare `--key`, "false" -> nothing (both
+# only for options outside this list, which take an explicit value), anything else -> `--key=value`.
+KUBERAY_EXPLICIT_BOOLEAN_OPTIONS = {"log-color", "include-dashboard", "include-log-monitor"}
+
+
+def kuberay_start_flags(params: dict[str, str]) -> list[str]:
+    flags = []
+    for key, value in sorted(params.items()):
+        if value.lower() in ("true", "false") and key not in KUBERAY_EXPLICIT_BOOLEAN_OPTIONS:
+            flags += [f"--{key}"] if value.lower() == "true" else []
+        else:
+            flags.append(f"--{key}={value}")
+    return flags
+
+
+def ray_start_params_in(node, where: str):
+    """(where, rayStartParams) for every group of every manifest, however deeply the spec nests it."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "rayStartParams":
+                yield where, value
+            else:
+                yield from ray_start_params_in(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from ray_start_params_in(item, f"{where}[{i}]")
+
+
+def ray_start_commands(command: str) -> list[list[str]]:
+    """The arguments of each `ray start` in a shell command line (`a; b && ray start ...`)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True  # split at blanks and operators only: `$RAY_HEAD_IP:6379` stays one word
+    words, found = list(lexer), []
+    for i in range(len(words) - 1):
+        if words[i:i + 2] == ["ray", "start"]:
+            args = []
+            for word in words[i + 2:]:
+                if set(word) <= set(";&|"):
+                    break
+                args.append(word)
+            found.append(args)
+    return found
+
+
+def test_every_ray_start_the_cluster_files_cause_parses_with_ray_starts_own_options():
+    import click
+    from ray.scripts.scripts import start
+
+    invocations = []
+    for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
+            for where, params in ray_start_params_in(doc, f"{path.name}[{i}]"):
+                invocations.append((where, kuberay_start_flags(params)))
+    launcher = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in launcher[key]:
+            invocations += [(f"aws.yaml {key}", args) for args in ray_start_commands(command)]
+    assert sum(w.startswith("aws.yaml") for w, _ in invocations) == 2 and len(invocations) >= 8
+    for where, args in invocations:
+        try:
+            start.make_context("ray start", list(args))
+        except click.UsageError as e:
+            pytest.fail(f"{where}: `ray start {' '.join(args)}` is refused: {e.format_message()}")
+
+
+# -- token authentication: one Secret for every KubeRay cluster and client; the launcher's file on every node ------
+TOKEN_SECRET = {"name": "unifilter-ray-token", "key": "auth_token"}  # KubeRay reads the key `auth_token`
+
+
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    (cluster,) = load_all("raycluster.yaml")
+    _, job = load_all("rayjob-score.yaml")
+    return [("raycluster.yaml", cluster["spec"]), ("rayjob-score.yaml", job["spec"]["rayClusterSpec"])]
+
+
+def test_every_kuberay_cluster_and_the_cronjob_use_the_one_token_secret():
+    for where, spec in ray_cluster_specs():
+        assert spec.get("authOptions") == {"mode": "token", "secretName": TOKEN_SECRET["name"]}, where
+    (cron,) = load_all("cronjob-score.yaml")
+    env = {e["name"]: e for e in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"  # without it the client sends no token at all
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == TOKEN_SECRET
+
+
+def test_the_launcher_runs_every_node_in_token_mode_with_the_token_file():
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    # The container's environment reaches every process in it: ray start on the head and on every worker, the
+    # autoscaler, the jobs' drivers.
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"  # node <- the `ray up` machine

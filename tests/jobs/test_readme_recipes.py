@@ -1,0 +1,111 @@
+"""The README's recipes as printed: the join snippet against a real img2dataset output folder and real scores, and
+every glob and brace example reaching the job as one argument through the shell."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import corpus
+from pipeline.storage import filesystem_for
+from tests.conftest import REPO_ROOT, job_env
+from tests.jobs.test_score_job import score_cmd
+
+README = Path(REPO_ROOT) / "README.md"
+README_BUCKET = "s3://bucket/"  # the README's examples' bucket; the tests' own takes its place
+
+
+def readme_python_block(*containing: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if all(c in b for c in containing)]
+    return block
+
+
+def write_file(uri: str, data: bytes) -> None:
+    fs, path = filesystem_for(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_img2dataset_folder(uri: str, n_shards: int, per_shard: int) -> dict[str, str]:
+    """What img2dataset writes for each shard: NNNNN.tar (KEY.jpg, KEY.txt, KEY.json with key and url), NNNNN.parquet
+    (one row per URL tried, the failed ones too) and NNNNN_stats.json; plus a top-level _stats.json. Returns the
+    caption of each downloaded sample by key."""
+    captions = {}
+    for k in range(n_shards):
+        samples = corpus.caption_samples(per_shard, seed=k, prefix="")
+        rows = []
+        for i, s in enumerate(samples):
+            s["key"] = f"{k:05d}{i:04d}"
+            s["meta"] = {"key": s["key"], "url": f"https://img.example/{s['key']}.jpg", "caption": s["caption"],
+                         "width": 128, "height": 128, "status": "success"}
+            rows.append({**s["meta"], "error_message": None})
+            captions[s["key"]] = s["caption"]
+        failed = f"{k:05d}{per_shard:04d}"
+        rows.append({"key": failed, "url": f"https://img.example/{failed}.jpg", "caption": "gone", "width": None,
+                     "height": None, "status": "failed_to_download", "error_message": "HTTP 404"})
+        corpus.write_webdataset(f"{uri}{k:05d}.tar", samples)
+        table = pa.Table.from_pylist(rows)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        write_file(f"{uri}{k:05d}.parquet", buf.getvalue().to_pybytes())
+        write_file(f"{uri}{k:05d}_stats.json", json.dumps({"count": len(rows), "successes": per_shard}).encode())
+    write_file(f"{uri}_stats.json", json.dumps({"count": n_shards * (per_shard + 1)}).encode())
+    return captions
+
+
+def test_the_join_snippet_joins_scores_to_an_img2dataset_folder(s3_bucket, tiny_checkpoint, ray_cluster):
+    bucket = f"s3://{s3_bucket}/"
+    captions = write_img2dataset_folder(f"{bucket}laion/", n_shards=2, per_shard=3)
+    scored = subprocess.run(score_cmd(f"{bucket}laion/", f"{bucket}scores/laion", tiny_checkpoint),
+                            env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=600)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+
+    snippet = readme_python_block("read_scores(", ".join(")
+    assert snippet.count(README_BUCKET) >= 2  # the scores and the corpus, both in the README's bucket
+    namespace: dict = {}
+    exec(compile(snippet.replace(README_BUCKET, bucket), "README.md", "exec"), namespace)  # as printed
+
+    joined = namespace["joined"].sort_by("key").to_pylist()
+    assert [r["key"] for r in joined] == sorted(captions)  # each scored sample once, the failed URLs not at all
+    for row in joined:
+        assert row["caption"] == captions[row["key"]] and row["status"] == "success"
+        assert row["url_meta"] == row["url"] and row["score"] is not None
+
+
+# -- globs and brace ranges: quoted, or the shell expands them before the job sees them -------------------------------
+EXPANDED_BY_THE_SHELL = re.compile(r"[*?]|\{[^{}\s]*(\.\.|,)[^{}\s]*\}")
+
+
+def readme_shell_words() -> list[str]:
+    """The words of every shell command in the README (fenced blocks that are not Python) and of every inline example
+    in the sections that show `--input` values and cluster commands, as the shell would split them."""
+    text = README.read_text()
+    commands = [body.replace("\\\n", " ") for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
+                if lang != "python"]
+    for section in ("## Scoring a corpus", "## Running on a cluster"):
+        prose = re.sub(r"```.*?```", "", text.split(section, 1)[1].split("\n## ", 1)[0], flags=re.S)
+        commands += re.findall(r"`([^`\n]+)`", prose)
+    words = []
+    for command in commands:
+        for line in command.splitlines():
+            words += shlex.split(re.sub(r"(^|\s)#.*", "", line), posix=False)  # posix=False keeps the quotes
+    return words
+
+
+def test_every_glob_and_brace_example_in_the_readme_reaches_the_job_as_one_argument(tmp_path):
+    examples = [w for w in readme_shell_words() if EXPANDED_BY_THE_SHELL.search(w) and "$(" not in w]
+    assert len(examples) >= 2, examples  # at least the --input glob and brace range
+    for word in examples:
+        # failglob: an unquoted glob is an error even where nothing matches; a brace range always expands
+        shell = subprocess.run(["bash", "-O", "failglob", "-c", f"printf '%s\\n' {word}"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=30)
+        assert shell.returncode == 0 and len(shell.stdout.splitlines()) == 1, (
+            f"README's {word} is expanded by the shell: {shell.stderr.strip() or shell.stdout[:200]}")
