@@ -62,10 +62,13 @@ WRITE_ATTEMPTS = 3
 WRITE_BACKOFF_S = 1.0
 
 
-def write_with_retries(uri: str, write: Callable[[], None], attempts: int = WRITE_ATTEMPTS,
-                       backoff_s: float = WRITE_BACKOFF_S) -> None:
+def write_with_retries(uri: str, write: Callable[[], None], attempts: int | None = None,
+                       backoff_s: float | None = None) -> None:
     """Run `write`; an I/O failure (OSError) is retried, and raises ShardFault(io) naming `uri` once the
-    attempts are spent. Anything else (LeaseLost, a bug) is not retried."""
+    attempts are spent (default: WRITE_ATTEMPTS, WRITE_BACKOFF_S). Anything else (LeaseLost, a bug) is not
+    retried."""
+    attempts = WRITE_ATTEMPTS if attempts is None else attempts
+    backoff_s = WRITE_BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(1, attempts + 1):
         try:
             return write()
@@ -114,7 +117,7 @@ class ShardCommitter:
                  partition: Callable[[pa.Table], list[str]] | None = None,
                  consolidate_every: int = CONSOLIDATE_EVERY, on_records: Callable[[pa.Table], None] | None = None,
                  describe: Callable[[str], dict] | None = None, committed: dict[str, dict] | None = None,
-                 write_attempts: int = WRITE_ATTEMPTS, write_backoff_s: float = WRITE_BACKOFF_S):
+                 write_attempts: int | None = None, write_backoff_s: float | None = None):
         self.output = output
         self.fs, self.root = filesystem_for(output)
         self.schema, self.identity, self.lease = schema, identity, lease
