@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
@@ -157,16 +158,25 @@ def parse(model: type[BaseModel], argv: list[str] | None, prog: str, description
     return Invocation(config, sources, getattr(args, "dry_run", False), args.verbose)
 
 
-def entry(run: Callable[[], int]) -> int:
-    """Run a job's main; errors are printed here, one line each: 2 for configuration, 1 for a failed run."""
+def entry(run: Callable[[], int], argv: list[str] | None = None) -> int:
+    """Run a job's main; errors are printed here, one line each (after their traceback with `--verbose` in
+    `argv`, the command line by default): 2 for configuration (a state file of the output that cannot be read
+    too), 1 for a failed run."""
+    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
     try:
         return run()
     except (ConfigError, ConfigFieldError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(err, verbose)
         return 2
     except UniFilterError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(err, verbose)
         return 1
+
+
+def _report(err: Exception, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"error: {err}", file=sys.stderr)
 
 
 def connect_ray(verbose: bool = False, job: str = "job") -> None:
@@ -233,7 +243,9 @@ def run_prepared(prepared, job: str, verbose: bool, run: Callable[[], dict]) -> 
 
 
 def exit_status(summary: dict) -> int:
-    """0 when every shard is committed; 1 when some are not (the summary names them), the run was aborted, or
-    every sample it read is an error record (a wrong format or column, almost always)."""
-    failed = summary["shards"]["incomplete"] or summary.get("aborted") or summary.get("every_sample_failed")
+    """0 when every shard is committed; 1 when some are not (the summary names them), the run was aborted, its
+    summary could not be written, or every sample it read is an error record (a wrong format or column, almost
+    always)."""
+    failed = (summary["shards"]["incomplete"] or summary.get("aborted") or summary.get("summary_not_written")
+              or summary.get("every_sample_failed"))
     return 1 if failed else 0

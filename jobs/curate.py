@@ -17,7 +17,7 @@ from jobs._config import connect_ray, entry, exit_status, parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    return entry(lambda: _run(argv))
+    return entry(lambda: _run(argv), argv)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -14,7 +14,7 @@ from jobs._config import entry, exit_status, parse, run_prepared
 
 
 def main(argv: list[str] | None = None) -> int:
-    return entry(lambda: _run(argv))
+    return entry(lambda: _run(argv), argv)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -15,7 +15,7 @@ from jobs._config import connect_ray, entry, parse
 
 
 def main(argv: list[str] | None = None) -> int:
-    return entry(lambda: _run(argv))
+    return entry(lambda: _run(argv), argv)
 
 
 def _run(argv: list[str] | None) -> int:

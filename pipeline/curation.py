@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline import selection
 from pipeline.errors import Category, InputError, ShardFault
-from pipeline.manifest import check_entries, read_json, read_manifest, write_json
+from pipeline.manifest import check_entries, read_json, read_manifest
 from pipeline.materialize import materialize
 from pipeline.runner import (
     PreparedJob,
@@ -30,6 +30,7 @@ from pipeline.runner import (
     execute,
     prepare,
     summary_tail,
+    write_summary,
 )
 from pipeline.sinks import SCORES_DIR, ErrorCounts
 from pipeline.sources import SHARD_END, SourceOptions, shard_end, shard_failed
@@ -120,11 +121,11 @@ def prepare_curation(config: CurateConfig, started: float | None = None, dry_run
     if normalize_uri(config.output).rstrip("/") == normalize_uri(config.scores).rstrip("/"):
         raise InputError("output", f"{config.output} is the scores' own output: curation writes its records, shards "
                                    "and summary elsewhere (choose another output)")
-    entries = read_manifest(config.scores)
+    entries = read_manifest(config.scores, field="scores")
     if not entries:
         raise InputError("scores", f"no committed score records at {config.scores} (a jobs.score output)")
     check_entries(config.scores, entries)
-    identity = read_json(join(config.scores, "_output.json")) or {}
+    identity = read_json(join(config.scores, "_output.json"), field="scores") or {}
     if identity and identity.get("job") != "score":
         raise InputError("scores", f"{config.scores} is the output of a '{identity.get('job')}' job, not scores")
     inputs = {}
@@ -309,14 +310,14 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
     }
     if "aborted" in common:
         summary["aborted"] = common["aborted"]
-    write_json(join(config.output, "summary.json"), summary)
+    write_summary(prepared, result, summary)
     return prepared, summary
 
 
 def dry_run_plan(config: CurateConfig) -> str:
     """What a run would do: committed score shards and records, what is already curated. Starts nothing."""
     plan = prepare_curation(config, dry_run=True)
-    entries = read_manifest(config.scores)
+    entries = read_manifest(config.scores, field="scores")
     curated = read_manifest(config.output)
     keys = list(dict.fromkeys(s.key for s in plan.listing.shards))
     new = [k for k in keys if k not in curated]

@@ -6,7 +6,7 @@ import re
 
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
-__all__ = ["Category", "CheckpointError", "ConfigFieldError", "InputError", "LeaseLost", "OutputBusy",
+__all__ = ["Category", "CheckpointError", "ConfigFieldError", "CorruptState", "InputError", "LeaseLost", "OutputBusy",
            "OutputMismatch", "SampleError", "ShardFault", "UniFilterError", "reason_key"]
 
 
@@ -20,6 +20,14 @@ class OutputBusy(InputError):
 
     def __init__(self, problem: str):
         super().__init__("output", problem)
+
+
+class CorruptState(InputError):
+    """A state file of an output (its identity, its lease, a commit record or manifest part) that cannot be read:
+    the message names the file and what to do. Reported like a bad setting: one line, exit status 2."""
+
+    def __init__(self, problem: str, field: str = "output"):
+        super().__init__(field, problem)
 
 
 class OutputMismatch(InputError):

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.errors import OutputMismatch
+from pipeline.errors import CorruptState, OutputMismatch
 from pipeline.storage import filesystem_for, join, output_name
 
 MANIFEST_DIR = "_manifest"
@@ -70,13 +70,31 @@ def write_json(uri: str, payload: dict) -> None:
     write_bytes(fs, path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
-def read_json(uri: str) -> dict | None:
+# What to do about a state file that cannot be read, by its name (a file of another name: restore it).
+_REMEDIES = {
+    IDENTITY_NAME: "restore it from a backup, or delete it and rerun with the same model and settings (the run "
+                   "records the output's identity again from its own)",
+    "summary.json": "delete it: the next run writes it again",
+}
+
+
+def read_json(uri: str, field: str = "output") -> dict | None:
+    """A JSON object, or None where there is none; one that does not parse is named (CorruptState, reported as
+    the setting `field`)."""
     fs, path = filesystem_for(uri)
     try:
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+            data = f.read()
     except FileNotFoundError:
         return None
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        remedy = _REMEDIES.get(uri.rsplit("/", 1)[-1], "restore it from a backup")
+        raise CorruptState(f"{uri} is not a valid JSON object (truncated?): {remedy}", field)
+    return payload
 
 
 def entry_path(shard_key: str) -> str:
@@ -98,33 +116,56 @@ def _list(fs: pafs.FileSystem, root: str) -> tuple[list[str], list[str]]:
     return parts, jsons
 
 
-def _read_part(fs: pafs.FileSystem, path: str) -> list[dict]:
+def _uri(fs: pafs.FileSystem, path: str) -> str:
+    return f"s3://{path}" if fs.type_name == "s3" else path
+
+
+def _read_part(fs: pafs.FileSystem, path: str, field: str = "output") -> list[dict]:
     with fs.open_input_file(path) as f:
-        table = pq.read_table(f)
-    return [json.loads(e) for e in table.column("entry").to_pylist()]
+        try:
+            table = pq.read_table(f)
+            entries = [json.loads(e) for e in table.column("entry").to_pylist()]
+        except (ValueError, KeyError) as err:  # pyarrow's ArrowInvalid is a ValueError; I/O errors are not
+            raise CorruptState(
+                f"{_uri(fs, path)} (a part of the commit manifest) cannot be read ({str(err).splitlines()[0]}): "
+                "restore it from a backup, or delete it and rerun: the shards it records are done again (their "
+                "files are overwritten, never duplicated)", field) from None
+    if not all(isinstance(e, dict) and isinstance(e.get("shard"), str) for e in entries):
+        raise CorruptState(f"{_uri(fs, path)} (a part of the commit manifest) holds records without a shard: "
+                           "restore it from a backup, or delete it and rerun", field)
+    return entries
 
 
-def _read_entry(fs: pafs.FileSystem, path: str) -> dict | None:
+def _read_entry(fs: pafs.FileSystem, path: str, field: str = "output") -> dict | None:
     try:
         with fs.open_input_stream(path) as f:
-            entry = json.loads(f.read())
+            data = f.read()
     except FileNotFoundError:  # consolidated (and deleted) while we listed
         return None
+    try:
+        entry = json.loads(data)
+    except ValueError:
+        entry = None
+    if not isinstance(entry, dict) or not isinstance(entry.get("shard"), str):
+        raise CorruptState(f"{_uri(fs, path)} (the commit record of one shard) is not valid (truncated?): restore "
+                           "it from a backup, or delete it and rerun: that shard is done again (its files are "
+                           "overwritten, never duplicated)", field)
     entry["_path"] = path
     return entry
 
 
-def read_manifest(output: str) -> dict[str, dict]:
+def read_manifest(output: str, field: str = "output") -> dict[str, dict]:
     """Every commit record of an output, by shard key (consolidated parts and per-shard records, read in
-    parallel). A record found twice (a kill during consolidation) counts once."""
+    parallel). A record found twice (a kill during consolidation) counts once. A part or record that cannot be
+    read raises CorruptState naming it (reported as the setting `field`)."""
     fs, root = filesystem_for(output)
     parts, jsons = _list(fs, root)
     entries: dict[str, dict] = {}
     with ThreadPoolExecutor(_READERS) as pool:
-        for batch in pool.map(lambda p: _read_part(fs, p), parts):
+        for batch in pool.map(lambda p: _read_part(fs, p, field), parts):
             for entry in batch:
                 entries[entry["shard"]] = entry
-        for entry in pool.map(lambda p: _read_entry(fs, p), jsons):
+        for entry in pool.map(lambda p: _read_entry(fs, p, field), jsons):
             if entry is not None:
                 entries.setdefault(entry["shard"], entry)
     return entries

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, ShardFault
 from pipeline.lease import Lease
 from pipeline.manifest import (
     Claim,
@@ -96,6 +96,8 @@ class RunResult:
     incomplete: dict[str, str] = field(default_factory=dict)  # shard key -> reason
     aborted: str | None = None
     ended: float = 0.0
+    consolidation: str | None = None  # why the commit records could not be consolidated (they stay commits)
+    lease_lost: str | None = None  # why this run no longer holds the output, if it lost it
 
 
 def check_writable(output: str, create: bool = True) -> None:
@@ -243,9 +245,9 @@ def _dataset(prepared: PreparedJob, stages: list[Stage]):
 def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
             on_batch: Callable[[pa.Table], None] | None = None,
             on_records: Callable[[pa.Table], None] | None = None) -> RunResult:
-    """Run the stages over the shards still to do; commit as records complete. Releases the lease at the end."""
-    import ray
-
+    """Run the stages over the shards still to do; commit as records complete. A shard whose writes keep failing
+    stays uncommitted and the run goes on; whatever ends the run, what is committed stays committed, the records
+    are consolidated where they can be, and the lease is released."""
     spec = prepared.spec
     pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (pipeline.ray_compat)
     bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress)
@@ -258,22 +260,21 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
     result = RunResult(committer)
     try:
         if prepared.todo:
-            ctx = ray.data.DataContext.get_current()
-            ctx.execution_options.preserve_order = False
-            ctx.execution_no_progress_timeout_s = spec.no_progress_timeout_s
             try:
-                for batch in _dataset(prepared, stages).iter_batches(batch_format="pyarrow", batch_size=None):
-                    if on_batch is not None:
-                        on_batch(batch)
-                    committer.add(batch)
-            except Exception as err:  # a stalled or failed pipeline: what is committed stays committed
+                _stream(prepared, stages, committer, on_batch)
+            except Exception as err:  # a stalled or failed pipeline, a lost lease: what is committed stays committed
                 result.aborted = aborted_because(err)
             finally:
-                committer.consolidate()
                 bar.close(len(committer.committed), committer.samples, committer.errors.total())
+        try:  # this run's records, and any an earlier run left unconsolidated
+            committer.consolidate()
+            result.consolidation = committer.consolidation
+        except Exception as err:  # never raised over the run's result: the records stay commits as they are
+            result.consolidation = f"{type(err).__name__}: {_first_line(err)}"
     finally:
         if prepared.lease is not None:
             prepared.lease.release()
+            result.lease_lost = prepared.lease.lost
     done = set(committer.committed)
     reasons = committer.incomplete()
     for shard in prepared.todo:
@@ -292,6 +293,43 @@ def aborted_because(err: BaseException) -> str:
         stage = re.search(r"MapBatches\((\w+)\)", text)
         return f"{stage.group(1) if stage else 'the stage'}'s actors failed at start-up: {cause}"
     return cause if cause.startswith(type(err).__name__) or "Error" in cause else f"{type(err).__name__}: {cause}"
+def _stream(prepared: PreparedJob, stages: list[Stage], committer: ShardCommitter,
+            on_batch: Callable[[pa.Table], None] | None) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    ctx.execution_no_progress_timeout_s = prepared.spec.no_progress_timeout_s
+    for batch in _dataset(prepared, stages).iter_batches(batch_format="pyarrow", batch_size=None):
+        if on_batch is not None:
+            on_batch(batch)
+        committer.add(batch)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def write_summary(prepared: PreparedJob, result: RunResult, summary: dict) -> dict:
+    """Write `OUTPUT/summary.json` (retried like every output write), with what went wrong at the run's level
+    added to `summary`: records that could not be consolidated, a lease this run lost (whose output then belongs
+    to another job: nothing is written), a summary that could not be written. The caller prints `summary`."""
+    from pipeline.manifest import write_json
+    from pipeline.sinks import write_with_retries
+    from pipeline.storage import join
+
+    if result.consolidation:
+        summary["consolidation_failed"] = result.consolidation
+    uri = join(prepared.spec.output, "summary.json")
+    if result.lease_lost:
+        summary["summary_not_written"] = f"{uri}: this run lost the output's lease ({result.lease_lost})"
+        return summary
+    try:
+        write_with_retries(uri, lambda: write_json(uri, summary))
+    except ShardFault as fault:
+        summary["summary_not_written"] = fault.detail
+    return summary
 
 
 def common_summary(prepared: PreparedJob, result: RunResult) -> dict:
@@ -354,4 +392,9 @@ def summary_tail(summary: dict) -> list[str]:
     if summary.get("every_sample_failed"):
         lines.append("  FAILED     every sample of this run is an error record: almost always a configuration mistake "
                      "(the format, a column); see the reasons above")
+    if summary.get("consolidation_failed"):
+        lines.append("  NOTE       the commit records could not be consolidated (they stay committed; the next run "
+                     f"tries again): {summary['consolidation_failed'][:150]}")
+    if summary.get("summary_not_written"):
+        lines.append(f"  NOT SAVED  summary.json was not written: {summary['summary_not_written'][:150]}")
     return lines

@@ -13,7 +13,6 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import CheckpointError, InputError
-from pipeline.manifest import write_json
 from pipeline.resources import current_view, decode_workers, gpus_per_actor, model_dtype
 from pipeline.runner import (
     PreparedJob,
@@ -25,11 +24,12 @@ from pipeline.runner import (
     execute,
     prepare,
     summary_tail,
+    write_summary,
 )
 from pipeline.sinks import SCORE_SCHEMA
 from pipeline.sources import SourceOptions
 from pipeline.sources.sniff import check_first_shard
-from pipeline.storage import join, list_shards
+from pipeline.storage import list_shards
 
 # torch and transformers (seconds to import) load with the first function that needs them, so a bad flag or
 # YAML key is reported at once.
@@ -268,7 +268,7 @@ def _run_claimed(prepared: PreparedJob, config: ScoreConfig, model_id: str, prog
     for key in ("startup_s", "startup_samples", "steady_samples_per_s", "aborted"):
         if key in common:
             summary[key] = common[key]
-    write_json(join(config.output, "summary.json"), summary)
+    write_summary(prepared, result, summary)
     return summary
 
 

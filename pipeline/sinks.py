@@ -11,20 +11,24 @@ committed files only, and check that every commit belongs to the output's one mo
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.errors import OutputMismatch, reason_key
+from pipeline.errors import Category, OutputMismatch, ShardFault, reason_key
 from pipeline.manifest import (
     CONSOLIDATE_EVERY,
+    PARTS_DIR,
     check_entries,
     consolidate,
+    entry_path,
     missing_files,
     read_json,
     read_manifest,
@@ -33,7 +37,7 @@ from pipeline.manifest import (
     write_json,
 )
 from pipeline.sources import SHARD_END, SHARD_FAILED
-from pipeline.storage import filesystem_for, output_name
+from pipeline.storage import filesystem_for, join, output_name
 
 __all__ = ["SCORES_DIR", "SCORE_SCHEMA", "ShardCommitter", "read_committed", "read_json", "read_scores", "write_json"]
 
@@ -53,6 +57,28 @@ SCORE_SCHEMA = pa.schema([
     ("url", pa.string()),
 ])
 SCORES_DIR = "scores"
+# A write of an output that fails (throttling, a full disk) is tried this many times in all, the pauses doubling
+# from the backoff (full jitter), before its shard is left uncommitted; S3 clients retry inside each try as well.
+WRITE_ATTEMPTS = 3
+WRITE_BACKOFF_S = 1.0
+
+
+def write_with_retries(uri: str, write: Callable[[], None], attempts: int | None = None,
+                       backoff_s: float | None = None) -> None:
+    """Run `write`; an I/O failure (OSError) is retried, and raises ShardFault(io) naming `uri` once the
+    attempts are spent (default: WRITE_ATTEMPTS, WRITE_BACKOFF_S). Anything else (LeaseLost, a bug) is not
+    retried."""
+    attempts = WRITE_ATTEMPTS if attempts is None else attempts
+    backoff_s = WRITE_BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return write()
+        except OSError as err:
+            if attempt == attempts:
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ShardFault(Category.IO, f"cannot write {uri}: {detail} (gave up after {attempts} attempts)") \
+                    from None
+            time.sleep(random.uniform(0, min(30.0, backoff_s * 2 ** (attempt - 1))))
 
 
 def read_committed(output: str, schema: pa.Schema) -> pa.Table:
@@ -123,15 +149,18 @@ class ErrorCounts:
 class ShardCommitter:
     """Collects records as they stream in, in any order, and commits each shard once all its records are present
     (its SHARD_END marker carries the sample count; each sample yields `rows_per_sample` records, told apart by the
-    `key_columns`): Parquet files first, then the commit record. A shard whose reader reported a fault
-    (SHARD_FAILED) is never committed; its rows are dropped and its reason kept for the summary. Records stay in
-    Arrow all along (a driver commits for hundreds of GPUs: see benchmarks/scale.py)."""
+    `key_columns`): Parquet files first, then the commit record, written inside the lease's fence (a job that
+    lost its lease raises LeaseLost and commits nothing more). A shard whose reader reported a fault (SHARD_FAILED),
+    or whose files or record could not be written after `write_attempts`, is never committed; its rows are dropped
+    and its reason kept for the summary, and the run goes on. Records stay in Arrow all along (a driver commits for
+    hundreds of GPUs: see benchmarks/scale.py)."""
 
     def __init__(self, output: str, schema: pa.Schema, identity: str, lease=None, on_commit: Callable | None = None,
                  rows_per_sample: int = 1, key_columns: tuple[str, ...] = ("ordinal",),
                  partition: Callable[[pa.Table], list[str]] | None = None,
                  consolidate_every: int = CONSOLIDATE_EVERY, on_records: Callable[[pa.Table], None] | None = None,
-                 describe: Callable[[str], dict] | None = None, committed: dict[str, dict] | None = None):
+                 describe: Callable[[str], dict] | None = None, committed: dict[str, dict] | None = None,
+                 write_attempts: int | None = None, write_backoff_s: float | None = None):
         self.output = output
         self.fs, self.root = filesystem_for(output)
         self.schema, self.identity, self.lease = schema, identity, lease
@@ -139,6 +168,7 @@ class ShardCommitter:
         self.partition = partition or (lambda table: [SCORES_DIR] * table.num_rows)
         self.on_commit, self.on_records, self.consolidate_every = on_commit, on_records, consolidate_every
         self.describe = describe  # shard -> what its commit record says about it (its input URI and format)
+        self.write_attempts, self.write_backoff_s = write_attempts, write_backoff_s
         # file stems already taken in the output, by shard: a second corpus' `00000.parquet` beside the first's
         # `00000.tar` gets `00000.parquet.parquet`, never the other's file
         self._names = {f.split("/", 1)[-1].removesuffix(".parquet"): key
@@ -147,11 +177,14 @@ class ShardCommitter:
         self._keys: dict[str, set] = defaultdict(set)  # shard -> row keys seen (a retried task's rows repeat)
         self._expected: dict[str, int] = {}
         self._extra: dict[str, dict] = {}  # shard -> files the stage wrote itself, and its own counts
-        self._unconsolidated: list[dict] = []
+        # per-shard commit records to fold into a manifest part: this run's, and any an earlier run left behind
+        self._unconsolidated: list[dict] = [e for e in (committed or {}).values() if e.get("_path")]
+        self._consolidate_at = consolidate_every
+        self.consolidation: str | None = None  # why the last consolidation failed, if it did
         self._done: set[str] = set()  # committed in this run: a re-executed task's late rows are dropped
         self.entries: list[dict] = []  # commit records of this run
         self.committed: list[str] = []
-        self.failed: dict[str, str] = {}  # shard -> why it could not be read as configured
+        self.failed: dict[str, str] = {}  # shard -> why it was not committed (a read fault, a failed write)
         self.errors = ErrorCounts()
         self.samples = self.scored = self.truncated = 0
         self.first_commit: tuple[float, int] | None = None  # (time, samples then): start-up vs steady state
@@ -201,9 +234,35 @@ class ShardCommitter:
 
     def _commit(self, shard: str) -> None:
         if self.lease is not None:
-            self.lease.check()  # never commit into an output another job holds
+            self.lease.check()  # in memory, before any write: a lease known to be lost or expired ends the run
         records = self._records(shard)
         expected = self._expected.pop(shard)
+        extra = self._extra.pop(shard, {})
+        errors = records.filter(pc.is_valid(records.column("error"))) if "error" in records.column_names else None
+        model = records.column("model")[0].as_py() if "model" in records.column_names and records.num_rows else None
+        try:
+            files = self._write_files(shard, records)
+            entry = {"shard": shard, "files": files, "records": expected,
+                     "errors": errors.num_rows if errors is not None else 0, "identity": self.identity,
+                     "model": model, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            if self.describe:
+                entry.update(self.describe(shard))
+            for key in ("artifacts", "stats"):  # files the stage wrote itself (curation's shards), its own counts
+                if key in extra:
+                    entry[key] = extra[key]
+            write_with_retries(join(self.output, entry_path(shard)), partial(self._write_record, entry),
+                               self.write_attempts, self.write_backoff_s)
+        except ShardFault as fault:  # a write that kept failing: this shard stays uncommitted, the run goes on
+            self.failed[shard] = str(fault)
+            return
+        self._unconsolidated.append(entry)
+        self.entries.append(entry)
+        if len(self._unconsolidated) >= self._consolidate_at:
+            self.consolidate()
+        self._count(shard, records, errors)
+
+    def _write_files(self, shard: str, records: pa.Table) -> list[str]:
+        """The shard's Parquet files (one per partition), each write retried; their paths in the output."""
         name = output_name(shard)
         if self._names.setdefault(name, shard) != shard:
             name = output_name(shard, keep_suffix=True)
@@ -218,25 +277,18 @@ class ShardCommitter:
             sink = pa.BufferOutputStream()
             pq.write_table(pa.table(columns).cast(self.schema), sink, compression="zstd")
             files.append(f"{partition}/{name}.parquet")
-            write_bytes(self.fs, f"{self.root}/{files[-1]}", sink.getvalue().to_pybytes())
-        errors = records.filter(pc.is_valid(records.column("error"))) if "error" in records.column_names else None
-        n_errors = errors.num_rows if errors is not None else 0
-        extra = self._extra.pop(shard, {})
-        model = records.column("model")[0].as_py() if "model" in records.column_names and records.num_rows else None
-        entry = {"shard": shard, "files": files, "records": expected, "errors": n_errors,
-                 "identity": self.identity, "model": model,
-                 "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if self.describe:
-            entry.update(self.describe(shard))
-        for key in ("artifacts", "stats"):  # files the stage wrote itself (curation's shards), its own counts
-            if key in extra:
-                entry[key] = extra[key]
-        write_entry(self.output, entry)
-        self._unconsolidated.append(entry)
-        self.entries.append(entry)
-        if len(self._unconsolidated) >= self.consolidate_every:
-            self.consolidate()
-        self._count(shard, records, errors)
+            write_with_retries(join(self.output, files[-1]), partial(
+                write_bytes, self.fs, f"{self.root}/{files[-1]}", sink.getvalue().to_pybytes()),
+                self.write_attempts, self.write_backoff_s)
+        return files
+
+    def _write_record(self, entry: dict) -> None:
+        """The commit itself: inside the lease's fence, so a job that lost the output writes no record."""
+        if self.lease is None:
+            write_entry(self.output, entry)
+            return
+        with self.lease.fenced():
+            write_entry(self.output, entry)
 
     def _count(self, shard: str, records: pa.Table, errors: pa.Table | None) -> None:
         self.committed.append(shard)
@@ -255,9 +307,21 @@ class ShardCommitter:
             self.on_commit(self)
 
     def consolidate(self) -> None:
-        """Fold this run's per-shard commit records into one manifest part (safe to interrupt at any point)."""
-        consolidate(self.output, self._unconsolidated)
-        self._unconsolidated = []
+        """Fold the per-shard commit records into one manifest part (safe to interrupt at any point). A part that
+        cannot be written (after retries) leaves the records where they are, still commits: `consolidation` says
+        why, and a later consolidation (of this run or the next) tries again. A job that lost its lease leaves
+        them to the job that holds it."""
+        if not self._unconsolidated or (self.lease is not None and self.lease.lost):
+            return
+        try:
+            write_with_retries(join(self.output, PARTS_DIR), partial(consolidate, self.output, self._unconsolidated),
+                               self.write_attempts, self.write_backoff_s)
+        except ShardFault as fault:
+            self.consolidation = fault.detail
+            self._consolidate_at = len(self._unconsolidated) + self.consolidate_every
+            return
+        self._unconsolidated, self.consolidation = [], None
+        self._consolidate_at = self.consolidate_every
 
     @property
     def pending(self) -> dict[str, tuple[int, int | None]]:

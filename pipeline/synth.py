@@ -14,7 +14,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from pipeline.manifest import MANIFEST_DIR, write_json
+from pipeline.manifest import MANIFEST_DIR
 from pipeline.pairs import (
     DEFAULT_BEDROCK_MODEL,
     KNOWN_PRICES,
@@ -25,10 +25,19 @@ from pipeline.pairs import (
     split_of,
 )
 from pipeline.prompts import PROMPT_VERSION
-from pipeline.runner import PreparedJob, ShardJob, Stage, common_summary, execute, prepare, summary_tail
+from pipeline.runner import (
+    PreparedJob,
+    ShardJob,
+    Stage,
+    common_summary,
+    execute,
+    prepare,
+    summary_tail,
+    write_summary,
+)
 from pipeline.sources import MARKERS
 from pipeline.sources.sniff import check_first_shard
-from pipeline.storage import join, list_shards
+from pipeline.storage import list_shards
 
 __all__ = ["PAIR_SCHEMA", "RequestCache", "SynthConfig", "dry_run_plan", "format_summary",
            "prepare_synth", "split_key", "split_of", "synthesize"]
@@ -153,7 +162,7 @@ def synthesize(config: SynthConfig, progress: bool = True, prepared: PreparedJob
     }
     if result.aborted:
         summary["aborted"] = result.aborted
-    write_json(join(config.output, "summary.json"), summary)
+    write_summary(prepared, result, summary)
     return summary
 
 

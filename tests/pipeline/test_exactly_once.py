@@ -1,5 +1,6 @@
 """Nothing lost, nothing mixed: every input sample yields exactly one record, from the model named, under I/O
-faults, reruns with another model, concurrent jobs, odd shard spellings and wrong column settings."""
+faults (reads and writes, a full disk, a failed consolidation), a lost lease, reruns with another model,
+concurrent jobs, odd shard spellings and wrong column settings."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -216,3 +218,165 @@ def test_reads_that_fail_are_retried_and_a_shard_that_keeps_failing_stays_uncomm
     table = read_scores(out)
     assert_exactly_once(table, expected)
     assert table.column("error").null_count == len(expected)
+
+
+def _lease_held(output: str) -> bool:
+    from pipeline.lease import Lease
+
+    return Lease(output, "probe")._store.read() is not None
+
+
+def test_a_score_file_that_cannot_be_written_leaves_its_shard_uncommitted_and_the_run_goes_on(
+        s3_bucket, tiny_checkpoint, ray_cluster):
+    """An S3 server that answers 503 to every upload of one shard's score file, past every retry."""
+    from tests.support.s3_faults import s3_fault_proxy
+
+    expected = []
+    for k in range(3):
+        items = corpus.caption_samples(4, seed=k, prefix=f"w{k}-")
+        corpus.write_webdataset(f"s3://{s3_bucket}/in/{k:05d}.tar", items)
+        expected += [i["key"] for i in items]
+    out = f"s3://{s3_bucket}/out"
+    with s3_fault_proxy(set_env=True) as proxy:
+        throttled = proxy.fail("PUT", "*/out/scores/00001.parquet", times=None, status=503)
+        first = score(f"s3://{s3_bucket}/in", out, tiny_checkpoint)
+        assert throttled.hits > 3  # the S3 client's own tries, each of the committer's
+        throttled.cancel()
+        assert "aborted" not in first  # the run went on past the failed shard
+        assert first["shards"]["incomplete"] == ["00001.tar"]
+        reason = first["incomplete_reasons"]["00001.tar"]
+        assert reason.startswith(f"io: cannot write {out}/scores/00001.parquet: ") and "SLOW_DOWN" in reason
+        assert "gave up after 3 attempts" in reason
+        assert sorted(read_manifest(out)) == ["00000.tar", "00002.tar"]
+        assert json.loads(proxy.boto3_client().get_object(Bucket=s3_bucket, Key="out/summary.json")["Body"].read()
+                          )["incomplete_reasons"] == first["incomplete_reasons"]
+        assert not _lease_held(out)
+        second = score(f"s3://{s3_bucket}/in", out, tiny_checkpoint)
+    assert second["shards"]["already_committed"] == 2 and second["shards"]["incomplete"] == []
+    assert_exactly_once(read_scores(out), expected)
+
+
+def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_it(tmp_path, tiny_checkpoint,
+                                                                                   ray_cluster, monkeypatch):
+    import errno
+
+    import pipeline.sinks as sinks
+
+    expected = caption_shards(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    real_write = sinks.write_bytes
+
+    def full_under_one_shard(fs, path, data):  # the local write seam: ENOSPC for one shard's file
+        if path.endswith("/scores/00001.parquet"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fs, path, data)
+
+    monkeypatch.setattr(sinks, "write_bytes", full_under_one_shard)
+    monkeypatch.setattr(sinks, "WRITE_BACKOFF_S", 0.0, raising=False)
+    first = score(tmp_path / "in", out, tiny_checkpoint)
+    assert "aborted" not in first
+    assert first["shards"]["incomplete"] == ["00001.tar"]
+    assert "[Errno 28] No space left on device" in first["incomplete_reasons"]["00001.tar"]
+    assert sorted(read_manifest(str(out))) == ["00000.tar", "00002.tar"]
+    assert json.loads((out / "summary.json").read_text())["shards"]["incomplete"] == ["00001.tar"]
+    assert not (out / "_lease.json").exists()
+    monkeypatch.setattr(sinks, "write_bytes", real_write)  # space again
+    second = score(tmp_path / "in", out, tiny_checkpoint)
+    assert second["shards"]["scored_this_run"] == 1 and second["shards"]["incomplete"] == []
+    assert_exactly_once(read_scores(str(out)), expected)
+
+
+def test_a_consolidation_that_fails_leaves_every_commit_and_the_summary(s3_bucket, tiny_checkpoint, ray_cluster):
+    from tests.support.s3_faults import s3_fault_proxy
+
+    expected = []
+    for k in range(2):
+        items = corpus.caption_samples(4, seed=k, prefix=f"c{k}-")
+        corpus.write_webdataset(f"s3://{s3_bucket}/in/{k:05d}.tar", items)
+        expected += [i["key"] for i in items]
+    out = f"s3://{s3_bucket}/out"
+    with s3_fault_proxy(set_env=True) as proxy:
+        proxy.fail(None, "*/out/_manifest/_parts/*", times=None, status=503)  # every write of a manifest part
+        first = score(f"s3://{s3_bucket}/in", out, tiny_checkpoint)
+        proxy.clear()
+        assert first["shards"]["incomplete"] == [] and "aborted" not in first
+        assert "_manifest/_parts" in first["consolidation_failed"]
+        assert sorted(read_manifest(out)) == ["00000.tar", "00001.tar"]  # committed, as per-shard records
+        summary = json.loads(proxy.boto3_client().get_object(Bucket=s3_bucket, Key="out/summary.json")["Body"].read())
+        assert summary["consolidation_failed"] == first["consolidation_failed"]
+        assert not _lease_held(out)
+        second = score(f"s3://{s3_bucket}/in", out, tiny_checkpoint)  # nothing to score: consolidates what is left
+        listed = proxy.boto3_client().list_objects_v2(Bucket=s3_bucket, Prefix="out/_manifest/")["Contents"]
+    assert second["shards"]["already_committed"] == 2 and "consolidation_failed" not in second
+    assert [o["Key"] for o in listed if o["Key"].endswith(".json")] == []
+    assert_exactly_once(read_scores(out), expected)
+
+
+def test_a_run_that_loses_its_lease_commits_nothing_more_and_a_rerun_finishes_exactly_once(
+        tmp_path, tiny_checkpoint, ray_cluster, monkeypatch):
+    """After the first commit another job takes the output over (a holder elsewhere whose clock ran ahead)."""
+    import pipeline.sinks as sinks
+    from pipeline.lease import Lease
+
+    expected = caption_shards(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    real_write = sinks.write_bytes
+
+    def take_over_after_the_first_commit(fs, path, data):  # the next shard's file: the output is taken meanwhile
+        if list((out / "_manifest").glob("*.json")) and not (out / "taken").exists():
+            (out / "taken").touch()
+            store = Lease(str(out), "probe")._store
+            current, version = store.read()
+            other = {**json.loads(current), "token": "another-job", "host": "another-host", "boot_id": "another-boot"}
+            assert store.replace(json.dumps(other).encode(), version)
+        real_write(fs, path, data)
+
+    monkeypatch.setattr(sinks, "write_bytes", take_over_after_the_first_commit)
+    first = score(tmp_path / "in", out, tiny_checkpoint)
+    assert "LeaseLost: another job took over the lease" in first["aborted"]
+    assert len(read_manifest(str(out))) == 1  # the shards after the takeover were not committed
+    assert first["summary_not_written"].endswith("this run lost the output's lease (another job took over the "
+                                                 f"lease on {out})")
+    assert not (out / "summary.json").exists()  # the output is the other job's now
+    assert json.loads((out / "_lease.json").read_text())["token"] == "another-job"  # and its lease stays
+    (out / "_lease.json").unlink()  # that job ends
+    monkeypatch.setattr(sinks, "write_bytes", real_write)
+    second = score(tmp_path / "in", out, tiny_checkpoint)
+    assert second["shards"]["already_committed"] == 1 and second["shards"]["incomplete"] == []
+    assert_exactly_once(read_scores(str(out)), expected)
+
+
+# `python -m jobs.score` on a disk that is full under the output once the job holds it: every write of a shard's
+# file, of a commit record and of the summary fails with ENOSPC (the write seam, replaced in the job's process).
+FULL_DISK_SCORE = textwrap.dedent("""
+    import errno, sys
+    import pipeline.manifest as manifest
+    import pipeline.sinks as sinks
+    from jobs.score import main
+
+    real_write = manifest.write_bytes
+
+    def full(fs, path, data):
+        if path.endswith("/_output.json"):  # written as the job takes the output: there was space then
+            return real_write(fs, path, data)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    sinks.write_bytes = manifest.write_bytes = full
+    sinks.WRITE_BACKOFF_S = 0.0
+    sys.exit(main())
+""")
+
+
+def test_a_full_disk_ends_with_the_summary_on_the_terminal_not_a_traceback(tmp_path, tiny_checkpoint, ray_cluster):
+    caption_shards(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-c", FULL_DISK_SCORE, "--input", str(tmp_path / "in"), "--format",
+                          "webdataset", "--output", str(out), "--model", tiny_checkpoint, "--gpus-per-actor", "0"],
+                         env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "INCOMPLETE 2 shards were not committed" in res.stdout
+    assert "00000.tar: io: cannot write" in res.stdout and "No space left on device" in res.stdout
+    assert "NOT SAVED  summary.json was not written: cannot write" in res.stdout
+    assert not (out / "_lease.json").exists()
+    assert read_manifest(str(out)) == {}

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
-from pipeline.errors import LeaseLost, OutputBusy
+from pipeline.errors import CorruptState, LeaseLost, OutputBusy
 from pipeline.lease import LEASE_NAME, Lease
+from tests.conftest import REPO_ROOT, job_env
 
 
-def _stale(payload: dict, **changes) -> bytes:
-    return json.dumps({**payload, **changes}).encode()
+def _elsewhere(payload: dict, **changes) -> dict:
+    """The lease as a job on another host would write it: another host name, another kernel (boot id)."""
+    return {**payload, "host": "another-host", "boot_id": "another-boot", **changes}
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -50,16 +56,16 @@ def test_a_second_job_is_refused_naming_the_holder(output):
 def test_a_lease_whose_holder_stopped_renewing_expires(output):
     with Lease(output, "score", ttl_s=30):
         payload = _read(output)
-    _write(output, {**payload, "host": "another-host", "expires_at": time.time() - 1})  # a killed job elsewhere
+    _write(output, _elsewhere(payload, expires_at=time.time() - 1))  # a killed job elsewhere
     with Lease(output, "score", ttl_s=30) as lease:
         assert _read(output)["token"] == lease._holder.token
-    _write(output, {**payload, "host": "another-host", "expires_at": time.time() + 60})  # alive elsewhere
+    _write(output, _elsewhere(payload, expires_at=time.time() + 60))  # alive elsewhere
     with pytest.raises(OutputBusy, match="another-host"):
         Lease(output, "score", ttl_s=30).acquire()
 
 
-def _hold(output: str, ready) -> None:
-    Lease(output, "score", ttl_s=600).acquire()
+def _hold(output: str, ready, ttl_s: float = 600) -> None:
+    Lease(output, "score", ttl_s=ttl_s).acquire()
     ready.set()
     time.sleep(600)
 
@@ -83,8 +89,7 @@ def test_a_job_learns_that_it_lost_its_lease(output):
     lease = Lease(output, "score", ttl_s=0.6).acquire()
     try:
         payload = _read(output)
-        _write(output, {**payload, "token": "someone-else", "host": "another-host",
-                        "expires_at": time.time() + 60})
+        _write(output, _elsewhere(payload, token="someone-else", expires_at=time.time() + 60))
         deadline = time.time() + 10
         while time.time() < deadline and lease._lost is None:
             time.sleep(0.1)
@@ -111,3 +116,128 @@ def test_a_lease_that_cannot_be_renewed_in_time_is_lost(tmp_path):
             lease.check()  # before the next commit: no other job needs to have taken it over
     finally:
         lease.release()
+
+
+def test_a_corrupt_lease_file_is_named_with_what_to_do(output):
+    with Lease(output, "score", ttl_s=30):
+        payload = json.dumps(_read(output)).encode()
+    store = Lease(output, "probe")._store
+    assert store.create(payload[: len(payload) // 2])  # a lease cut short
+    with pytest.raises(CorruptState, match=r"field 'output': .*/out/_lease.json is not a valid lease \(truncated\?\): "
+                                           r"if no job is running on this output, delete it"):
+        Lease(output, "score").acquire()
+
+
+def test_a_clock_ahead_never_takes_over_a_live_lease_on_this_host(tmp_path, monkeypatch):
+    output = str(tmp_path / "out")
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(output, ready, 30))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 150)  # this process's wall clock 150 s ahead
+        with pytest.raises(OutputBusy, match=rf"in use by job 'score' on host .*\(pid {holder.pid}\)"):
+            Lease(output, "score").acquire()
+    finally:
+        holder.kill()
+        holder.join()
+
+
+def test_a_clock_jump_in_the_holder_does_not_lose_its_lease(tmp_path, monkeypatch):
+    lease = Lease(str(tmp_path / "out"), "score", ttl_s=30).acquire()
+    try:
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 150)  # the wall clock steps forward
+        lease.check()
+        with lease.fenced():
+            pass
+    finally:
+        lease.release()
+
+
+def _shard(key: str):
+    import pyarrow as pa
+
+    from pipeline.sources import shard_end
+
+    rows = [{"id": f"{key}-{i}", "source": key, "kind": "caption", "ordinal": i, "score": 1.0, "label": 1}
+            for i in range(2)]
+    return pa.Table.from_pylist([*rows, shard_end(key, 2)])
+
+
+def test_a_commit_after_another_job_took_the_lease_over_writes_no_record(output):
+    from pipeline.manifest import read_manifest
+    from pipeline.sinks import SCORE_SCHEMA, ShardCommitter
+
+    lease = Lease(output, "score", ttl_s=30).acquire()  # renewed every 10 s: no renewal during this test
+    try:
+        committer = ShardCommitter(output, SCORE_SCHEMA, identity="id", lease=lease)
+        committer.add(_shard("a.tar"))
+        _write(output, _elsewhere(_read(output), token="someone-else", expires_at=time.time() + 60))
+        with pytest.raises(LeaseLost, match="another job took over"):
+            committer.add(_shard("b.tar"))
+    finally:
+        lease.release()
+    assert sorted(read_manifest(output)) == ["a.tar"]
+    assert _read(output)["token"] == "someone-else"
+
+
+# Holds the lease (ttl 2 s) and commits shards a, b, c through a real ShardCommitter; just before writing b's
+# file it says so and waits for a line on stdin (the test pauses it there, past the TTL, and takes the lease).
+HOLD_AND_COMMIT = textwrap.dedent("""
+    import sys
+    import pipeline.sinks as sinks
+    from pipeline.lease import Lease
+    from pipeline.sinks import SCORE_SCHEMA, ShardCommitter
+    from tests.pipeline.test_lease import _shard
+
+    real_write = sinks.write_bytes
+
+    def write_bytes(fs, path, data):
+        if path.endswith("/b.parquet"):
+            print("writing b", flush=True)
+            sys.stdin.readline()
+        real_write(fs, path, data)
+
+    sinks.write_bytes = write_bytes
+    lease = Lease(sys.argv[1], "score", ttl_s=2).acquire()
+    committer = ShardCommitter(sys.argv[1], SCORE_SCHEMA, identity="id", lease=lease)
+    try:
+        for key in ("a.tar", "b.tar", "c.tar"):
+            committer.add(_shard(key))
+    except Exception as err:
+        print(f"{type(err).__name__}: {err}", flush=True)
+    print("committed", *committer.committed, flush=True)
+""")
+
+
+def test_a_job_paused_past_its_lease_commits_nothing_more_once_another_took_it(output):
+    from pipeline.manifest import read_manifest
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_COMMIT, output], env=job_env(), cwd=REPO_ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "writing b\n", holder.stderr.read()[-2000:]
+        holder.send_signal(signal.SIGSTOP)  # paused (its lease renewals too) with shard b half written
+        deadline = time.time() + 60
+        while True:  # a live but paused holder on this host loses the lease once it expires
+            try:
+                taker = Lease(output, "score", ttl_s=600).acquire()
+                break
+            except OutputBusy:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        try:
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            holder.send_signal(signal.SIGCONT)
+            out, err = holder.communicate(timeout=60)
+        finally:
+            taker.release()
+    finally:
+        holder.kill()
+    assert "LeaseLost" in out, err[-2000:]
+    assert "committed a.tar\n" in out
+    assert sorted(read_manifest(output)) == ["a.tar"]  # b (nor c) was not committed after the takeover
