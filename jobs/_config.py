@@ -171,6 +171,9 @@ def entry(run: Callable[[], int], argv: list[str] | None = None) -> int:
     except UniFilterError as err:
         _report(err, verbose)
         return 1
+    except KeyboardInterrupt:  # before the run started, or while it was ending: nothing half-committed
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 def _report(err: Exception, verbose: bool) -> None:
@@ -246,6 +249,8 @@ def exit_status(summary: dict) -> int:
     """0 when every shard is committed; 1 when some are not (the summary names them), the run was aborted, its
     summary could not be written, or every sample it read is an error record (a wrong format or column, almost
     always)."""
+    if summary.get("interrupted"):
+        return 130  # as a shell reports a command ended by SIGINT
     failed = (summary["shards"]["incomplete"] or summary.get("aborted") or summary.get("summary_not_written")
               or summary.get("every_sample_failed"))
     return 1 if failed else 0

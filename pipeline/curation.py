@@ -308,8 +308,9 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
         "by_kind": by_kind, "materialized": config.materialize,
         "elapsed_s": common["elapsed_s"],
     }
-    if "aborted" in common:
-        summary["aborted"] = common["aborted"]
+    for key in ("aborted", "interrupted"):
+        if key in common:
+            summary[key] = common[key]
     write_summary(prepared, result, summary)
     return prepared, summary
 

@@ -98,6 +98,7 @@ class RunResult:
     ended: float = 0.0
     consolidation: str | None = None  # why the commit records could not be consolidated (they stay commits)
     lease_lost: str | None = None  # why this run no longer holds the output, if it lost it
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT): what was committed stays, the summary says so
 
 
 def check_writable(output: str, create: bool = True) -> None:
@@ -264,6 +265,8 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
                 _stream(prepared, stages, committer, on_batch)
             except Exception as err:  # a stalled or failed pipeline, a lost lease: what is committed stays committed
                 result.aborted = aborted_because(err)
+            except KeyboardInterrupt:  # Ctrl-C: stop reading, keep what is committed, end with the summary
+                result.aborted, result.interrupted = "interrupted (Ctrl-C); rerun the same command to go on", True
             finally:
                 bar.close(len(committer.committed), committer.samples, committer.errors.total())
         try:  # this run's records, and any an earlier run left unconsolidated
@@ -351,6 +354,8 @@ def common_summary(prepared: PreparedJob, result: RunResult) -> dict:
     }
     if result.aborted:
         summary["aborted"] = result.aborted
+    if result.interrupted:
+        summary["interrupted"] = True
     if c and c.first_commit:
         first_time, first_samples = c.first_commit
         summary["startup_s"] = round(first_time - prepared.started, 3)

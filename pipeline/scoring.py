@@ -265,7 +265,7 @@ def _run_claimed(prepared: PreparedJob, config: ScoreConfig, model_id: str, prog
         "committed_shards_total": len(committed_before) + len(c.committed),
         "committed_samples_total": sum(e["records"] for e in committed_before.values()) + c.samples,
     }
-    for key in ("startup_s", "startup_samples", "steady_samples_per_s", "aborted"):
+    for key in ("startup_s", "startup_samples", "steady_samples_per_s", "aborted", "interrupted"):
         if key in common:
             summary[key] = common[key]
     write_summary(prepared, result, summary)

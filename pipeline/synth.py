@@ -162,6 +162,8 @@ def synthesize(config: SynthConfig, progress: bool = True, prepared: PreparedJob
     }
     if result.aborted:
         summary["aborted"] = result.aborted
+    if result.interrupted:
+        summary["interrupted"] = True
     write_summary(prepared, result, summary)
     return summary
 

@@ -220,3 +220,30 @@ def test_curation_mistakes_are_refused_before_anything_starts(tmp_path):
             assert res.returncode == 2, res.stderr
             assert ("field 'min_score'" in res.stderr) or ("field 'output'" in res.stderr and "scores' own output"
                                                            in res.stderr), res.stderr
+
+
+def test_ctrl_c_ends_with_the_summary_of_what_was_committed(tmp_path, tiny_checkpoint, ray_cluster):
+    import signal
+    import time
+
+    from tests.pipeline.test_scoring import assert_exactly_once, big_caption_shards
+
+    expected = big_caption_shards(str(tmp_path / "in"), n_shards=8, per_shard=8)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset", "--output",
+           str(out), "--model", tiny_checkpoint, "--gpus-per-actor", "0", "--batch-size", "4"]
+    job = subprocess.Popen(cmd, env=on_cluster(ray_cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and job.poll() is None and not list((out / "_manifest").glob("*.json")):
+        time.sleep(0.05)
+    assert job.poll() is None, "the job ended before it could be interrupted"
+    job.send_signal(signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "interrupted (Ctrl-C)" in stdout, stdout + stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] and summary["shards"]["scored_this_run"] >= 1
+    assert not (out / "_lease.json").exists()
+    again = subprocess.run(cmd, env=on_cluster(ray_cluster), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_exactly_once(read_scores(str(out)), expected)
