@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline import selection
 from pipeline.errors import Category, InputError, ShardFault
 from pipeline.manifest import check_entries, read_json, read_manifest, write_json
-from pipeline.materialize import materialize
+from pipeline.materialize import MISSING_IDS_SHOWN, materialize
 from pipeline.runner import (
     PreparedJob,
     ShardJob,
@@ -232,8 +232,11 @@ class Selector:
             if not shard.aux:
                 raise ShardFault(Category.CONFIG, f"the input has no shard {shard.key} (set input to the scored corpus)")
             name = output_name(shard.key) + "." + shard.key.rsplit(".", 1)[-1]
-            materialize(shard.aux_format, shard.aux, kept, join(self.output, SHARDS_DIR, name), self.config.source)
+            done = materialize(shard.aux_format, shard.aux, kept, join(self.output, SHARDS_DIR, name),
+                               self.config.source)
             files.append(f"{SHARDS_DIR}/{name}")
+            if done.missing:  # kept, but no longer whole in the input: named, the rest written
+                stats["not_materializable"] = {"count": len(done.missing), "ids": done.missing[:MISSING_IDS_SHOWN]}
         rows = kept.select(SELECTED_SCHEMA.names).to_pylist()
         for i, row in enumerate(rows):
             row.update(ordinal=i, meta=None, error=None)
@@ -262,8 +265,10 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
     entries = [*prepared.committed.values(), *result.committer.entries]
     totals = {"kept": Counter(), "dropped": Counter(), "errors": Counter()}
     error_examples: dict[str, str] = {}
+    not_materializable = 0
     for entry in entries:
         stats = entry.get("stats") or {}
+        not_materializable += stats.get("not_materializable", {}).get("count", 0)
         for part in totals:
             totals[part].update(stats.get(part, {}))
         for category, reason in stats.get("error_examples", {}).items():
@@ -286,7 +291,7 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
         "kept_fraction": round(kept_total / scored_total, 6) if scored_total else 0.0,
         "errors": sum(totals["errors"].values()), "errors_by_reason": dict(totals["errors"]),
         "error_examples": error_examples,
-        "by_kind": by_kind, "materialized": config.materialize,
+        "by_kind": by_kind, "materialized": config.materialize, "not_materializable": not_materializable,
         "elapsed_s": common["elapsed_s"],
     }
     if "aborted" in common:
@@ -324,6 +329,9 @@ def format_summary(summary: dict) -> str:
         f"  kept       {summary['kept']} of {summary['scored']} scored records ({100 * summary['kept_fraction']:.1f}%)"
         f" · {summary['errors']} error records never selected",
     ]
+    if summary.get("not_materializable"):
+        lines.append(f"  shards     {summary['not_materializable']} kept samples are no longer whole in the input "
+                     "and were not written (their ids: each shard's commit record, stats.not_materializable)")
     for kind, k in summary["by_kind"].items():
         levels = " · ".join(f"L{lv} {k['kept_by_level'].get(lv, 0)}/{k['kept_by_level'].get(lv, 0) + k['dropped_by_level'].get(lv, 0)}"
                             for lv in range(4))
