@@ -300,3 +300,18 @@ def test_an_unreachable_endpoint_is_an_input_error_naming_it(s3_endpoint, monkey
     monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
     with pytest.raises(InputError, match=f"field 'input': cannot list s3://b-x/corpus at endpoint {closed}"):
         list_shards("s3://b-x/corpus", "webdataset")
+
+
+def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, job_env
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "jobs.score", "--input", "s3://b-x/corpus", "--format", "webdataset",
+                           "--output", str(tmp_path / "out"), "--model", str(tmp_path / "model")],
+                          env=job_env(AWS_ENDPOINT_URL=closed), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"field 'input': cannot list s3://b-x/corpus at endpoint {closed}" in done.stderr
+    assert "Traceback" not in done.stderr
