@@ -222,7 +222,7 @@ def test_an_s3_shard_replaced_after_listing_is_a_fault_named_as_such(s3_bucket):
 
 
 # -- tar members: sizes, links ------------------------------------------------------------------------------------
-def _huge_member_tar(good: list[tuple[str, bytes]], name: str, declared: int) -> bytes:
+def _huge_member_tar(good: list[tuple[str, bytes]], name: str, declared: int, kind: bytes = b"0") -> bytes:
     """Whole members, then a header declaring `declared` bytes followed by a little data."""
     import io
     import tarfile
@@ -232,7 +232,7 @@ def _huge_member_tar(good: list[tuple[str, bytes]], name: str, declared: int) ->
         tar.getmembers()
         end_of_members = tar.offset  # where the end-of-archive marker begins
     info = tarfile.TarInfo(name)
-    info.size = declared
+    info.size, info.type = declared, kind
     return whole[:end_of_members] + info.tobuf(tarfile.GNU_FORMAT) + b"x" * 4096
 
 
@@ -248,6 +248,19 @@ def test_a_member_declaring_a_terabyte_is_an_error_record_not_a_fault(where, tmp
     rows = rows_of(uri, "webdataset")
     assert [r["id"] for r in rows][:2] == ["a", "b"] and rows[0]["error"] is None
     assert rows[1]["error"].startswith(f"decode: tar member b.jpg declares {2**40} bytes, over the limit")
+
+
+@pytest.mark.parametrize("header", ["pax", "gnu-longname"])
+def test_an_extended_header_declaring_a_terabyte_is_a_cut_not_a_fault(header, tmp_path):
+    import tarfile
+
+    img = corpus.caption_samples(1)[0]["image"]
+    kind = tarfile.XHDTYPE if header == "pax" else tarfile.GNUTYPE_LONGNAME
+    data = _huge_member_tar([("a.jpg", img), ("a.txt", b"a caption")], "././@header", 2**40, kind)
+    (tmp_path / "ext.tar").write_bytes(data)
+    rows = rows_of(str(tmp_path / "ext.tar"), "webdataset")
+    assert [r["id"] for r in rows] == ["a", "ext:truncated"] and rows[0]["error"] is None
+    assert rows[1]["error"].startswith("decode: truncated or corrupt tar shard after 1 samples")
 
 
 def test_a_member_over_the_limit_is_its_samples_error_and_the_rest_is_read(tmp_path):
