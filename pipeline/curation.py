@@ -330,8 +330,8 @@ def format_summary(summary: dict) -> str:
         f" · {summary['errors']} error records never selected",
     ]
     if summary.get("not_materializable"):
-        lines.append(f"  shards     {summary['not_materializable']} kept samples are no longer whole in the input "
-                     "and were not written (their ids: each shard's commit record, stats.not_materializable)")
+        lines.append(f"  unwritten  {summary['not_materializable']} kept samples are no longer whole in the input "
+                     "(their ids: each shard's commit record, stats.not_materializable)")
     for kind, k in summary["by_kind"].items():
         levels = " · ".join(f"L{lv} {k['kept_by_level'].get(lv, 0)}/{k['kept_by_level'].get(lv, 0) + k['dropped_by_level'].get(lv, 0)}"
                             for lv in range(4))

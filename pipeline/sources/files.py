@@ -172,7 +172,11 @@ def open_shard(uri: str, attempts: int = 5, backoff_s: float = 1.0, size: int | 
         missing = isinstance(last, FileNotFoundError)
         detail = "shard does not exist" if missing else f"{type(last).__name__}: {last}"
         raise ShardFault(Category.IO, f"cannot read {uri}: {detail} (gave up after {attempts} attempts)")
-    guarded = GuardedFile(raw, uri, stat)
+    try:
+        guarded = GuardedFile(raw, uri, stat)
+    except BaseException:
+        raw.close()
+        raise
     try:
         yield guarded
     finally:
