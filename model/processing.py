@@ -99,8 +99,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
 def _refused_format(data: bytes) -> str | None:
     """The name of a format Pillow knows but we refuse, from its signature alone (each plugin's own prefix check,
     as `Image.open` makes it; no other plugin parses the bytes)."""
-    if data.startswith(b"%PDF"):
-        return "PDF"
     Image.init()
     prefix = data[:16]
     for name, (_, accept) in Image.OPEN.items():
