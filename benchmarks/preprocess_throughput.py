@@ -89,8 +89,8 @@ def probe(path: str) -> None:
 def memory_table(side: int) -> None:
     with tempfile.TemporaryDirectory(prefix="unifilter-bench-") as directory:
         paths = memory_images(directory, side)
-        print(f"\nMemory of one decode (decode_image: to 8-bit RGB), each in a fresh process; {side} px squares "
-              "but the photo")
+        print(f"\nMemory of one decode (decode_image, to 8-bit RGB), each in a fresh process: a photo-like JPEG, "
+              f"then {side} px squares")
         print(f"| {'image kind':22s} | {'pixels':>11s} | {'peak RSS +MB':>12s} | {'x RGB size':>10s} | {'s':>5s} |")
         print(f"|{'-' * 24}|{'-' * 13}|{'-' * 14}|{'-' * 12}|{'-' * 7}|")
         for name, path in paths.items():
