@@ -41,13 +41,19 @@ class EncodedSample:
         return int(self.pixel_values.shape[0])
 
 
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what web corpora hold; never EPS/PS/PDF
+_STRIPE_PIXELS = 2**20  # high bit depths are rescaled this many pixels at a time: float64 work of ~8 MB
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None,
                  exif_transpose: bool = False) -> Image.Image:
-    """Encoded bytes -> RGB image, refusing empty, non-image, corrupt and oversized (bomb) payloads.
+    """Encoded bytes -> RGB image, refusing empty, non-image, corrupt and oversized (bomb) payloads, and formats
+    outside `ACCEPTED_FORMATS` (Pillow would otherwise open any format it knows, and hand EPS to Ghostscript).
 
     Two bounds, both checked before the pixels are allocated: the decoded size (width x height, from the header)
     and the square the image is padded to (the longer side squared), so a 1 x 20000 strip cannot allocate 20000^2
-    pixels. 16-bit, 32-bit and float images are rescaled to 8 bits rather than clipped. With `exif_transpose`
+    pixels. 16-bit, 32-bit and float images are rescaled to 8 bits rather than clipped, a stripe at a time (no
+    full-size float copies). With `exif_transpose`
     the EXIF orientation is applied (the released preprocessing, `Image.open(f).convert("RGB")`, does not, so the
     default leaves it off). With `draft_size`, a JPEG much larger than that is decoded at a reduced scale in the
     DCT domain (libjpeg's 1/2, 1/4, 1/8), never below `draft_size` on its long side: about 1.4x faster
@@ -58,7 +64,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise SampleError(Category.DECODE,
@@ -76,12 +82,34 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
     except SampleError:
         raise
     except Image.UnidentifiedImageError:
+        refused = _refused_format(data)
+        if refused:
+            raise SampleError(Category.DECODE, f"image format {refused} is not accepted (accepted: "
+                                               f"{', '.join(ACCEPTED_FORMATS)})") from None
         raise SampleError(Category.DECODE, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise SampleError(Category.DECODE, f"image too large: {err}") from None
     except Exception as err:  # corrupt or truncated data: PIL raises OSError, SyntaxError, ValueError, ...
         raise SampleError(Category.DECODE, f"corrupt image ({type(err).__name__}: {err})") from None
+    if _is_deep(img):
+        img = _rescaled_to_grey8(img)  # rebinding frees the deep original before the RGB copy is made
     return to_rgb8(img)
+
+
+def _refused_format(data: bytes) -> str | None:
+    """The name of a format Pillow knows but we refuse, from its signature alone (each plugin's own prefix check,
+    as `Image.open` makes it; no other plugin parses the bytes)."""
+    Image.init()
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        if name in ACCEPTED_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001 - a plugin's prefix check that cannot judge these bytes
+            continue
+    return None
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
@@ -89,18 +117,45 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     /257, 32-bit integers by their range, floats in [0, 1] by 255."""
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
-        if img.mode == "F" and low >= 0 and high <= 1.0:
-            values = values * 255.0
-        elif img.mode.startswith("I;16") or (low >= 0 and high <= 65535 and high > 255):
-            values = values / 257.0
-        elif low < 0 or high > 255:
-            values = (values - low) * (255.0 / max(high - low, 1e-12))
-        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    if _is_deep(img):
+        img = _rescaled_to_grey8(img)
     return img.convert("RGB")
+
+
+def _is_deep(img: Image.Image) -> bool:
+    return img.mode.startswith("I;16") or img.mode in ("I", "F")
+
+
+def _rescaled_to_grey8(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float image -> 8-bit grey, a stripe of rows at a time: the float64 arithmetic of a
+    whole-image conversion, bit for bit, in the memory of one stripe (a whole 8000 x 8000 image in float64 would
+    take 512 MB per copy). The scale depends on the whole image's range: floats in [0, 1] by 255, 16-bit by /257,
+    other ranges stretched to 0-255; NaN and infinities count as 0."""
+    width, height = img.size
+    rows = max(1, _STRIPE_PIXELS // max(width, 1))
+    stripes = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+
+    def values(top: int, bottom: int) -> np.ndarray:
+        stripe = np.asarray(img.crop((0, top, width, bottom)), dtype=np.float64)
+        return np.nan_to_num(stripe, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+    low = high = 0.0  # the range always includes 0, as it always has
+    if not img.mode.startswith("I;16"):
+        for top, bottom in stripes:
+            stripe = values(top, bottom)
+            low, high = min(low, float(stripe.min(initial=0.0))), max(high, float(stripe.max(initial=0.0)))
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, bottom in stripes:
+        stripe = values(top, bottom)
+        if img.mode == "F" and low >= 0 and high <= 1.0:
+            stripe *= 255.0
+        elif img.mode.startswith("I;16") or (low >= 0 and high <= 65535 and high > 255):
+            stripe /= 257.0
+        elif low < 0 or high > 255:
+            stripe -= low
+            stripe *= 255.0 / max(high - low, 1e-12)
+        out[top:bottom] = np.clip(np.rint(stripe, out=stripe), 0, 255, out=stripe)
+    return Image.fromarray(out)
 
 
 def prepare_image(img: Image.Image, size: int) -> np.ndarray:
@@ -139,8 +194,9 @@ class UniFilterProcessor:
     def encode(self, texts: Sequence[str | None], images: Sequence[ImageInput | None], kind: Kind) -> EncodedSample:
         """Encode one sample given as parallel per-position lists (text or image at each position)."""
         pieces = self._layout(texts, images, kind)  # [("text", str) | ("image", ImageInput)]
-        text_ids = self._encode_texts([p for t, p in pieces if t == "text"], add_special_tokens=False)
-        text_ids = iter(e.ids for e in text_ids)
+        text_pieces = [p for t, p in pieces if t == "text"]
+        encoded = [e.ids for e in self._encode_texts(text_pieces, add_special_tokens=False)]
+        text_ids = iter(encoded)
 
         cfg = self.config
         budget = cfg.max_tokens - 2  # BOS and EOS are always kept
@@ -164,6 +220,10 @@ class UniFilterProcessor:
                 ids.extend(piece_ids)
                 budget -= len(piece_ids)
         ids.append(cfg.eos_token_id)
+        if not kept_images:  # only a document can lose all its images (a caption's image comes first)
+            lead = len(encoded[0]) if pieces[0][0] == "text" else 0
+            raise SampleError(Category.EMPTY, f"every image of the document was cut by the token limit ({lead} "
+                                              f"tokens of text before the first image; max_tokens {cfg.max_tokens})")
 
         pixels = [self._image_pixels(img) for img in kept_images]
         size = cfg.image_size

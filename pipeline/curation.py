@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline import selection
 from pipeline.errors import Category, InputError, ShardFault
 from pipeline.manifest import check_entries, read_json, read_manifest
-from pipeline.materialize import materialize
+from pipeline.materialize import MISSING_IDS_SHOWN, materialize
 from pipeline.runner import (
     PreparedJob,
     ShardJob,
@@ -244,8 +244,11 @@ class Selector:
             if not shard.aux:
                 raise ShardFault(Category.CONFIG, f"the input has no shard {shard.key} (set input to the scored corpus)")
             name = output_name(shard.key) + "." + shard.key.rsplit(".", 1)[-1]
-            materialize(shard.aux_format, shard.aux, kept, join(self.output, SHARDS_DIR, name), self.config.source)
+            done = materialize(shard.aux_format, shard.aux, kept, join(self.output, SHARDS_DIR, name),
+                               self.config.source)
             files.append(f"{SHARDS_DIR}/{name}")
+            if done.missing:  # kept, but no longer whole in the input: named, the rest written
+                stats["not_materializable"] = {"count": len(done.missing), "ids": done.missing[:MISSING_IDS_SHOWN]}
         rows = kept.select(SELECTED_SCHEMA.names).to_pylist()
         for i, row in enumerate(rows):
             row.update(ordinal=i, meta=None, error=None)
@@ -275,8 +278,10 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
     totals = {"kept": Counter(), "dropped": Counter(), "errors_by_category": Counter(),
               "errors_by_reason": Counter()}
     error_examples: dict[str, dict] = {}
+    not_materializable = 0
     for entry in entries:
         stats = dict(entry.get("stats") or {})
+        not_materializable += stats.get("not_materializable", {}).get("count", 0)
         if "errors_by_reason" not in stats:  # curated before errors were counted by reason
             stats["errors_by_category"] = stats["errors_by_reason"] = stats.get("errors", {})
             stats["error_examples"] = {k: {"id": None, "shard": entry.get("shard"), "error": v}
@@ -305,7 +310,7 @@ def run_curation(plan: CurationPlan, thresholds: Thresholds, progress: bool = Tr
         "errors_by_category": dict(totals["errors_by_category"].most_common()),
         "errors_by_reason": dict(totals["errors_by_reason"].most_common()),
         "error_examples": {k: error_examples[k] for k in dict(totals["errors_by_reason"]) if k in error_examples},
-        "by_kind": by_kind, "materialized": config.materialize,
+        "by_kind": by_kind, "materialized": config.materialize, "not_materializable": not_materializable,
         "elapsed_s": common["elapsed_s"],
     }
     for key in ("aborted", "interrupted"):
@@ -344,6 +349,9 @@ def format_summary(summary: dict) -> str:
         f"  kept       {summary['kept']} of {summary['scored']} scored records ({100 * summary['kept_fraction']:.1f}%)"
         f" · {summary['errors']} error records never selected",
     ]
+    if summary.get("not_materializable"):
+        lines.append(f"  unwritten  {summary['not_materializable']} kept samples are no longer whole in the input "
+                     "(their ids: each shard's commit record, stats.not_materializable)")
     for kind, k in summary["by_kind"].items():
         levels = " · ".join(f"L{lv} {k['kept_by_level'].get(lv, 0)}/{k['kept_by_level'].get(lv, 0) + k['dropped_by_level'].get(lv, 0)}"
                             for lv in range(4))

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.curation import CurationPlan, Thresholds
-from pipeline.report import Example, KindStats, ReportData, write_report
+from pipeline.report import MAX_IMAGES, Example, KindStats, ReportData, make_thumbnail, write_report
 from pipeline.selection import KINDS
 from pipeline.sources import MARKERS, SourceOptions, read_shard
 from pipeline.storage import Shard, filesystem_for
@@ -62,17 +62,21 @@ def _sections(plan: CurationPlan, thresholds: Thresholds, rows: list[dict]) -> l
     return sections
 
 
-@ray.remote(num_cpus=1)
-def _fetch(shard: dict, fmt: str, ids: list[str], options: dict) -> dict[str, dict]:
-    """Texts and images of the wanted samples of one input shard."""
+def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict[str, dict]:
+    """Texts and image thumbnails of the wanted samples of one input shard. Thumbnails are made here, in the
+    task that read the images: the driver never decodes a full image."""
     wanted, found = set(ids), {}
     for row in read_shard(Shard(**shard), fmt, SourceOptions.model_validate(options)):
         if row["kind"] in MARKERS or row["id"] not in wanted or row["error"]:
             continue
         texts = [t for t in row["texts"] or [] if t]
+        images = [i for i in row["images"] or [] if i is not None][:MAX_IMAGES]
         found[row["id"]] = {"text": "\n\n".join(texts)[:EXCERPT_CHARS],
-                            "images": [i for i in row["images"] or [] if i is not None][:4]}
+                            "images": [make_thumbnail(i) for i in images]}
     return found
+
+
+_fetch = ray.remote(num_cpus=1)(fetch_examples)
 
 
 def build_report_data(plan: CurationPlan, thresholds: Thresholds, summary: dict) -> ReportData:

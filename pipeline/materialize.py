@@ -2,15 +2,20 @@
 interleaved-wds) -> tar out with every member of each kept sample, headers and contents as they were; Parquet in
 (parquet, obelics) -> Parquet out with every column of each kept row. Users feed these straight into training.
 
-Samples are matched the way the readers named them: a tar sample by its key, a Parquet row by its position in the
-file (the record's `ordinal`; ids may repeat). Nothing is published unless every kept sample was found, so a
-shard file in the output is always complete.
+Samples are matched the way the scorer named them: a tar sample by its id, read with the scorer's own reader
+(`pipeline.sources.tar_samples_by_id`: the same grouping, tolerance of cuts and id rule), a Parquet row by its
+position in the file (the record's `ordinal`; ids may repeat). A kept sample the input no longer holds whole (the
+shard was cut or rewritten since it was scored) is reported as not materializable and the rest is written; a shard
+that lacks most of its kept samples is not the scored corpus, and a fault. A shard file in the output is always
+whole: it is published only once written.
 """
 
 from __future__ import annotations
 
+import io
 import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,12 +23,20 @@ import pyarrow.parquet as pq
 
 from model.errors import Category
 from pipeline.errors import ShardFault
-from pipeline.sources import SourceOptions
+from pipeline.sources import SourceOptions, tar_samples_by_id
 from pipeline.sources.files import open_shard
-from pipeline.sources.tar import _key
 from pipeline.storage import filesystem_for, is_local
 
 _CHUNK = 16 * 2**20
+MISSING_IDS_SHOWN = 20  # ids of samples not materializable, recorded per shard
+
+
+@dataclass
+class Materialized:
+    """What one shard's materialization wrote: samples written, and the kept samples it could not write."""
+
+    written: int
+    missing: list[str] = field(default_factory=list)  # ids (tar) or row positions (Parquet), sorted
 
 
 def _publish(local: Path, uri: str) -> None:
@@ -40,61 +53,75 @@ def _publish(local: Path, uri: str) -> None:
             out.write(chunk)
 
 
-def _check_count(input_uri: str, written: int, expected: int) -> None:
-    if written != expected:
-        raise ShardFault(Category.CONFIG, f"{input_uri} holds {written} of the {expected} kept samples (is this the "
+def _check_found(input_uri: str, found: int, expected: int) -> None:
+    """Some kept samples missing: reported, the rest written. Most of them missing: not the scored corpus."""
+    if expected and 2 * found < expected:
+        raise ShardFault(Category.CONFIG, f"{input_uri} holds {found} of the {expected} kept samples (is this the "
                                           "corpus that was scored?)")
 
 
-def materialize_tar(input_uri: str, keep: set[str], output_uri: str, options: SourceOptions) -> int:
-    """Copy the members of kept keys, in their order and with their headers; returns the samples written."""
-    written = set()
+def materialize_tar(input_uri: str, keep: set[str], output_uri: str, options: SourceOptions) -> Materialized:
+    """Copy the members of each kept sample with their headers, samples in the order their keys first appear."""
+    found: set[str] = set()
     with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src, \
             tempfile.NamedTemporaryFile(prefix="unifilter-kept-", suffix=".tar", delete=False) as tmp:
         try:
-            with tarfile.open(fileobj=src, mode="r:") as tar_in, tarfile.open(fileobj=tmp, mode="w",
-                                                                               format=tarfile.PAX_FORMAT) as tar_out:
-                for member in tar_in:
-                    if member.isfile() and _key(member.name) in keep:
-                        tar_out.addfile(member, tar_in.extractfile(member))
-                        written.add(_key(member.name))
+            with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar_out:
+                for sample_id, sample in tar_samples_by_id(src, input_uri, options):
+                    if sample_id in keep and sample.members is not None and sample_id not in found:
+                        for member, data in sample.members:
+                            tar_out.addfile(member, io.BytesIO(data))
+                        found.add(sample_id)
+            src.check_unchanged()
             tmp.close()
-            _check_count(input_uri, len(written), len(keep))
-            if written:
+            _check_found(input_uri, len(found), len(keep))
+            if found:
                 _publish(Path(tmp.name), output_uri)
         finally:
             Path(tmp.name).unlink(missing_ok=True)
-    return len(written)
+    return Materialized(len(found), sorted(keep - found))
 
 
-def materialize_parquet(input_uri: str, keep: set[int], output_uri: str, options: SourceOptions) -> int:
-    """Copy the rows at the kept positions with every column and the input's schema; returns the rows written."""
+def materialize_parquet(input_uri: str, keep: set[int], output_uri: str, options: SourceOptions) -> Materialized:
+    """Copy the rows at the kept positions with every column and the input's schema."""
+    found: set[int] = set()
     with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src:
         pf = pq.ParquetFile(src)
         with tempfile.NamedTemporaryFile(prefix="unifilter-kept-", suffix=".parquet", delete=False) as tmp:
             pass
-        written, row = 0, 0
+        row = 0
         try:
             with pq.ParquetWriter(tmp.name, pf.schema_arrow, compression="zstd") as writer:
                 for group in range(pf.num_row_groups):
                     n = pf.metadata.row_group(group).num_rows
                     wanted = [i for i in range(n) if row + i in keep]
-                    if wanted:
-                        kept = pf.read_row_group(group).take(pa.array(wanted, pa.int64()))
+                    if wanted and (kept := _read_rows(pf, group, wanted)) is not None:
                         writer.write_table(kept)
-                        written += kept.num_rows
+                        found.update(row + i for i in wanted)
                     row += n
-            _check_count(input_uri, written, len(keep))
-            if written:
+            src.check_unchanged()
+            _check_found(input_uri, len(found), len(keep))
+            if found:
                 _publish(Path(tmp.name), output_uri)
         finally:
             Path(tmp.name).unlink(missing_ok=True)
-    return written
+    return Materialized(len(found), [str(i) for i in sorted(keep - found)])
 
 
-def materialize(fmt: str, input_uri: str, kept: pa.Table, output_uri: str, options: SourceOptions) -> int:
+def _read_rows(pf: pq.ParquetFile, group: int, rows: list[int]) -> pa.Table | None:
+    """The rows of a row group, or None where the group no longer reads (its rows are not materializable)."""
+    try:
+        return pf.read_row_group(group).take(pa.array(rows, pa.int64()))
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+
+
+def materialize(fmt: str, input_uri: str, kept: pa.Table, output_uri: str, options: SourceOptions) -> Materialized:
     """Write the kept score records' samples (`kept`: their `id` and `ordinal` columns) from the input shard;
-    raises ShardFault, publishing nothing, when the shard does not hold all of them."""
+    `missing` names (by id) those the shard no longer holds whole. Raises ShardFault, publishing nothing, when
+    the shard holds fewer than half of them."""
     if fmt in ("webdataset", "interleaved-wds"):
         return materialize_tar(input_uri, set(kept.column("id").to_pylist()), output_uri, options)
-    return materialize_parquet(input_uri, set(kept.column("ordinal").to_pylist()), output_uri, options)
+    done = materialize_parquet(input_uri, set(kept.column("ordinal").to_pylist()), output_uri, options)
+    ids = dict(zip(kept.column("ordinal").to_pylist(), kept.column("id").to_pylist()))
+    return Materialized(done.written, [str(ids[int(i)]) for i in done.missing])

@@ -5,6 +5,8 @@ forbids scripts and every fetch), the score histograms are matplotlib PNGs (Agg)
 JPEGs, all embedded as `data:` URIs. Every text that came from the data (captions, document excerpts, ids, shard
 names, error reasons) is untrusted and goes through `html.escape`. Images are untrusted too: each is decoded with
 the model's bomb-guarded decoder and an image that does not decode becomes a placeholder box, never a failure.
+Where the images are read (a curation's report tasks) they are made into `Thumbnail`s there, so the process that
+draws the page never decodes a full image.
 
 ```python
 from pipeline.report import Example, KindStats, ReportData, write_report
@@ -28,7 +30,8 @@ from model.errors import Category, SampleError
 from model.processing import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from pipeline.storage import filesystem_for, is_local, is_remote, join, normalize_uri, to_uri
 
-__all__ = ["Example", "KindStats", "ReportData", "render_html", "thumbnail", "histogram_png", "write_report",
+__all__ = ["Example", "KindStats", "ReportData", "Thumbnail", "render_html", "thumbnail", "histogram_png",
+           "make_thumbnail", "write_report",
            "THUMB_PX", "MAX_IMAGES", "KEPT_COLOR", "DROPPED_COLOR", "THRESHOLD_COLOR"]
 
 THUMB_PX = 160  # longest side of an embedded thumbnail
@@ -45,6 +48,14 @@ DROPPED_COLOR = "#9aa4b1"  # bins below it
 THRESHOLD_COLOR = "#d1006f"
 
 
+@dataclass(frozen=True)
+class Thumbnail:
+    """An image made ready for the page where it was read: a small JPEG, or why the image cannot be shown."""
+
+    jpeg: bytes | None
+    reason: str | None = None
+
+
 @dataclass
 class Example:
     id: str
@@ -53,7 +64,8 @@ class Example:
     score: float
     label: int | None  # predicted level 0-3
     text: str  # the caption, or an excerpt of the document: UNTRUSTED web text
-    images: list[bytes] = field(default_factory=list)  # encoded image bytes, up to 4: UNTRUSTED, may be corrupt
+    # up to 4: encoded image bytes (UNTRUSTED, may be corrupt; decoded when the page is drawn), or Thumbnails
+    images: list[bytes | Thumbnail] = field(default_factory=list)
 
 
 @dataclass
@@ -124,18 +136,24 @@ def thumbnail(data: bytes, size: int = THUMB_PX, max_pixels: int = THUMB_MAX_PIX
     return buf.getvalue()
 
 
+def make_thumbnail(data: bytes) -> Thumbnail:
+    """`thumbnail`, with an image that does not decode turned into its reason: never raises."""
+    try:
+        return Thumbnail(thumbnail(data))
+    except Exception as err:  # noqa: BLE001 - one bad image never fails the report
+        return Thumbnail(None, str(err) if isinstance(err, SampleError) else f"{type(err).__name__}: {err}")
+
+
 def _data_uri(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _image_html(data: bytes, alt: str) -> str:
-    try:
-        thumb = thumbnail(data)
-    except Exception as err:  # noqa: BLE001 - one bad image never fails the report
-        reason = str(err) if isinstance(err, SampleError) else f"{type(err).__name__}: {err}"
+def _image_html(image: bytes | Thumbnail, alt: str) -> str:
+    thumb = image if isinstance(image, Thumbnail) else make_thumbnail(image)
+    if thumb.jpeg is None:
         return (f'<div class="placeholder" role="img" aria-label="image could not be decoded">'
-                f'<span>image could not be decoded</span><small>{_esc(reason, 120)}</small></div>')
-    return f'<img class="thumb" src="{_data_uri("image/jpeg", thumb)}" alt="{alt}">'
+                f'<span>image could not be decoded</span><small>{_esc(thumb.reason, 120)}</small></div>')
+    return f'<img class="thumb" src="{_data_uri("image/jpeg", thumb.jpeg)}" alt="{alt}">'
 
 
 # -- histograms ----------------------------------------------------------------------------------------------------

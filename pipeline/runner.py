@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
@@ -219,7 +219,7 @@ def shard_groups(shards: list[Shard], workers: int = 1) -> list[list[dict]]:
         if current and (size + weight > target or len(current) >= CALL_SHARDS):
             groups.append(current)
             current, size = [], 0
-        current.append({"uri": s.uri, "key": s.key, "size": s.size, "aux": s.aux, "aux_format": s.aux_format})
+        current.append(asdict(s))  # rebuilt in the stages with Shard(**fields)
         size += weight
     if current:
         groups.append(current)

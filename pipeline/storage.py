@@ -25,6 +25,7 @@ from model.storage import (
     is_remote,
     join,
     normalize_uri,
+    s3_endpoint,
     s3_filesystem,
     scheme_of,
     to_uri,
@@ -61,6 +62,7 @@ class Shard:
     size: int | None = None  # bytes, where the listing gave it
     aux: str | None = None  # a second shard a job reads with it (curation: the input shard a score file scored)
     aux_format: str | None = None  # its format
+    mtime_ns: int | None = None  # last modified, where the listing gave it (S3: to the second)
 
 
 @dataclass
@@ -115,39 +117,86 @@ def list_shards(input_uri: str, fmt: str, field: str = "input") -> ShardListing:
         fs, path = filesystem_for(input_uri)
     except ValueError as err:
         raise InputError(field, str(err)) from None
+    # Shards named by a list file or a brace pattern have no listed size or mtime: `open_shard` takes them when it
+    # opens the shard (nothing to compare then; a local shard is still checked again once it has been read).
     if path.endswith(".txt") and not any(c in path for c in _GLOB_CHARS):
-        try:
-            with fs.open_input_stream(path) as f:
-                lines = f.read().decode("utf-8").splitlines()
-        except FileNotFoundError:
-            raise InputError(field, f"list file {input_uri} does not exist") from None
-        listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        if not listed:
-            raise InputError(field, f"list file {input_uri} names no shards")
+        listed = _read_list_file(fs, path, input_uri, field)
         base = posixpath.dirname(input_uri) if not is_local(input_uri) else os.path.dirname(path)
         return _listing([_absolute(entry, base) for entry in listed], [None] * len(listed), root=None)
     if _has_braces(input_uri):
+        _check_bucket(fs, path, input_uri, field)
         expanded = expand_braces(input_uri)
         return _listing(expanded, [None] * len(expanded), root=_parent(normalize_uri(input_uri.split("{", 1)[0] + "x")))
+    found, root = _find(fs, path, input_uri, suffixes, field)
+    if not found:
+        _check_bucket(fs, path, input_uri, field)
+        raise InputError(field, f"no {fmt} shards ({'/'.join(suffixes)}) found at {input_uri}")
+    return _listing([to_uri(input_uri, i.path) for i in found], found, root=root)
+
+
+def _read_list_file(fs: pafs.FileSystem, path: str, input_uri: str, field: str) -> list[str]:
+    try:
+        with fs.open_input_stream(path) as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        _check_bucket(fs, path, input_uri, field)
+        raise InputError(field, f"list file {input_uri} does not exist") from None
+    except OSError as err:
+        raise InputError(field, f"cannot read list file {input_uri}{_endpoint(input_uri)}: {_first_line(err)}"
+                         ) from None
+    listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not listed:
+        raise InputError(field, f"list file {input_uri} names no shards")
+    return listed
+
+
+def _find(fs: pafs.FileSystem, path: str, input_uri: str, suffixes: tuple[str, ...], field: str
+          ) -> tuple[list[pafs.FileInfo], str]:
+    """The files a directory, prefix, glob or single shard names, and the root their keys are relative to. A store
+    that cannot be reached (a wrong endpoint, no network, no permission) is an `InputError` naming `field`."""
+    try:
+        return _find_files(fs, path, input_uri, suffixes, field)
+    except OSError as err:
+        raise InputError(field, f"cannot list {input_uri}{_endpoint(input_uri)}: {_first_line(err)}") from None
+
+
+def _find_files(fs, path, input_uri, suffixes, field):
     if any(c in path for c in _GLOB_CHARS):
         base, _, pattern = path.rpartition("/")
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-        found = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)]
-        root = to_uri(input_uri, base)
-    else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            found, root = [info], to_uri(input_uri, path.rpartition("/")[0])
-        elif info.type == pafs.FileType.Directory or is_remote(input_uri):
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-            found = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffixes)
-                     and not any(part.startswith("_") for part in i.path[len(path):].split("/"))]
-            root = to_uri(input_uri, path)
-        else:
-            raise InputError(field, f"{input_uri} does not exist")
-    if not found:
-        raise InputError(field, f"no {fmt} shards ({'/'.join(suffixes)}) found at {input_uri}")
-    return _listing([to_uri(input_uri, i.path) for i in found], [i.size for i in found], root=root)
+        return ([i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)],
+                to_uri(input_uri, base))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [info], to_uri(input_uri, path.rpartition("/")[0])
+    if info.type == pafs.FileType.Directory or is_remote(input_uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        return ([i for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffixes)
+                 and not any(part.startswith("_") for part in i.path[len(path):].split("/"))],
+                to_uri(input_uri, path))
+    raise InputError(field, f"{input_uri} does not exist")
+
+
+def _check_bucket(fs: pafs.FileSystem, path: str, input_uri: str, field: str) -> None:
+    """On S3, a bucket that does not exist (or cannot be reached) is named as such, not as "no shards found"."""
+    if not is_remote(input_uri):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError as err:
+        raise InputError(field, f"cannot reach bucket {bucket}{_endpoint(input_uri)}: {_first_line(err)}") from None
+    if missing:
+        raise InputError(field, f"bucket {bucket} does not exist{_endpoint(input_uri)} (in {input_uri})")
+
+
+def _endpoint(uri: str) -> str:
+    return f" at endpoint {s3_endpoint()}" if is_remote(uri) and s3_endpoint() else ""
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _absolute(entry: str, base: str) -> str:
@@ -161,7 +210,7 @@ def _parent(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[0]
 
 
-def _listing(uris: list[str], sizes: list[int | None], root: str | None) -> ShardListing:
+def _listing(uris: list[str], infos: list[pafs.FileInfo | None], root: str | None) -> ShardListing:
     normalised = [normalize_uri(u) for u in uris]
     if root is None:  # a list of shards: their deepest common folder
         root = _common_root(normalised)
@@ -169,13 +218,13 @@ def _listing(uris: list[str], sizes: list[int | None], root: str | None) -> Shar
     shards: dict[str, Shard] = {}
     spellings: dict[str, list[str]] = {}
     duplicates = 0
-    for uri, spelled, size in zip(normalised, uris, sizes):
+    for uri, spelled, info in zip(normalised, uris, infos):
         key = shard_key(uri, root)
         spellings.setdefault(key, []).append(spelled)
         if key in shards:
             duplicates += 1
             continue
-        shards[key] = Shard(uri, key, size)
+        shards[key] = Shard(uri, key, info.size, mtime_ns=info.mtime_ns) if info is not None else Shard(uri, key)
     return ShardListing(root or "", sorted(shards.values(), key=lambda s: s.key), duplicates,
                         {k: v for k, v in spellings.items() if len(v) > 1})
 

@@ -20,11 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import Category, SampleError, ShardFault
 from pipeline.sources.files import open_shard
 from pipeline.sources.parquet import check_columns, parquet_rows
-from pipeline.sources.tar import interleaved_row, tar_samples, webdataset_meta, webdataset_row
+from pipeline.sources.tar import (
+    MAX_MEMBER_BYTES,
+    TarSample,
+    interleaved_row,
+    tar_members,
+    tar_samples,
+    webdataset_meta,
+    webdataset_row,
+)
 from pipeline.storage import Shard, normalize_uri
 
 __all__ = ["MARKERS", "SAMPLE_SCHEMA", "SHARD_END", "SHARD_FAILED", "Format", "SourceOptions", "check_columns",
-           "read_shard", "sample_kind", "shard_end", "shard_failed"]
+           "read_shard", "sample_kind", "shard_end", "shard_failed", "tar_samples_by_id"]
 
 Format = Literal["webdataset", "parquet", "obelics", "interleaved-wds"]
 SHARD_END = "_shard_end"
@@ -61,6 +69,8 @@ class SourceOptions(BaseModel):
     rows_per_batch: int = Field(256, ge=1, description="Parquet rows decoded at a time")
     read_attempts: int = Field(5, ge=1, description="tries per shard when reading fails (network, throttling)")
     read_backoff_s: float = Field(1.0, ge=0, description="first pause between tries; doubles, with jitter")
+    max_member_bytes: int = Field(MAX_MEMBER_BYTES, ge=1, description="tar: a member declaring more bytes is its "
+                                                                       "sample's error record, never read")
 
 
 def sample_kind(fmt: str) -> str:
@@ -91,7 +101,8 @@ def read_shard(shard: Shard | str, fmt: str, options: SourceOptions | None = Non
         shard = Shard(normalize_uri(shard), normalize_uri(shard).rsplit("/", 1)[-1])
     count = 0
     try:
-        with open_shard(shard.uri, options.read_attempts, options.read_backoff_s, shard.size) as file:
+        with open_shard(shard.uri, options.read_attempts, options.read_backoff_s, shard.size,
+                        shard.mtime_ns) as file:
             for row in _rows(file, _stem(shard.key), fmt, options):
                 row.setdefault("meta", None)
                 row.setdefault("error", None)
@@ -99,6 +110,7 @@ def read_shard(shard: Shard | str, fmt: str, options: SourceOptions | None = Non
                 row.update(source=shard.key, kind=sample_kind(fmt), ordinal=count, **_join_keys(row["meta"]))
                 count += 1
                 yield _valid_text(row)
+            file.check_unchanged()  # a local shard cut or rewritten while it was read is never committed
     except ShardFault as fault:
         yield shard_failed(shard.key, fault)
         return
@@ -136,7 +148,7 @@ def _rows(file, stem: str, fmt: str, options: SourceOptions) -> Iterator[dict]:
         yield from parquet_rows(file, stem, fmt, options)
         return
     build = webdataset_row if fmt == "webdataset" else interleaved_row
-    for key, files, error in tar_samples(file, stem):
+    for key, files, error in tar_samples(file, stem, options.max_member_bytes):
         if error is None:
             try:
                 yield build(key, files)
@@ -149,6 +161,13 @@ def _rows(file, stem: str, fmt: str, options: SourceOptions) -> Iterator[dict]:
         meta = webdataset_meta(files) if fmt == "webdataset" else None
         yield {"id": key, "texts": None, "images": None, "meta": meta, "error": error.reason,
                "error_category": error.category.value}
+
+
+def tar_samples_by_id(file, key: str, options: SourceOptions) -> Iterator[tuple[str, TarSample]]:
+    """The samples of tar shard `key` under the ids its records carry: the scorer's own reader and id rule, for
+    whoever reads the shard again (`pipeline.materialize`)."""
+    for sample in tar_members(file, _stem(key), options.max_member_bytes):
+        yield _clean(sample.key), sample
 
 
 def _join_keys(meta: str | None) -> dict:

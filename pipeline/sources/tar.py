@@ -20,6 +20,21 @@ from dataclasses import dataclass, field
 from pipeline.errors import Category, SampleError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MAX_MEMBER_BYTES = 2 * 2**30  # a member declaring more is an error record, never an allocation (SourceOptions)
+
+
+@dataclass
+class TarSample:
+    """One key's members as the tar holds them: `members` (each header and its bytes) for a whole sample, or the
+    `error` that makes it an error record. `key` is the raw key (a non-UTF-8 name keeps its surrogates)."""
+
+    key: str
+    members: list[tuple[tarfile.TarInfo, bytes]] | None = None
+    error: SampleError | None = None
+
+    @property
+    def files(self) -> dict[str, bytes] | None:
+        return None if self.members is None else {_extension(m.name): data for m, data in self.members}
 
 
 @dataclass
@@ -28,45 +43,88 @@ class _Group:
     members: list[tarfile.TarInfo] = field(default_factory=list)
 
 
-def tar_samples(file, stem: str) -> Iterator[tuple[str, dict[str, bytes] | None, SampleError | None]]:
+def tar_samples(file, stem: str, max_member_bytes: int = MAX_MEMBER_BYTES
+                ) -> Iterator[tuple[str, dict[str, bytes] | None, SampleError | None]]:
     """(id, {extension: bytes}, None) per sample, or (id, None, error) for one that cannot be read."""
+    for sample in tar_members(file, stem, max_member_bytes):
+        yield sample.key, sample.files, sample.error
+
+
+def tar_members(file, stem: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[TarSample]:
+    """Every key of the tar once (duplicates: once per occurrence), in the order keys first appear."""
     try:
         tar = tarfile.open(fileobj=file, mode="r:")
     except tarfile.TarError as err:
-        yield f"{stem}:unreadable", None, SampleError(Category.DECODE, f"not a readable tar shard ({err})")
+        yield TarSample(f"{stem}:unreadable", error=SampleError(Category.DECODE, f"not a readable tar shard ({err})"))
         return
-    members: list[tarfile.TarInfo] = []
-    cut: str | None = None
-    try:
-        for member in tar:
-            if member.isfile():
-                members.append(member)
-        if not _ends_with_marker(file, tar.offset):
-            cut = "shard ends without an end-of-archive marker"
-    except (tarfile.TarError, EOFError) as err:
-        cut = f"{type(err).__name__}: {err}"
-    groups: dict[str, _Group] = {}
-    for member in members:
-        key = _key(member.name)
-        groups.setdefault(key, _Group(key)).members.append(member)
+    members, cut = _scan(tar, file)
+    end = file.seek(0, 2)
     n_complete, reported = 0, False
-    for group in groups.values():
+    for group in _groups(members).values():
         extensions = [_extension(m.name) for m in group.members]
         if len(set(extensions)) < len(extensions):
             yield from _duplicates(group, extensions)
             continue
+        error = _not_files(group)
+        if error:
+            yield TarSample(group.key, error=error)
+            continue
         try:
-            files = {ext: _read_member(tar, m) for ext, m in zip(extensions, group.members)}
+            data = [_read_member(tar, m, end, max_member_bytes) for m in group.members]
+        except SampleError as err:
+            yield TarSample(group.key, error=err)
+            continue
         except (tarfile.TarError, EOFError, ValueError) as err:
             cut, reported = cut or f"{type(err).__name__}: {err}", True
-            yield group.key, None, SampleError(
-                Category.DECODE, f"truncated or corrupt tar shard after {n_complete} samples ({cut})")
+            yield TarSample(group.key, error=SampleError(
+                Category.DECODE, f"truncated or corrupt tar shard after {n_complete} samples ({cut})"))
             continue
         n_complete += 1
-        yield group.key, files, None
+        yield TarSample(group.key, list(zip(group.members, data)))
     if cut and not reported:  # cut between two samples: what followed is gone, and the shard says so
-        yield f"{stem}:{'truncated' if groups else 'unreadable'}", None, SampleError(
-            Category.DECODE, f"truncated or corrupt tar shard after {n_complete} samples ({cut})")
+        yield TarSample(f"{stem}:{'truncated' if members else 'unreadable'}", error=SampleError(
+            Category.DECODE, f"truncated or corrupt tar shard after {n_complete} samples ({cut})"))
+
+
+def _scan(tar: tarfile.TarFile, file) -> tuple[list[tarfile.TarInfo], str | None]:
+    """Every member header, and why the shard ends early (None: it ends with its end-of-archive marker)."""
+    members: list[tarfile.TarInfo] = []
+    try:
+        for member in tar:
+            members.append(member)
+        if not _ends_with_marker(file, tar.offset):
+            return members, "shard ends without an end-of-archive marker"
+    except (tarfile.TarError, EOFError) as err:
+        return members, f"{type(err).__name__}: {err}"
+    return members, None
+
+
+def _groups(members: list[tarfile.TarInfo]) -> dict[str, _Group]:
+    """Members by key. A directory entry that holds other members is the tar's structure, not a sample."""
+    parents = {m.name.rsplit("/", i)[0] for m in members for i in range(1, m.name.count("/") + 1)}
+    groups: dict[str, _Group] = {}
+    for member in members:
+        if member.isdir() and member.name.rstrip("/") in parents:
+            continue
+        key = _key(member.name)
+        groups.setdefault(key, _Group(key)).members.append(member)
+    return groups
+
+
+def _not_files(group: _Group) -> SampleError | None:
+    """Links (symbolic or hard), directories and devices are never followed or read: their sample is an error."""
+    others = [m for m in group.members if not m.isreg()]
+    if not others:
+        return None
+    names = ", ".join(f"{m.name} ({_TYPE_NAMES.get(m.type, 'special entry')})" for m in others[:4])
+    if len(others) == len(group.members):
+        return SampleError(Category.EMPTY, f"the sample's members are links or special entries, not files ({names})")
+    return SampleError(Category.MALFORMED, f"the sample holds members that are not files ({names}); links are "
+                                           "not followed")
+
+
+_TYPE_NAMES = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.DIRTYPE: "directory",
+               tarfile.CHRTYPE: "device", tarfile.BLKTYPE: "device", tarfile.FIFOTYPE: "fifo"}
 
 
 def _ends_with_marker(file, offset: int) -> bool:
@@ -76,7 +134,14 @@ def _ends_with_marker(file, offset: int) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
 
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, end: int, limit: int) -> bytes:
+    """A member's bytes, its declared size checked first: over `limit` it is the sample's error; running past the
+    end of the shard it is a cut. Nothing is allocated for a size the shard cannot hold."""
+    if member.size > limit:
+        raise SampleError(Category.DECODE, f"tar member {member.name} declares {member.size} bytes, over the limit "
+                                           f"of {limit} (source.max_member_bytes)")
+    if not member.issparse() and member.offset_data + member.size > end:
+        raise tarfile.ReadError(f"member {member.name} declares {member.size} bytes, past the end of the shard")
     data = tar.extractfile(member).read()
     if len(data) != member.size:
         raise tarfile.ReadError(f"member {member.name} is cut short")
@@ -93,14 +158,14 @@ def _extension(name: str) -> str:
     return name.rpartition("/")[2].partition(".")[2].lower()
 
 
-def _duplicates(group: _Group, extensions: list[str]):
+def _duplicates(group: _Group, extensions: list[str]) -> Iterator[TarSample]:
     """Each occurrence of a repeated key (the n-th member of each extension) as an error record of its own."""
     occurrences = max(extensions.count(e) for e in set(extensions))
     names = ", ".join(m.name for m in group.members[:6])
     for n in range(occurrences):
         sample_id = group.key if n == 0 else f"{group.key}#{n + 1}"
-        yield sample_id, None, SampleError(
-            Category.DUPLICATE, f"key {group.key!r} occurs {occurrences} times in the shard ({names})")
+        yield TarSample(sample_id, error=SampleError(
+            Category.DUPLICATE, f"key {group.key!r} occurs {occurrences} times in the shard ({names})"))
 
 
 # -- the two layouts ---------------------------------------------------------------------------------------------

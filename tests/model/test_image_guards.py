@@ -4,7 +4,10 @@ depths rescaled to 8 bits, EXIF orientation only when the model's config asks fo
 from __future__ import annotations
 
 import io
+import os
 import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -69,3 +72,58 @@ def test_exif_orientation_is_applied_only_when_asked():
 def test_padding_still_centres_an_ordinary_image():
     out = prepare_image(decode_image(_png(np.full((10, 30), 200, dtype=np.uint8))), 30)
     assert out.shape == (3, 30, 30) and out[0, 15, 15] == 200 and out[0, 2, 15] == 127
+
+
+def _saved(fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_only_the_web_formats_are_decoded_and_others_are_refused_by_name():
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"):
+        assert decode_image(_saved(fmt)).size == (24, 16)
+    for fmt in ("EPS", "ICO"):  # EPS would go to Ghostscript where it is installed
+        with pytest.raises(SampleError) as err:
+            decode_image(_saved(fmt))
+        assert err.value.reason.startswith(f"decode: image format {fmt} is not accepted")
+
+
+_PEAK_PROBE = """
+import gc, sys
+from model.processing import decode_image
+def peak_kib():  # VmHWM: this process's own peak (getrusage's ru_maxrss is inherited from the parent)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+for path in sys.argv[1:]:
+    data = open(path, "rb").read()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from here
+    before = peak_kib()
+    img = decode_image(data)
+    print(img.size[0] * img.size[1], peak_kib() - before)
+    del img, data
+"""
+
+
+def _deep_images(directory, side: int) -> list[str]:
+    yy, xx = np.mgrid[0:side, 0:side]
+    grey16 = Image.frombytes("I;16", (side, side), ((xx * 7 + yy * 3) % 65536).astype("<u2").tobytes())
+    grey16.save(directory / "g16.png", "PNG", compress_level=1)
+    floats = Image.frombytes("F", (side, side), (((xx + yy) % 1000) / 1000).astype(np.float32).tobytes())
+    floats.save(directory / "f32.tif", "TIFF")
+    return [str(directory / "g16.png"), str(directory / "f32.tif")]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads the peak RSS from /proc (Linux)")
+def test_high_bit_depth_decoding_costs_memory_in_proportion(tmp_path):
+    """A 4000 x 4000 16-bit PNG and float TIFF each decode within 3x the memory of their 8-bit RGB result (float64
+    copies of the whole image took about 9x)."""
+    side = 4000
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, *_deep_images(tmp_path, side)], capture_output=True,
+                         text=True, check=True, cwd=root)
+    for line in out.stdout.split("\n")[:2]:
+        pixels, peak_kib = map(int, line.split())
+        assert pixels == side * side
+        assert peak_kib * 1024 < 3 * (3 * pixels)  # 3x the 8-bit RGB image

@@ -150,3 +150,14 @@ def test_jpeg_draft_decodes_large_jpegs_at_reduced_scale_with_nearly_equal_outpu
     assert max(drafted.size) < 1600 and max(drafted.size) >= 384  # DCT-scaled, never below the target
     a, b = prepare_image(exact, 384).astype(int), prepare_image(drafted, 384).astype(int)
     assert np.abs(a - b).mean() < 1.5
+
+
+def test_a_document_whose_images_are_all_cut_is_an_error_not_text_only(processor):
+    cfg = processor.config
+    long_text = "word " * (2 * cfg.max_tokens)
+    with pytest.raises(SampleError) as err:
+        processor.encode([long_text, None, "after"], [None, jpeg_bytes(), None], "interleaved")
+    assert err.value.reason.startswith("empty: every image of the document was cut by the token limit")
+    assert f"max_tokens {cfg.max_tokens}" in err.value.reason
+    enc = processor.encode(["short", None, long_text], [None, jpeg_bytes(), None], "interleaved")
+    assert enc.truncated and enc.n_images == 1  # an image kept, the text after it cut: scored as before

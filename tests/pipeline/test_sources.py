@@ -170,3 +170,161 @@ def test_a_shard_that_cannot_be_read_is_a_fault_not_a_record(tmp_path):
                                                                                     read_backoff_s=0)))
     assert len(rows) == 1 and rows[0]["kind"] == SHARD_FAILED and rows[0]["error_category"] == "io"
     assert "shard does not exist (gave up after 3 attempts)" in rows[0]["error"]
+
+
+# -- shards that change under the reader ---------------------------------------------------------------------------
+def _failed(rows: list[dict]) -> dict:
+    from pipeline.sources import SHARD_FAILED
+
+    assert rows[-1]["kind"] == SHARD_FAILED, rows[-1]
+    return rows[-1]
+
+
+@pytest.mark.parametrize("change", ["shrunk", "rewritten"])
+def test_a_local_shard_that_changed_after_listing_is_a_fault_not_a_short_commit(change, tmp_path):
+    import os
+
+    from pipeline.sources import SourceOptions
+
+    shard = tmp_path / "in" / "00000.tar"
+    corpus.write_webdataset(str(shard), corpus.caption_samples(8))
+    listed = list_shards(str(tmp_path / "in"), "webdataset").shards[0]
+    if change == "shrunk":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:  # same size, newer content
+        os.utime(shard, ns=(listed.mtime_ns + 10**9, listed.mtime_ns + 10**9))
+    failed = _failed(list(read_shard(listed, "webdataset", SourceOptions(read_attempts=3, read_backoff_s=0))))
+    assert failed["error_category"] == "io" and "changed since it was listed" in failed["error"]
+    assert ("size " if change == "shrunk" else "modified at") in failed["error"]
+    assert "gave up after" not in failed["error"]  # not retried: a rerun lists it again
+
+
+def test_a_local_shard_cut_while_it_is_read_is_never_committed(tmp_path):
+    shard = tmp_path / "in" / "00000.tar"
+    corpus.write_webdataset(str(shard), corpus.caption_samples(8))
+    listed = list_shards(str(tmp_path / "in"), "webdataset").shards[0]
+    rows = read_shard(listed, "webdataset")
+    first = next(rows)  # the reader has the file open and has read its headers
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    failed = _failed([first, *rows])
+    assert failed["error_category"] == "io" and "changed while it was read: size" in failed["error"]
+
+
+def test_an_s3_shard_replaced_after_listing_is_a_fault_named_as_such(s3_bucket):
+    from pipeline.sources import SourceOptions
+
+    uri = f"s3://{s3_bucket}/in/00000.tar"
+    corpus.write_webdataset(uri, corpus.caption_samples(8))
+    listed = list_shards(f"s3://{s3_bucket}/in", "webdataset").shards[0]
+    corpus.write_webdataset(uri, corpus.caption_samples(3))
+    failed = _failed(list(read_shard(listed, "webdataset", SourceOptions(read_attempts=3, read_backoff_s=0))))
+    assert failed["error_category"] == "io" and "changed since it was listed: size" in failed["error"]
+
+
+# -- tar members: sizes, links ------------------------------------------------------------------------------------
+def _huge_member_tar(good: list[tuple[str, bytes]], name: str, declared: int, kind: bytes = b"0") -> bytes:
+    """Whole members, then a header declaring `declared` bytes followed by a little data."""
+    import io
+    import tarfile
+
+    whole = corpus._tar(good)
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        tar.getmembers()
+        end_of_members = tar.offset  # where the end-of-archive marker begins
+    info = tarfile.TarInfo(name)
+    info.size, info.type = declared, kind
+    return whole[:end_of_members] + info.tobuf(tarfile.GNU_FORMAT) + b"x" * 4096
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_member_declaring_a_terabyte_is_an_error_record_not_a_fault(where, tmp_path, request):
+    img = corpus.caption_samples(1)[0]["image"]
+    data = _huge_member_tar([("a.jpg", img), ("a.txt", b"a caption")], "b.jpg", 2**40)
+    if where == "local":
+        uri = str(tmp_path / "huge.tar")
+    else:
+        uri = f"s3://{request.getfixturevalue('s3_bucket')}/huge.tar"
+    corpus._write_bytes(uri, data)
+    rows = rows_of(uri, "webdataset")
+    assert [r["id"] for r in rows][:2] == ["a", "b"] and rows[0]["error"] is None
+    assert rows[1]["error"].startswith(f"decode: tar member b.jpg declares {2**40} bytes, over the limit")
+
+
+@pytest.mark.parametrize("header", ["pax", "gnu-longname"])
+def test_an_extended_header_declaring_a_terabyte_is_a_cut_not_a_fault(header, tmp_path):
+    import tarfile
+
+    img = corpus.caption_samples(1)[0]["image"]
+    kind = tarfile.XHDTYPE if header == "pax" else tarfile.GNUTYPE_LONGNAME
+    data = _huge_member_tar([("a.jpg", img), ("a.txt", b"a caption")], "././@header", 2**40, kind)
+    (tmp_path / "ext.tar").write_bytes(data)
+    rows = rows_of(str(tmp_path / "ext.tar"), "webdataset")
+    assert [r["id"] for r in rows] == ["a", "ext:truncated"] and rows[0]["error"] is None
+    assert rows[1]["error"].startswith("decode: truncated or corrupt tar shard after 1 samples")
+
+
+def test_a_member_over_the_limit_is_its_samples_error_and_the_rest_is_read(tmp_path):
+    from pipeline.sources import SourceOptions
+
+    img = corpus.caption_samples(1)[0]["image"]
+    members = [("a.jpg", img), ("a.txt", b"a"), ("big.jpg", img + b"\0" * 5000), ("big.txt", b"big"),
+               ("c.jpg", img), ("c.txt", b"c")]
+    rows = list(read_shard(_tar_of(tmp_path, members), "webdataset", SourceOptions(max_member_bytes=len(img) + 100)))
+    assert rows[-1]["kind"] == SHARD_END
+    assert [(r["id"], r["error"] is None) for r in rows[:-1]] == [("a", True), ("big", False), ("c", True)]
+    assert "tar member big.jpg declares" in rows[1]["error"]
+
+
+def test_a_sample_whose_members_are_links_is_an_error_record(tmp_path):
+    import io
+    import tarfile
+
+    img = corpus.caption_samples(1)[0]["image"]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        directory = tarfile.TarInfo("part")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)  # a folder holding samples: the tar's structure, not a sample
+        for name, data in (("part/a.jpg", img), ("part/a.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, kind in (("part/b.jpg", tarfile.SYMTYPE), ("part/b.txt", tarfile.LNKTYPE)):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "part/a" + name[-4:]
+            tar.addfile(link)
+    shard = tmp_path / "links.tar"
+    shard.write_bytes(buf.getvalue())
+    rows = rows_of(str(shard), "webdataset")
+    assert [r["id"] for r in rows] == ["part/a", "part/b"] and rows[0]["error"] is None
+    assert rows[1]["error"].startswith("empty: the sample's members are links or special entries, not files")
+
+
+# -- input that cannot be listed ----------------------------------------------------------------------------------
+def test_a_missing_bucket_is_named_as_such(s3_endpoint):
+    with pytest.raises(InputError, match="field 'input': bucket no-such-bucket-here does not exist"):
+        list_shards("s3://no-such-bucket-here/x", "webdataset")
+
+
+def test_an_unreachable_endpoint_is_an_input_error_naming_it(s3_endpoint, monkeypatch):
+    from tests.conftest import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    with pytest.raises(InputError, match=f"field 'input': cannot list s3://b-x/corpus at endpoint {closed}"):
+        list_shards("s3://b-x/corpus", "webdataset")
+
+
+def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, job_env
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "jobs.score", "--input", "s3://b-x/corpus", "--format", "webdataset",
+                           "--output", str(tmp_path / "out"), "--model", str(tmp_path / "model")],
+                          env=job_env(AWS_ENDPOINT_URL=closed), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"field 'input': cannot list s3://b-x/corpus at endpoint {closed}" in done.stderr
+    assert "Traceback" not in done.stderr
