@@ -58,7 +58,7 @@ def model_rows(configs: list[str], device: str, seconds: float, n: int) -> list[
 
 def score_rows(config: str, device: str, n_captions: int, n_docs: int, work: str) -> list[dict]:
     from jobs._config import connect_ray
-    from pipeline import corpus
+    from jobs import sample_corpus as corpus
     from pipeline.scoring import ScoreConfig, score_dataset
 
     model_dir = os.path.join(work, f"model-{config}")
@@ -90,7 +90,7 @@ def score_rows(config: str, device: str, n_captions: int, n_docs: int, work: str
 def train_rows(config: str, device: str, steps: int, work: str) -> list[dict]:
     import pyarrow as pa
 
-    from pipeline import corpus
+    from jobs import sample_corpus as corpus
     from pipeline.training import TrainConfig
     from pipeline.training.data import encode_pairs
     from pipeline.training.loop import TrainLoop

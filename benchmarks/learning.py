@@ -15,7 +15,7 @@ import time
 
 import ray
 
-from pipeline import corpus
+from jobs import sample_corpus as corpus
 from pipeline.synth import SynthConfig, synthesize
 from pipeline.training import TrainConfig, format_summary, train_classifier
 

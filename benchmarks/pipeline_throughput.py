@@ -20,11 +20,12 @@ import ray
 
 import model as unifilter
 from model.processing import SampleError
-from pipeline import corpus
-from pipeline.preprocess import token_budget_batches
+from jobs import sample_corpus as corpus
+from pipeline.encoded import token_budget_batches
 from pipeline.scoring import ScoreConfig, score_dataset
-from pipeline.sources import SHARD_END, read_shard
-from pipeline.storage import list_shards
+from pipeline.commit.markers import SHARD_END
+from pipeline.io.samples import read_samples
+from pipeline.io.listing import list_shards
 
 
 def write_corpus(root: str, samples: int, per_shard: int = 100) -> str:

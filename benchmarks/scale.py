@@ -53,7 +53,8 @@ def _entry(k: int) -> dict:
 
 
 def _write_entries(output: str, n: int, consolidated: bool) -> None:
-    from pipeline.manifest import consolidate, entry_path, write_bytes
+    from pipeline.commit.manifest import consolidate, entry_path
+    from pipeline.io.publish import write_bytes
 
     fs, root = _fs(output)
     entries = [_entry(k) for k in range(n)]
@@ -70,7 +71,7 @@ def _write_entries(output: str, n: int, consolidated: bool) -> None:
 
 
 def _fs(uri: str):
-    from pipeline.storage import filesystem_for
+    from pipeline.io.uris import filesystem_for
 
     return filesystem_for(uri)
 
@@ -91,7 +92,7 @@ def _read_before(output: str) -> int:
 def manifest_startup(sizes: list[int], bucket_root: str | None, before_limit: int = 10000) -> None:
     """Seconds to read every commit record. "Before" on the S3 server is measured up to `before_limit` shards and
     extrapolated linearly above (it is one sequential GET per shard: 50k of them take many minutes here)."""
-    from pipeline.manifest import read_manifest
+    from pipeline.commit.manifest import read_manifest
 
     rows = []
     for store, base in (("local", tempfile.mkdtemp(prefix="bench-manifest-")), ("loopback S3", bucket_root)):
@@ -125,7 +126,7 @@ def manifest_startup(sizes: list[int], bucket_root: str | None, before_limit: in
 
 
 def _write_tiny_shards(root_uri: str, n: int, data: bytes) -> None:
-    from pipeline.manifest import write_bytes
+    from pipeline.io.publish import write_bytes
 
     fs, root = _fs(root_uri)
     with ThreadPoolExecutor(32) as pool:
@@ -135,7 +136,7 @@ def _write_tiny_shards(root_uri: str, n: int, data: bytes) -> None:
 def _list_seconds(uri: str) -> float:
     """Seconds to list the input shards: the part of start-up that grows with the input on any store, the same
     before and after the manifest change (best of two)."""
-    from pipeline.storage import list_shards
+    from pipeline.io.listing import list_shards
 
     best = float("inf")
     for _ in range(2):
@@ -159,7 +160,7 @@ def _cli_rerun_seconds(config) -> float:
 
 def rerun_startup(bucket_root: str, model_dir: str) -> None:
     """A rerun that finds every shard committed: 400 against 4,000 (target: within 1.5x)."""
-    from pipeline import corpus
+    from jobs import sample_corpus as corpus
     from pipeline.scoring import ScoreConfig, prepare_scoring
 
     rows, measured = [], []
@@ -192,9 +193,10 @@ def rerun_startup(bucket_root: str, model_dir: str) -> None:
 
 # -- 2. committer ------------------------------------------------------------------------------------------------
 def committer_rate(shards: int = 400, per_shard: int = 500) -> None:
-    from pipeline.scorer import ACTOR_OUTPUT_SCHEMA
-    from pipeline.sinks import SCORE_SCHEMA, ShardCommitter
-    from pipeline.sources import shard_end
+    from pipeline.scoring.scorer import ACTOR_OUTPUT_SCHEMA
+    from pipeline.scoring.records import SCORE_SCHEMA
+    from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.markers import end_marker
 
     out = tempfile.mkdtemp(prefix="bench-commit-")
     batches = []
@@ -239,7 +241,7 @@ class _StandIn:
 
 
 def _encoded_captions(processor, n: int, seed: int = 0) -> pa.Table:
-    from pipeline.preprocess import ENCODED_SCHEMA
+    from pipeline.encoded import ENCODED_SCHEMA
 
     rng = np.random.default_rng(seed)
     cfg = processor.config
@@ -258,7 +260,7 @@ def _encoded_captions(processor, n: int, seed: int = 0) -> pa.Table:
 def actor_overlap(quick: bool) -> None:
     from model.checkpoint import config_and_tokenizer
     from model.processing import UniFilterProcessor
-    from pipeline.scorer import BatchScorer
+    from pipeline.scoring.scorer import BatchScorer
 
     config, tokenizer = config_and_tokenizer("tiny")
     config = config.model_copy(update={"vision": {**config.vision, "image_size": 384}})  # real-size images
@@ -328,7 +330,7 @@ def downloads_per_node(bucket_root: str) -> None:
 # -- 6. fixed cost per shard -------------------------------------------------------------------------------------
 def per_shard_cost(n_shards: int, model_dir: str) -> None:
 
-    from pipeline import corpus
+    from jobs import sample_corpus as corpus
     from pipeline.scoring import ScoreConfig, score_dataset
 
     root = tempfile.mkdtemp(prefix="bench-shards-")

@@ -1,5 +1,5 @@
-"""Configuration at the edge and the one way a job ends: a YAML file (`--config FILE.yaml`) overlaid with flags,
-validated by a pydantic model. Every field is a flag (`--gpus-per-actor`); nested fields use a dash
+"""Configuration at the edge and the one way a job's command ends: a YAML file (`--config FILE.yaml`) overlaid with
+flags, validated by a pydantic model. Every field is a flag (`--gpus-per-actor`); nested fields use a dash
 (`--source-image-column`). `--help` shows each field's real default. Unknown or invalid fields fail fast with a
 message naming the field. `entry` prints errors (only here) and maps them to exit statuses: 2 for configuration,
 1 for a run that did not finish."""
@@ -7,7 +7,6 @@ message naming the field. `entry` prints errors (only here) and maps them to exi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,11 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from model.errors import ConfigFieldError, UniFilterError
-
-
-class ConfigError(UniFilterError):
-    """A configuration that cannot be used (possibly several fields at once): exit status 2."""
+from pipeline.errors import ConfigError, ConfigFieldError, UniFilterError
 
 
 @dataclass
@@ -33,9 +28,6 @@ class Invocation:
     sources: dict[str, str] = field(default_factory=dict)  # "gpus_per_actor" -> "flag" | "config file" | "default"
     dry_run: bool = False
     verbose: bool = False
-
-    def source_of(self, name: str) -> str:
-        return self.sources.get(name, "default")
 
 
 def _flag_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()):
@@ -182,75 +174,23 @@ def _report(err: Exception, verbose: bool) -> None:
     print(f"error: {err}", file=sys.stderr)
 
 
-def connect_ray(verbose: bool = False, job: str = "job") -> None:
-    """The cluster in RAY_ADDRESS, or a local instance of this job's own bound to loopback. Quiet unless
-    `verbose`: Ray's progress bars and info logs off, our own progress line instead."""
-    import logging
+def run_command(config_class: type[BaseModel], make_job: Callable, argv: list[str] | None, prog: str,
+                description: str, report: Callable | None = None) -> int:
+    """A shard job's whole command line: parse its config (before the job's modules load, so a bad flag is said at
+    once), say what a dry run would do, or run it (connecting to Ray only when there is work) and print its
+    summary; the exit status says how it ended. `report(job, summary)` may print more lines after the summary."""
+    import time
 
-    import ray
+    started = time.time()
+    invocation = parse(config_class, argv, prog, description)
+    from pipeline.runner import dry_run, exit_status, format_summary, run_job
 
-    if ray.is_initialized():
-        return
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(level)
-    if not verbose:
-        # Said on every run, asking nothing of the user: that token authentication is on (it is, by default).
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=verbose, logging_level=level)
-    else:
-        # address="local": always this job's own instance, even when other Ray instances run on this host (which
-        # ray.init() would otherwise try to join, or refuse with "Found multiple active Ray instances").
-        # Ray Train starts a handful of helper actors beside its workers: on a small machine that is more worker
-        # processes than Ray's startup-concurrency heuristic (one per CPU) expects, and the raylet warns of it on
-        # every run; let a few more start at once.
-        # Ray resolves 127.0.0.1 to the host's network address (so that other nodes could join); this instance is
-        # this machine's alone: with cluster mode off, it and every process it starts bind to loopback only.
-        from ray._private import ray_constants
-
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by the processes it starts
-        ray_constants.ENABLE_RAY_CLUSTER = False  # read by this one, already imported
-        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=verbose, logging_level=level,
-                 _system_config={"worker_maximum_startup_concurrency": max(4, os.cpu_count() or 1)})
-        resources = ray.cluster_resources()
-        host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
-        print(f"[{job}] started a local Ray instance on {host} ({resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} "
-              "GPUs; set RAY_ADDRESS to run on a cluster)", file=sys.stderr, flush=True)
-    if not verbose:  # a failing worker is one line per cause, not its whole traceback
-        from pipeline.ray_compat import quiet_worker_errors
-
-        quiet_worker_errors(f"[{job}]")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
-    ctx.enable_operator_progress_bars = verbose
-    if not verbose:  # Ray Data's console lines, its errors' stack traces too (the session's ray-data.log keeps
-        # them; the job's summary says what stopped it, in one line)
-        for handler in logging.getLogger("ray.data").handlers:
-            if not type(handler).__name__.endswith("FileHandler"):
-                handler.setLevel(logging.CRITICAL + 1)
-
-
-def run_prepared(prepared, job: str, verbose: bool, run: Callable[[], dict]) -> dict:
-    """Connect to Ray and run a prepared shard job; its output's lease is released whatever happens. A rerun with
-    nothing left to do never starts Ray."""
-    try:
-        if prepared.todo:
-            connect_ray(verbose, job)
-        return run()
-    finally:
-        if prepared.lease is not None:
-            prepared.lease.release()
-
-
-def exit_status(summary: dict) -> int:
-    """0 when every shard is committed; 1 when some are not (the summary names them), the run was aborted, its
-    summary could not be written, or every sample it read is an error record (a wrong format or column, almost
-    always)."""
-    if summary.get("interrupted"):
-        return 130  # as a shell reports a command ended by SIGINT
-    failed = (summary["shards"]["incomplete"] or summary.get("aborted") or summary.get("summary_not_written")
-              or summary.get("every_sample_failed"))
-    return 1 if failed else 0
+    job = make_job(invocation.config, invocation.sources)
+    if invocation.dry_run:
+        print(dry_run(job))
+        return 0
+    summary = run_job(job, verbose=invocation.verbose, started=started)
+    print(format_summary(job, summary))
+    if report is not None:
+        report(job, summary)
+    return exit_status(summary)

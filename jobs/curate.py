@@ -5,47 +5,33 @@ Selects the best-scored records (error records never), writes them per input sha
 --materialize, the kept samples as shards in the input's format to OUTPUT/shards/), and with --report an HTML
 report to judge the threshold by. Rerunning after a kill finishes the job exactly once; with --min-score a rerun
 curates only the score shards committed since the last run. `--dry-run` says what a run would do, starting
-nothing. Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad configuration.
+nothing. Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad configuration, 130
+after Ctrl-C.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 
-from jobs._config import connect_ray, entry, exit_status, parse
+from jobs._config import entry, run_command
+
+
+def _job(config, sources):
+    from pipeline.curation.job import CurationJob
+
+    return CurationJob(config, sources)
+
+
+def _report(job, summary: dict) -> None:
+    if job.config.report:
+        print(f"  report     {job.write_report(summary)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return entry(lambda: _run(argv), argv)
+    from pipeline.curation.config import CurateConfig
 
-
-def _run(argv: list[str] | None) -> int:
-    started = time.time()
-    from pipeline.curation import (
-        CurateConfig,
-        compute_thresholds,
-        dry_run_plan,
-        format_summary,
-        prepare_curation,
-        run_curation,
-    )
-
-    invocation = parse(CurateConfig, argv, "python -m jobs.curate", __doc__.split("\n")[0])
-    config = invocation.config
-    if invocation.dry_run:
-        print(dry_run_plan(config))
-        return 0
-    plan = prepare_curation(config, started)  # the scores and the output: before Ray starts
-    connect_ray(invocation.verbose, "curate")
-    thresholds = compute_thresholds(plan)
-    _, summary = run_curation(plan, thresholds)
-    print(format_summary(summary))
-    if config.report:
-        from pipeline.curation_report import write_curation_report
-
-        print(f"  report     {write_curation_report(plan, thresholds, summary)}")
-    return exit_status(summary)
+    return entry(lambda: run_command(CurateConfig, _job, argv, "python -m jobs.curate", __doc__.split("\n")[0],
+                                     _report), argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from jobs._config import connect_ray
-
 NOTE = """\
 What these scores mean: a score is the predicted quality level on 0 (easy negative) .. 3 (high quality). The
 demo's model is the `tiny` config (0.18M parameters) trained from scratch for {epochs} epochs on CPU on the
@@ -34,7 +32,7 @@ def _held_out_corpus(work: Path, synth) -> tuple[dict[str, str], dict[str, int]]
     Returns {format: input URI} and each sample's true level by id."""
     import pyarrow.parquet as pq
 
-    from pipeline.corpus import write_held_out_corpus, write_sample_corpus
+    from jobs.sample_corpus import write_held_out_corpus, write_sample_corpus
 
     origins = work / "heldout" / "origins"
     if not (origins / "captions").is_dir():
@@ -56,13 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
 
+    from jobs.sample_corpus import write_sample_corpus
     from pipeline import synth, training
-    from pipeline.corpus import write_sample_corpus
-    from pipeline.curation import CurateConfig, compute_thresholds, prepare_curation, run_curation
-    from pipeline.curation import format_summary as curation_summary
-    from pipeline.curation_report import write_curation_report
-    from pipeline.scoring import ScoreConfig, format_summary, score_dataset
-    from pipeline.sinks import read_scores
+    from pipeline.curation import CurateConfig, CurationJob
+    from pipeline.runner import format_summary, run_job
+    from pipeline.runner.cluster import connect
+    from pipeline.scoring import ScoreConfig, ScoringJob, read_scores
 
     work = Path(args.workdir).resolve()
     corpus_dir, pairs_dir, run_dir = work / "corpus", work / "pairs", work / "training"
@@ -72,12 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         inputs = {"webdataset": str(corpus_dir / "captions"), "obelics": str(corpus_dir / "documents")}
 
-    connect_ray()
+    connect()
     print("[demo] 1/5 synthetic training pairs (offline generator)")
     for fmt in ("webdataset", "obelics"):
-        summary = synth.synthesize(synth.SynthConfig(input=inputs[fmt], format=fmt, output=str(pairs_dir),
-                                                     val_fraction=0.15))
-        print(synth.format_summary(summary))
+        job = synth.SynthJob(synth.SynthConfig(input=inputs[fmt], format=fmt, output=str(pairs_dir), val_fraction=0.15))
+        print(format_summary(job, run_job(job)))
     print("[demo] 2/5 training a tiny model on them with Ray Train (CPU)")
     summary = training.train_classifier(training.TrainConfig(
         train=str(pairs_dir / "train"), val=str(pairs_dir / "val"), output=str(run_dir), epochs=args.epochs,
@@ -90,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     scores = work / "scores"
     exit_code = 0
     for fmt in ("webdataset", "obelics"):  # both kinds into one output: curation compares within each kind
-        summary = score_dataset(ScoreConfig(input=held_out[fmt], format=fmt, output=str(scores), model=model_dir,
-                                             gpus_per_actor=0))
-        print(format_summary(summary))
+        job = ScoringJob(ScoreConfig(input=held_out[fmt], format=fmt, output=str(scores), model=model_dir,
+                                     gpus_per_actor=0))
+        summary = run_job(job)
+        print(format_summary(job, summary))
         exit_code = exit_code or (1 if summary["shards"]["incomplete"] else 0)
     by_level: dict[int, list[float]] = defaultdict(list)
     for row in read_scores(str(scores)).to_pylist():
@@ -104,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] 4/5 curating: the best {args.keep_fraction:.0%} of each kind, written back as shards")
     config = CurateConfig(scores=str(scores), output=str(work / "curated"), keep_fraction=args.keep_fraction,
                           per_kind=True, materialize=True, report=str(work / "report"))
-    plan = prepare_curation(config)
-    thresholds = compute_thresholds(plan)
-    _, curated = run_curation(plan, thresholds, progress=False)
-    print(curation_summary(curated))
+    job = CurationJob(config)
+    summary = run_job(job, progress=False)
+    curated = summary["curate"]
+    print(format_summary(job, summary))
     print("[demo] 5/5 the report")
-    report = write_curation_report(plan, thresholds, curated)
+    report = job.write_report(summary)
     (work / "demo_summary.json").write_text(json.dumps({
         "held_out_mean_score_by_level": means, "kept": curated["kept"], "scored": curated["scored"],
         "thresholds": curated["thresholds"], "report": report, "elapsed_s": round(time.time() - started, 1)},
@@ -128,8 +125,8 @@ def _mean(values) -> float:
 
 
 def _mean_level(work: Path, levels: dict[str, int]) -> float:
+    from pipeline.commit.records import read_committed
     from pipeline.curation import SELECTED_SCHEMA
-    from pipeline.sinks import read_committed
 
     kept = read_committed(str(work / "curated"), SELECTED_SCHEMA).column("id").to_pylist()
     return _mean(levels[i] for i in kept if i in levels)

@@ -2,36 +2,26 @@
 
 Runs on the Ray cluster in RAY_ADDRESS, or a local one. Rerunning the same command scores only the shards not
 yet committed. `--dry-run` says what a run would do and cost, starting nothing. Exit status: 0 when every shard is
-committed, 1 when some are incomplete, 2 on bad configuration.
+committed, 1 when some are incomplete, 2 on bad configuration, 130 after Ctrl-C.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 
-from jobs._config import entry, exit_status, parse, run_prepared
+from jobs._config import entry, run_command
+
+
+def _job(config, sources):
+    from pipeline.scoring.job import ScoringJob
+
+    return ScoringJob(config, sources)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return entry(lambda: _run(argv), argv)
+    from pipeline.scoring.config import ScoreConfig
 
-
-def _run(argv: list[str] | None) -> int:
-    started = time.time()
-    from pipeline.scoring import ScoreConfig, dry_run_plan, format_summary, prepare_scoring, run_scoring
-
-    invocation = parse(ScoreConfig, argv, "python -m jobs.score", __doc__.split("\n")[0])
-    config = invocation.config
-    if invocation.dry_run:
-        print(dry_run_plan(config))
-        return 0
-    # shards, model, output, surveyed before Ray starts; the output is claimed once the job's resources are known
-    prepared, model_id = prepare_scoring(config, started, dry_run=True)
-    summary = run_prepared(prepared, "score", invocation.verbose,
-                           lambda: run_scoring(prepared, config, model_id, sources=invocation.sources))
-    print(format_summary(summary))
-    return exit_status(summary)
+    return entry(lambda: run_command(ScoreConfig, _job, argv, "python -m jobs.score", __doc__.split("\n")[0]), argv)
 
 
 if __name__ == "__main__":

@@ -3,34 +3,26 @@
 
 Rerunning the same command finishes the shards not yet committed and never pays twice for a cached request.
 `--dry-run` says what a run would do, starting nothing. Exit status: 0 when every shard is committed, 1 when some
-are incomplete, 2 on bad configuration.
+are incomplete, 2 on bad configuration, 130 after Ctrl-C.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 
-from jobs._config import entry, exit_status, parse, run_prepared
+from jobs._config import entry, run_command
+
+
+def _job(config, sources):
+    from pipeline.synth.job import SynthJob
+
+    return SynthJob(config, sources)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return entry(lambda: _run(argv), argv)
+    from pipeline.synth.config import SynthConfig
 
-
-def _run(argv: list[str] | None) -> int:
-    started = time.time()
-    from pipeline.synth import SynthConfig, dry_run_plan, format_summary, prepare_synth, synthesize
-
-    invocation = parse(SynthConfig, argv, "python -m jobs.synth", __doc__.split("\n")[0])
-    config = invocation.config
-    if invocation.dry_run:
-        print(dry_run_plan(config))
-        return 0
-    prepared = prepare_synth(config, started)  # shards, generator, output: before Ray starts
-    summary = run_prepared(prepared, "synth", invocation.verbose, lambda: synthesize(config, prepared=prepared))
-    print(format_summary(summary))
-    return exit_status(summary)
+    return entry(lambda: run_command(SynthConfig, _job, argv, "python -m jobs.synth", __doc__.split("\n")[0]), argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import connect_ray, entry, parse
+from jobs._config import entry, parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,9 @@ def _run(argv: list[str] | None) -> int:
     if invocation.dry_run:
         print(dry_run_plan(config))
         return 0
-    connect_ray(invocation.verbose, "train")
+    from pipeline.runner.cluster import connect
+
+    connect(invocation.verbose, "train")
     summary = train_classifier(config, sources=invocation.sources)
     print(format_summary(summary))
     return 0

@@ -18,7 +18,7 @@ from model.config import IMAGE_TOKEN_ID, UniFilterConfig
 from model.errors import Category, SampleError
 
 PAD_COLOR = (127, 127, 127)  # int(255 * image_mean) for SigLIP's mean of 0.5, as LLaVA's expand2square
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: checked from the header, before decoding
+from model.limits import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported: the decompression-bomb guard
 
 Kind = Literal["caption", "interleaved"]
 ImageInput = bytes | Image.Image | np.ndarray

@@ -1,4 +1,5 @@
-"""The pipeline's exceptions, on the model library's one hierarchy (`model.errors`)."""
+"""The pipeline's exceptions, all of them, on the model library's one hierarchy (`model.errors`); and `reason_key`,
+how error reasons are counted."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import re
 
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
-__all__ = ["Category", "CheckpointError", "ConfigFieldError", "CorruptState", "InputError", "LeaseLost", "OutputBusy",
-           "OutputMismatch", "SampleError", "ShardFault", "UniFilterError", "reason_key"]
+__all__ = ["Category", "CheckpointError", "ConfigError", "ConfigFieldError", "CorruptState", "DeviceFault", "InputError",
+           "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError", "ShardFault", "TrainingStalled", "UniFilterError",
+           "reason_key"]
 
 
 class InputError(ConfigFieldError):
@@ -64,3 +66,25 @@ def reason_key(reason: str, limit: int = 160) -> str:
     text = _NUMBER.sub(lambda m: "N" if m.group(0).lower().startswith("0x") or "x" not in m.group(0) else "NxN", text)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class DeviceFault(UniFilterError):
+    """The device failed (not the sample): the actor must end so Ray restarts it and retries the batch.
+    `samples`: the micro-batch that met it (indices of the call's rows to score), when one did; `canary`: the
+    canary sample met it (the device is broken)."""
+
+    def __init__(self, message: str, samples: list[int] | None = None, canary: bool = False):
+        super().__init__(message)
+        self.samples, self.canary = samples, canary
+
+    @property
+    def first_line(self) -> str:
+        return (str(self).strip().splitlines() or [""])[0][:300]
+
+
+class TrainingStalled(UniFilterError):
+    """No training step for `no_progress_timeout_s`: the run was stopped."""
+
+
+class ConfigError(UniFilterError):
+    """A configuration that cannot be used (possibly several fields at once): exit status 2."""

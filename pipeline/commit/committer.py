@@ -1,17 +1,16 @@
-"""Records to Parquet, one file per input shard (and partition), committed through the manifest
-(`pipeline.manifest`).
+"""The committer: records to Parquet, one file per input shard (and partition), committed through the manifest.
+It knows no job: the job says its record schema, how records are keyed and which folder each goes to.
 
 Layout: `OUTPUT/<partition>/<shard>.parquet` (`scores/` for scoring; `train/`, `val/`, `errors/` for synthetic
 pairs; `selected/` for curation), named after the shard's path relative to the input root. A shard's file names are
 fixed, so a rerun after a crash overwrites any uncommitted file rather than adding a second copy: the committed
-files hold every input sample exactly once. Readers go through `read_committed` / `read_scores`, which read
-committed files only, and check that every commit belongs to the output's one model and settings.
+files hold every input sample exactly once. Readers go through `pipeline.commit.read_committed`, which reads
+committed files only and checks that every commit belongs to the output's one identity.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -19,94 +18,14 @@ from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.errors import Category, OutputMismatch, ShardFault, reason_key
-from pipeline.manifest import (
-    CONSOLIDATE_EVERY,
-    PARTS_DIR,
-    check_entries,
-    consolidate,
-    entry_path,
-    missing_files,
-    read_json,
-    read_manifest,
-    write_bytes,
-    write_entry,
-    write_json,
-)
-from pipeline.sources import SHARD_END, SHARD_FAILED
-from pipeline.storage import filesystem_for, join, output_name
-
-__all__ = ["SCORES_DIR", "SCORE_SCHEMA", "ShardCommitter", "read_committed", "read_json", "read_scores", "write_json"]
-
-SCORE_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("kind", pa.string()),
-    ("score", pa.float32()),
-    ("label", pa.int8()),
-    ("probs", pa.list_(pa.float32())),
-    ("n_images", pa.int32()),
-    ("n_tokens", pa.int32()),
-    ("truncated", pa.bool_()),
-    ("error", pa.string()),
-    ("model", pa.string()),
-    ("key", pa.string()),
-    ("url", pa.string()),
-])
-SCORES_DIR = "scores"
-# A write of an output that fails (throttling, a full disk) is tried this many times in all, the pauses doubling
-# from the backoff (full jitter), before its shard is left uncommitted; S3 clients retry inside each try as well.
-WRITE_ATTEMPTS = 3
-WRITE_BACKOFF_S = 1.0
-
-
-def write_with_retries(uri: str, write: Callable[[], None], attempts: int | None = None,
-                       backoff_s: float | None = None) -> None:
-    """Run `write`; an I/O failure (OSError) is retried, and raises ShardFault(io) naming `uri` once the
-    attempts are spent (default: WRITE_ATTEMPTS, WRITE_BACKOFF_S). Anything else (LeaseLost, a bug) is not
-    retried."""
-    attempts = WRITE_ATTEMPTS if attempts is None else attempts
-    backoff_s = WRITE_BACKOFF_S if backoff_s is None else backoff_s
-    for attempt in range(1, attempts + 1):
-        try:
-            return write()
-        except OSError as err:
-            if attempt == attempts:
-                detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ShardFault(Category.IO, f"cannot write {uri}: {detail} (gave up after {attempts} attempts)") \
-                    from None
-            time.sleep(random.uniform(0, min(30.0, backoff_s * 2 ** (attempt - 1))))
-
-
-def read_committed(output: str, schema: pa.Schema) -> pa.Table:
-    """All committed records of an output (uncommitted files of an interrupted run are ignored)."""
-    entries = read_manifest(output)
-    check_entries(output, entries)
-    lost = missing_files(output, entries)
-    if lost:
-        shard, gone = next(iter(lost.items()))
-        raise OutputMismatch("output", f"{output}: {len(lost)} committed shards' files are gone (e.g. {gone[0]} of "
-                                       f"{shard}); rerun the job that wrote the output to write them again")
-    fs, root = filesystem_for(output)
-    files = [f"{root}/{f}" for e in entries.values() for f in e["files"]]
-    if not files:
-        return schema.empty_table()
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    # Outputs of earlier versions lack newer columns (key, url): read what is there, fill the rest with nulls.
-    present = [n for n in schema.names if n in dataset.schema.names]
-    table = dataset.to_table(columns=present)
-    for i, field in enumerate(schema):
-        if field.name not in present:
-            table = table.add_column(i, field, pa.nulls(table.num_rows, field.type))
-    return table.select(schema.names).cast(schema)
-
-
-def read_scores(output: str) -> pa.Table:
-    """All committed score records of a scoring output."""
-    return read_committed(output, SCORE_SCHEMA)
+from pipeline.commit.manifest import CONSOLIDATE_EVERY, PARTS_DIR, consolidate, entry_path, write_entry
+from pipeline.commit.markers import SHARD_END, SHARD_FAILED
+from pipeline.errors import ShardFault, reason_key
+from pipeline.io.listing import output_name
+from pipeline.io.publish import write_bytes, write_with_retries
+from pipeline.io.uris import filesystem_for, join
 
 
 class ErrorCounts:
@@ -140,10 +59,10 @@ class ErrorCounts:
         return sum(self.by_category.values())
 
     def as_summary(self) -> dict:
-        """The summary's fields: `errors_by_category`, `errors_by_reason` (most frequent first), `error_examples`."""
+        """`by_category`, `by_reason` (most frequent first), `examples` (one per reason)."""
         reasons = dict(self.by_reason.most_common())
-        return {"errors_by_category": dict(self.by_category.most_common()), "errors_by_reason": reasons,
-                "error_examples": {k: self.examples[k] for k in reasons if k in self.examples}}
+        return {"by_category": dict(self.by_category.most_common()), "by_reason": reasons,
+                "examples": {k: self.examples[k] for k in reasons if k in self.examples}}
 
 
 class ShardCommitter:
@@ -155,17 +74,16 @@ class ShardCommitter:
     and its reason kept for the summary, and the run goes on. Records stay in Arrow all along (a driver commits for
     hundreds of GPUs: see benchmarks/scale.py)."""
 
-    def __init__(self, output: str, schema: pa.Schema, identity: str, lease=None, on_commit: Callable | None = None,
-                 rows_per_sample: int = 1, key_columns: tuple[str, ...] = ("ordinal",),
-                 partition: Callable[[pa.Table], list[str]] | None = None,
-                 consolidate_every: int = CONSOLIDATE_EVERY, on_records: Callable[[pa.Table], None] | None = None,
+    def __init__(self, output: str, schema: pa.Schema, identity: str, partition: Callable[[pa.Table], list[str]],
+                 lease=None, on_commit: Callable | None = None, rows_per_sample: int = 1,
+                 key_columns: tuple[str, ...] = ("ordinal",), consolidate_every: int = CONSOLIDATE_EVERY, on_records: Callable[[pa.Table], None] | None = None,
                  describe: Callable[[str], dict] | None = None, committed: dict[str, dict] | None = None,
                  write_attempts: int | None = None, write_backoff_s: float | None = None):
         self.output = output
         self.fs, self.root = filesystem_for(output)
         self.schema, self.identity, self.lease = schema, identity, lease
         self.rows_per_sample, self.key_columns = rows_per_sample, key_columns
-        self.partition = partition or (lambda table: [SCORES_DIR] * table.num_rows)
+        self.partition = partition  # records -> the folder of each
         self.on_commit, self.on_records, self.consolidate_every = on_commit, on_records, consolidate_every
         self.describe = describe  # shard -> what its commit record says about it (its input URI and format)
         self.write_attempts, self.write_backoff_s = write_attempts, write_backoff_s
@@ -186,7 +104,7 @@ class ShardCommitter:
         self.committed: list[str] = []
         self.failed: dict[str, str] = {}  # shard -> why it was not committed (a read fault, a failed write)
         self.errors = ErrorCounts()
-        self.samples = self.scored = self.truncated = 0
+        self.samples = 0  # records committed this run
         self.first_commit: tuple[float, int] | None = None  # (time, samples then): start-up vs steady state
 
     def add(self, batch: pa.Table) -> None:
@@ -294,9 +212,6 @@ class ShardCommitter:
         self.committed.append(shard)
         self._done.add(shard)
         self.samples += records.num_rows
-        self.scored += records.num_rows - (errors.num_rows if errors is not None else 0)
-        if "truncated" in records.column_names:
-            self.truncated += pc.sum(pc.fill_null(records.column("truncated"), False)).as_py() or 0
         if self.first_commit is None:
             self.first_commit = (time.time(), self.samples)
         if errors is not None and errors.num_rows:

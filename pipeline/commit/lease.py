@@ -24,9 +24,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from pipeline.commit.lease_store import corrupt_lease, store_for
 from pipeline.errors import LeaseLost, OutputBusy
-from pipeline.lease_store import corrupt_lease, store_for
-from pipeline.storage import join
+from pipeline.io.uris import join
 
 LEASE_NAME = "_lease.json"
 

@@ -14,7 +14,7 @@ import os
 import uuid
 
 from pipeline.errors import CorruptState
-from pipeline.storage import filesystem_for, is_remote
+from pipeline.io.uris import filesystem_for, is_remote
 
 
 def corrupt_lease(uri: str) -> CorruptState:

@@ -1,13 +1,10 @@
-"""The commit manifest and the output's identity: what makes resume exact and keeps one output to one model.
+"""The commit manifest: what makes resume exact.
 
 - `OUTPUT/_manifest/<shard>.json`: a shard's commit record, written after all its files are durable. Its presence
   is the commit: a shard without one is not done, whatever files it left behind.
 - `OUTPUT/_manifest/_parts/<id>.parquet`: commit records consolidated as a run goes (every `CONSOLIDATE_EVERY`
   commits and at its end): written first, then the per-shard records it holds are deleted. A kill between the two
   leaves a record in both places, read once. Start-up reads a few Parquet files instead of one object per shard.
-- `OUTPUT/_output.json`: the output's identity: the job, and what changes its records (the model's content hash,
-  the score-changing settings). A run whose identity differs is refused; `read_committed` checks every commit
-  record against it.
 
 Outputs written before consolidation existed (per-shard records keyed by the shard's full URI) still read and
 resume: their records are matched to today's shard keys by path suffix.
@@ -15,86 +12,27 @@ resume: their records are matched to today's shard keys by path suffix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.errors import CorruptState, OutputMismatch
-from pipeline.storage import filesystem_for, join, output_name
+from pipeline.errors import CorruptState
+from pipeline.io.listing import output_name
+from pipeline.io.publish import write_bytes, write_json
+from pipeline.io.uris import filesystem_for, join
 
 MANIFEST_DIR = "_manifest"
 PARTS_DIR = f"{MANIFEST_DIR}/_parts"
-IDENTITY_NAME = "_output.json"
 CONSOLIDATE_EVERY = 1000
 MAX_PARTS = 32  # more part files than this are merged into one
 _READERS = 32  # parallel reads of commit records
 _ENTRY_SCHEMA = pa.schema([("shard", pa.string()), ("entry", pa.string())])
-
-
-def identity_hash(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# -- writing -----------------------------------------------------------------------------------------------------
-def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Object stores publish an upload only when it completes; a local file is written aside, then renamed. A
-    failed write leaves nothing behind (no `.tmp` file)."""
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with fs.open_output_stream(tmp) as f:
-                f.write(data)
-            fs.move(tmp, path)
-        except BaseException:
-            try:
-                fs.delete_file(tmp)
-            except OSError:
-                pass
-            raise
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-
-def write_json(uri: str, payload: dict) -> None:
-    fs, path = filesystem_for(uri)
-    write_bytes(fs, path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
-
-
-# What to do about a state file that cannot be read, by its name (a file of another name: restore it).
-_REMEDIES = {
-    IDENTITY_NAME: "restore it from a backup, or delete it and rerun with the same model and settings (the run "
-                   "records the output's identity again from its own)",
-    "summary.json": "delete it: the next run writes it again",
-}
-
-
-def read_json(uri: str, field: str = "output") -> dict | None:
-    """A JSON object, or None where there is none; one that does not parse is named (CorruptState, reported as
-    the setting `field`)."""
-    fs, path = filesystem_for(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        payload = None
-    if not isinstance(payload, dict):
-        remedy = _REMEDIES.get(uri.rsplit("/", 1)[-1], "restore it from a backup")
-        raise CorruptState(f"{uri} is not a valid JSON object (truncated?): {remedy}", field)
-    return payload
 
 
 def entry_path(shard_key: str) -> str:
@@ -251,128 +189,3 @@ def _delete_all(fs: pafs.FileSystem, paths: list[str]) -> None:
         list(pool.map(delete, paths))
 
 
-# -- identity ---------------------------------------------------------------------------------------------------
-def describe_identity(identity: dict) -> str:
-    model = identity.get("model")
-    if isinstance(model, dict):
-        weights = f", weights {model['weights']}" if model.get("weights") else ""
-        return f"model {model.get('id')} (revision {model.get('revision') or 'unknown'}{weights})"
-    return ", ".join(f"{k}={v}" for k, v in sorted(identity.items()))
-
-
-def _same_model(a: dict, b: dict) -> bool:
-    """The weights decide where both sides know them (a content digest); else the revision, else the id."""
-    if a.get("weights") and b.get("weights"):
-        return a["weights"] == b["weights"]
-    if a.get("revision") or b.get("revision"):
-        return a.get("revision") == b.get("revision")
-    return a.get("id") == b.get("id")
-
-
-def _differences(theirs: dict, ours: dict) -> list[str]:
-    fields = []
-    for name in sorted(set(theirs) | set(ours)):
-        a, b = theirs.get(name), ours.get(name)
-        if name == "model" and isinstance(a, dict) and isinstance(b, dict):
-            if not _same_model(a, b):
-                fields.append(name)
-        elif a != b:
-            fields.append(name)
-    return fields
-
-
-@dataclass
-class Claim:
-    """How a run stands with an output's identity: the identity its commits record (an output written by an
-    earlier version keeps its own), whether `_output.json` must be written, and a note for the user."""
-
-    identity: dict
-    write: bool
-    note: str | None = None
-
-    @property
-    def hash(self) -> str:
-        return identity_hash(self.identity)
-
-
-def check_identity(output: str, job: str, identity: dict, entries: dict[str, dict]) -> Claim:
-    """Whether this run may write into `output` (reads only). Raises OutputMismatch naming the fields that differ
-    rather than mixing records of two models or settings; an output that holds an identity but no committed shard
-    may be re-claimed (the Claim says so)."""
-    uri = join(output, IDENTITY_NAME)
-    current = read_json(uri)
-    if current is None:
-        legacy_models = {e.get("model") for e in entries.values()} - {None}  # an empty shard names no model
-        if legacy_models and isinstance(identity.get("model"), dict) and legacy_models != {identity["model"].get("id")}:
-            raise OutputMismatch("model", f"{output} already holds records of {sorted(map(str, legacy_models))}, "
-                                 f"not of {identity['model'].get('id')}: score into another output")
-        return Claim(identity, write=True)
-    if current.get("job") != job:
-        if not entries:
-            return Claim(identity, True, f"{output} held the identity of a '{current.get('job')}' job but no "
-                                         f"committed shard: re-claimed for this '{job}' job")
-        raise OutputMismatch("output", f"{output} holds the output of a '{current.get('job')}' job, not '{job}'")
-    theirs = current.get("identity", {})
-    differ = _differences(theirs, identity)
-    if not differ:
-        # An output written before the weights' digest was recorded keeps its identity (and so its hash).
-        legacy = isinstance(theirs.get("model"), dict) and not theirs["model"].get("weights")
-        return Claim(theirs if legacy else identity, write=False)
-    if not entries:
-        return Claim(identity, True, f"{output} held no committed shard (it was claimed with "
-                     + ", ".join(f"{f}={_shown(theirs, f)}" for f in differ)
-                     + "): re-claimed with this run's " + ", ".join(f"{f}={_shown(identity, f)}" for f in differ))
-    first = differ[0]
-    if first == "model":
-        problem = (f"{output} holds scores of {describe_identity(theirs)}; this run's is "
-                   f"{describe_identity(identity)}. One output holds one model's scores: choose another output, "
-                   "or delete this one to score it again")
-    else:
-        problem = (f"{output} was written with " + ", ".join(f"{f}={theirs.get(f)!r}" for f in differ)
-                   + "; this run has " + ", ".join(f"{f}={identity.get(f)!r}" for f in differ)
-                   + ". Settings that change the records cannot change within one output: choose another output")
-    raise OutputMismatch(first, problem)
-
-
-def _shown(identity: dict, field: str):
-    value = identity.get(field)
-    return describe_identity(identity) if field == "model" and isinstance(value, dict) else repr(value)
-
-
-def record_identity(output: str, job: str, claim: Claim) -> None:
-    """Write `_output.json` (the caller holds the output's lease)."""
-    if claim.write:
-        write_json(join(output, IDENTITY_NAME), {"job": job, "identity": claim.identity, "identity_hash": claim.hash,
-                                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-
-
-def claim_output(output: str, job: str, identity: dict, entries: dict[str, dict], record: bool = True) -> Claim:
-    """`check_identity`, then (unless `record` is False) `record_identity`."""
-    claim = check_identity(output, job, identity, entries)
-    if record:
-        record_identity(output, job, claim)
-    return claim
-
-
-def check_entries(output: str, entries: dict[str, dict]) -> None:
-    """Every commit record belongs to the output's identity and names one model (raises OutputMismatch naming the
-    mix, or a record that carries no identity)."""
-    current = read_json(join(output, IDENTITY_NAME))
-    models = {e.get("model") for e in entries.values()} - {None}  # a shard with no sample names no model
-    if len(models) > 1:
-        raise OutputMismatch("output", f"{output} holds records of {len(models)} models: {sorted(map(str, models))}")
-    if current is None:
-        return
-    # Records of the version before identities carry only their model: they belong if it is the output's model
-    # (checked when that version's output was first claimed by this one).
-    model = (current.get("identity") or {}).get("model")
-    model_id = model.get("id") if isinstance(model, dict) else None
-    unnamed = sorted(shard for shard, e in entries.items()
-                     if not e.get("identity") and (e.get("model") != model_id or model_id is None))
-    if unnamed:
-        raise OutputMismatch("output", f"{output} holds {len(unnamed)} commit records that carry no identity (e.g. "
-                                       f"{unnamed[0]!r}): they were not written by a job that claimed this output")
-    foreign = sorted({e["identity"] for e in entries.values() if e.get("identity")} - {current.get("identity_hash")})
-    if foreign:
-        raise OutputMismatch("output", f"{output} holds records of {len(foreign) + 1} different models or "
-                                       f"settings (identities {[current.get('identity_hash'), *foreign]})")

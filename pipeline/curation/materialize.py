@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 
 from model.errors import Category
 from pipeline.errors import ShardFault
-from pipeline.sources import SourceOptions, tar_samples_by_id
-from pipeline.sources.files import open_shard
-from pipeline.storage import filesystem_for, is_local
+from pipeline.io.files import open_shard
+from pipeline.io.publish import publish_file
+from pipeline.io.samples import SourceOptions, tar_samples_by_id
 
 _CHUNK = 16 * 2**20
 MISSING_IDS_SHOWN = 20  # ids of samples not materializable, recorded per shard
@@ -37,20 +37,6 @@ class Materialized:
 
     written: int
     missing: list[str] = field(default_factory=list)  # ids (tar) or row positions (Parquet), sorted
-
-
-def _publish(local: Path, uri: str) -> None:
-    """Move a finished local file to its destination whole: a rename locally; elsewhere one upload, which the
-    object store publishes only once it completes."""
-    fs, path = filesystem_for(uri)
-    if is_local(uri):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        local.replace(path)
-        return
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with open(local, "rb") as f, fs.open_output_stream(path) as out:
-        while chunk := f.read(_CHUNK):
-            out.write(chunk)
 
 
 def _check_found(input_uri: str, found: int, expected: int) -> None:
@@ -76,7 +62,7 @@ def materialize_tar(input_uri: str, keep: set[str], output_uri: str, options: So
             tmp.close()
             _check_found(input_uri, len(found), len(keep))
             if found:
-                _publish(Path(tmp.name), output_uri)
+                publish_file(Path(tmp.name), output_uri)
         finally:
             Path(tmp.name).unlink(missing_ok=True)
     return Materialized(len(found), sorted(keep - found))
@@ -102,7 +88,7 @@ def materialize_parquet(input_uri: str, keep: set[int], output_uri: str, options
             src.check_unchanged()
             _check_found(input_uri, len(found), len(keep))
             if found:
-                _publish(Path(tmp.name), output_uri)
+                publish_file(Path(tmp.name), output_uri)
         finally:
             Path(tmp.name).unlink(missing_ok=True)
     return Materialized(len(found), [str(i) for i in sorted(keep - found)])

@@ -1,4 +1,4 @@
-"""The data behind a curation run's HTML report (`pipeline.report` draws it): histograms and counts from the
+"""The data behind a curation run's HTML report (`pipeline.curation.report_html` draws it): histograms and counts from the
 curation's own passes and commits, and example records with their images and text read back from a few input
 shards (chosen evenly across the corpus, so the report never reads the whole of it).
 
@@ -16,11 +16,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.curation import CurationPlan, Thresholds
-from pipeline.report import MAX_IMAGES, Example, KindStats, ReportData, make_thumbnail, write_report
-from pipeline.selection import KINDS
-from pipeline.sources import MARKERS, SourceOptions, read_shard
-from pipeline.storage import Shard, filesystem_for
+from pipeline.curation.config import CurateConfig
+from pipeline.curation.report_html import (
+    MAX_IMAGES,
+    Example,
+    KindStats,
+    ReportData,
+    make_thumbnail,
+    write_report,
+)
+from pipeline.curation.thresholds import KINDS, Thresholds
+from pipeline.io.listing import Shard
+from pipeline.io.samples import SourceOptions, read_samples
+from pipeline.io.uris import filesystem_for
 
 EXCERPT_CHARS = 600
 
@@ -29,10 +37,9 @@ def _stable(sample_id: str) -> str:
     return hashlib.sha1(sample_id.encode()).hexdigest()
 
 
-def _candidates(plan: CurationPlan) -> list[dict]:
+def _candidates(config: CurateConfig, shards: list[Shard]) -> list[dict]:
     """Score records of `report_shards` score shards spread evenly over the corpus."""
-    shards = plan.listing.shards
-    n = min(plan.config.report_shards, len(shards))
+    n = min(config.report_shards, len(shards))
     picked = [shards[int(i)] for i in np.linspace(0, len(shards) - 1, n).round().astype(int)] if n else []
     rows = []
     for shard in dict.fromkeys(picked):
@@ -43,14 +50,14 @@ def _candidates(plan: CurationPlan) -> list[dict]:
     return rows
 
 
-def _sections(plan: CurationPlan, thresholds: Thresholds, rows: list[dict]) -> list[tuple[str, list[dict]]]:
-    n = plan.config.examples
+def _sections(config: CurateConfig, thresholds: Thresholds, rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    n = config.examples
     sections = []
     for level in (3, 2, 1, 0):
         at_level = sorted((r for r in rows if r["label"] == level), key=lambda r: _stable(r["id"]))[:n]
         sections.append((f"Predicted level {level}", sorted(at_level, key=lambda r: -r["score"])))
     for kind in KINDS:
-        cut = thresholds.for_kind(kind, plan.config.per_kind)
+        cut = thresholds.for_kind(kind, config.per_kind)
         of_kind = [r for r in rows if r["kind"] == kind]
         if cut is None or not of_kind:
             continue
@@ -66,8 +73,8 @@ def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict
     """Texts and image thumbnails of the wanted samples of one input shard. Thumbnails are made here, in the
     task that read the images: the driver never decodes a full image."""
     wanted, found = set(ids), {}
-    for row in read_shard(Shard(**shard), fmt, SourceOptions.model_validate(options)):
-        if row["kind"] in MARKERS or row["id"] not in wanted or row["error"]:
+    for row in read_samples(Shard(**shard), fmt, SourceOptions.model_validate(options)):
+        if row["id"] not in wanted or row["error"]:
             continue
         texts = [t for t in row["texts"] or [] if t]
         images = [i for i in row["images"] or [] if i is not None][:MAX_IMAGES]
@@ -79,15 +86,16 @@ def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict
 _fetch = ray.remote(num_cpus=1)(fetch_examples)
 
 
-def build_report_data(plan: CurationPlan, thresholds: Thresholds, summary: dict) -> ReportData:
-    config = plan.config
-    rows = _candidates(plan)
-    sections = _sections(plan, thresholds, rows)
+def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict
+                      ) -> ReportData:
+    own = summary["curate"]
+    rows = _candidates(config, shards)
+    sections = _sections(config, thresholds, rows)
     needed: dict[str, set[str]] = {}
     for _, records in sections:
         for r in records:
             needed.setdefault(r["source"], set()).add(r["id"])
-    inputs = {s.key: s for s in plan.listing.shards}
+    inputs = {s.key: s for s in shards}
     refs = {key: _fetch.remote({"uri": inputs[key].aux, "key": key}, inputs[key].aux_format, sorted(ids),
                                config.source.model_dump())
             for key, ids in needed.items() if key in inputs and inputs[key].aux and inputs[key].aux_format}
@@ -104,7 +112,7 @@ def build_report_data(plan: CurationPlan, thresholds: Thresholds, summary: dict)
         if kind not in thresholds.plots:
             continue
         edges, counts = thresholds.plots[kind]
-        k = summary["by_kind"].get(kind, {})
+        k = own["by_kind"].get(kind, {})
         kinds.append(KindStats(kind, edges, counts, thresholds.for_kind(kind, config.per_kind), k.get("kept", 0),
                                k.get("dropped", 0), k.get("kept_by_level", {}), k.get("dropped_by_level", {})))
     examples = []
@@ -118,10 +126,10 @@ def build_report_data(plan: CurationPlan, thresholds: Thresholds, summary: dict)
         examples.append((heading, shown))
     return ReportData(
         title=f"UniFilter curation: {config.rule}", scores_uri=config.scores, rule=config.rule, kinds=kinds,
-        errors_by_reason=summary["errors_by_reason"],
-        error_examples=summary.get("error_examples", {}), sections=examples,
+        errors_by_reason=own["score_errors"]["by_reason"],
+        error_examples=own["score_errors"]["examples"], sections=examples,
         generated_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
 
 
-def write_curation_report(plan: CurationPlan, thresholds: Thresholds, summary: dict) -> str:
-    return write_report(plan.config.report, build_report_data(plan, thresholds, summary))
+def write_curation_report(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict) -> str:
+    return write_report(config.report, build_report_data(config, shards, thresholds, summary))

@@ -9,7 +9,7 @@ Where the images are read (a curation's report tasks) they are made into `Thumbn
 draws the page never decodes a full image.
 
 ```python
-from pipeline.report import Example, KindStats, ReportData, write_report
+from pipeline.curation.report_html import Example, KindStats, ReportData, write_report
 
 uri = write_report("s3://bucket/runs/r1/report", ReportData(...))   # -> "s3://bucket/runs/r1/report/index.html"
 ```
@@ -23,12 +23,13 @@ import html
 import io
 import math
 import re
-import uuid
 from dataclasses import dataclass, field
 
 from model.errors import Category, SampleError
-from model.processing import DEFAULT_MAX_IMAGE_PIXELS, decode_image
-from pipeline.storage import filesystem_for, is_local, is_remote, join, normalize_uri, to_uri
+from model.limits import DEFAULT_MAX_IMAGE_PIXELS
+from model.processing import decode_image
+from pipeline.io.publish import write_bytes
+from pipeline.io.uris import filesystem_for, join, normalize_uri, to_uri
 
 __all__ = ["Example", "KindStats", "ReportData", "Thumbnail", "render_html", "thumbnail", "histogram_png",
            "make_thumbnail", "write_report",
@@ -374,23 +375,9 @@ def render_html(data: ReportData) -> str:
 
 
 def write_report(directory: str, data: ReportData) -> str:
-    """Write `directory/index.html` (a local path or an `s3://` prefix, through `pipeline.storage`'s
-    `filesystem_for`); return its URI."""
-    page = render_html(data).encode("utf-8")
+    """Write `directory/index.html` (a local path or an `s3://` prefix), whole or not at all (a reader never sees
+    half a page; on S3 it is served as a page through a presigned URL); return its URI."""
     uri = join(normalize_uri(directory), "index.html")
     fs, path = filesystem_for(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    if is_local(uri):  # whole or nothing: a reader never sees half a page
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(page)
-        fs.move(tmp, path)
-    elif is_remote(uri):  # one PUT (atomic on S3), served as a page when opened through a presigned URL
-        with fs.open_output_stream(path, metadata={"Content-Type": "text/html; charset=utf-8"}) as f:
-            f.write(page)
-    else:
-        with fs.open_output_stream(path) as f:
-            f.write(page)
+    write_bytes(fs, path, render_html(data).encode("utf-8"), content_type="text/html; charset=utf-8")
     return to_uri(uri, path)

@@ -163,3 +163,65 @@ def sort_threshold(scores: np.ndarray, fraction: float) -> float | None:
     if k == 0:
         return None
     return float(np.sort(np.asarray(scores, dtype=np.float32))[::-1][k - 1])
+
+
+@dataclass
+class Thresholds:
+    """The cut per group (a kind, or `all`), and what the passes counted on the way."""
+
+    by_group: dict[str, float | None]
+    counts: dict[str, KindCounts]
+    errors: Counter
+    plots: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)  # kind -> (edges, counts)
+
+    def for_kind(self, kind: str, per_kind: bool) -> float | None:
+        return self.by_group.get(kind if per_kind else ALL)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in sorted(self.by_group.items())}
+
+
+def compute_thresholds(config, score_files: list[str]) -> Thresholds:
+    """Two passes of Ray Data over the score files (their URIs): exact thresholds, and the histograms on the way.
+    A fixed min_score with no report needs neither: no pass is made."""
+    import ray
+
+    from pipeline.io.uris import filesystem_for
+
+    if config.min_score is not None and not config.report:
+        cut = float(np.float32(config.min_score))
+        return Thresholds({name: cut for name in (KINDS if config.per_kind else [ALL])},
+                          {}, Counter())
+    fs, _ = filesystem_for(config.scores)
+    paths = [filesystem_for(uri)[1] for uri in score_files]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["kind", "score", "error", "label"])
+    counts, errors = merge_pass_one(
+        ds.map_batches(pass_one, batch_size=None, batch_format="pyarrow").take_all())
+    groups = list(KINDS) if config.per_kind else [ALL]
+    by_group: dict[str, float | None] = {}
+    cut_bins, needed = {}, {}
+    for name in groups:
+        c = counts.get(name, KindCounts())
+        if config.min_score is not None:
+            by_group[name] = float(np.float32(config.min_score))
+            continue
+        k = keep_count(config.keep_fraction, c.scored)
+        if k == 0:
+            by_group[name] = None  # nothing kept
+        else:
+            cut_bins[name], needed[name] = cut_bin(c, k)
+    edges = {kind: plot_edges(counts.get(kind, KindCounts()), config.histogram_bins)
+             for kind in KINDS if kind in counts and counts[kind].scored}
+    rows = ds.map_batches(pass_two, fn_kwargs={"cut_bins": cut_bins, "edges": edges}, batch_size=None,
+                          batch_format="pyarrow").take_all()
+    low_bins = {name: np.zeros(BINS, dtype=np.int64) for name in cut_bins}
+    plots = {kind: np.zeros(len(e) - 1, dtype=np.int64) for kind, e in edges.items()}
+    for row in rows:
+        for name, entry in json.loads(row["counts"]).items():
+            if name in low_bins and "low_bins" in entry:
+                low_bins[name] += _dense(entry["low_bins"])
+            if name in plots and entry.get("plot") is not None:
+                plots[name] += np.asarray(entry["plot"], dtype=np.int64)
+    for name, b in cut_bins.items():
+        by_group[name] = threshold_in_bin(b, needed[name], low_bins[name])
+    return Thresholds(by_group, counts, errors, {k: (edges[k], plots[k].tolist()) for k in plots})

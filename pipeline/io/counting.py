@@ -1,4 +1,4 @@
-"""Dry runs: what a job would do, from listings and metadata alone: no Ray, no actor, nothing written.
+"""How many samples shards hold, from listings and metadata alone (what dry runs say): no Ray, nothing written.
 
 Sample counts come from the shards' own metadata where there is some (Parquet footers; img2dataset's
 `<stem>_stats.json` beside each tar), else from reading a few shards and scaling by size; the plan says which.
@@ -11,8 +11,10 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.sources import MARKERS, SourceOptions, read_shard
-from pipeline.storage import Shard, filesystem_for
+from pipeline.errors import ShardFault
+from pipeline.io.listing import Shard
+from pipeline.io.samples import SourceOptions, read_samples
+from pipeline.io.uris import filesystem_for
 
 FOOTERS_READ = 200  # Parquet footers read at most (spread evenly; more shards: scaled)
 TARS_READ = 3  # tar shards counted by reading them, when they carry no stats file
@@ -58,7 +60,10 @@ def count_samples(shards: list[Shard], fmt: str, options: SourceOptions | None =
             f"img2dataset _stats.json of {len(picked)} of {len(shards)} shards, scaled by size"
         return _scaled(picked, stats, shards), how
     picked = _spread(shards, TARS_READ)
-    counts = [sum(1 for r in read_shard(s, fmt, options) if r["kind"] not in MARKERS) for s in picked]
+    try:
+        counts = [sum(1 for _ in read_samples(s, fmt, options)) for s in picked]
+    except ShardFault as fault:
+        return None, f"{fault.detail[:100]}"
     how = "counted" if len(picked) == len(shards) else f"counted in {len(picked)} of {len(shards)} shards, scaled by size"
     return _scaled(picked, counts, shards), how
 
@@ -71,21 +76,3 @@ def _img2dataset_successes(shard: Shard) -> int | None:
             return int(json.loads(f.read())["successes"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def parameter_count(config) -> int:
-    """The model's parameters, from its config alone (built on the meta device: no memory, no weights read)."""
-    import torch
-
-    from model.modeling import UniFilter
-
-    with torch.device("meta"):
-        net = UniFilter(config)
-    return sum(p.numel() for p in net.parameters())
-
-
-def human(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:g}"

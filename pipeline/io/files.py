@@ -25,7 +25,7 @@ from datetime import datetime
 import pyarrow.fs as pafs
 
 from pipeline.errors import Category, ShardFault
-from pipeline.storage import filesystem_for, is_local
+from pipeline.io.uris import filesystem_for, is_local
 
 SPOOL_IN_MEMORY = 64 * 2**20  # larger shards spill to a temporary file on local disk
 _CHUNK = 8 * 2**20

@@ -1,5 +1,4 @@
-"""Storage for the pipeline: the model library's URI-to-filesystem helper (one implementation, honouring
-`AWS_ENDPOINT_URL`, any fsspec filesystem besides), plus listing the input shards a job reads.
+"""Listing the input shards a job reads: a directory or prefix, a glob, a brace range, a list file, one shard.
 
 A shard's identity in every output is its `key`: its path relative to the input root (`00000.tar`,
 `part-1/00000.tar`). Records carry it as `source` and the commit manifest is keyed by it, so a corpus that moves
@@ -18,26 +17,16 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from model.storage import (
-    FSSPEC_IMPORTS_ENV,
-    download_dir,
     filesystem_for,
     is_local,
     is_remote,
     join,
     normalize_uri,
     s3_endpoint,
-    s3_filesystem,
     scheme_of,
     to_uri,
-    upload_file,
 )
 from pipeline.errors import InputError
-
-__all__ = ["InputError", "Shard", "ShardListing", "download_dir", "filesystem_for", "is_local", "is_remote",
-           "join", "list_shards", "normalize_uri", "output_name", "s3_filesystem", "storage_env", "to_uri",
-           "upload_file", "expand_braces"]
-
-_STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", FSSPEC_IMPORTS_ENV)
 
 SHARD_SUFFIXES = {
     "webdataset": (".tar",),
@@ -47,12 +36,6 @@ SHARD_SUFFIXES = {
 }
 _GLOB_CHARS = "*?["
 _BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def storage_env() -> dict[str, str]:
-    """What Ray workers need to reach the same object store as the driver: the endpoint and region variables
-    that are set (never credentials, which come from each node's own environment or instance role)."""
-    return {k: os.environ[k] for k in _STORAGE_ENV if os.environ.get(k)}
 
 
 @dataclass(frozen=True)
@@ -71,11 +54,6 @@ class ShardListing:
     shards: list[Shard]
     duplicates: int = 0  # entries named more than once (in a list file or brace pattern), listed once
     spellings: dict[str, list[str]] = field(default_factory=dict)  # key -> the spellings that named it
-
-    @property
-    def total_bytes(self) -> int | None:
-        sizes = [s.size for s in self.shards]
-        return None if any(s is None for s in sizes) else sum(sizes)
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -146,7 +146,7 @@ def _jsonable(value) -> bool:
 def check_columns(uri: str, fmt: str, options, field_prefix: str = "") -> tuple[str, str] | None:
     """The first shard's columns against the settings, from its footer alone: (field, problem) or None. A shard
     that cannot be opened here is left to the job (a fault or a data error, as any other)."""
-    from pipeline.storage import filesystem_for
+    from pipeline.io.uris import filesystem_for
 
     fs, path = filesystem_for(uri)
     try:

@@ -2,10 +2,9 @@
 
 Formats: `webdataset` (img2dataset tar layout), `parquet` (caption tables), `obelics` (interleaved Parquet) and
 `interleaved-wds` (tar shards whose KEY.json holds `texts` and `image_info[].image_base64`). A sample whose bytes
-are bad becomes a row with its `error` set, so every input sample is accounted for. After a shard's samples comes
-one marker row: `SHARD_END`, whose `id` is the number of samples the shard yielded (the sink commits the shard
-once it has them all), or `SHARD_FAILED`, whose `error` says why the shard could not be read as configured (an
-I/O failure after retries, a missing column): that shard is never committed, and a rerun reads it again.
+are bad becomes a row with its `error` set, so every input sample is accounted for. A shard that cannot be read as
+configured (an I/O failure after retries, a missing column, a reader bug) raises `ShardFault`: it is no sample's
+fault, and the stage reading it leaves it uncommitted (`pipeline.runner.ShardStage`).
 """
 
 from __future__ import annotations
@@ -18,9 +17,10 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import Category, SampleError, ShardFault
-from pipeline.sources.files import open_shard
-from pipeline.sources.parquet import check_columns, parquet_rows
-from pipeline.sources.tar import (
+from pipeline.io.files import open_shard
+from pipeline.io.listing import Shard
+from pipeline.io.parquet import parquet_rows
+from pipeline.io.tar import (
     MAX_MEMBER_BYTES,
     TarSample,
     interleaved_row,
@@ -29,15 +29,9 @@ from pipeline.sources.tar import (
     webdataset_meta,
     webdataset_row,
 )
-from pipeline.storage import Shard, normalize_uri
-
-__all__ = ["MARKERS", "SAMPLE_SCHEMA", "SHARD_END", "SHARD_FAILED", "Format", "SourceOptions", "check_columns",
-           "read_shard", "sample_kind", "shard_end", "shard_failed", "tar_samples_by_id"]
+from pipeline.io.uris import normalize_uri
 
 Format = Literal["webdataset", "parquet", "obelics", "interleaved-wds"]
-SHARD_END = "_shard_end"
-SHARD_FAILED = "_shard_failed"
-MARKERS = (SHARD_END, SHARD_FAILED)
 
 # The sample schema, plus the reader's own `error` (and its category), the sample's position in its shard
 # (`ordinal`) and the join keys from its metadata (`key`, `url`).
@@ -81,21 +75,9 @@ def _stem(key: str) -> str:
     return key.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def _marker(kind: str, source: str, **values) -> dict:
-    return {"id": None, "source": source, "kind": kind, "texts": None, "images": None, "meta": None, "error": None,
-            "error_category": None, "ordinal": -1, "key": None, "url": None, **values}
-
-
-def shard_end(source: str, count: int) -> dict:
-    return _marker(SHARD_END, source, id=str(count))
-
-
-def shard_failed(source: str, fault: ShardFault) -> dict:
-    return _marker(SHARD_FAILED, source, error=str(fault), error_category=fault.category.value)
-
-
-def read_shard(shard: Shard | str, fmt: str, options: SourceOptions | None = None) -> Iterator[dict]:
-    """Rows of one shard (sample schema), then its marker: SHARD_END, or SHARD_FAILED on a fault."""
+def read_samples(shard: Shard | str, fmt: str, options: SourceOptions | None = None) -> Iterator[dict]:
+    """The rows of one shard (sample schema), each with its position in the shard (`ordinal`). A fault raises
+    `ShardFault`, a bug of the reader's included (as `internal`: never blamed on a sample)."""
     options = options or SourceOptions()
     if isinstance(shard, str):  # one shard on its own: its key is its file name, as if listed from its folder
         shard = Shard(normalize_uri(shard), normalize_uri(shard).rsplit("/", 1)[-1])
@@ -111,14 +93,11 @@ def read_shard(shard: Shard | str, fmt: str, options: SourceOptions | None = Non
                 count += 1
                 yield _valid_text(row)
             file.check_unchanged()  # a local shard cut or rewritten while it was read is never committed
-    except ShardFault as fault:
-        yield shard_failed(shard.key, fault)
-        return
+    except ShardFault:
+        raise
     except Exception as err:  # a reader bug, never a sample's fault: the shard stays uncommitted and is named
-        yield shard_failed(shard.key, ShardFault(Category.INTERNAL, f"reading {shard.key} failed after {count} "
-                                                                    f"samples ({type(err).__name__}: {err})"))
-        return
-    yield shard_end(shard.key, count)
+        raise ShardFault(Category.INTERNAL, f"reading {shard.key} failed after {count} samples "
+                                            f"({type(err).__name__}: {err})") from err
 
 
 def _clean(text: str | None) -> str | None:
@@ -165,7 +144,7 @@ def _rows(file, stem: str, fmt: str, options: SourceOptions) -> Iterator[dict]:
 
 def tar_samples_by_id(file, key: str, options: SourceOptions) -> Iterator[tuple[str, TarSample]]:
     """The samples of tar shard `key` under the ids its records carry: the scorer's own reader and id rule, for
-    whoever reads the shard again (`pipeline.materialize`)."""
+    whoever reads the shard again (`pipeline.curation.materialize`)."""
     for sample in tar_members(file, _stem(key), options.max_member_bytes):
         yield _clean(sample.key), sample
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import io
 
 from pipeline.errors import Category, InputError, SampleError
-from pipeline.sources.parquet import check_columns
-from pipeline.sources.tar import interleaved_row, tar_samples, webdataset_row
-from pipeline.storage import Shard, filesystem_for
+from pipeline.io.listing import Shard
+from pipeline.io.parquet import check_columns
+from pipeline.io.tar import interleaved_row, tar_samples, webdataset_row
+from pipeline.io.uris import filesystem_for
 
 SNIFF_BYTES = 8 * 2**20
 SNIFF_SAMPLES = 32

@@ -1,6 +1,11 @@
-"""One adjustment to Ray Data 2.60, for restartable actors.
+"""Every use of Ray's private APIs, in one place (a Ray upgrade that changes one of them is checked here).
 
-Ray Data creates each actor of an actor pool with its data context and UDF as object references
+- `pass_actor_arguments_by_value`: restartable actors (below).
+- `quiet_worker_errors`: one line per failing worker's cause instead of its whole traceback.
+- `loopback_only`: a local instance that binds and advertises 127.0.0.1 only.
+- `autoscaler_max_resources`: what the cluster's autoscaler can start.
+
+Restartable actors. Ray Data creates each actor of an actor pool with its data context and UDF as object references
 (`ray.put`). Ray restarts a crashed actor by re-running its creation task, and an argument held in the object
 store must still be there at that moment: Ray cannot rebuild it by lineage (ray-project/ray#53727), and says so
 on every run with a `core_worker.cc ... the actor restart will fail` error line. Passing the two arguments by
@@ -103,3 +108,25 @@ def quiet_worker_errors(prefix: str) -> bool:
 
     worker.print_to_stdstream = print_to_stdstream
     return True
+
+
+def loopback_only() -> None:
+    """Ray resolves 127.0.0.1 to the host's network address (so that other nodes could join); a job's own local
+    instance is this machine's alone: with cluster mode off, it and every process it starts bind to loopback."""
+    import os
+
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by the processes it starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by this one, already imported
+
+
+def autoscaler_max_resources() -> dict | None:
+    """The resources the cluster's autoscaler can provide at most, or None where there is no autoscaler config
+    (a plain `ray start`)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state: nothing to add
+        return None

@@ -36,16 +36,11 @@ def current_view() -> ClusterView:
     """The cluster this process is connected to."""
     import ray
 
-    resources = ray.cluster_resources()
-    max_gpus = None
-    try:
-        from ray._private.state import state
+    from pipeline.runner.ray_compat import autoscaler_max_resources
 
-        scalable = state.get_max_resources_from_cluster_config()
-        if scalable is not None:
-            max_gpus = float(scalable.get("GPU", 0))
-    except Exception:  # noqa: BLE001 - no autoscaler state (a plain `ray start`): nothing to add
-        max_gpus = None
+    resources = ray.cluster_resources()
+    scalable = autoscaler_max_resources()
+    max_gpus = float(scalable.get("GPU", 0)) if scalable is not None else None
     return ClusterView(bool(os.environ.get("RAY_ADDRESS")), resources.get("CPU", 0), resources.get("GPU", 0),
                        max_gpus)
 
@@ -66,14 +61,6 @@ def expects_gpu(gpus_per_actor_set: float | None) -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def model_dtype(dtype: str, gpus_per_actor_set: float | None) -> str:
-    """`auto` made definite before the job starts, so the output's identity names the precision its scores were
-    computed in: bfloat16 where the actors hold GPUs, float32 on CPUs."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if expects_gpu(gpus_per_actor_set) else "float32"
 
 
 def gpus_per_actor(set_value: float | None, source: str, view: ClusterView) -> Choice:
@@ -115,8 +102,3 @@ def use_gpu(set_value: bool | None, source: str, view: ClusterView) -> Choice:
         return Choice(True, "default for a cluster job: one GPU per training worker")
     raise InputError("use_gpu", "the cluster at RAY_ADDRESS has no GPU now and no GPU worker type the autoscaler "
                                 "can start; set use_gpu: false to train on CPUs, or add GPU workers")
-
-
-def describe(choices: dict[str, Choice]) -> str:
-    return " · ".join(f"{name} {c.value:g} ({c.why})" if isinstance(c.value, (int, float)) and
-                      not isinstance(c.value, bool) else f"{name} {c.value} ({c.why})" for name, c in choices.items())

@@ -7,7 +7,7 @@ sample's position). `FaultJournal` is the journal itself, in memory (what `Batch
 on Ray keeps one in a small named actor on the driver's node (`JournalActor`), which the scoring actors reach by
 name (`RemoteJournal`).
 
-The protocol (`pipeline.scorer.BatchScorer` follows it):
+The protocol (`pipeline.scoring.scorer.BatchScorer` follows it):
 1. A micro-batch faults the device: before its process ends, the actor counts one more fault for each of the
    micro-batch's samples.
 2. A sample with fewer than `FAULTS_BEFORE_NARROWING` faults is scored as usual (a transient fault passes on the

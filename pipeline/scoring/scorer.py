@@ -1,7 +1,5 @@
-"""The model stage of scoring: encoded rows in, score records out.
-
-`BatchScorer` is the whole of it and runs without Ray (tests and benchmarks drive it directly); `ScoringActor` is
-the thin Ray adapter that loads the model once per actor. The device never waits on the host: while one
+"""Scoring encoded rows with a loaded model: encoded rows in, score records out, without Ray (the scoring stage,
+the public Ray Data stage, tests and benchmarks all drive `BatchScorer`). The device never waits on the host: while one
 micro-batch runs, a helper thread gathers the next one from the Arrow buffers, pins it and starts its copy on a
 side stream. Failures are told apart:
 - out of memory, anywhere in a micro-batch's life (collate, pin, copy, forward): the micro-batch is split in
@@ -12,7 +10,7 @@ side stream. Failures are told apart:
 - any other error of the device (a CUDA error, after which the process's GPU is unusable) ends the actor, so Ray
   restarts it and retries the batch: a broken GPU is never committed as bad data. Before the process ends the
   micro-batch's samples go into the run's fault journal, which bounds the retries and narrows a fault that
-  follows one sample down to that sample (`pipeline.device_faults`);
+  follows one sample down to that sample (`pipeline.scoring.device_faults`);
 - any other error is narrowed down by halving too: only a sample that fails on its own becomes its error record.
 """
 
@@ -30,38 +28,21 @@ import torch
 
 from model.errors import Category
 from model.processing import EncodedSample
-from pipeline.device_faults import FAULTS_BEFORE_NARROWING, FaultJournal, Key, RemoteJournal
-from pipeline.errors import CheckpointError, UniFilterError
-from pipeline.preprocess import token_budget_batches
-from pipeline.sinks import SCORE_SCHEMA
-from pipeline.sources import MARKERS
+from pipeline.commit.markers import MARKERS, wire_schema
+from pipeline.encoded import token_budget_batches
+from pipeline.errors import CheckpointError, DeviceFault
+from pipeline.scoring.device_faults import FAULTS_BEFORE_NARROWING, FaultJournal, Key, RemoteJournal
+from pipeline.scoring.records import SCORE_SCHEMA
 
-# Besides the score record: its position in the shard, its error's category, the size of the micro-batch it was
-# scored in (the summary reports how full the device's batches were), and, once an out-of-memory error made the
-# actor lower its token budget, which actor and from what to what (on the first row of each call; null
-# otherwise).
+# Besides the score record, on the wire: the size of the micro-batch it was scored in (the summary reports how
+# full the device's batches were), and, once an out-of-memory error made the actor lower its token budget, which
+# actor and from what to what (on the first row of each call; null otherwise).
 BUDGET_LOWERED = pa.struct([("actor", pa.string()), ("from", pa.int64()), ("to", pa.int64())])
-ACTOR_OUTPUT_SCHEMA = SCORE_SCHEMA.append(pa.field("ordinal", pa.int64())).append(
-    pa.field("error_category", pa.string())).append(pa.field("micro_batch", pa.int32())).append(
-    pa.field("budget_lowered", BUDGET_LOWERED))
+SCORED_SCHEMA = wire_schema(*SCORE_SCHEMA, ("micro_batch", pa.int32()), ("budget_lowered", BUDGET_LOWERED))
 _PASSED = ["id", "source", "kind", "ordinal", "n_images", "n_tokens", "truncated", "error", "error_category", "key",
            "url"]
 _DEVICE_ERROR = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|device-side assert|illegal memory "
                            r"access|NCCL error|ECC error|unspecified launch failure", re.I)
-
-
-class DeviceFault(UniFilterError):
-    """The device failed (not the sample): the actor must end so Ray restarts it and retries the batch.
-    `samples`: the micro-batch that met it (indices of the call's rows to score), when one did; `canary`: the
-    canary sample met it (the device is broken)."""
-
-    def __init__(self, message: str, samples: list[int] | None = None, canary: bool = False):
-        super().__init__(message)
-        self.samples, self.canary = samples, canary
-
-    @property
-    def first_line(self) -> str:
-        return (str(self).strip().splitlines() or [""])[0][:300]
 
 
 def is_device_error(err: BaseException) -> bool:
@@ -139,9 +120,10 @@ class BatchScorer:
         lowered = [None] * n  # one row per call tells the driver (it reads every row the actors return)
         if self.token_budget < self.configured_budget and n:
             lowered[0] = {"actor": self.name, "from": self.configured_budget, "to": self.token_budget}
+        columns["meta"] = [None] * n
         out = {**columns, "score": score, "label": label, "probs": probs, "model": [self.model.model_id] * n,
                "micro_batch": micro_batch, "budget_lowered": lowered}
-        return pa.table({name: out[name] for name in ACTOR_OUTPUT_SCHEMA.names}, schema=ACTOR_OUTPUT_SCHEMA)
+        return pa.table({name: out[name] for name in SCORED_SCHEMA.names}, schema=SCORED_SCHEMA)
 
     def _decode(self, batch: pa.Table, rows: list[int]) -> list[EncodedSample]:
         ids = _binary_views(batch.column("input_ids"))
@@ -312,31 +294,3 @@ def check_weights(model_uri: str, model_id: str, expected: str | None) -> None:
 def release_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-class ScoringActor:
-    """One model replica: loaded once per actor (a NeMo-Curator-style `setup` in `__init__`), then scores batches.
-    Markers and error rows pass through. A device fault ends the process: Ray restarts the actor and retries;
-    `fault_journal` names the run's journal actor (`pipeline.device_faults`), which bounds those retries."""
-
-    def __init__(self, model_uri: str, dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256,
-                 fault_journal: str | None = None, weights: str | None = None):
-        import model as unifilter
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bfloat16" if device == "cuda" else "float32"
-        self.model_uri = model_uri
-        net, processor = unifilter.load(model_uri, device=device, dtype=getattr(torch, dtype))
-        check_weights(model_uri, net.model_id, weights)
-        journal = RemoteJournal(fault_journal) if fault_journal else None
-        self.scorer = BatchScorer(net, processor, token_budget or (32768 if device == "cuda" else 8192), max_batch,
-                                  journal=journal)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        try:
-            return self.scorer.score_table(batch)
-        except DeviceFault as fault:
-            print(f"[score] device error in a scoring actor ({fault.first_line}); ending it so Ray restarts it and "
-                  "retries the batch", file=sys.stderr, flush=True)
-            os._exit(3)

@@ -1,20 +1,16 @@
 """Synthetic training pairs: their configuration (`SynthConfig`, every field of `python -m jobs.synth`), their
-schema, how origins are split between training and validation, and the request cache that means a rerun never
-pays for a request twice."""
+schema, and how origins are split between training and validation."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.generators import BedrockGenerator, OfflineGenerator, OpenAIGenerator, cache_namespace
-from pipeline.manifest import write_json
-from pipeline.sources import SAMPLE_SCHEMA, SourceOptions
-from pipeline.storage import filesystem_for, join
+from pipeline.io.samples import SAMPLE_SCHEMA, SourceOptions
+from pipeline.synth.generators import BedrockGenerator, OfflineGenerator, OpenAIGenerator
 
 DEFAULT_BEDROCK_MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 # USD per million input / output tokens, for the cost estimate when the config gives no prices.
@@ -35,7 +31,6 @@ PAIR_SCHEMA = pa.schema([SAMPLE_SCHEMA.field(name) for name in ("id", "source", 
     ("requests", pa.int32()),
     ("cached", pa.bool_()),
 ])
-_ACTOR_SCHEMA = PAIR_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.field("error_category", pa.string()))
 
 
 class SynthConfig(BaseModel):
@@ -113,27 +108,3 @@ def split_of(key: str, val_fraction: float, seed: int = 0) -> str:
     split."""
     digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
-
-
-class RequestCache:
-    """Generated texts by (origin, level) under OUTPUT/_cache/<generator>/<prompt version>/: a rerun never
-    pays for a request twice. One small JSON object per entry, written as soon as the reply arrives."""
-
-    def __init__(self, output: str, generator_name: str):
-        self.prefix = join(output, "_cache", cache_namespace(generator_name))
-        self.fs, self.root = filesystem_for(self.prefix)
-
-    @staticmethod
-    def _name(origin_key: str, level: int) -> str:
-        return hashlib.sha256(f"{origin_key}|{level}".encode()).hexdigest()[:40] + ".json"
-
-    def get(self, origin_key: str, level: int) -> list[str] | None:
-        try:
-            with self.fs.open_input_stream(f"{self.root}/{self._name(origin_key, level)}") as f:
-                return json.loads(f.read())["texts"]
-        except (FileNotFoundError, OSError, ValueError, KeyError):
-            return None
-
-    def put(self, origin_key: str, level: int, texts: list[str], usage: tuple[int, int]) -> None:
-        write_json(join(self.prefix, self._name(origin_key, level)),
-                   {"texts": texts, "input_tokens": usage[0], "output_tokens": usage[1]})

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
 from model.errors import Category, SampleError
-from model.processing import decode_image
-from pipeline.generators import GenerationRequest, RetryPolicy, generate_with_retries
-from pipeline.pairs import PAIR_SCHEMA, RequestCache, SynthConfig, split_key, split_of
-from pipeline.prompts import PROMPT_VERSION
-from pipeline.sources import MARKERS, SHARD_FAILED, read_shard, sample_kind
-from pipeline.storage import Shard
+from model.limits import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.commit.markers import wire_schema
+from pipeline.io.listing import Shard
+from pipeline.io.samples import read_samples, sample_kind
+from pipeline.runner.stage import Resources, ShardStage
+from pipeline.synth.cache import RequestCache
+from pipeline.synth.config import PAIR_SCHEMA, SynthConfig, split_key, split_of
+from pipeline.synth.generators import GenerationRequest, RetryPolicy, generate_with_retries
+from pipeline.synth.prompts import PROMPT_VERSION
 
-_ACTOR_SCHEMA = PAIR_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.field("error_category", pa.string()))
+# On the wire to the committer: a pair (PAIR_SCHEMA) with the wire columns, a pair per origin and level.
+SYNTH_WIRE = wire_schema(*PAIR_SCHEMA)
 
 
 def _origin_problem(row: dict, kind: str, max_pixels: int) -> SampleError | None:
@@ -34,6 +39,8 @@ def _origin_problem(row: dict, kind: str, max_pixels: int) -> SampleError | None
         return SampleError(Category.EMPTY, "document origin needs images and text")
     for image in images:
         if image is not None:
+            from model.processing import decode_image  # torch: on the workers only
+
             try:
                 decode_image(image, max_pixels)
             except SampleError as err:
@@ -41,34 +48,35 @@ def _origin_problem(row: dict, kind: str, max_pixels: int) -> SampleError | None
     return None
 
 
-class SynthActor:
-    """A generation worker: reads shards and turns each origin into one training pair per level."""
+class SynthStage(ShardStage):
+    """A generation worker: reads shards and turns each origin into one training pair per level. The generator, the
+    request cache and the thread pool (its requests in flight) are made in `setup`, once per actor."""
 
-    def __init__(self, config: dict, max_image_pixels: int = 64_000_000):
-        self.config = SynthConfig.model_validate(config)
-        self.generator = self.config.make_generator()
-        self.cache = None if self.config.generator == "offline" else RequestCache(self.config.output,
-                                                                                 self.generator.name)
-        self.policy = RetryPolicy(self.config.max_attempts, self.config.max_malformed, self.config.backoff_base_s,
-                                  self.config.backoff_max_s)
-        self.pool = ThreadPoolExecutor(self.config.threads_per_actor)
-        self.max_image_pixels = max_image_pixels
+    name = "synth"
+    schema = SYNTH_WIRE
 
-    def __call__(self, batch: pa.Table):
+    def __init__(self, resources: Resources, config: SynthConfig):
+        super().__init__(resources)
+        self.config = config
+        self.rows_per_sample = len(config.levels)
+
+    def setup(self) -> None:
         cfg = self.config
-        for shard in (Shard(**s) for group in batch.column("shards").to_pylist() for s in group):
-            block = []
-            for row in read_shard(shard, cfg.format, cfg.source):
-                if row["kind"] in MARKERS:
-                    if block and row["kind"] != SHARD_FAILED:
-                        yield self._pairs(block)
-                    marker = {k: row.get(k) for k in _ACTOR_SCHEMA.names}
-                    yield pa.Table.from_pylist([marker], schema=_ACTOR_SCHEMA)
-                    continue
-                block.append(row)
-                if len(block) == cfg.origins_per_block:
-                    yield self._pairs(block)
-                    block = []
+        self.generator = cfg.make_generator()
+        self.cache = None if cfg.generator == "offline" else RequestCache(cfg.output, self.generator.name)
+        self.policy = RetryPolicy(cfg.max_attempts, cfg.max_malformed, cfg.backoff_base_s, cfg.backoff_max_s)
+        self.pool = ThreadPoolExecutor(cfg.threads_per_actor)
+        self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+    def process_shard(self, shard: Shard) -> Iterator[pa.Table]:
+        block = []
+        for row in read_samples(shard, self.config.format, self.config.source):
+            block.append(row)
+            if len(block) == self.config.origins_per_block:
+                yield self._pairs(block)
+                block = []
+        if block:
+            yield self._pairs(block)
 
     def _pairs(self, origins: list[dict]) -> pa.Table:
         cfg = self.config
@@ -103,7 +111,7 @@ class SynthActor:
             else:
                 row["texts"], row["images"] = _assemble(origin, donor, kind, request.level, texts,
                                                          random.Random(f"{request.seed_id()}|images"))
-        return pa.Table.from_pylist(rows, schema=_ACTOR_SCHEMA)
+        return self.table(rows)
 
     def _donor(self, prepared, index: int) -> dict | None:
         """Another usable origin of the same block and split (never the origin itself), deterministically."""

@@ -14,10 +14,11 @@ checkpoints), `loop` (one worker's TrainLoop, no Ray), `worker` (the Ray Train w
 
 import importlib
 
+from pipeline.errors import TrainingStalled
 from pipeline.training.config import TrainConfig
 
 # The rest loads on first use: torch and transformers take seconds to import, and a bad flag is reported first.
-_LAZY = {"TrainingStalled": "driver", "train_classifier": "driver", "spearman": "metrics",
+_LAZY = {"train_classifier": "driver", "spearman": "metrics",
          "validation_metrics": "metrics", "dry_run_plan": "summary", "format_summary": "summary"}
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.storage import join
+from pipeline.io.uris import join
 
 
 class TrainConfig(BaseModel):

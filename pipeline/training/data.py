@@ -7,12 +7,13 @@ import pyarrow as pa
 import ray
 
 from model.checkpoint import load_processor
-from pipeline.preprocess import ENCODED_SCHEMA, encode_row
-from pipeline.storage import filesystem_for, list_shards
+from pipeline.encoded import ENCODED_FIELDS, encode_row
+from pipeline.io.listing import list_shards
+from pipeline.io.uris import filesystem_for
 
 TRAIN_COLUMNS = ["id", "kind", "texts", "images", "label"]
-ENCODED_PAIR_SCHEMA = pa.schema([f for f in ENCODED_SCHEMA if f.name not in ("source", "ordinal")]).append(
-    pa.field("label", pa.int8()))
+ENCODED_PAIR_SCHEMA = pa.schema([("id", pa.string()), ("kind", pa.string()), ("error", pa.string()),
+                                 ("error_category", pa.string()), *ENCODED_FIELDS, ("label", pa.int8())])
 # CPUs each encoding task holds: the feed runs beside the training workers, in the CPUs they leave free.
 ENCODE_TASK_CPUS = 0.5
 
@@ -28,10 +29,9 @@ def encode_pairs(batch: pa.Table, model_uri: str) -> pa.Table:
     processor = _PROCESSORS[model_uri]
     rows = []
     for row in batch.to_pylist():
-        encoded = encode_row({**row, "source": None, "ordinal": 0, "error": None}, processor)
-        encoded["label"] = row["label"]
-        rows.append(encoded)
-    return pa.Table.from_pylist(rows, schema=ENCODED_PAIR_SCHEMA)
+        rows.append(encode_row({**row, "error": None, "error_category": None}, processor))
+    return pa.Table.from_pylist([{name: r.get(name) for name in ENCODED_PAIR_SCHEMA.names} for r in rows],
+                                schema=ENCODED_PAIR_SCHEMA)
 
 
 def read_pairs(uri: str, field: str) -> ray.data.Dataset:

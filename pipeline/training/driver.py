@@ -17,18 +17,14 @@ import ray
 from model.checkpoint import load_processor
 from model.create import create
 from model.weights import export_checkpoint
-from pipeline.errors import CheckpointError, InputError, UniFilterError
-from pipeline.manifest import write_json
-from pipeline.resources import current_view, use_gpu
-from pipeline.storage import filesystem_for, join, storage_env
+from pipeline.errors import CheckpointError, InputError, TrainingStalled
+from pipeline.io.publish import write_json
+from pipeline.io.uris import filesystem_for, join, storage_env
+from pipeline.runner.resources import current_view, use_gpu
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import ENCODE_TASK_CPUS, encoded, read_pairs
 from pipeline.training.state import STATE_NAME
 from pipeline.training.worker import train_loop
-
-
-class TrainingStalled(UniFilterError):
-    """No training step for `no_progress_timeout_s`: the run was stopped."""
 
 
 def _base_checkpoint(config: TrainConfig) -> str:

@@ -23,7 +23,7 @@ import torch
 import model as unifilter
 from model.checkpoint import load_state, read_weights
 from model.modeling import scores_from_logits
-from pipeline.preprocess import decode_encoded, token_budget_batches
+from pipeline.encoded import decode_encoded, token_budget_batches
 from pipeline.training.config import TrainConfig
 from pipeline.training.state import load_train_state, save_train_state
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.weights import is_complete
-from pipeline.storage import filesystem_for, join, to_uri
+from pipeline.io.uris import filesystem_for, join, to_uri
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "train_state.json"  # written last: its presence completes a training checkpoint

@@ -34,8 +34,8 @@ def dry_run_plan(config: TrainConfig) -> str:
     import math
     import os
 
-    from pipeline.plan import count_samples
-    from pipeline.storage import list_shards
+    from pipeline.io.counting import count_samples
+    from pipeline.io.listing import list_shards
     from pipeline.training.driver import fit_workers
     from pipeline.training.state import latest_checkpoint
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.storage import filesystem_for
+from pipeline.io.uris import filesystem_for
 from pipeline.training.config import TrainConfig
 from pipeline.training.loop import TrainLoop, save_to_temp
 from pipeline.training.metrics import format_epoch, validation_metrics

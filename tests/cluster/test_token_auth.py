@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import corpus
-from pipeline.sinks import read_scores
+from jobs import sample_corpus as corpus
+from pipeline.scoring import read_scores
 from tests.conftest import REPO_ROOT, free_port, job_env
-from tests.pipeline.test_scoring import assert_exactly_once
+from tests.support.shards import assert_exactly_once
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 README = Path(REPO_ROOT) / "README.md"

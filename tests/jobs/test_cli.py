@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from jobs import sample_corpus as corpus
 from jobs._config import _flag_fields, build_parser, default_of
-from pipeline import corpus
 from pipeline.curation import CurateConfig
 from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.synth import SynthConfig
@@ -75,7 +75,7 @@ def test_a_dry_run_starts_nothing_and_its_numbers_match_the_run(tmp_path, tiny_c
     assert re.search(r"\$0\.0[01] at \$3\.6 per GPU-hour", res.stdout)
     summary = score_dataset(ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out),
                                         model=tiny_checkpoint), progress=False)
-    assert summary["shards"]["new"] == 3 and summary["samples_this_run"] == 12  # what the dry run said
+    assert summary["shards"]["new"] == 3 and summary["records"]["this_run"] == 12  # what the dry run said
     corpus.write_webdataset(str(tmp_path / "in" / "3.tar"), corpus.caption_samples(5, seed=9, prefix="d3-"))
     res = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=120)
     assert "4 total · 3 already committed · 1 new" in res.stdout and "5 in the new shards" in res.stdout

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 from jobs import curate, score, synth
-from pipeline import corpus
-from pipeline.lease import Lease
-from pipeline.sinks import SCORE_SCHEMA, ShardCommitter
-from pipeline.sources import shard_end
+from jobs import sample_corpus as corpus
+from pipeline.commit.committer import ShardCommitter
+from pipeline.commit.lease import Lease
+from pipeline.scoring.records import SCORE_SCHEMA
 
 
 def _commit_one_shard(output: Path, consolidate: bool) -> None:

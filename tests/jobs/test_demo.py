@@ -7,8 +7,9 @@ import json
 import subprocess
 import sys
 
+from pipeline.commit.records import read_committed
 from pipeline.curation import SELECTED_SCHEMA
-from pipeline.sinks import read_committed, read_scores
+from pipeline.scoring import read_scores
 from tests.conftest import job_env
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import corpus
-from pipeline.storage import filesystem_for
+from jobs import sample_corpus as corpus
+from pipeline.io.uris import filesystem_for
 from tests.conftest import REPO_ROOT, job_env
 from tests.jobs.test_score_job import score_cmd
 

@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 
-from pipeline import corpus
-from pipeline.sinks import read_scores
+from jobs import sample_corpus as corpus
+from pipeline.scoring import read_scores
 from tests.conftest import REPO_ROOT, job_env
-from tests.pipeline.test_scoring import assert_exactly_once, big_caption_shards
+from tests.support.shards import assert_exactly_once, big_caption_shards
 
 
 def score_cmd(input_uri, output, model, *extra):
@@ -80,9 +80,9 @@ def test_a_rerun_after_sigkill_scores_only_the_uncommitted_shards(tmp_path, tiny
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"]["already_committed"] == committed_before
-    assert summary["shards"]["scored_this_run"] == 10 - committed_before
-    assert summary["samples_this_run"] == 10 * (10 - committed_before)
-    assert summary["committed_samples_total"] == 100
+    assert summary["shards"]["committed_this_run"] == 10 - committed_before
+    assert summary["records"]["this_run"] == 10 * (10 - committed_before)
+    assert summary["records"]["committed_total"] == 100
     assert f"{committed_before} already committed" in second.stdout
     assert_exactly_once(read_scores(str(out)), expected)
 
@@ -108,7 +108,7 @@ def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head
     assert "succeeded" in res.stdout.lower()
     assert_exactly_once(read_scores(str(out)), expected)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["shards"]["scored_this_run"] == 2
+    assert summary["shards"]["committed_this_run"] == 2
     assert summary["resources"] == {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0.0, "cpus_per_actor": 0.5,
                                     "preprocess_workers": 1, "preprocess_cpus": 0.5, "no_progress_timeout_s": 900.0}
 

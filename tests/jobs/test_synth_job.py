@@ -9,11 +9,11 @@ import sys
 import time
 from collections import Counter
 
-from pipeline.manifest import read_manifest
+from pipeline.commit.manifest import read_manifest
 from pipeline.synth import RequestCache, SynthConfig
 from tests.conftest import job_env
-from tests.pipeline.llm_servers import FakeOpenAI
-from tests.pipeline.test_synth import fake_caption_corpus, pairs_of
+from tests.pipeline.synth.llm_servers import FakeOpenAI
+from tests.pipeline.synth.test_synth import fake_caption_corpus, pairs_of
 
 
 def synth_cmd(*args):

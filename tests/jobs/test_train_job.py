@@ -10,7 +10,7 @@ import sys
 import time
 
 import model
-from pipeline import corpus
+from jobs import sample_corpus as corpus
 from pipeline.synth import SynthConfig, synthesize
 from tests.conftest import job_env
 

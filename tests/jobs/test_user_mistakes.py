@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from pipeline import corpus
-from pipeline.manifest import read_manifest
-from pipeline.sinks import read_scores
+from jobs import sample_corpus as corpus
+from pipeline.commit.manifest import read_manifest
+from pipeline.scoring import read_scores
 from tests.conftest import job_env, jpeg_bytes
 
 
@@ -66,11 +66,11 @@ def test_a_wrong_format_stops_before_anything_is_written(tmp_path, tiny_checkpoi
 def test_a_shard_committed_in_one_format_is_refused_in_another(tmp_path):
     """An output whose shard was committed as webdataset records (by a wrong run of an earlier version, say): a
     rerun with another format is refused naming the field, never skipped as committed."""
+    from pipeline.commit.manifest import write_entry
     from pipeline.errors import InputError
-    from pipeline.manifest import write_entry
+    from pipeline.io.listing import list_shards
     from pipeline.runner import ShardJob, survey
-    from pipeline.sinks import SCORE_SCHEMA
-    from pipeline.storage import list_shards
+    from pipeline.scoring.records import SCORE_SCHEMA
 
     corpus.write_interleaved_wds(str(tmp_path / "docs" / "00000.tar"), corpus.documents(2))
     listing = list_shards(str(tmp_path / "docs"), "interleaved-wds")
@@ -91,7 +91,7 @@ def test_a_run_whose_every_sample_fails_exits_non_zero(tmp_path, tiny_checkpoint
     assert res.returncode == 1, res.stdout + res.stderr
     assert "every sample of this run is an error record" in res.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["every_sample_failed"] and summary["errors_this_run"] == 3
+    assert summary["every_sample_failed"] and summary["records"]["errors"] == 3
 
 
 def test_a_failed_preflight_writes_nothing_and_an_empty_output_may_be_reclaimed(tmp_path, tiny_checkpoint,
@@ -103,7 +103,7 @@ def test_a_failed_preflight_writes_nothing_and_an_empty_output_may_be_reclaimed(
     assert res.returncode == 2 and "field 'gpus_per_actor'" in res.stderr, res.stderr[-2000:]
     assert not out.exists()
     # An output claimed (an identity of another precision) but holding no committed shard is re-claimed.
-    from pipeline.manifest import Claim, record_identity
+    from pipeline.commit.identity import Claim, record_identity
 
     record_identity(str(out), "score", Claim({"model": {"id": "x"}, "dtype": "bfloat16"}, write=True))
     res = score(tmp_path / "in", out, tiny_checkpoint, "--gpus-per-actor", "0", env=on_cluster(ray_cluster))
@@ -152,11 +152,11 @@ def test_errors_are_counted_by_reason_with_an_example(tmp_path, tiny_checkpoint,
     res = score(tmp_path / "in", tmp_path / "out", tiny_checkpoint, "--gpus-per-actor", "0",
                 env=on_cluster(ray_cluster))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["errors_by_category"] == {"decode": 5}
-    assert len(summary["errors_by_reason"]) == 5  # five different reasons, not one "decode"
-    examples = {e["id"] for e in summary["error_examples"].values()}
+    assert summary["errors"]["by_category"] == {"decode": 5}
+    assert len(summary["errors"]["by_reason"]) == 5  # five different reasons, not one "decode"
+    examples = {e["id"] for e in summary["errors"]["examples"].values()}
     assert examples == {"id-cut", "id-zero", "id-pdf", "id-huge", "id-latin1"}
-    for reason in summary["errors_by_reason"]:  # reasons name no sample and no shard
+    for reason in summary["errors"]["by_reason"]:  # reasons name no sample and no shard
         assert "id-" not in reason and "0.tar" not in reason, reason
     assert res.stdout.count("  error ") == 5 and "(e.g. id-zero in 0.tar)" in res.stdout
 
@@ -204,7 +204,7 @@ def test_a_committed_file_deleted_by_hand_is_noticed_and_scored_again(tmp_path, 
     with pytest.raises(OutputMismatch, match="files are gone.*scores/1.parquet"):
         read_scores(str(tmp_path / "out"))
     again = score_dataset(config, progress=False)
-    assert again["shards"]["new"] == 1 and again["samples_this_run"] == 2
+    assert again["shards"]["new"] == 1 and again["records"]["this_run"] == 2
     assert len(read_scores(str(tmp_path / "out"))) == 4
 
 
@@ -226,7 +226,7 @@ def test_ctrl_c_ends_with_the_summary_of_what_was_committed(tmp_path, tiny_check
     import signal
     import time
 
-    from tests.pipeline.test_scoring import assert_exactly_once, big_caption_shards
+    from tests.support.shards import assert_exactly_once, big_caption_shards
 
     expected = big_caption_shards(str(tmp_path / "in"), n_shards=8, per_shard=8)
     out = tmp_path / "out"
@@ -242,7 +242,7 @@ def test_ctrl_c_ends_with_the_summary_of_what_was_committed(tmp_path, tiny_check
     assert job.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr and "interrupted (Ctrl-C)" in stdout, stdout + stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["interrupted"] and summary["shards"]["scored_this_run"] >= 1
+    assert summary["interrupted"] and summary["shards"]["committed_this_run"] >= 1
     assert not (out / "_lease.json").exists()
     again = subprocess.run(cmd, env=on_cluster(ray_cluster), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]

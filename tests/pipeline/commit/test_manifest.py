@@ -11,21 +11,23 @@ import textwrap
 
 import pyarrow.parquet as pq
 
-from pipeline import corpus
-from pipeline.manifest import read_manifest
+from jobs import sample_corpus as corpus
+from pipeline.commit.manifest import read_manifest
+from pipeline.commit.records import read_committed
 from pipeline.scoring import ScoreConfig, score_dataset
-from pipeline.sinks import SCORE_SCHEMA, read_committed, read_scores
+from pipeline.scoring.records import SCORE_SCHEMA, read_scores
 from tests.conftest import REPO_ROOT, job_env
-from tests.pipeline.test_scoring import assert_exactly_once
+from tests.support.shards import assert_exactly_once
 
 # Commits shards 0..n-1 of fake score records, consolidating every 10 commits, and SIGKILLs itself inside the
 # third consolidation: after the part is written and half of its per-shard records are deleted.
 COMMIT_AND_DIE = textwrap.dedent("""
     import os, signal, sys
     import pyarrow as pa
-    import pipeline.manifest as manifest
-    from pipeline.sinks import SCORE_SCHEMA, ShardCommitter
-    from pipeline.sources import shard_end
+    import pipeline.commit.manifest as manifest
+    from pipeline.scoring.records import SCORE_SCHEMA
+    from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.markers import end_marker
 
     output, n = sys.argv[1], int(sys.argv[2])
     calls = []
@@ -104,7 +106,7 @@ def test_an_output_of_the_version_before_still_resumes_and_reads(tmp_path, tiny_
 
     (tmp_path / "later.tar").rename(tmp_path / "in" / "2.tar")
     summary = score_dataset(config, progress=False)
-    assert summary["shards"]["already_committed"] == 2 and summary["shards"]["scored_this_run"] == 1
+    assert summary["shards"]["already_committed"] == 2 and summary["shards"]["committed_this_run"] == 1
     assert_exactly_once(read_scores(str(out)), expected)
 
 
@@ -113,8 +115,7 @@ def test_a_re_executed_task_after_its_commit_writes_nothing_twice(tmp_path):
     already committed in this run are dropped, never committed a second time."""
     import pyarrow as pa
 
-    from pipeline.sinks import ShardCommitter
-    from pipeline.sources import shard_end
+    from pipeline.commit.committer import ShardCommitter
 
     out = str(tmp_path / "out")
     committer = ShardCommitter(out, SCORE_SCHEMA, identity="id")

@@ -8,9 +8,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline import corpus
-from pipeline.report import Example, ReportData, Thumbnail, render_html
-from pipeline.sources import SourceOptions
+from jobs import sample_corpus as corpus
+from pipeline.curation.report_html import Example, ReportData, Thumbnail, render_html
+from pipeline.io.samples import SourceOptions
 
 
 def _png(width: int, height: int) -> bytes:
@@ -21,7 +21,7 @@ def _png(width: int, height: int) -> bytes:
 
 
 def test_report_tasks_return_thumbnails_not_the_images_they_read(tmp_path):
-    from pipeline.curation_report import fetch_examples
+    from pipeline.curation.report_data import fetch_examples
 
     big = _png(2000, 1500)
     shard = tmp_path / "in.tar"

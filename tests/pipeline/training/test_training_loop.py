@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import corpus
+from jobs import sample_corpus as corpus
 from pipeline.errors import InputError
 from pipeline.training import TrainConfig
 from pipeline.training.data import encode_pairs

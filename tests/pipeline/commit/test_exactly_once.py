@@ -16,15 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import sample_corpus as corpus
 from model.create import create
-from pipeline import corpus
+from pipeline.commit.manifest import read_manifest
 from pipeline.errors import InputError, OutputMismatch
-from pipeline.manifest import read_manifest
-from pipeline.scoring import ScoreConfig, score_dataset
-from pipeline.sinks import read_scores
-from pipeline.sources import SourceOptions
+from pipeline.io.samples import SourceOptions
+from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 from tests.conftest import job_env
-from tests.pipeline.test_scoring import assert_exactly_once, big_caption_shards
+from tests.support.shards import assert_exactly_once, big_caption_shards
 
 FAST_RETRIES = SourceOptions(read_attempts=2, read_backoff_s=0.0)
 
@@ -59,11 +58,11 @@ def test_a_missing_shard_stays_uncommitted_and_a_rerun_finishes_it(tmp_path, tin
     first = score(listing, out, tiny_checkpoint, source=FAST_RETRIES)
     assert first["shards"]["incomplete"] == ["00001.tar"]
     assert "shard does not exist" in first["incomplete_reasons"]["00001.tar"]
-    assert first["errors_this_run"] == 0  # a fault is not bad data: no error record for it
+    assert first["records"]["errors"] == 0  # a fault is not bad data: no error record for it
     assert sorted(read_manifest(str(out))) == ["00000.tar"]
     missing.write_bytes(held)  # the file appears
     second = score(listing, out, tiny_checkpoint, source=FAST_RETRIES)
-    assert second["shards"]["already_committed"] == 1 and second["shards"]["scored_this_run"] == 1
+    assert second["shards"]["already_committed"] == 1 and second["shards"]["committed_this_run"] == 1
     assert second["shards"]["incomplete"] == []
     table = read_scores(str(out))
     assert_exactly_once(table, expected)
@@ -109,7 +108,7 @@ def test_one_shard_spelled_several_ways_is_scored_once(tmp_path, tiny_checkpoint
     summary = score(listing, tmp_path / "out", tiny_checkpoint)
     assert summary["shards"]["total"] == 1 and summary["duplicates_in_input"] == 3
     assert len(summary["duplicate_spellings"]["00000.tar"]) == 4  # and says which spellings named it
-    assert summary["samples_this_run"] == len(expected)
+    assert summary["records"]["this_run"] == len(expected)
     assert_exactly_once(read_scores(str(tmp_path / "out")), expected)
 
 
@@ -131,7 +130,7 @@ def test_a_wrong_column_setting_fails_before_anything_is_committed(tmp_path, tin
     summary = score(tmp_path / "in", out, tiny_checkpoint, fmt="parquet")
     assert summary["shards"]["incomplete"] == ["a.parquet"]
     assert summary["incomplete_reasons"]["a.parquet"].startswith("config: the shard has no column 'caption'")
-    assert summary["errors_this_run"] == 0 and sorted(read_manifest(str(out))) == ["0.parquet"]
+    assert summary["records"]["errors"] == 0 and sorted(read_manifest(str(out))) == ["0.parquet"]
 
 
 def test_two_jobs_on_one_output_one_refuses(tmp_path, tiny_checkpoint, ray_cluster):
@@ -178,7 +177,7 @@ def test_an_unusable_output_or_model_fails_before_ray_starts(tmp_path, tiny_chec
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     import pyarrow.fs as pafs
 
-    from pipeline.manifest import write_bytes
+    from pipeline.io.publish import write_bytes
 
     class FullDisk(pafs.LocalFileSystem):
         def move(self, src, dest):
@@ -211,17 +210,17 @@ def test_reads_that_fail_are_retried_and_a_shard_that_keeps_failing_stays_uncomm
         assert first["shards"]["incomplete"] == ["00002.tar"]
         assert first["incomplete_reasons"]["00002.tar"].startswith("io: cannot read")
         assert "gave up after 4 attempts" in first["incomplete_reasons"]["00002.tar"]
-        assert first["errors_this_run"] == 0  # an I/O failure is never committed as an error record
+        assert first["records"]["errors"] == 0  # an I/O failure is never committed as an error record
         broken.cancel()
         second = score(f"s3://{s3_bucket}/in", out, tiny_checkpoint, source=retries)
-    assert second["shards"]["already_committed"] == 2 and second["shards"]["scored_this_run"] == 1
+    assert second["shards"]["already_committed"] == 2 and second["shards"]["committed_this_run"] == 1
     table = read_scores(out)
     assert_exactly_once(table, expected)
     assert table.column("error").null_count == len(expected)
 
 
 def _lease_held(output: str) -> bool:
-    from pipeline.lease import Lease
+    from pipeline.commit.lease import Lease
 
     return Lease(output, "probe")._store.read() is not None
 
@@ -260,7 +259,7 @@ def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_
                                                                                    ray_cluster, monkeypatch):
     import errno
 
-    import pipeline.sinks as sinks
+    import pipeline.commit.committer as sinks
 
     expected = caption_shards(tmp_path / "in", 3)
     out = tmp_path / "out"
@@ -282,7 +281,7 @@ def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_
     assert not (out / "_lease.json").exists()
     monkeypatch.setattr(sinks, "write_bytes", real_write)  # space again
     second = score(tmp_path / "in", out, tiny_checkpoint)
-    assert second["shards"]["scored_this_run"] == 1 and second["shards"]["incomplete"] == []
+    assert second["shards"]["committed_this_run"] == 1 and second["shards"]["incomplete"] == []
     assert_exactly_once(read_scores(str(out)), expected)
 
 
@@ -315,8 +314,8 @@ def test_a_consolidation_that_fails_leaves_every_commit_and_the_summary(s3_bucke
 def test_a_run_that_loses_its_lease_commits_nothing_more_and_a_rerun_finishes_exactly_once(
         tmp_path, tiny_checkpoint, ray_cluster, monkeypatch):
     """After the first commit another job takes the output over (a holder elsewhere whose clock ran ahead)."""
-    import pipeline.sinks as sinks
-    from pipeline.lease import Lease
+    import pipeline.commit.committer as sinks
+    from pipeline.commit.lease import Lease
 
     expected = caption_shards(tmp_path / "in", 3)
     out = tmp_path / "out"
@@ -350,8 +349,8 @@ def test_a_run_that_loses_its_lease_commits_nothing_more_and_a_rerun_finishes_ex
 # file, of a commit record and of the summary fails with ENOSPC (the write seam, replaced in the job's process).
 FULL_DISK_SCORE = textwrap.dedent("""
     import errno, sys
-    import pipeline.manifest as manifest
-    import pipeline.sinks as sinks
+    import pipeline.commit.manifest as manifest
+    import pipeline.commit.committer as sinks
     from jobs.score import main
 
     real_write = manifest.write_bytes

@@ -9,9 +9,10 @@ import tarfile
 
 import pyarrow as pa
 
-from pipeline import corpus
-from pipeline.materialize import materialize
-from pipeline.sources import MARKERS, SourceOptions, read_shard
+from jobs import sample_corpus as corpus
+from pipeline.commit.markers import MARKERS
+from pipeline.curation.materialize import materialize
+from pipeline.io.samples import SourceOptions
 
 
 def _kept(shard: str) -> pa.Table:
@@ -80,8 +81,8 @@ def test_kept_samples_cut_after_scoring_are_reported_and_the_rest_written(tmp_pa
 
 
 def test_a_curation_commits_a_shard_with_samples_it_cannot_materialize_and_names_them(tmp_path, ray_cluster):
-    from pipeline.manifest import read_manifest
-    from tests.pipeline.test_curation import curate, fake_scores
+    from pipeline.commit.manifest import read_manifest
+    from tests.pipeline.curation.test_curation import curate, fake_scores
 
     shard = tmp_path / "in" / "00000.tar"
     corpus.write_webdataset(str(shard), corpus.caption_samples(8))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline import corpus
+from jobs import sample_corpus as corpus
+from pipeline.commit.markers import MARKERS
+from pipeline.commit.records import read_committed
+from pipeline.io.listing import Shard, list_shards
+from pipeline.io.samples import SourceOptions
 from pipeline.runner import ShardJob, Stage, common_summary, execute, prepare
-from pipeline.sinks import read_committed
-from pipeline.sources import MARKERS, SourceOptions, read_shard
-from pipeline.storage import Shard, list_shards
 
 RECORD = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("ordinal", pa.int64()),
                     ("length", pa.int32()), ("error", pa.string()), ("error_category", pa.string())])
@@ -51,7 +52,7 @@ def test_a_job_built_on_the_runner_keeps_every_record_once_and_counts_its_errors
     summary = common_summary(prepared, result)
     assert summary["shards"]["committed_this_run"] == 3 and summary["shards"]["incomplete"] == ["3.tar"]
     assert summary["incomplete_reasons"]["3.tar"].startswith("io: cannot read")
-    assert summary["errors_by_category"] == {"malformed": 3}  # one per committed shard
+    assert summary["errors"]["by_category"] == {"malformed": 3}  # one per committed shard
     table = read_committed(str(tmp_path / "out"), RECORD)
     assert sorted(table.column("id").to_pylist()) == sorted(expected[:15])
 

@@ -17,13 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import corpus, selection
+from jobs import sample_corpus as corpus
+from pipeline.commit.committer import ShardCommitter
+from pipeline.commit.identity import identity_hash
+from pipeline.commit.manifest import claim_output, read_manifest
+from pipeline.commit.records import read_committed
 from pipeline.curation import CurateConfig, compute_thresholds, prepare_curation, run_curation
-from pipeline.manifest import claim_output, identity_hash, read_manifest
-from pipeline.sinks import SCORE_SCHEMA, ShardCommitter, read_committed
-from pipeline.sources import shard_end
+from pipeline.curation import thresholds as selection
+from pipeline.scoring.records import SCORE_SCHEMA
 from tests.conftest import job_env
-from tests.pipeline.test_sources import WRITERS
+from tests.support.shards import WRITERS
 
 SELECTED = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("score", pa.float32()),
                       ("label", pa.int8()), ("key", pa.string()), ("url", pa.string())])
@@ -111,7 +114,7 @@ def test_keep_fraction_keeps_the_best_and_every_tie(tmp_path, known_scores, ray_
     kept = selected(tmp_path / "cur")
     assert sorted(kept.column("id").to_pylist()) == expected
     assert len(expected) >= 30 and len(expected) == summary["kept"]  # round(0.3 x 100) plus the ties at the cut
-    assert summary["errors_by_category"] == {"decode": 1, "empty": 1} and "bad1" not in expected
+    assert summary["errors"]["by_category"] == {"decode": 1, "empty": 1} and "bad1" not in expected
     assert summary["scored"] == 100
 
 
@@ -170,9 +173,9 @@ def test_materialized_shards_hold_exactly_the_kept_samples_byte_for_byte(fmt, tm
 def test_parquet_rows_are_matched_by_position_and_nothing_partial_is_published(tmp_path):
     """Parquet ids may repeat: the kept row, not every row sharing its id, is written. A shard that lacks most of
     its kept samples (not the corpus that was scored) raises a ShardFault and publishes no file."""
+    from pipeline.curation.materialize import materialize
     from pipeline.errors import ShardFault
-    from pipeline.materialize import materialize
-    from pipeline.sources import SourceOptions
+    from pipeline.io.samples import SourceOptions
 
     items = corpus.caption_samples(4, seed=5)
     rows = [{"id": "same" if i < 2 else f"r{i}", "image": it["image"], "caption": it["caption"]}

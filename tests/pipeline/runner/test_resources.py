@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.resources import ClusterView, decode_workers, gpus_per_actor, use_gpu
+from pipeline.runner.resources import ClusterView, decode_workers, gpus_per_actor, use_gpu
 
 LOCAL_2_CPU = ClusterView(remote=False, cpus=2, gpus=0)
 REMOTE_GPUS_SCALED_TO_ZERO = ClusterView(remote=True, cpus=0, gpus=0, max_gpus=64)  # head with CPU: 0, workers at 0

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from pipeline.commit.lease import LEASE_NAME, Lease
 from pipeline.errors import CorruptState, LeaseLost, OutputBusy
-from pipeline.lease import LEASE_NAME, Lease
 from tests.conftest import REPO_ROOT, job_env
 
 
@@ -160,7 +160,6 @@ def test_a_clock_jump_in_the_holder_does_not_lose_its_lease(tmp_path, monkeypatc
 def _shard(key: str):
     import pyarrow as pa
 
-    from pipeline.sources import shard_end
 
     rows = [{"id": f"{key}-{i}", "source": key, "kind": "caption", "ordinal": i, "score": 1.0, "label": 1}
             for i in range(2)]
@@ -168,8 +167,9 @@ def _shard(key: str):
 
 
 def test_a_commit_after_another_job_took_the_lease_over_writes_no_record(output):
-    from pipeline.manifest import read_manifest
-    from pipeline.sinks import SCORE_SCHEMA, ShardCommitter
+    from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.manifest import read_manifest
+    from pipeline.scoring.records import SCORE_SCHEMA
 
     lease = Lease(output, "score", ttl_s=30).acquire()  # renewed every 10 s: no renewal during this test
     try:
@@ -188,10 +188,11 @@ def test_a_commit_after_another_job_took_the_lease_over_writes_no_record(output)
 # file it says so and waits for a line on stdin (the test pauses it there, past the TTL, and takes the lease).
 HOLD_AND_COMMIT = textwrap.dedent("""
     import sys
-    import pipeline.sinks as sinks
-    from pipeline.lease import Lease
-    from pipeline.sinks import SCORE_SCHEMA, ShardCommitter
-    from tests.pipeline.test_lease import _shard
+    import pipeline.commit.committer as sinks
+    from pipeline.commit.lease import Lease
+    from pipeline.scoring.records import SCORE_SCHEMA
+    from pipeline.commit.committer import ShardCommitter
+    from tests.pipeline.commit.test_lease import _shard
 
     real_write = sinks.write_bytes
 
@@ -214,7 +215,7 @@ HOLD_AND_COMMIT = textwrap.dedent("""
 
 
 def test_a_job_paused_past_its_lease_commits_nothing_more_once_another_took_it(output):
-    from pipeline.manifest import read_manifest
+    from pipeline.commit.manifest import read_manifest
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_COMMIT, output], env=job_env(), cwd=REPO_ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import model
-from pipeline import corpus
-from pipeline.device_faults import FaultJournal
-from pipeline.preprocess import ENCODED_SCHEMA, encode_row
-from pipeline.scorer import BatchScorer, DeviceFault, ScoringActor
-from pipeline.sources import shard_end
+from jobs import sample_corpus as corpus
+from pipeline.encoded import ENCODED_SCHEMA, encode_row
+from pipeline.errors import DeviceFault
+from pipeline.scoring.device_faults import FaultJournal
+from pipeline.scoring.scorer import BatchScorer, ScoringActor
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +209,8 @@ class DeviceFaultOnce(ScoringActor):
 def test_a_device_error_restarts_the_actor_and_its_batch_is_retried(tmp_path, tiny_checkpoint, ray_cluster):
     import shutil
 
-    from pipeline.scoring import ScoreConfig, score_dataset
-    from pipeline.sinks import read_scores
-    from tests.pipeline.test_scoring import assert_exactly_once
+    from pipeline.scoring import ScoreConfig, read_scores, score_dataset
+    from tests.support.shards import assert_exactly_once
 
     model_dir = tmp_path / "model" / "tiny"
     shutil.copytree(tiny_checkpoint, model_dir)
@@ -225,7 +224,7 @@ def test_a_device_error_restarts_the_actor_and_its_batch_is_retried(tmp_path, ti
     marker = tmp_path / "model" / "device-fault-injected"
     assert marker.exists()  # the fault happened
     assert not Path(f"/proc/{marker.read_text()}").exists()  # and ended that actor's process
-    assert summary["errors_this_run"] == 0 and summary["shards"]["incomplete"] == []
+    assert summary["records"]["errors"] == 0 and summary["shards"]["incomplete"] == []
     table = read_scores(str(tmp_path / "out"))
     assert_exactly_once(table, expected)
     assert table.column("score").null_count == 0
@@ -240,9 +239,9 @@ def test_captions_fill_micro_batches_of_the_configured_size_across_calls(tmp_pat
         corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(50, seed=k, prefix=f"m{k}-"))
     summary = score_dataset(ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                                         model=tiny_checkpoint, max_batch=128), progress=False)
-    assert summary["samples_this_run"] == 300
-    assert summary["micro_batch_rows"]["max"] == 128 and summary["micro_batch_rows"]["configured"] == 128
-    assert summary["micro_batch_rows"]["mean"] >= 64  # most samples ride in full micro-batches
+    assert summary["records"]["this_run"] == 300
+    assert summary["score"]["micro_batch_rows"]["max"] == 128 and summary["score"]["micro_batch_rows"]["configured"] == 128
+    assert summary["score"]["micro_batch_rows"]["mean"] >= 64  # most samples ride in full micro-batches
 
 
 class FaultsWithOneSample(ScoringActor):
@@ -268,8 +267,7 @@ def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_complete
     import shutil
 
     from model.checkpoint import load_processor
-    from pipeline.scoring import ScoreConfig, score_dataset
-    from pipeline.sinks import read_scores
+    from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 
     model_dir = tmp_path / "model" / "tiny"
     shutil.copytree(tiny_checkpoint, model_dir)
@@ -288,12 +286,12 @@ def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_complete
                          model=str(model_dir), max_batch=max_batch, batch_size=64,
                          no_progress_timeout_s=120)  # the narrowing's restarts are one task: no progress meanwhile
     summary = score_dataset(config, progress=False, actor_cls=FaultsWithOneSample)
-    assert summary["shards"]["incomplete"] == [] and summary["shards"]["scored_this_run"] == 2, summary
+    assert summary["shards"]["incomplete"] == [] and summary["shards"]["committed_this_run"] == 2, summary
     by_id = {r["id"]: r for r in read_scores(str(tmp_path / "out")).to_pylist()}
     assert by_id.keys() == tokens.keys()
     assert by_id[bad["key"]]["error"].startswith("device: the sample faults the device on its own (")
     assert all(r["score"] is not None for key, r in by_id.items() if key != bad["key"])
-    assert summary["errors_by_category"] == {"device": 1} and summary["device_faults"]["samples_blamed"] == 1
+    assert summary["errors"]["by_category"] == {"device": 1} and summary["score"]["device_faults"]["samples_blamed"] == 1
     restarts = len(list((tmp_path / "model" / "actors").iterdir())) - 1
     assert restarts == 3  # the micro-batch twice as it was, then X alone after the canary
 
@@ -315,8 +313,8 @@ def test_the_summary_reports_a_token_budget_lowered_after_out_of_memory(tmp_path
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                          model=tiny_checkpoint, max_batch=8, batch_size=64, token_budget=4096)
     summary = score_dataset(config, progress=False, actor_cls=OutOfMemoryAboveTwo)
-    assert summary["scored_this_run"] == 12 and summary["micro_batch_rows"]["max"] <= 2
-    lowered = summary["token_budget_lowered"]
+    assert summary["scored_this_run"] == 12 and summary["score"]["micro_batch_rows"]["max"] <= 2
+    lowered = summary["score"]["token_budget_lowered"]
     assert lowered["actors"] == 1 and lowered["from"] == 4096 and lowered["to"] < 4096
     assert (f"token budget lowered after out-of-memory: 4096 -> {lowered['to']} on 1 actor"
             in format_summary(summary))

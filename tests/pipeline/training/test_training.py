@@ -9,8 +9,8 @@ import torch
 
 import model
 import model.create
-from pipeline import corpus
-from pipeline.storage import InputError
+from jobs import sample_corpus as corpus
+from pipeline.errors import InputError
 from pipeline.synth import SynthConfig, synthesize
 from pipeline.training import TrainConfig, spearman, train_classifier, validation_metrics
 from tests.conftest import jpeg_bytes

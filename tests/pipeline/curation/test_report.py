@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jobs import sample_corpus as corpus
 from model.errors import SampleError
-from pipeline import corpus
-from pipeline.report import (
+from pipeline.curation.report_html import (
     DROPPED_COLOR,
     KEPT_COLOR,
     THRESHOLD_COLOR,

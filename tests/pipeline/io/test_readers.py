@@ -5,9 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline import corpus
-from pipeline.sources import SAMPLE_SCHEMA, SHARD_END, read_shard
-from pipeline.storage import InputError, list_shards, output_name
+from jobs import sample_corpus as corpus
+from pipeline.commit.markers import SHARD_END
+from pipeline.errors import InputError
+from pipeline.io.listing import list_shards, output_name
+from pipeline.io.samples import SAMPLE_SCHEMA
 
 WRITERS = {
     "webdataset": (corpus.write_webdataset, corpus.caption_samples, ".tar"),
@@ -164,7 +166,8 @@ def test_brace_ranges_name_shard_sets(tmp_path):
 
 
 def test_a_shard_that_cannot_be_read_is_a_fault_not_a_record(tmp_path):
-    from pipeline.sources import SHARD_FAILED, SourceOptions
+    from pipeline.commit.markers import SHARD_FAILED
+    from pipeline.io.samples import SourceOptions
 
     rows = list(read_shard(str(tmp_path / "gone.tar"), "webdataset", SourceOptions(read_attempts=3,
                                                                                     read_backoff_s=0)))
@@ -174,7 +177,7 @@ def test_a_shard_that_cannot_be_read_is_a_fault_not_a_record(tmp_path):
 
 # -- shards that change under the reader ---------------------------------------------------------------------------
 def _failed(rows: list[dict]) -> dict:
-    from pipeline.sources import SHARD_FAILED
+    from pipeline.commit.markers import SHARD_FAILED
 
     assert rows[-1]["kind"] == SHARD_FAILED, rows[-1]
     return rows[-1]
@@ -184,7 +187,7 @@ def _failed(rows: list[dict]) -> dict:
 def test_a_local_shard_that_changed_after_listing_is_a_fault_not_a_short_commit(change, tmp_path):
     import os
 
-    from pipeline.sources import SourceOptions
+    from pipeline.io.samples import SourceOptions
 
     shard = tmp_path / "in" / "00000.tar"
     corpus.write_webdataset(str(shard), corpus.caption_samples(8))
@@ -211,7 +214,7 @@ def test_a_local_shard_cut_while_it_is_read_is_never_committed(tmp_path):
 
 
 def test_an_s3_shard_replaced_after_listing_is_a_fault_named_as_such(s3_bucket):
-    from pipeline.sources import SourceOptions
+    from pipeline.io.samples import SourceOptions
 
     uri = f"s3://{s3_bucket}/in/00000.tar"
     corpus.write_webdataset(uri, corpus.caption_samples(8))
@@ -264,7 +267,7 @@ def test_an_extended_header_declaring_a_terabyte_is_a_cut_not_a_fault(header, tm
 
 
 def test_a_member_over_the_limit_is_its_samples_error_and_the_rest_is_read(tmp_path):
-    from pipeline.sources import SourceOptions
+    from pipeline.io.samples import SourceOptions
 
     img = corpus.caption_samples(1)[0]["image"]
     members = [("a.jpg", img), ("a.txt", b"a"), ("big.jpg", img + b"\0" * 5000), ("big.txt", b"big"),

@@ -11,13 +11,12 @@ import time
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import corpus
-from pipeline.manifest import read_manifest
-from pipeline.scoring import ScoreConfig, score_dataset
-from pipeline.sinks import read_scores
+from jobs import sample_corpus as corpus
+from pipeline.commit.manifest import read_manifest
+from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 from tests.conftest import jpeg_bytes
 from tests.model.test_processing import huge_png_header
-from tests.pipeline.test_sources import WRITERS
+from tests.support.shards import WRITERS
 
 
 def run(tmp_path, fmt, input_uri, model, output=None, **kw):
@@ -48,7 +47,7 @@ def test_every_format_scores_each_sample_exactly_once(fmt, tmp_path, tiny_checkp
     assert set(table.column("label").to_pylist()) <= {0, 1, 2, 3}
     assert set(table.column("kind").to_pylist()) == {"caption" if fmt in ("webdataset", "parquet") else "interleaved"}
     assert all(m.startswith(tiny_checkpoint + "@") for m in table.column("model").to_pylist())
-    assert summary["samples_this_run"] == len(expected) and summary["shards"]["scored_this_run"] == 3
+    assert summary["records"]["this_run"] == len(expected) and summary["shards"]["committed_this_run"] == 3
 
 
 def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_checkpoint, ray_cluster):
@@ -80,7 +79,7 @@ def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_c
     cut_rows = [r for r in table if r["source"] == "cut.tar"]
     assert sum(1 for r in cut_rows if r["error"]) == 1
     assert any(r["error"] and "truncated or corrupt tar" in r["error"] for r in cut_rows)
-    assert summary["errors_by_category"]["decode"] >= 5 and summary["errors_by_category"]["empty"] == 1
+    assert summary["errors"]["by_category"]["decode"] >= 5 and summary["errors"]["by_category"]["empty"] == 1
 
 
 def test_bad_documents_are_errors_or_truncated(tmp_path, tiny_checkpoint, ray_cluster):
@@ -101,7 +100,7 @@ def test_bad_documents_are_errors_or_truncated(tmp_path, tiny_checkpoint, ray_cl
     hundred = by_id["hundred-images"]
     assert hundred["error"] is None and hundred["truncated"] and hundred["score"] is not None
     assert hundred["n_images"] == 16 and hundred["n_tokens"] <= 1024
-    assert summary["truncated_this_run"] == 1
+    assert summary["score"]["truncated_this_run"] == 1
 
 
 def test_s3_inputs_and_outputs(s3_bucket, tiny_checkpoint, ray_cluster, tmp_path):
@@ -192,9 +191,9 @@ def test_incremental_rerun_scores_only_new_shards(tmp_path, tiny_checkpoint, ray
 
     add_shards(0, 2)
     first, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output)
-    assert first["shards"]["new"] == 2 and first["shards"]["scored_this_run"] == 2
+    assert first["shards"]["new"] == 2 and first["shards"]["committed_this_run"] == 2
     add_shards(2, 3)  # the prefix keeps growing
     second, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output)
     assert second["shards"] == {"total": 5, "already_committed": 2, "new": 3, "scored_this_run": 3, "incomplete": []}
-    assert second["samples_this_run"] == 15 and second["committed_samples_total"] == 25
+    assert second["records"]["this_run"] == 15 and second["records"]["committed_total"] == 25
     assert_exactly_once(read_scores(output), expected)

@@ -10,10 +10,10 @@ import pyarrow.dataset as pads
 import pytest
 from pydantic import ValidationError
 
-from pipeline import corpus
-from pipeline.generators import _FALLBACK_UNRELATED
+from jobs import sample_corpus as corpus
 from pipeline.synth import SynthConfig, format_summary, split_key, split_of, synthesize
-from tests.pipeline.llm_servers import FakeBedrock, FakeOpenAI
+from pipeline.synth.generators import _FALLBACK_UNRELATED
+from tests.pipeline.synth.llm_servers import FakeBedrock, FakeOpenAI
 
 
 def read_dir(path) -> list[dict]:
@@ -158,7 +158,7 @@ def test_openai_generator_retries_and_records_unparseable_replies(tmp_path, ray_
     assert user[1]["type"] == "image_url" and user[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
     assert summary["requests_sent"] == 3 * len(good_keys) + 3 * 4
     assert summary["input_tokens"] == 100 * (len(good_keys) + 12) and summary["output_tokens"] == 20 * (len(good_keys) + 12)
-    assert summary["errors_by_category"] == {"malformed": 4}
+    assert summary["errors"]["by_category"] == {"malformed": 4}
 
 
 def test_bedrock_converse_with_throttling(tmp_path, ray_cluster):

@@ -12,11 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import corpus
+from jobs import sample_corpus as corpus
 from pipeline.errors import InputError
-from pipeline.scoring import ScoreConfig, score_dataset
-from pipeline.sinks import read_scores
-from tests.pipeline.test_scoring import assert_exactly_once
+from pipeline.scoring import ScoreConfig, read_scores, score_dataset
+from tests.support.shards import assert_exactly_once
 
 
 def img2dataset_shards(root, n_shards: int, per_shard: int) -> list[dict]:
@@ -59,7 +58,7 @@ def test_scores_join_back_to_img2dataset_shards_and_a_moved_corpus_is_not_scored
         score(tmp_path / "moved" / "laion", out, tiny_checkpoint)
     again = score(tmp_path / "moved" / "laion", out, tiny_checkpoint, moved_from=str(tmp_path / "laion"))
     assert again["shards"]["already_committed"] == 2 and again["shards"]["new"] == 0
-    assert again["samples_this_run"] == 0
+    assert again["records"]["this_run"] == 0
 
 
 def test_brace_ranges_and_an_in_memory_output_end_to_end(tmp_path, tiny_checkpoint, ray_cluster):
@@ -83,5 +82,5 @@ def test_inputs_on_any_fsspec_filesystem(tmp_path, tiny_checkpoint, ray_cluster,
     items = corpus.caption_samples(4, seed=7, prefix="fs-")
     corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), items)
     summary = score(f"testdir://{tmp_path}/in", tmp_path / "out", tiny_checkpoint)
-    assert summary["shards"]["scored_this_run"] == 1
+    assert summary["shards"]["committed_this_run"] == 1
     assert_exactly_once(read_scores(str(tmp_path / "out")), [i["key"] for i in items])

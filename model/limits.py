@@ -1,0 +1,3 @@
+"""Limits the model library enforces, importable without torch (a job's configuration shows them as defaults)."""
+
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: checked from the header, before decoding

@@ -1,0 +1,50 @@
+"""`python -m jobs.curate`'s configuration: every field is a YAML key and a `--flag`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.io.samples import SourceOptions
+from pipeline.io.uris import normalize_uri
+
+
+class CurateConfig(BaseModel):
+    """`python -m jobs.curate`: every field is a YAML key and a `--flag`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scores: str = Field(description="a scoring job's output (its committed records are read)")
+    output: str = Field(description="where selected/, shards/ (with materialize) and summary.json go")
+    min_score: float | None = Field(None, allow_inf_nan=False, description="keep records scoring at least this")
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="keep this share of the best-scored records")
+    per_kind: bool = Field(False, description="apply the rule within each kind (captions, documents) separately")
+    input: str | None = Field(None, description="the scored corpus, if it moved since it was scored (default: the "
+                                                "shards the score records name)")
+    format: Literal["webdataset", "parquet", "obelics", "interleaved-wds"] | None = Field(
+        None, description="the scored corpus' format")
+    materialize: bool = Field(False, description="also write the kept samples as shards in the input's format")
+    report: str | None = Field(None, description="write an HTML report (index.html) to this directory")
+    examples: int = Field(8, ge=1, le=64, description="example records per report section")
+    report_shards: int = Field(8, ge=1, description="input shards the report reads its examples from")
+    histogram_bins: int = Field(50, ge=5, le=500, description="bins of the report's score histograms")
+    workers: int = Field(2, ge=1, description="most selection workers (one input shard per call)")
+    source: SourceOptions = Field(default_factory=SourceOptions, description="how inputs are read")
+    no_progress_timeout_s: float = Field(3600.0, gt=0, description="how long the job may make no progress")
+
+    @model_validator(mode="after")
+    def _rule(self) -> CurateConfig:
+        if (self.min_score is None) == (self.keep_fraction is None):
+            raise ValueError("set exactly one of field 'min_score' and field 'keep_fraction'")
+        if (self.input is None) != (self.format is None):
+            raise ValueError("fields 'input' and 'format' go together")
+        if normalize_uri(self.output).rstrip("/") == normalize_uri(self.scores).rstrip("/"):
+            raise ValueError(f"field 'output': {self.output} is the scores' own output: curation writes its "
+                             "records, shards and summary elsewhere (choose another output)")
+        return self
+
+    @property
+    def rule(self) -> str:
+        rule = f"min-score {self.min_score:g}" if self.min_score is not None else f"keep-fraction {self.keep_fraction:g}"
+        return rule + (" per kind" if self.per_kind else "")

@@ -1,0 +1,87 @@
+"""`python -m jobs.score`'s configuration: every field is a YAML key and a `--flag`; defaults are resolved here,
+once (the precision, the decompression-bomb bound)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model.limits import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.io.samples import SourceOptions
+from pipeline.runner.resources import expects_gpu
+
+
+def resolve_dtype(dtype: str, on_gpu: bool) -> str:
+    """`auto`: bfloat16 on a GPU, float32 on CPUs (the one place `auto` is decided)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if on_gpu else "float32"
+
+
+class ScoreConfig(BaseModel):
+    """`python -m jobs.score`: every field is a YAML key and a `--flag`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="input shards: a directory, s3:// prefix, glob or {000..999} range (quote "
+                                   "both), or .txt list")
+    format: Literal["webdataset", "parquet", "obelics", "interleaved-wds"] = Field(description="input format")
+    output: str = Field(description="output directory or s3:// prefix")
+    model: str = Field(description="checkpoint: local dir, s3:// prefix or Hugging Face hub id")
+    concurrency: int = Field(1, ge=1, description="most scoring actors (the pool autoscales up to this)")
+    min_actors: int = Field(1, ge=1, description="fewest scoring actors kept alive")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per scoring actor (0.5 packs two per GPU); default: 1 on a cluster reached "
+                                "through RAY_ADDRESS (which must have or be able to start GPU nodes), else 1 if "
+                                "this machine has a GPU")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scoring actor")
+    preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per preprocessing (decode + tokenize) worker")
+    preprocess_workers: int | None = Field(
+        None, ge=1, description="most preprocessing (decode) workers; default: 4 per GPU scoring actor on a cluster, "
+                                "this machine's CPUs not reserved for scoring when local")
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1,
+                                  description="larger images are errors (decompression bombs)")
+    jpeg_draft: bool = Field(
+        False, description="decode large JPEGs at reduced scale (1.4x faster preprocessing, <1 grey level mean diff)")
+    batch_size: int | None = Field(
+        None, ge=1, description="rows handed to a scoring actor per call; default 4 x max_batch, so micro-batches "
+                                "fill up to max_batch or the token budget")
+    token_budget: int | None = Field(
+        None, ge=64, description="padded tokens per forward pass (rows x longest); default 32768 on GPU, 8192 on CPU")
+    max_batch: int = Field(256, ge=1, description="most samples per forward pass")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="model precision; auto: bfloat16 on GPU, float32 on CPU")
+    source: SourceOptions = Field(default_factory=SourceOptions, description="how inputs are read")
+    moved_from: str | None = Field(
+        None, description="the input root this output's committed shards were read from, when the corpus has moved "
+                          "since (they are not scored again); default: none (a shard committed from another "
+                          "location is refused)")
+    no_progress_timeout_s: float = Field(
+        3600.0, gt=0, description="seconds the job may make no progress (e.g. waiting for GPU nodes to start)")
+    gpu_rate: float | None = Field(
+        None, gt=0, description="for --dry-run's estimate: samples/s one GPU scores; default: the README's reference "
+                                "rates for one H200 (captions: 379/s up to 1B parameters, 282/s above; documents: a "
+                                "quarter of that)")
+    gpu_hour_price: float = Field(5.0, ge=0, description="for --dry-run's estimate: USD per GPU-hour")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ScoreConfig:
+        if self.min_actors > self.concurrency:
+            raise ValueError(f"min_actors ({self.min_actors}) exceeds concurrency ({self.concurrency})")
+        return self
+
+    def resolved_dtype(self) -> str:
+        """The precision the actors will use, `auto` made definite before the job starts (the output's identity
+        names it): bfloat16 where the actors hold GPUs, float32 on CPUs."""
+        return resolve_dtype(self.dtype, expects_gpu(self.gpus_per_actor))
+
+    def identity(self, model_id: str, weights: str | None = None) -> dict:
+        """What the output's records depend on: the model (its weights' digest) and the settings that change
+        scores."""
+        revision = model_id.rsplit("@", 1)[1] if "@" in model_id else None
+        s = self.source
+        return {"model": {"id": model_id, "revision": revision, "weights": weights}, "dtype": self.resolved_dtype(),
+                "jpeg_draft": self.jpeg_draft,
+                "max_image_pixels": self.max_image_pixels,
+                "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}
