@@ -28,11 +28,6 @@ class Category(str, Enum):
     CONFIG = "config"  # the shard does not fit the job's settings (a missing column)
     INTERNAL = "internal"  # a bug of ours met while reading the shard: reported, never blamed on the data
 
-    @property
-    def is_fault(self) -> bool:
-        """A shard-level fault: never committed as records."""
-        return self in (Category.IO, Category.CONFIG, Category.INTERNAL)
-
 
 class UniFilterError(Exception):
     """Base of every error raised on purpose in this project."""
