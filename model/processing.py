@@ -16,9 +16,9 @@ from PIL import Image, ImageOps
 
 from model.config import IMAGE_TOKEN_ID, UniFilterConfig
 from model.errors import Category, SampleError
+from model.limits import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported: the decompression-bomb guard
 
 PAD_COLOR = (127, 127, 127)  # int(255 * image_mean) for SigLIP's mean of 0.5, as LLaVA's expand2square
-from model.limits import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported: the decompression-bomb guard
 
 Kind = Literal["caption", "interleaved"]
 ImageInput = bytes | Image.Image | np.ndarray
@@ -40,6 +40,28 @@ class EncodedSample:
     def n_images(self) -> int:
         return int(self.pixel_values.shape[0])
 
+
+@dataclass
+class PlannedSample:
+    """One sample with its tokens decided and its images still encoded: what it costs (`n_tokens`) is known before
+    a pixel is decoded, so batches can be planned first and the images decoded beside the device."""
+
+    input_ids: np.ndarray  # as EncodedSample's
+    images: list  # the kept images, as given (encoded bytes, PIL images, or prepared arrays)
+    truncated: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+
+# A text piece longer than this many characters per token of `max_tokens` is cut before it is tokenised (only
+# then, and only where the cut cannot change the tokens kept: `UniFilterProcessor._token_ids`).
+CHARS_PER_TOKEN_BOUND = 8
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what web corpora hold; never EPS/PS/PDF
 _STRIPE_PIXELS = 2**20  # high bit depths are rescaled this many pixels at a time: float64 work of ~8 MB
@@ -169,7 +191,17 @@ def prepare_image(img: Image.Image, size: int) -> np.ndarray:
         img = square
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # channels first, in memory too
+
+
+def _cut_is_exact(word_ids: list[int | None], limit: int) -> bool:
+    """Whether the first `limit` tokens of a piece cut mid-word are the whole piece's: the cut word (the last one)
+    begins at token `limit` or later."""
+    if len(word_ids) <= limit:
+        return False
+    last = word_ids[-1]
+    first_of_last = next(k for k, w in enumerate(word_ids) if w == last)
+    return first_of_last >= limit
 
 
 class UniFilterProcessor:
@@ -193,9 +225,12 @@ class UniFilterProcessor:
     # -- one sample ------------------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str | None], images: Sequence[ImageInput | None], kind: Kind) -> EncodedSample:
         """Encode one sample given as parallel per-position lists (text or image at each position)."""
+        return self.decode(self.plan(texts, images, kind))
+
+    def plan(self, texts: Sequence[str | None], images: Sequence[ImageInput | None], kind: Kind) -> PlannedSample:
+        """The sample's layout and tokens, with the image and token limits applied; its images not decoded yet."""
         pieces = self._layout(texts, images, kind)  # [("text", str) | ("image", ImageInput)]
-        text_pieces = [p for t, p in pieces if t == "text"]
-        encoded = [e.ids for e in self._encode_texts(text_pieces, add_special_tokens=False)]
+        encoded = self._token_ids([p for t, p in pieces if t == "text"])
         text_ids = iter(encoded)
 
         cfg = self.config
@@ -224,11 +259,30 @@ class UniFilterProcessor:
             lead = len(encoded[0]) if pieces[0][0] == "text" else 0
             raise SampleError(Category.EMPTY, f"every image of the document was cut by the token limit ({lead} "
                                               f"tokens of text before the first image; max_tokens {cfg.max_tokens})")
+        return PlannedSample(np.asarray(ids, dtype=np.int64), kept_images, truncated)
 
-        pixels = [self._image_pixels(img) for img in kept_images]
-        size = cfg.image_size
+    def decode(self, planned: PlannedSample) -> EncodedSample:
+        """A planned sample's images decoded (guarded), padded and resized: what the model takes."""
+        pixels = [self._image_pixels(img) for img in planned.images]
+        size = self.config.image_size
         pixel_values = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), dtype=np.uint8)
-        return EncodedSample(np.asarray(ids, dtype=np.int64), pixel_values, truncated)
+        return EncodedSample(planned.input_ids, pixel_values, planned.truncated)
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text piece's token ids. A piece far longer than a sample can keep (a 240,000-character caption) is
+        tokenised only up to a character bound, when that is exact: the cut changes only the pre-token (word) it
+        falls in, so when that word's first token comes after `max_tokens` tokens, the tokens a sample can keep are
+        the same as the whole piece's (else the whole piece is tokenised)."""
+        limit = self.config.max_tokens
+        bound = CHARS_PER_TOKEN_BOUND * limit
+        cut = [t[:bound] for t in texts]
+        encodings = self._encode_texts(cut, add_special_tokens=False)
+        out = []
+        for text, piece, enc in zip(texts, cut, encodings):
+            if len(piece) < len(text) and not _cut_is_exact(enc.word_ids, limit):
+                enc = self._encode_texts([text], add_special_tokens=False)[0]
+            out.append(enc.ids)
+        return out
 
     def _layout(self, texts, images, kind: Kind) -> list[tuple[str, object]]:
         if len(texts) != len(images):

@@ -10,12 +10,15 @@ reason in `error`. `decode_encoded` turns such a row back into the processor's `
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from model.errors import Category, SampleError
-from model.processing import EncodedSample, UniFilterProcessor
+
+if TYPE_CHECKING:  # torch loads with the processor, never for a job's configuration
+    from model.processing import EncodedSample, UniFilterProcessor
 
 ENCODED_FIELDS = [
     pa.field("truncated", pa.bool_()),
@@ -46,6 +49,8 @@ def encode_row(row: dict, processor: UniFilterProcessor) -> dict:
 
 def decode_encoded(row: dict, image_size: int) -> EncodedSample:
     """An encoded row back to the processor's EncodedSample (zero-copy views over the row's bytes)."""
+    from model.processing import EncodedSample
+
     ids = np.frombuffer(row["input_ids"], dtype=np.int32).astype(np.int64)
     pixels = np.frombuffer(row["pixel_values"], dtype=np.uint8).reshape(row["n_images"], 3, image_size, image_size)
     return EncodedSample(ids, pixels, bool(row["truncated"]))

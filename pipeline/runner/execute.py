@@ -59,11 +59,14 @@ def dataset(shards: list[Shard], stages: list[Stage]):
     extra = {"runtime_env": {"env_vars": env}} if env else {}
     for stage in stages:
         r = stage.resources
+        placement = {k: v for k, v in (("accelerator_type", r.accelerator_type), ("resources", r.custom)) if v}
         ds = ds.map_batches(
             actor_class(stage), fn_constructor_kwargs={"stage": stage}, batch_format="pyarrow",
             batch_size=r.batch_size if stage is not stages[0] else 1,
-            compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-            num_cpus=r.num_cpus, num_gpus=r.num_gpus or None, **extra,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=r.min_actors, max_size=r.max_actors, max_concurrent_calls_per_actor=r.concurrent_calls,
+                enable_true_multi_threading=r.concurrent_calls > 1),
+            num_cpus=r.num_cpus, num_gpus=r.num_gpus or None, **placement, **extra,
         )
     return ds
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import functools
 import re
 
-import ray
-
 _APPLIED = False
 
 
@@ -37,6 +35,8 @@ class _InlineArgs:
         return _InlineArgs(self._actor_cls.options(**options))
 
     def remote(self, *args, **kwargs):
+        import ray
+
         args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
         kwargs = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in kwargs.items()}
         return self._actor_cls.remote(*args, **kwargs)

@@ -4,9 +4,9 @@ happen to be up when the job is submitted.
 - The local embedded instance (no RAY_ADDRESS) is this machine: scoring actors get a GPU if it has one, and the
   CPUs not reserved for them decode.
 - A cluster reached through RAY_ADDRESS autoscales from zero: scoring actors want one GPU each unless told
-  otherwise, and the CPU stage scales with the model actors (`DECODE_WORKERS_PER_GPU_ACTOR` decode workers per
-  GPU actor). When the cluster has no GPU now and no GPU worker type it can start, the job fails naming
-  `gpus_per_actor` rather than quietly scoring at CPU speed.
+  otherwise, and the CPUs their decoding needs beside it (`DECODE_CPUS_PER_GPU_ACTOR`); the shard readers scale
+  with them (`READERS_PER_GPU_ACTOR`). When the cluster has no GPU now and no GPU worker type it can start, the job
+  fails naming `gpus_per_actor` rather than quietly scoring at CPU speed.
 - A field set by flag or config file always wins.
 """
 
@@ -17,11 +17,14 @@ from dataclasses import dataclass
 
 from pipeline.errors import InputError
 
-# Decode + tokenize workers per GPU scoring actor on a cluster: one GPU scores several hundred captions/s, one core
-# decodes and resizes a few hundred web JPEGs/s at most (benchmarks/preprocess_throughput.py). Set
-# preprocess_workers to size it from your own measurements.
-DECODE_WORKERS_PER_GPU_ACTOR = 4
-DECODE_WORKERS_PER_CPU_ACTOR = 1
+# CPUs a GPU scoring actor holds for its decode threads: the goal is 620 captions/s per H200 (0.5B model), and one
+# core decodes, pads and resizes 140-330 web images/s (1 MP photos with draft decoding to 512 px ones,
+# benchmarks/preprocess_throughput.py): 2-5 cores, and one for the actor's own thread. Set cpus_per_actor to size
+# it from your own images.
+DECODE_CPUS_PER_GPU_ACTOR = 6
+# Shard readers per GPU scoring actor: a reader only parses tars and Parquet (tens of thousands of samples/s), and
+# a GPU takes several hundred.
+READERS_PER_GPU_ACTOR = 0.25
 
 
 @dataclass(frozen=True)
@@ -79,16 +82,26 @@ def gpus_per_actor(set_value: float | None, source: str, view: ClusterView) -> C
                                        "workers to the cluster")
 
 
-def decode_workers(set_value: int | None, source: str, view: ClusterView, actors: int, cpus_per_actor: float,
-                   gpus: float) -> Choice:
+def cpus_per_actor(set_value: float | None, source: str, view: ClusterView, gpus: float) -> Choice:
     if set_value is not None:
         return Choice(set_value, source)
+    if gpus <= 0:
+        return Choice(1.0, "default for scoring on CPUs")
     if not view.remote:
-        n = max(1, int(view.cpus - actors * cpus_per_actor))
-        return Choice(n, f"default: this machine's {view.cpus:g} CPUs not reserved for scoring")
-    ratio = DECODE_WORKERS_PER_GPU_ACTOR if gpus > 0 else DECODE_WORKERS_PER_CPU_ACTOR
-    return Choice(ratio * actors, f"default for a cluster job: {ratio} per {'GPU' if gpus > 0 else 'CPU'} scoring "
-                                  f"actor x {actors} actors")
+        n = max(1.0, min(DECODE_CPUS_PER_GPU_ACTOR, view.cpus - 1))
+        return Choice(n, f"default: {n:g} of this machine's {view.cpus:g} CPUs decode beside its GPU")
+    return Choice(float(DECODE_CPUS_PER_GPU_ACTOR), f"default for a GPU actor: {DECODE_CPUS_PER_GPU_ACTOR} CPUs "
+                                                    "decode beside each GPU")
+
+
+def read_workers(set_value: int | None, source: str, view: ClusterView, actors: int, gpus: float) -> Choice:
+    if set_value is not None:
+        return Choice(set_value, source)
+    if not view.remote or gpus <= 0:
+        return Choice(1, "default: one shard reader" + ("" if view.remote else " on this machine"))
+    n = max(1, -(-actors * READERS_PER_GPU_ACTOR // 1))
+    return Choice(int(n), f"default for a cluster job: one reader per {round(1 / READERS_PER_GPU_ACTOR)} GPU "
+                          f"scoring actors x {actors} actors")
 
 
 def use_gpu(set_value: bool | None, source: str, view: ClusterView) -> Choice:

@@ -29,13 +29,18 @@ from pipeline.io.listing import Shard
 @dataclass(frozen=True)
 class Resources:
     """What each actor of a stage holds, and the pool's bounds. `batch_size`: rows per call of a table stage
-    (None: each block as it comes); a shard stage gets one group of shards per call."""
+    (None: each block as it comes); a shard stage gets one group of shards per call. `concurrent_calls`: calls an
+    actor runs at once (its stage must be thread-safe). `accelerator_type` pins the GPU type (`H200`, `L40S`);
+    `custom`: other resources each actor needs (a node label, say)."""
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     min_actors: int = 1
     max_actors: int = 1
     batch_size: int | None = None
+    concurrent_calls: int = 1
+    accelerator_type: str | None = None
+    custom: dict | None = None
 
 
 class Stage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from model.limits import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.io.samples import SourceOptions
@@ -35,11 +35,25 @@ class ScoreConfig(BaseModel):
         None, ge=0, description="GPUs per scoring actor (0.5 packs two per GPU); default: 1 on a cluster reached "
                                 "through RAY_ADDRESS (which must have or be able to start GPU nodes), else 1 if "
                                 "this machine has a GPU")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scoring actor")
-    preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per preprocessing (decode + tokenize) worker")
-    preprocess_workers: int | None = Field(
-        None, ge=1, description="most preprocessing (decode) workers; default: 4 per GPU scoring actor on a cluster, "
-                                "this machine's CPUs not reserved for scoring when local")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="CPUs per scoring actor: its images are decoded, resized and tokenised by its own "
+                                "threads beside the device; default: 6 beside a GPU (a core decodes 140-330 web "
+                                "images/s; a GPU scores 600+), 1 on CPUs")
+    decode_threads: int | None = Field(
+        None, ge=1, description="decode threads per scoring actor; default: its CPUs")
+    read_cpus: float = Field(1.0, gt=0, validation_alias=AliasChoices("read_cpus", "preprocess_cpus"),
+                             description="CPUs per shard reader (it hands the scoring actors the samples as read: "
+                                         "encoded images and text)")
+    read_workers: int | None = Field(
+        None, ge=1, validation_alias=AliasChoices("read_workers", "preprocess_workers"),
+        description="most shard readers; default: one per 4 GPU scoring actors on a cluster (at least one), one "
+                    "when local")
+    compile: bool | None = Field(
+        None, description="compile the model (torch.compile: the vision tower per image-count bucket, the LLM with "
+                          "dynamic shapes); default: on when the scoring actors hold GPUs, off on CPUs")
+    accelerator_type: str | None = Field(
+        None, description="pin the scoring actors to one GPU type (Ray's accelerator types: H200, H100, L40S, ...); "
+                          "default: any GPU")
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1,
                                   description="larger images are errors (decompression bombs)")
     jpeg_draft: bool = Field(
@@ -76,12 +90,16 @@ class ScoreConfig(BaseModel):
         names it): bfloat16 where the actors hold GPUs, float32 on CPUs."""
         return resolve_dtype(self.dtype, expects_gpu(self.gpus_per_actor))
 
+    def resolved_compile(self) -> bool:
+        """Whether the scoring actors compile the model: on by default where they hold GPUs."""
+        return expects_gpu(self.gpus_per_actor) if self.compile is None else self.compile
+
     def identity(self, model_id: str, weights: str | None = None) -> dict:
         """What the output's records depend on: the model (its weights' digest) and the settings that change
         scores."""
         revision = model_id.rsplit("@", 1)[1] if "@" in model_id else None
         s = self.source
         return {"model": {"id": model_id, "revision": revision, "weights": weights}, "dtype": self.resolved_dtype(),
-                "jpeg_draft": self.jpeg_draft,
+                "jpeg_draft": self.jpeg_draft, **({"compiled": True} if self.resolved_compile() else {}),
                 "max_image_pixels": self.max_image_pixels,
                 "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}

@@ -13,7 +13,7 @@ from pipeline.io.listing import list_shards
 from pipeline.io.sniff import check_first_shard
 from pipeline.runner.job import Job, JobSpec, Plan, PreparedJob, RunResult
 from pipeline.runner.prepare import check_writable
-from pipeline.runner.resources import ClusterView, decode_workers, gpus_per_actor
+from pipeline.runner.resources import ClusterView, cpus_per_actor, gpus_per_actor, read_workers
 from pipeline.runner.run import run_job
 from pipeline.runner.stage import Resources, Stage
 from pipeline.scoring.config import ScoreConfig
@@ -54,6 +54,8 @@ class ScoringJob(Job):
         self._lowered: dict[str, dict] = {}  # token budgets lowered after out-of-memory errors, by actor
         self._scored = self._truncated = 0
         self._journal, self._device_faults, self._weights = None, {}, None
+        self._received = {"bytes": 0, "samples": 0}  # what crossed to the scoring actors
+        self._compile_s: dict[str, float] = {}  # time each actor spent compiling
 
     # -- before Ray --------------------------------------------------------------------------------------------
     def spec(self) -> JobSpec:
@@ -100,34 +102,36 @@ class ScoringJob(Job):
         """Sized from what the cluster can scale to (`pipeline.runner.resources`)."""
         c, where = self.config, self.sources
         gpus = gpus_per_actor(c.gpus_per_actor, where.get("gpus_per_actor", "default"), view)
-        decode = decode_workers(c.preprocess_workers, where.get("preprocess_workers", "default"), view,
-                                c.concurrency, c.cpus_per_actor, gpus.value)
+        cpus = cpus_per_actor(c.cpus_per_actor, where.get("cpus_per_actor", "default"), view, gpus.value)
+        readers = read_workers(c.read_workers, where.get("read_workers", "default"), view, c.concurrency, gpus.value)
         return Plan(
-            stages={"encode": Resources(num_cpus=c.preprocess_cpus, max_actors=decode.value),
-                    "score": Resources(num_cpus=c.cpus_per_actor, num_gpus=gpus.value, min_actors=c.min_actors,
-                                       max_actors=c.concurrency, batch_size=c.batch_size or 4 * c.max_batch)},
-            why={"gpus_per_actor": gpus.why, "preprocess_workers": decode.why,
+            stages={"read": Resources(num_cpus=c.read_cpus, max_actors=readers.value),
+                    "score": Resources(num_cpus=cpus.value, num_gpus=gpus.value, min_actors=c.min_actors,
+                                       max_actors=c.concurrency, batch_size=c.batch_size or 4 * c.max_batch,
+                                       concurrent_calls=2, accelerator_type=c.accelerator_type)},
+            why={"gpus_per_actor": gpus.why, "cpus_per_actor": cpus.why, "read_workers": readers.why,
                  "concurrency": where.get("concurrency", "default")})
 
     def start_line(self, plan: Plan) -> str:
-        score, encode = plan.stages["score"], plan.stages["encode"]
+        score, read = plan.stages["score"], plan.stages["read"]
         return (f"asking for {score.max_actors} scoring actor(s) x {score.num_gpus:g} GPU "
-                f"({plan.why['gpus_per_actor']}) and {encode.max_actors} decode workers "
-                f"({plan.why['preprocess_workers']})")
+                f"({plan.why['gpus_per_actor']}) x {score.num_cpus:g} CPUs to decode beside it "
+                f"({plan.why['cpus_per_actor']}), and {read.max_actors} shard readers ({plan.why['read_workers']})")
 
     def stages(self, plan: Plan) -> list[Stage]:
-        from pipeline.scoring.reading import EncodeStage
+        from pipeline.scoring.reading import ReadStage
 
         c = self.config
-        return [EncodeStage(plan.stages["encode"], c.model, c.format, c.source, c.max_image_pixels, c.jpeg_draft),
-                self.model_stage(plan.stages["score"])]
+        return [ReadStage(plan.stages["read"], c.format, c.source), self.model_stage(plan.stages["score"])]
 
     def model_stage(self, resources: Resources) -> Stage:
         from pipeline.scoring.stage import ScoreStage
 
         c = self.config
-        return ScoreStage(resources, c.model, c.resolved_dtype(), c.token_budget, c.max_batch,
-                          self._weights, self._journal and self._journal.name)
+        threads = c.decode_threads or max(1, int(resources.num_cpus))
+        return ScoreStage(resources, c.model, c.resolved_dtype(), c.token_budget, c.max_batch, threads,
+                          c.max_image_pixels, c.jpeg_draft, c.resolved_compile(), self._weights,
+                          self._journal and self._journal.name)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def before_execute(self, prepared: PreparedJob) -> None:
@@ -150,6 +154,11 @@ class ScoringJob(Job):
         if len(sizes):
             self._batches.append((pc.sum(sizes).as_py(), len(sizes), pc.max(sizes).as_py()))
         self._lowered.update((r["actor"], r) for r in batch.column("budget_lowered").drop_null().to_pylist())
+        for call in batch.column("call").drop_null().to_pylist():
+            self._received["bytes"] += call["bytes"]
+            self._received["samples"] += call["samples"]
+            if call["compile_s"] is not None:
+                self._compile_s[call["actor"]] = call["compile_s"]
 
     def on_records(self, records: pa.Table) -> None:
         self._scored += records.num_rows - records.column("error").drop_null().length()
@@ -168,7 +177,21 @@ class ScoringJob(Job):
             "token_budget_lowered": {"actors": len(lowered), "from": max(r["from"] for r in lowered.values()),
                                      "to": min(r["to"] for r in lowered.values())} if lowered else None,
             "device_faults": self._device_faults,
+            **self._transfer(prepared, result),
+            "compile_s": max(self._compile_s.values()) if self._compile_s else None,
         }
+
+    def _transfer(self, prepared: PreparedJob, result: RunResult) -> dict:
+        """What crossed from the readers to the scoring actors, per sample, against the input's own bytes per
+        sample (of the shards this run committed): the figure networks are sized with."""
+        done = set(result.committer.committed) if result.committer else set()
+        sizes = [s.size for s in prepared.todo if s.key in done]
+        samples = result.committer.samples if result.committer else 0
+        received = self._received
+        return {"transfer_bytes_per_sample": round(received["bytes"] / received["samples"]) if received["samples"]
+                else None,
+                "input_bytes_per_sample": round(sum(sizes) / samples) if samples and sizes and None not in sizes
+                else None}
 
     def every_sample_failed(self, summary: dict) -> bool:
         return bool(summary["records"]["this_run"]) and not summary[self.name]["scored_this_run"]
@@ -190,6 +213,11 @@ class ScoringJob(Job):
             f"{shards['already_committed'] + shards['committed_this_run']} shards (read them with "
             "pipeline.scoring.read_scores)",
         ]
+        if own.get("transfer_bytes_per_sample"):
+            ratio = (f" ({own['transfer_bytes_per_sample'] / own['input_bytes_per_sample']:.2f}x the input's "
+                     f"{own['input_bytes_per_sample']:,})" if own.get("input_bytes_per_sample") else "")
+            lines.append(f"  transfer   {own['transfer_bytes_per_sample']:,} bytes per sample to the scoring actors"
+                         f"{ratio}" + (f" · compiling took {own['compile_s']:.1f} s" if own.get("compile_s") else ""))
         return lines + _device_lines(own)
 
 

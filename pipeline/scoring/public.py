@@ -10,8 +10,8 @@ scored = ds.map_batches(UniFilterScorer, fn_constructor_kwargs={"model": "s3://b
                         num_gpus=1, concurrency=4, batch_size=1024, batch_format="pyarrow")
 ```
 
-Rows come in as captions (an image-bytes column and a text column: `image_column`, `text_column`, webdataset's
-`jpg` and `txt` by default) or in the sample schema (`texts`, `images`, `kind` list columns, as `pipeline.io`
+Rows come in as captions (image bytes and a text: `image_columns`, the first of which a row has, webdataset's
+`jpg`, `jpeg`, `png`, `webp` by default, and `text_column`, `txt`) or in the sample schema (`texts`, `images`, `kind` list columns, as `pipeline.io`
 reads them). They go out with every input column kept and `score`, `label`, `probs`, `n_images`, `n_tokens`,
 `truncated`, `error` and `model` added: a sample that cannot be scored keeps its row, with `error` saying why (no
 row is ever dropped). A device fault ends the actor, which Ray restarts and whose batch it retries (the job's
@@ -26,7 +26,6 @@ import sys
 import pyarrow as pa
 
 from model.limits import DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.encoded import encode_row
 from pipeline.errors import DeviceFault
 
 ADDED = ("score", "label", "probs", "n_images", "n_tokens", "truncated", "error", "model")
@@ -41,15 +40,16 @@ def _text(value) -> str | None:
 class UniFilterScorer:
     """A callable class for `Dataset.map_batches` (`batch_format="pyarrow"`): the model loads once per actor."""
 
-    def __init__(self, model: str, image_column: str = "jpg", text_column: str = "txt", id_column: str = "__key__",
-                 dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False):
+    def __init__(self, model: str, image_columns: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
+                 text_column: str = "txt", id_column: str = "__key__",
+                 dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256, decode_threads: int = 4,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False,
+                 compiled: bool | None = None):
         from pipeline.scoring.stage import load_scorer
 
-        self.image_column, self.text_column, self.id_column = image_column, text_column, id_column
-        self.scorer = load_scorer(model, dtype, token_budget, max_batch)
-        self.scorer.processor.max_image_pixels = max_image_pixels
-        self.scorer.processor.jpeg_draft = jpeg_draft
+        self.image_columns, self.text_column, self.id_column = tuple(image_columns), text_column, id_column
+        self.scorer = load_scorer(model, dtype, token_budget, max_batch, decode_threads=decode_threads,
+                                  max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft, compiled=compiled)
 
     def _samples(self, batch: pa.Table) -> list[dict]:
         n, names = batch.num_rows, batch.column_names
@@ -58,7 +58,9 @@ class UniFilterScorer:
             kinds = batch.column("kind").to_pylist() if "kind" in names else ["interleaved"] * n
             return [{"id": i, "texts": t, "images": m, "kind": k} for i, t, m, k in
                     zip(ids, batch.column("texts").to_pylist(), batch.column("images").to_pylist(), kinds)]
-        images, texts = batch.column(self.image_column).to_pylist(), batch.column(self.text_column).to_pylist()
+        columns = [batch.column(c).to_pylist() for c in self.image_columns if c in names]
+        images = [next((col[k] for col in columns if col[k] is not None), None) for k in range(n)]
+        texts = batch.column(self.text_column).to_pylist() if self.text_column in names else [None] * n
         rows = []
         for i, image, text in zip(ids, images, texts):
             row = {"id": i, "kind": "caption", "texts": [None, None], "images": [image, None]}
@@ -73,15 +75,13 @@ class UniFilterScorer:
         return rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.scoring.reading import ENCODED_SCHEMA
+        from pipeline.scoring.reading import sample_rows
 
-        rows = [encode_row({**s, "source": "", "ordinal": k, "error": s.get("error"),
-                            "error_category": s["error"].split(":", 1)[0] if s.get("error") else None},
-                           self.scorer.processor) for k, s in enumerate(self._samples(batch))]
-        encoded = pa.Table.from_pylist([{name: r.get(name) for name in ENCODED_SCHEMA.names} for r in rows],
-                                       schema=ENCODED_SCHEMA)
+        samples = [{**sample, "source": "", "ordinal": k,
+                    "error_category": sample["error"].split(":", 1)[0] if sample.get("error") else None}
+                   for k, sample in enumerate(self._samples(batch))]
         try:
-            scored = self.scorer.score_table(encoded)
+            scored = self.scorer.score_table(sample_rows(samples))
         except DeviceFault as fault:
             print(f"[UniFilterScorer] device error ({fault.first_line}); ending the actor so Ray restarts it and "
                   "retries the batch", file=sys.stderr, flush=True)

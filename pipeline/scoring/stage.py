@@ -1,6 +1,8 @@
-"""Scoring's model stage: a pool of actors, one model replica each (loaded in `setup`), scoring encoded rows in
-token-budget micro-batches (`pipeline.scoring.scorer`). A device fault ends the actor's process: Ray restarts it
-and retries the batch, and the run's fault journal (`pipeline.scoring.device_faults`) bounds those retries."""
+"""Scoring's model stage: a pool of actors, one model replica each (loaded in `setup`), each scoring the samples it
+receives with its own decode threads beside the device (`pipeline.scoring.scorer`). Two calls run at once on an
+actor, so one call's decoding overlaps the other's last micro-batches. A device fault ends the actor's process:
+Ray restarts it and retries the batch, and the run's fault journal (`pipeline.scoring.device_faults`) bounds those
+retries."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sys
 
 import pyarrow as pa
 
+from model.limits import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.errors import DeviceFault
 from pipeline.runner.stage import Resources, TableStage
 from pipeline.scoring.scorer import SCORED_SCHEMA
@@ -19,21 +22,30 @@ def default_token_budget(on_gpu: bool) -> int:
     return 32768 if on_gpu else 8192
 
 
-def load_scorer(model_uri: str, dtype: str, token_budget: int | None, max_batch: int, weights: str | None = None,
-                journal=None):
+def load_scorer(model_uri: str, dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256,
+                weights: str | None = None, journal=None, decode_threads: int = 1,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False, compiled: bool | None = None):
     """The model on this process's device (the GPU when there is one), checked against the weights the run's
-    identity names, behind a `BatchScorer`."""
+    identity names, behind a `BatchScorer`; compiled on a GPU unless `compiled` says otherwise."""
     import torch
 
     import model as unifilter
     from pipeline.scoring.config import resolve_dtype
-    from pipeline.scoring.scorer import BatchScorer, check_weights
+    from pipeline.scoring.scorer import BatchScorer
+    from pipeline.scoring.weights import check_weights
 
     on_gpu = torch.cuda.is_available()
     net, processor = unifilter.load(model_uri, device="cuda" if on_gpu else "cpu",
                                     dtype=getattr(torch, resolve_dtype(dtype, on_gpu)))
     check_weights(model_uri, net.model_id, weights)
-    return BatchScorer(net, processor, token_budget or default_token_budget(on_gpu), max_batch, journal=journal)
+    processor.max_image_pixels, processor.jpeg_draft = max_image_pixels, jpeg_draft
+    scorer = BatchScorer(net, processor, token_budget or default_token_budget(on_gpu), max_batch, decode_threads,
+                         journal)
+    if on_gpu if compiled is None else compiled:
+        from pipeline.scoring.compiled import compile_scorer
+
+        compile_scorer(scorer)
+    return scorer
 
 
 class ScoreStage(TableStage):
@@ -41,17 +53,19 @@ class ScoreStage(TableStage):
     schema = SCORED_SCHEMA
 
     def __init__(self, resources: Resources, model_uri: str, dtype: str, token_budget: int | None, max_batch: int,
+                 decode_threads: int, max_image_pixels: int, jpeg_draft: bool = False, compiled: bool | None = None,
                  weights: str | None = None, fault_journal: str | None = None):
         super().__init__(resources)
         self.model_uri, self.dtype, self.token_budget, self.max_batch = model_uri, dtype, token_budget, max_batch
-        self.weights, self.fault_journal = weights, fault_journal
+        self.decode_threads, self.max_image_pixels, self.jpeg_draft = decode_threads, max_image_pixels, jpeg_draft
+        self.compiled, self.weights, self.fault_journal = compiled, weights, fault_journal
 
     def setup(self) -> None:
         from pipeline.scoring.device_faults import RemoteJournal
 
         journal = RemoteJournal(self.fault_journal) if self.fault_journal else None
-        self.scorer = load_scorer(self.model_uri, self.dtype, self.token_budget, self.max_batch, self.weights,
-                                  journal)
+        self.scorer = load_scorer(self.model_uri, self.dtype, self.token_budget, self.max_batch, self.weights, journal,
+                                  self.decode_threads, self.max_image_pixels, self.jpeg_draft, self.compiled)
 
     def process_table(self, table: pa.Table) -> pa.Table:
         try:

@@ -4,7 +4,6 @@ same processor the scorer uses."""
 from __future__ import annotations
 
 import pyarrow as pa
-import ray
 
 from model.checkpoint import load_processor
 from pipeline.encoded import ENCODED_FIELDS, encode_row
@@ -34,14 +33,16 @@ def encode_pairs(batch: pa.Table, model_uri: str) -> pa.Table:
                                 schema=ENCODED_PAIR_SCHEMA)
 
 
-def read_pairs(uri: str, field: str) -> ray.data.Dataset:
+def read_pairs(uri: str, field: str):
     """The pairs under `uri` (jobs.synth's train/ or val/); `InputError` naming `field` when there are none."""
+    import ray
+
     files = [s.uri for s in list_shards(uri, "parquet", field=field).shards]
     fs, _ = filesystem_for(uri)  # one filesystem for all files; their paths without the scheme
     return ray.data.read_parquet([filesystem_for(f)[1] for f in files], filesystem=fs).select_columns(TRAIN_COLUMNS)
 
 
-def encoded(ds: ray.data.Dataset, base_uri: str) -> ray.data.Dataset:
+def encoded(ds, base_uri: str):
     return ds.map_batches(encode_pairs, fn_kwargs={"model_uri": base_uri}, batch_size=32, batch_format="pyarrow",
                           num_cpus=ENCODE_TASK_CPUS)
 
