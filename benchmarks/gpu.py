@@ -57,8 +57,8 @@ def model_rows(configs: list[str], device: str, seconds: float, n: int) -> list[
 
 
 def score_rows(config: str, device: str, n_captions: int, n_docs: int, work: str) -> list[dict]:
-    from jobs._config import connect_ray
     from jobs import sample_corpus as corpus
+    from pipeline.runner.cluster import connect
     from pipeline.scoring import ScoreConfig, score_dataset
 
     model_dir = os.path.join(work, f"model-{config}")
@@ -70,7 +70,7 @@ def score_rows(config: str, device: str, n_captions: int, n_docs: int, work: str
     docs = corpus.documents(n_docs, seed=2)
     for k in range(0, n_docs, per_shard // 4):
         corpus.write_obelics(os.path.join(work, "docs", f"{k:05d}.parquet"), docs[k:k + per_shard // 4])
-    connect_ray(verbose=False, job="bench")
+    connect(verbose=False, job="bench")
     rows = []
     for kind, fmt, folder in (("caption", "webdataset", "caps"), ("interleaved", "obelics", "docs")):
         started = time.perf_counter()
@@ -78,10 +78,11 @@ def score_rows(config: str, device: str, n_captions: int, n_docs: int, work: str
                                             output=os.path.join(work, f"out-{folder}"),
                                             gpus_per_actor=1.0 if device == "cuda" else 0.0), progress=False)
         elapsed = time.perf_counter() - started
-        rows.append({"part": "jobs.score", "kind": kind, "config": config, "samples": summary["samples_this_run"],
-                     "samples_per_s": round(summary["samples_this_run"] / elapsed, 1),
-                     "steady_samples_per_s": summary.get("steady_samples_per_s"),
-                     "micro_batch_rows": summary.get("micro_batch_rows"), "seconds": round(elapsed, 1)})
+        samples = summary["records"]["this_run"]
+        rows.append({"part": "jobs.score", "kind": kind, "config": config, "samples": samples,
+                     "samples_per_s": round(samples / elapsed, 1),
+                     "steady_samples_per_s": summary["timing"].get("steady_records_per_s"),
+                     "micro_batch_rows": summary["score"]["micro_batch_rows"], "seconds": round(elapsed, 1)})
         print(f"  jobs.score {kind:11s} {config}: {rows[-1]['samples_per_s']}/s whole job, "
               f"{rows[-1]['steady_samples_per_s']}/s after start-up", flush=True)
     return rows

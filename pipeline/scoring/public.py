@@ -26,7 +26,6 @@ import sys
 import pyarrow as pa
 
 from model.limits import DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.encoded import encode_row
 from pipeline.errors import DeviceFault
 
 ADDED = ("score", "label", "probs", "n_images", "n_tokens", "truncated", "error", "model")
@@ -73,6 +72,8 @@ class UniFilterScorer:
         return rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # here, not at the top: encode_row brings torch, and every job's command line imports `pipeline.scoring`
+        from pipeline.encoded import encode_row
         from pipeline.scoring.reading import ENCODED_SCHEMA
 
         rows = [encode_row({**s, "source": "", "ordinal": k, "error": s.get("error"),
