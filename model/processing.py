@@ -16,9 +16,9 @@ from PIL import Image, ImageOps
 
 from model.config import IMAGE_TOKEN_ID, UniFilterConfig
 from model.errors import Category, SampleError
+from model.limits import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported: the decompression-bomb guard
 
 PAD_COLOR = (127, 127, 127)  # int(255 * image_mean) for SigLIP's mean of 0.5, as LLaVA's expand2square
-from model.limits import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported: the decompression-bomb guard
 
 Kind = Literal["caption", "interleaved"]
 ImageInput = bytes | Image.Image | np.ndarray
