@@ -49,12 +49,12 @@ def main() -> None:
                                     concurrency=2), progress=False)
              for name, fmt in (("captions", "webdataset"), ("documents", "obelics"))]
     synth_s = time.time() - start
-    n_pairs = sum(s["pairs_this_run"] for s in synth)
+    n_pairs = sum(s["synth"]["pairs_this_run"] for s in synth)
     print(f"[learning] {args.captions} caption + {args.documents} document origins -> {n_pairs} pairs in "
           f"{synth_s:.1f} s ({n_pairs / synth_s:.1f} pairs/s, corpus drawing included); balance: "
-          f"{[s['level_balance'] for s in synth]}", flush=True)
+          f"{[s['synth']['level_balance'] for s in synth]}", flush=True)
 
-    n_train = sum(sum(s["level_balance"]["train"].values()) for s in synth)
+    n_train = sum(sum(s["synth"]["level_balance"]["train"].values()) for s in synth)
     epochs = max(1, math.floor(args.minutes * 60 * args.samples_per_s / n_train))
     config = TrainConfig(train=os.path.join(pairs, "train"), val=os.path.join(pairs, "val"),
                          output=os.path.join(work, "run"), epochs=epochs, batch_size=32, lr=args.lr,

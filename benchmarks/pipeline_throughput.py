@@ -19,13 +19,12 @@ import time
 import ray
 
 import model as unifilter
-from model.processing import SampleError
 from jobs import sample_corpus as corpus
+from model.processing import SampleError
 from pipeline.encoded import token_budget_batches
-from pipeline.scoring import ScoreConfig, score_dataset
-from pipeline.commit.markers import SHARD_END
-from pipeline.io.samples import read_samples
 from pipeline.io.listing import list_shards
+from pipeline.io.samples import read_samples
+from pipeline.scoring import ScoreConfig, score_dataset
 
 
 def write_corpus(root: str, samples: int, per_shard: int = 100) -> str:
@@ -39,10 +38,10 @@ def bare_loop(input_dir: str, model_dir: str, token_budget: int = 8192) -> tuple
     net, processor = unifilter.load(model_dir)
     start = time.perf_counter()
     n = 0
-    for shard in list_shards(input_dir, "webdataset"):
+    for shard in list_shards(input_dir, "webdataset").shards:
         encoded = []
-        for row in read_shard(shard, "webdataset"):
-            if row["kind"] == SHARD_END or row["error"]:
+        for row in read_samples(shard, "webdataset"):
+            if row["error"]:
                 continue
             try:
                 encoded.append(processor.encode(row["texts"], row["images"], row["kind"]))
@@ -71,7 +70,7 @@ def _ray_worker_pids() -> list[int]:
                     cmd = f.read()
             except OSError:
                 continue
-            if b"ShardEncoder" in cmd or b"ScoringActor" in cmd:
+            if b"EncodeStage" in cmd or b"ScoreStage" in cmd:
                 pids.append(int(entry))
     return pids
 
@@ -102,7 +101,7 @@ def ray_pipeline(input_dir: str, output: str, model_dir: str) -> tuple[int, floa
                             progress=False)
     elapsed = time.perf_counter() - start
     sampler.stop()
-    return summary["samples_this_run"], elapsed, summary["steady_samples_per_s"], sampler
+    return summary["records"]["this_run"], elapsed, summary["timing"].get("steady_records_per_s"), sampler
 
 
 def main() -> None:

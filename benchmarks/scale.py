@@ -5,7 +5,7 @@
 1. Manifest start-up: reading the commit records of 1k / 10k / 50k committed shards, local and on a loopback S3
    server (moto on 127.0.0.1): before (one JSON object per shard, read one at a time: the previous version) and
    after (consolidated Parquet parts, per-shard records read in parallel); and a rerun's whole start-up
-   (`prepare_scoring`: listing, model check, lease, manifest) over 4,000 committed shards against 400.
+   (`ScoringJob.spec` and `claim`: listing, model check, lease, manifest) over 4,000 committed shards against 400.
 2. The driver's committer: records/s, and how many GPUs one driver serves at 620 captions/s per GPU.
 3. The scoring actor with a stand-in model whose forward sleeps a fixed time per micro-batch (a GPU-bound stage
    simulated on CPU): achieved samples/s against the ideal rate, serial and overlapped (target >= 95%).
@@ -125,12 +125,12 @@ def manifest_startup(sizes: list[int], bucket_root: str | None, before_limit: in
            "after: consolidated", "speed-up"], rows)
 
 
-def _write_tiny_shards(root_uri: str, n: int, data: bytes) -> None:
+def _write_tiny_shards(root_uri: str, n: int, data: bytes, name: str = "{k:06d}.tar") -> None:
     from pipeline.io.publish import write_bytes
 
     fs, root = _fs(root_uri)
     with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda k: write_bytes(fs, f"{root}/{k:06d}.tar", data), range(n)))
+        list(pool.map(lambda k: write_bytes(fs, f"{root}/{name.format(k=k)}", data), range(n)))
 
 
 def _list_seconds(uri: str) -> float:
@@ -158,34 +158,41 @@ def _cli_rerun_seconds(config) -> float:
     return elapsed
 
 
-def rerun_startup(bucket_root: str, model_dir: str) -> None:
+def rerun_startup(bucket_root: str, model_dir: str, sizes: tuple[int, int] = (400, 4000)) -> None:
     """A rerun that finds every shard committed: 400 against 4,000 (target: within 1.5x)."""
     from jobs import sample_corpus as corpus
-    from pipeline.scoring import ScoreConfig, prepare_scoring
+    from pipeline.runner.prepare import claim
+    from pipeline.scoring import ScoreConfig, ScoringJob
+
+    def start_up(config: ScoreConfig) -> tuple[float, list]:
+        """A run's start-up before Ray: the job's spec (listing, model check), the lease, the manifest; the
+        output's identity recorded. Returns (seconds, the shards left to do); the lease is released after."""
+        t = time.perf_counter()
+        with claim(ScoringJob(config).spec()) as prepared:
+            return time.perf_counter() - t, prepared.todo
 
     rows, measured = [], []
-    for n in (400, 4000):
+    for n in sizes:
         inputs = f"{bucket_root}/rerun-in-{n}"
         _write_tiny_shards(inputs, n, corpus._tar([("a.jpg", b"x"), ("a.txt", b"y")]))
         output = f"{bucket_root}/rerun-out-{n}"
         config = ScoreConfig(input=inputs, format="webdataset", output=output, model=model_dir)
-        prepared, _ = prepare_scoring(config)  # claims the identity
-        prepared.lease.release()
+        start_up(config)  # claims the identity
         _write_entries(output, n, consolidated=True)
-        prepare_scoring(config)[0].lease.release()  # warm the interpreter's imports and clients
+        # the files the commit records name: a start-up lists them (a committed file deleted since is done again)
+        _write_tiny_shards(f"{output}/scores", n, b"", name="{k:06d}.parquet")
+        start_up(config)  # warm the interpreter's imports and clients
         elapsed = float("inf")
         for _ in range(2):  # best of two: the loopback server shares these 2 cores
-            t = time.perf_counter()
-            prepared, _ = prepare_scoring(config)
-            elapsed = min(elapsed, time.perf_counter() - t)
-            prepared.lease.release()
-        assert not prepared.todo, "every shard should be committed"
+            seconds, todo = start_up(config)
+            elapsed = min(elapsed, seconds)
+        assert not todo, "every shard should be committed"
         listing = _list_seconds(inputs)
         cli = _cli_rerun_seconds(config)
         measured.append((cli, elapsed, elapsed - listing))
         rows.append([f"{n:,}", f"{cli:.2f}", f"{elapsed:.2f}", f"{listing:.2f}", f"{elapsed - listing:.2f}"])
     ratios = [b / a for a, b in zip(*measured)]
-    rows.append(["ratio 4,000 / 400", f"{ratios[0]:.2f}x", f"{ratios[1]:.2f}x", "", f"{ratios[2]:.2f}x"])
+    rows.append([f"ratio {sizes[1]:,} / {sizes[0]:,}", f"{ratios[0]:.2f}x", f"{ratios[1]:.2f}x", "", f"{ratios[2]:.2f}x"])
     table("   Rerun over committed shards on loopback S3 (seconds; target: 4,000 within 1.5x of 400)",
           ["committed shards", "CLI end to end", "start-up in process", "of which listing the input shards",
            "start-up less the listing"], rows)
@@ -193,24 +200,24 @@ def rerun_startup(bucket_root: str, model_dir: str) -> None:
 
 # -- 2. committer ------------------------------------------------------------------------------------------------
 def committer_rate(shards: int = 400, per_shard: int = 500) -> None:
-    from pipeline.scoring.scorer import ACTOR_OUTPUT_SCHEMA
-    from pipeline.scoring.records import SCORE_SCHEMA
     from pipeline.commit.committer import ShardCommitter
     from pipeline.commit.markers import end_marker
+    from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
+    from pipeline.scoring.scorer import SCORED_SCHEMA
 
     out = tempfile.mkdtemp(prefix="bench-commit-")
     batches = []
     for s in range(shards):
         key = f"{s:06d}.tar"
-        rows = {name: [None] * per_shard for name in ACTOR_OUTPUT_SCHEMA.names}
+        rows = {name: [None] * per_shard for name in SCORED_SCHEMA.names}
         rows.update(id=[f"{key}-{i}" for i in range(per_shard)], source=[key] * per_shard,
                     kind=["caption"] * per_shard, score=np.random.rand(per_shard).astype(np.float32).tolist(),
                     label=[1] * per_shard, model=["m@0"] * per_shard, ordinal=list(range(per_shard)),
                     n_images=[1] * per_shard, n_tokens=[157] * per_shard, truncated=[False] * per_shard)
-        marker = {k: shard_end(key, per_shard).get(k) for k in ACTOR_OUTPUT_SCHEMA.names}
-        batches.append(pa.concat_tables([pa.table(rows, schema=ACTOR_OUTPUT_SCHEMA),
-                                         pa.Table.from_pylist([marker], schema=ACTOR_OUTPUT_SCHEMA)]))
-    committer = ShardCommitter(out, SCORE_SCHEMA, identity="bench")
+        marker = {k: end_marker(key, per_shard).get(k) for k in SCORED_SCHEMA.names}
+        batches.append(pa.concat_tables([pa.table(rows, schema=SCORED_SCHEMA),
+                                         pa.Table.from_pylist([marker], schema=SCORED_SCHEMA)]))
+    committer = ShardCommitter(out, SCORE_SCHEMA, "bench", scores_folder)
     t = time.perf_counter()
     for b in batches:
         committer.add(b)
@@ -241,7 +248,7 @@ class _StandIn:
 
 
 def _encoded_captions(processor, n: int, seed: int = 0) -> pa.Table:
-    from pipeline.encoded import ENCODED_SCHEMA
+    from pipeline.scoring.reading import ENCODED_SCHEMA
 
     rng = np.random.default_rng(seed)
     cfg = processor.config
@@ -329,16 +336,14 @@ def downloads_per_node(bucket_root: str) -> None:
 
 # -- 6. fixed cost per shard -------------------------------------------------------------------------------------
 def per_shard_cost(n_shards: int, model_dir: str) -> None:
-
     from jobs import sample_corpus as corpus
+    from pipeline.runner.cluster import connect
     from pipeline.scoring import ScoreConfig, score_dataset
 
     root = tempfile.mkdtemp(prefix="bench-shards-")
     for k, sample in enumerate(corpus.caption_samples(n_shards, seed=3)):
         corpus.write_webdataset(os.path.join(root, "in", f"{k:06d}.tar"), [sample])
-    from jobs._config import connect_ray
-
-    connect_ray(verbose=False, job="bench")
+    connect(verbose=False, job="bench")
     warm = os.path.join(root, "warm")
     corpus.write_webdataset(os.path.join(warm, "0.tar"), corpus.caption_samples(1))
     score_dataset(ScoreConfig(input=warm, format="webdataset", output=os.path.join(root, "warm-out"),
@@ -347,11 +352,12 @@ def per_shard_cost(n_shards: int, model_dir: str) -> None:
     summary = score_dataset(ScoreConfig(input=os.path.join(root, "in"), format="webdataset",
                                         output=os.path.join(root, "out"), model=model_dir), progress=False)
     elapsed = time.perf_counter() - t
-    assert summary["shards"]["scored_this_run"] == n_shards
+    assert summary["shards"]["committed_this_run"] == n_shards
     # one sample per shard: shards/s once the first commit is in (the actors are up and the pipeline is full)
-    steady = summary.get("steady_samples_per_s")
-    if not steady and summary.get("startup_s") and elapsed > summary["startup_s"]:
-        steady = (n_shards - summary["startup_samples"]) / (summary["elapsed_s"] - summary["startup_s"])
+    timing = summary["timing"]
+    steady = timing.get("steady_records_per_s")
+    if not steady and timing.get("startup_s") and elapsed > timing["startup_s"]:
+        steady = (n_shards - timing["startup_records"]) / (timing["elapsed_s"] - timing["startup_s"])
     table("6. Fixed cost per shard: one-sample shards through the Ray pipeline (tiny model, 2 cores)",
           ["shards", "seconds (whole job)", "shards/s, whole job", "shards/s after start-up", "ms per shard",
            "target"],
@@ -390,7 +396,7 @@ def main() -> None:
     print(f"cores: {os.cpu_count()}; loopback S3: moto at {os.environ['AWS_ENDPOINT_URL']}")
     try:
         manifest_startup(sizes, bucket)
-        rerun_startup(bucket, model_dir)
+        rerun_startup(bucket, model_dir, (40, 400) if args.quick else (400, 4000))
         committer_rate(shards=40, per_shard=5000)
         committer_rate(shards=400, per_shard=500)
         actor_overlap(args.quick)

@@ -17,6 +17,7 @@ from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.synth import SynthConfig
 from pipeline.training import TrainConfig
 from tests.conftest import job_env
+from tests.support.shards import write_shards
 
 CONFIGS = {"score": ScoreConfig, "synth": SynthConfig, "train": TrainConfig, "curate": CurateConfig}
 
@@ -58,8 +59,7 @@ def _ray_jobs_and_actors() -> tuple[int, int]:
 
 
 def test_a_dry_run_starts_nothing_and_its_numbers_match_the_run(tmp_path, tiny_checkpoint, ray_cluster):
-    for k in range(3):
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(4, seed=k, prefix=f"d{k}-"))
+    write_shards(tmp_path / "in", n_shards=3, per_shard=4, prefix="d", name="{k}")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
            "--output", str(out), "--model", tiny_checkpoint, "--dry-run", "--gpus-per-actor", "0", "--gpu-rate", "100",

@@ -13,15 +13,16 @@ from jobs import curate, score, synth
 from jobs import sample_corpus as corpus
 from pipeline.commit.committer import ShardCommitter
 from pipeline.commit.lease import Lease
-from pipeline.scoring.records import SCORE_SCHEMA
+from pipeline.commit.markers import end_marker
+from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
 
 
 def _commit_one_shard(output: Path, consolidate: bool) -> None:
     """A real commit of shard `00000.tar` (a record, or a consolidated manifest part)."""
-    committer = ShardCommitter(str(output), SCORE_SCHEMA, identity="id")
+    committer = ShardCommitter(str(output), SCORE_SCHEMA, "id", scores_folder)
     rows = [{"id": f"k{i}", "source": "00000.tar", "kind": "caption", "ordinal": i, "score": 1.0, "label": 1,
              "model": "tiny"} for i in range(2)]
-    committer.add(pa.Table.from_pylist([*rows, shard_end("00000.tar", 2)]))
+    committer.add(pa.Table.from_pylist([*rows, end_marker("00000.tar", 2)]))
     if consolidate:
         committer.consolidate()
 
@@ -70,7 +71,10 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("which", list(REMEDIES))
-def test_score_names_a_corrupt_state_file_and_what_to_do(which, tmp_path, corpus_dir, tiny_checkpoint, capsys):
+def test_score_names_a_corrupt_state_file_and_what_to_do(which, tmp_path, corpus_dir, tiny_checkpoint, capsys,
+                                                          ray_cluster):
+    # ray_cluster: the lease is read only when the run claims the output, after it connected to Ray; connected
+    # already, the job starts no instance of its own (whose start-up line would come first otherwise)
     out = tmp_path / "out"
     path = corrupt(out, which)
     status = score.main(["--input", str(corpus_dir), "--format", "webdataset", "--output", str(out),

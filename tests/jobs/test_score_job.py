@@ -12,7 +12,7 @@ import time
 from jobs import sample_corpus as corpus
 from pipeline.scoring import read_scores
 from tests.conftest import REPO_ROOT, job_env
-from tests.support.shards import assert_exactly_once, big_caption_shards
+from tests.support.shards import assert_exactly_once, big_caption_shards, write_shards
 
 
 def score_cmd(input_uri, output, model, *extra):
@@ -88,11 +88,7 @@ def test_a_rerun_after_sigkill_scores_only_the_uncommitted_shards(tmp_path, tiny
 
 
 def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head):
-    expected = []
-    for k in range(2):
-        items = corpus.caption_samples(5, seed=k, prefix=f"job{k}-")
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), items)
-        expected += [i["key"] for i in items]
+    expected = write_shards(tmp_path / "in", n_shards=2, per_shard=5, prefix="job", name="{k}")
     out = tmp_path / "out"
     config = tmp_path / "job.yaml"  # the job's config with its resource wiring, as a cluster run would have it
     config.write_text(f"input: {tmp_path / 'in'}\nformat: webdataset\noutput: {out}\nmodel: {tiny_checkpoint}\n"
@@ -109,8 +105,9 @@ def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head
     assert_exactly_once(read_scores(str(out)), expected)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"]["committed_this_run"] == 2
-    assert summary["resources"] == {"min_actors": 1, "max_actors": 1, "gpus_per_actor": 0.0, "cpus_per_actor": 0.5,
-                                    "preprocess_workers": 1, "preprocess_cpus": 0.5, "no_progress_timeout_s": 900.0}
+    assert summary["resources"] == {
+        "encode": {"num_cpus": 0.5, "num_gpus": 0.0, "min_actors": 1, "max_actors": 1, "batch_size": None},
+        "score": {"num_cpus": 0.5, "num_gpus": 0.0, "min_actors": 1, "max_actors": 1, "batch_size": 4 * 256}}
 
 
 def test_a_cluster_job_without_a_gpu_anywhere_fails_naming_gpus_per_actor(tmp_path, tiny_checkpoint, ray_head):
@@ -147,7 +144,7 @@ def test_without_ray_address_the_job_starts_its_own_local_instance_and_keeps_the
     assert res.returncode == 0, res.stderr[-3000:]
     assert "[score] started a local Ray instance on 127.0.0.1 (" in res.stderr
     assert "[score] [####################] 1/1 shards · 4 samples" in res.stderr  # the progress bar
-    assert res.stdout.startswith("UniFilter scoring:") and "samples/s over the whole job" in res.stdout
+    assert res.stdout.startswith("UniFilter score:") and "samples/s over the whole job" in res.stdout
     assert [line for line in (res.stderr + res.stdout).splitlines() if any(n in line for n in NOISE)] == []
     assert len(res.stderr.splitlines()) <= 5
     assert_exactly_once(read_scores(str(tmp_path / "out")), [i["key"] for i in items])

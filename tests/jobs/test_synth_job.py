@@ -78,7 +78,7 @@ def test_a_killed_run_resumes_without_repeating_cached_requests(tmp_path, ray_cl
     assert not errors and sorted(p["id"] for p in pairs) == sorted(f"{o}:L{lv}" for o in origins for lv in range(4))
     summary = json.loads((out / "summary.json").read_text())
     # every cached request of a shard that still had to be done came from the cache
-    assert summary["cache_hits"] == sum(1 for k in cached_before if k.split("#")[0] not in committed)
-    assert summary["requests_sent"] == sum(requests_after.values())
+    assert summary["synth"]["cache_hits"] == sum(1 for k in cached_before if k.split("#")[0] not in committed)
+    assert summary["synth"]["requests_sent"] == sum(requests_after.values())
     print(f"resume: {len(cached_before)} requests cached before the kill, {sum(requests_after.values())} sent by "
-          f"the rerun, {summary['cache_hits']} cache hits, {summary['shards']['already_committed']} shards committed")
+          f"the rerun, {summary['synth']['cache_hits']} cache hits, {summary['shards']['already_committed']} shards committed")

@@ -15,6 +15,7 @@ from jobs import sample_corpus as corpus
 from pipeline.commit.manifest import read_manifest
 from pipeline.scoring import read_scores
 from tests.conftest import job_env, jpeg_bytes
+from tests.support.shards import assert_exactly_once, big_caption_shards, write_shards
 
 
 def score(input_uri, output, model, *extra, cwd=None, env=None, fmt="webdataset", timeout=300):
@@ -69,16 +70,17 @@ def test_a_shard_committed_in_one_format_is_refused_in_another(tmp_path):
     from pipeline.commit.manifest import write_entry
     from pipeline.errors import InputError
     from pipeline.io.listing import list_shards
-    from pipeline.runner import ShardJob, survey
-    from pipeline.scoring.records import SCORE_SCHEMA
+    from pipeline.runner import JobSpec
+    from pipeline.runner.prepare import survey
+    from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
 
     corpus.write_interleaved_wds(str(tmp_path / "docs" / "00000.tar"), corpus.documents(2))
     listing = list_shards(str(tmp_path / "docs"), "interleaved-wds")
     out = str(tmp_path / "out")
     write_entry(out, {"shard": "00000.tar", "files": [], "records": 2, "errors": 2, "identity": "x",
                       "input": listing.shards[0].uri, "format": "webdataset"})
-    spec = ShardJob(job="score", output=out, listing=listing, identity={"a": 1}, schema=SCORE_SCHEMA,
-                    format="interleaved-wds")
+    spec = JobSpec(job="score", output=out, listing=listing, identity={"a": 1}, schema=SCORE_SCHEMA,
+                   partition=scores_folder, format="interleaved-wds")
     with pytest.raises(InputError, match="field 'format'.*committed as webdataset"):
         survey(spec)
 
@@ -135,7 +137,7 @@ def test_actors_that_all_fail_at_start_up_are_one_line_and_never_nothing_new(tmp
     res = score(tmp_path / "in", tmp_path / "out", model_dir, "--gpus-per-actor", "0", env=on_cluster(ray_cluster))
     assert res.returncode == 1
     assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) < 15, res.stderr[-3000:]
-    assert "ScoringActor's actors failed at start-up: CheckpointError" in res.stdout and "not a safetensors file" in res.stdout
+    assert "ScoreStage's actors failed at start-up: CheckpointError" in res.stdout and "not a safetensors file" in res.stdout
     assert "nothing new" not in res.stdout and "nothing scored: the run stopped" in res.stdout
 
 
@@ -195,8 +197,7 @@ def test_a_committed_file_deleted_by_hand_is_noticed_and_scored_again(tmp_path, 
     from pipeline.errors import OutputMismatch
     from pipeline.scoring import ScoreConfig, score_dataset
 
-    for k in range(2):
-        caption_shard(tmp_path / "in" / f"{k}.tar", 2, f"d{k}", seed=k)
+    write_shards(tmp_path / "in", n_shards=2, per_shard=2, prefix="d", name="{k}")
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                          model=tiny_checkpoint)
     score_dataset(config, progress=False)
@@ -225,8 +226,6 @@ def test_curation_mistakes_are_refused_before_anything_starts(tmp_path):
 def test_ctrl_c_ends_with_the_summary_of_what_was_committed(tmp_path, tiny_checkpoint, ray_cluster):
     import signal
     import time
-
-    from tests.support.shards import assert_exactly_once, big_caption_shards
 
     expected = big_caption_shards(str(tmp_path / "in"), n_shards=8, per_shard=8)
     out = tmp_path / "out"

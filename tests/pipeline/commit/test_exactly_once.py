@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ from pipeline.errors import InputError, OutputMismatch
 from pipeline.io.samples import SourceOptions
 from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 from tests.conftest import job_env
-from tests.support.shards import assert_exactly_once, big_caption_shards
+from tests.support.shards import assert_exactly_once, big_caption_shards, write_shards
 
 FAST_RETRIES = SourceOptions(read_attempts=2, read_backoff_s=0.0)
 
@@ -33,13 +34,9 @@ def score(input_uri, output, model, fmt="webdataset", **kw):
                          progress=False)
 
 
-def caption_shards(root: Path, n: int, per_shard: int = 4, prefix: str = "s") -> list[str]:
-    expected = []
-    for k in range(n):
-        items = corpus.caption_samples(per_shard, seed=k, prefix=f"{prefix}{k}-")
-        corpus.write_webdataset(str(root / f"{k:05d}.tar"), items)
-        expected += [i["key"] for i in items]
-    return expected
+def caption_shards(root: Path | str, n: int, prefix: str = "s") -> list[str]:
+    """`n` webdataset shards `00000.tar`... of 4 samples each; returns every sample key."""
+    return write_shards(root, n, 4, prefix=prefix, name="{k:05d}")
 
 
 def files_of(output: Path) -> dict[str, bytes]:
@@ -69,14 +66,30 @@ def test_a_missing_shard_stays_uncommitted_and_a_rerun_finishes_it(tmp_path, tin
     assert table.column("error").null_count == len(expected)
 
 
-def test_a_rerun_with_another_model_is_refused_and_changes_nothing(tmp_path, tiny_checkpoint, ray_cluster):
-    expected = caption_shards(tmp_path / "in", 2)
+@pytest.fixture(scope="module")
+def scored_once(tmp_path_factory, tiny_checkpoint, ray_cluster) -> tuple[Path, list[str]]:
+    """Two shards scored by the tiny model, once for the module (tests that change it take a copy: `scored`)."""
+    root = tmp_path_factory.mktemp("scored")
+    expected = caption_shards(root / "in", 2)
+    score(root / "in", root / "out", tiny_checkpoint)
+    return root / "out", expected
+
+
+@pytest.fixture()
+def scored(scored_once, tmp_path) -> list[str]:
+    """A copy of `scored_once`'s output at `tmp_path / "out"`; returns its sample keys."""
+    out, expected = scored_once
+    shutil.copytree(out, tmp_path / "out")
+    return expected
+
+
+def test_a_rerun_with_another_model_is_refused_and_changes_nothing(tmp_path, tiny_checkpoint, scored):
+    expected = scored
     out = tmp_path / "out"
-    score(tmp_path / "in", out, tiny_checkpoint)
     before = files_of(out)
     other = str(tmp_path / "other-model")
     create("tiny", other, seed=7)
-    caption_shards(tmp_path / "in", 3)  # a new shard too: it must not be scored by the other model either
+    caption_shards(tmp_path / "in", 3)  # the scored shards and a new one: not scored by the other model either
     with pytest.raises(OutputMismatch, match=r"field 'model': .* holds scores of model .*tiny.* this run's is model "
                                              r".*other-model"):
         score(tmp_path / "in", out, other)
@@ -88,11 +101,9 @@ def test_a_rerun_with_another_model_is_refused_and_changes_nothing(tmp_path, tin
         score(tmp_path / "in", out, tiny_checkpoint, jpeg_draft=True)
 
 
-def test_read_scores_refuses_an_output_that_mixes_models(tmp_path, tiny_checkpoint, ray_cluster):
-    caption_shards(tmp_path / "in", 1)
+def test_read_scores_refuses_an_output_that_mixes_models(tmp_path, scored):
     out = tmp_path / "out"
-    score(tmp_path / "in", out, tiny_checkpoint)
-    (entry,) = read_manifest(str(out)).values()
+    entry = next(iter(read_manifest(str(out)).values()))
     forged = {**entry, "shard": "99999.tar", "identity": "0123456789abcdef"}
     forged.pop("_path", None)
     (out / "_manifest" / "99999.json").write_text(json.dumps(forged))
@@ -106,8 +117,8 @@ def test_one_shard_spelled_several_ways_is_scored_once(tmp_path, tiny_checkpoint
     listing = tmp_path / "list.txt"
     listing.write_text(f"{d}/00000.tar\n{d}/../D/00000.tar\nfile://{d}/00000.tar\n{d}/00000.tar\n")
     summary = score(listing, tmp_path / "out", tiny_checkpoint)
-    assert summary["shards"]["total"] == 1 and summary["duplicates_in_input"] == 3
-    assert len(summary["duplicate_spellings"]["00000.tar"]) == 4  # and says which spellings named it
+    assert summary["shards"]["total"] == 1 and summary["shards"]["duplicates_in_input"] == 3
+    assert len(summary["shards"]["duplicate_spellings"]["00000.tar"]) == 4  # and says which spellings named it
     assert summary["records"]["this_run"] == len(expected)
     assert_exactly_once(read_scores(str(tmp_path / "out")), expected)
 
@@ -194,11 +205,7 @@ def test_reads_that_fail_are_retried_and_a_shard_that_keeps_failing_stays_uncomm
     """Through a loopback proxy in front of the S3 server that fails GETs of one shard on purpose."""
     from tests.support.s3_faults import s3_fault_proxy
 
-    expected = []
-    for k in range(3):
-        items = corpus.caption_samples(4, seed=k, prefix=f"f{k}-")
-        corpus.write_webdataset(f"s3://{s3_bucket}/in/{k:05d}.tar", items)
-        expected += [i["key"] for i in items]
+    expected = caption_shards(f"s3://{s3_bucket}/in", 3, prefix="f")
     out = f"s3://{s3_bucket}/out"
     retries = SourceOptions(read_attempts=4, read_backoff_s=0.0)
     with s3_fault_proxy(set_env=True) as proxy:
@@ -230,11 +237,7 @@ def test_a_score_file_that_cannot_be_written_leaves_its_shard_uncommitted_and_th
     """An S3 server that answers 503 to every upload of one shard's score file, past every retry."""
     from tests.support.s3_faults import s3_fault_proxy
 
-    expected = []
-    for k in range(3):
-        items = corpus.caption_samples(4, seed=k, prefix=f"w{k}-")
-        corpus.write_webdataset(f"s3://{s3_bucket}/in/{k:05d}.tar", items)
-        expected += [i["key"] for i in items]
+    expected = caption_shards(f"s3://{s3_bucket}/in", 3, prefix="w")
     out = f"s3://{s3_bucket}/out"
     with s3_fault_proxy(set_env=True) as proxy:
         throttled = proxy.fail("PUT", "*/out/scores/00001.parquet", times=None, status=503)
@@ -260,6 +263,7 @@ def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_
     import errno
 
     import pipeline.commit.committer as sinks
+    import pipeline.io.publish as publish
 
     expected = caption_shards(tmp_path / "in", 3)
     out = tmp_path / "out"
@@ -271,7 +275,7 @@ def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_
         real_write(fs, path, data)
 
     monkeypatch.setattr(sinks, "write_bytes", full_under_one_shard)
-    monkeypatch.setattr(sinks, "WRITE_BACKOFF_S", 0.0, raising=False)
+    monkeypatch.setattr(publish, "WRITE_BACKOFF_S", 0.0)
     first = score(tmp_path / "in", out, tiny_checkpoint)
     assert "aborted" not in first
     assert first["shards"]["incomplete"] == ["00001.tar"]
@@ -288,11 +292,7 @@ def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_
 def test_a_consolidation_that_fails_leaves_every_commit_and_the_summary(s3_bucket, tiny_checkpoint, ray_cluster):
     from tests.support.s3_faults import s3_fault_proxy
 
-    expected = []
-    for k in range(2):
-        items = corpus.caption_samples(4, seed=k, prefix=f"c{k}-")
-        corpus.write_webdataset(f"s3://{s3_bucket}/in/{k:05d}.tar", items)
-        expected += [i["key"] for i in items]
+    expected = caption_shards(f"s3://{s3_bucket}/in", 2, prefix="c")
     out = f"s3://{s3_bucket}/out"
     with s3_fault_proxy(set_env=True) as proxy:
         proxy.fail(None, "*/out/_manifest/_parts/*", times=None, status=503)  # every write of a manifest part
@@ -349,19 +349,20 @@ def test_a_run_that_loses_its_lease_commits_nothing_more_and_a_rerun_finishes_ex
 # file, of a commit record and of the summary fails with ENOSPC (the write seam, replaced in the job's process).
 FULL_DISK_SCORE = textwrap.dedent("""
     import errno, sys
+    import pipeline.commit.committer as committer
     import pipeline.commit.manifest as manifest
-    import pipeline.commit.committer as sinks
+    import pipeline.io.publish as publish
     from jobs.score import main
 
-    real_write = manifest.write_bytes
+    real_write = publish.write_bytes
 
-    def full(fs, path, data):
+    def full(fs, path, data, content_type=None):
         if path.endswith("/_output.json"):  # written as the job takes the output: there was space then
-            return real_write(fs, path, data)
+            return real_write(fs, path, data, content_type)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    sinks.write_bytes = manifest.write_bytes = full
-    sinks.WRITE_BACKOFF_S = 0.0
+    publish.write_bytes = committer.write_bytes = manifest.write_bytes = full
+    publish.WRITE_BACKOFF_S = 0.0
     sys.exit(main())
 """)
 

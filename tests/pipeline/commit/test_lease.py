@@ -157,27 +157,18 @@ def test_a_clock_jump_in_the_holder_does_not_lose_its_lease(tmp_path, monkeypatc
         lease.release()
 
 
-def _shard(key: str):
-    import pyarrow as pa
-
-
-    rows = [{"id": f"{key}-{i}", "source": key, "kind": "caption", "ordinal": i, "score": 1.0, "label": 1}
-            for i in range(2)]
-    return pa.Table.from_pylist([*rows, shard_end(key, 2)])
-
-
 def test_a_commit_after_another_job_took_the_lease_over_writes_no_record(output):
     from pipeline.commit.committer import ShardCommitter
     from pipeline.commit.manifest import read_manifest
-    from pipeline.scoring.records import SCORE_SCHEMA
+    from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_table
 
     lease = Lease(output, "score", ttl_s=30).acquire()  # renewed every 10 s: no renewal during this test
     try:
-        committer = ShardCommitter(output, SCORE_SCHEMA, identity="id", lease=lease)
-        committer.add(_shard("a.tar"))
+        committer = ShardCommitter(output, RECORDS, "id", scores_folder, lease=lease)
+        committer.add(shard_table("a.tar", 2))
         _write(output, _elsewhere(_read(output), token="someone-else", expires_at=time.time() + 60))
         with pytest.raises(LeaseLost, match="another job took over"):
-            committer.add(_shard("b.tar"))
+            committer.add(shard_table("b.tar", 2))
     finally:
         lease.release()
     assert sorted(read_manifest(output)) == ["a.tar"]
@@ -190,9 +181,8 @@ HOLD_AND_COMMIT = textwrap.dedent("""
     import sys
     import pipeline.commit.committer as sinks
     from pipeline.commit.lease import Lease
-    from pipeline.scoring.records import SCORE_SCHEMA
     from pipeline.commit.committer import ShardCommitter
-    from tests.pipeline.commit.test_lease import _shard
+    from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_table
 
     real_write = sinks.write_bytes
 
@@ -204,10 +194,10 @@ HOLD_AND_COMMIT = textwrap.dedent("""
 
     sinks.write_bytes = write_bytes
     lease = Lease(sys.argv[1], "score", ttl_s=2).acquire()
-    committer = ShardCommitter(sys.argv[1], SCORE_SCHEMA, identity="id", lease=lease)
+    committer = ShardCommitter(sys.argv[1], RECORDS, "id", scores_folder, lease=lease)
     try:
         for key in ("a.tar", "b.tar", "c.tar"):
-            committer.add(_shard(key))
+            committer.add(shard_table(key, 2))
     except Exception as err:
         print(f"{type(err).__name__}: {err}", flush=True)
     print("committed", *committer.committed, flush=True)

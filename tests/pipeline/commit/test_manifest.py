@@ -11,23 +11,21 @@ import textwrap
 
 import pyarrow.parquet as pq
 
-from jobs import sample_corpus as corpus
 from pipeline.commit.manifest import read_manifest
 from pipeline.commit.records import read_committed
 from pipeline.scoring import ScoreConfig, score_dataset
-from pipeline.scoring.records import SCORE_SCHEMA, read_scores
+from pipeline.scoring.records import read_scores
 from tests.conftest import REPO_ROOT, job_env
-from tests.support.shards import assert_exactly_once
+from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_rows, shard_table
+from tests.support.shards import assert_exactly_once, write_shards
 
 # Commits shards 0..n-1 of fake score records, consolidating every 10 commits, and SIGKILLs itself inside the
 # third consolidation: after the part is written and half of its per-shard records are deleted.
 COMMIT_AND_DIE = textwrap.dedent("""
     import os, signal, sys
-    import pyarrow as pa
     import pipeline.commit.manifest as manifest
-    from pipeline.scoring.records import SCORE_SCHEMA
     from pipeline.commit.committer import ShardCommitter
-    from pipeline.commit.markers import end_marker
+    from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_table
 
     output, n = sys.argv[1], int(sys.argv[2])
     calls = []
@@ -41,12 +39,9 @@ COMMIT_AND_DIE = textwrap.dedent("""
         real_delete(fs, paths)
 
     manifest._delete_all = delete_then_die
-    committer = ShardCommitter(output, SCORE_SCHEMA, identity="id", consolidate_every=10)
+    committer = ShardCommitter(output, RECORDS, "id", scores_folder, consolidate_every=10)
     for k in range(n):
-        key = f"{k:03d}.tar"
-        rows = [{"id": f"{key}-{i}", "source": key, "kind": "caption", "ordinal": i, "score": 1.0, "label": 1}
-                for i in range(3)]
-        committer.add(pa.Table.from_pylist([*rows, shard_end(key, 3)]))
+        committer.add(shard_table(f"{k:03d}.tar", 3))
     committer.consolidate()
 """)
 
@@ -61,14 +56,14 @@ def test_a_kill_during_consolidation_loses_and_repeats_nothing(tmp_path):
     assert len(parts) == 3 and 0 < len(left)  # records of the third part sit in both places now
     entries = read_manifest(str(out))
     assert sorted(entries) == [f"{k:03d}.tar" for k in range(30)]  # each committed shard once
-    rows = read_committed(str(out), SCORE_SCHEMA).column("id").to_pylist()
+    rows = read_committed(str(out), RECORDS).column("id").to_pylist()
     assert len(rows) == 90 and len(set(rows)) == 90
 
     # The rerun: the same 50 shards again; only the 20 not committed are committed now, each once.
     res = subprocess.run([sys.executable, "-c", COMMIT_AND_DIE.replace("len(calls) == 3", "False"), str(out), "50"],
                          env=job_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = read_committed(str(out), SCORE_SCHEMA).column("id").to_pylist()
+    rows = read_committed(str(out), RECORDS).column("id").to_pylist()
     assert len(rows) == 150 and len(set(rows)) == 150
     assert sorted(read_manifest(str(out))) == [f"{k:03d}.tar" for k in range(50)]
 
@@ -92,11 +87,7 @@ def _as_before_consolidation(out, input_root: str) -> None:
 
 
 def test_an_output_of_the_version_before_still_resumes_and_reads(tmp_path, tiny_checkpoint, ray_cluster):
-    expected = []
-    for k in range(3):
-        items = corpus.caption_samples(3, seed=k, prefix=f"v{k}-")
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), items)
-        expected += [i["key"] for i in items]
+    expected = write_shards(tmp_path / "in", 3, 3, prefix="v", name="{k}")
     (tmp_path / "in" / "2.tar").rename(tmp_path / "later.tar")  # not there for the first run
     out = tmp_path / "out"
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out), model=tiny_checkpoint)
@@ -116,15 +107,14 @@ def test_a_re_executed_task_after_its_commit_writes_nothing_twice(tmp_path):
     import pyarrow as pa
 
     from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.markers import end_marker
 
     out = str(tmp_path / "out")
-    committer = ShardCommitter(out, SCORE_SCHEMA, identity="id")
-    rows = [{"id": f"a-{i}", "source": "a.tar", "kind": "caption", "ordinal": i, "score": 1.0, "label": 1}
-            for i in range(2)]
-    committer.add(pa.Table.from_pylist([*rows, shard_end("a.tar", 2)]))
-    again = [{**r, "score": 2.0} for r in rows]
-    committer.add(pa.Table.from_pylist(again[:1]))
-    committer.add(pa.Table.from_pylist([*again[1:], shard_end("a.tar", 2)]))
+    committer = ShardCommitter(out, RECORDS, "id", scores_folder)
+    committer.add(shard_table("a.tar", 2))
+    again = shard_rows("a.tar", 2, score=2.0)
+    committer.add(pa.Table.from_pylist(again[:1], schema=RECORDS))
+    committer.add(pa.Table.from_pylist([*again[1:], end_marker("a.tar", 2)], schema=RECORDS))
     assert committer.committed == ["a.tar"] and committer.samples == 2
-    table = read_committed(out, SCORE_SCHEMA)
+    table = read_committed(out, RECORDS)
     assert table.column("score").to_pylist() == [1.0, 1.0]

@@ -17,16 +17,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline.curation
 from jobs import sample_corpus as corpus
 from pipeline.commit.committer import ShardCommitter
-from pipeline.commit.identity import identity_hash
-from pipeline.commit.manifest import claim_output, read_manifest
+from pipeline.commit.identity import check_identity, identity_hash, record_identity
+from pipeline.commit.manifest import read_manifest
+from pipeline.commit.markers import end_marker
 from pipeline.commit.records import read_committed
-from pipeline.curation import CurateConfig, compute_thresholds, prepare_curation, run_curation
+from pipeline.curation import CurateConfig
 from pipeline.curation import thresholds as selection
-from pipeline.scoring.records import SCORE_SCHEMA
+from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
 from tests.conftest import job_env
-from tests.support.shards import WRITERS
+from tests.support.shards import WRITERS, write_shards
 
 SELECTED = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("score", pa.float32()),
                       ("label", pa.int8()), ("key", pa.string()), ("url", pa.string())])
@@ -36,18 +38,19 @@ def fake_scores(output: str, shards: dict[str, list[dict]]) -> None:
     """A scoring output with known records, committed through the real manifest (records: id, kind, score,
     label, error)."""
     identity = {"model": {"id": "fake@0", "revision": "0"}}
-    claim_output(output, "score", identity, {})
-    committer = ShardCommitter(output, SCORE_SCHEMA, identity=identity_hash(identity))
+    record_identity(output, "score", check_identity(output, "score", identity, {}))
+    committer = ShardCommitter(output, SCORE_SCHEMA, identity_hash(identity), scores_folder)
     for key, records in shards.items():
         rows = [{"source": key, "ordinal": i, "model": "fake@0", **r} for i, r in enumerate(records)]
-        committer.add(pa.Table.from_pylist([*rows, shard_end(key, len(rows))]))
+        committer.add(pa.Table.from_pylist([*rows, end_marker(key, len(rows))]))
     committer.consolidate()
 
 
 def curate(tmp_path, scores, name="cur", **kw) -> dict:
-    config = CurateConfig(scores=str(scores), output=str(tmp_path / name), **kw)
-    plan = prepare_curation(config)
-    return run_curation(plan, compute_thresholds(plan), progress=False)[1]
+    """Curate `scores` into `tmp_path/name`; returns the run's summary."""
+    _, summary = pipeline.curation.curate(CurateConfig(scores=str(scores), output=str(tmp_path / name), **kw),
+                                          progress=False)
+    return summary
 
 
 def selected(output) -> pa.Table:
@@ -107,28 +110,28 @@ def known_scores(tmp_path_factory):
 def test_keep_fraction_keeps_the_best_and_every_tie(tmp_path, known_scores, ray_cluster):
     scores, records = known_scores
     good = [r for r in records if r["error"] is None]
-    summary = curate(tmp_path, scores, keep_fraction=0.3)
+    summary = curate(tmp_path, scores, keep_fraction=0.3)["curate"]
     cut = selection.sort_threshold(np.array([r["score"] for r in good]), 0.3)
     assert summary["thresholds"] == {"all": cut}
     expected = sorted(r["id"] for r in good if r["score"] >= cut)
     kept = selected(tmp_path / "cur")
     assert sorted(kept.column("id").to_pylist()) == expected
     assert len(expected) >= 30 and len(expected) == summary["kept"]  # round(0.3 x 100) plus the ties at the cut
-    assert summary["errors"]["by_category"] == {"decode": 1, "empty": 1} and "bad1" not in expected
+    assert summary["score_errors"]["by_category"] == {"decode": 1, "empty": 1} and "bad1" not in expected
     assert summary["scored"] == 100
 
 
 def test_per_kind_and_min_score(tmp_path, known_scores, ray_cluster):
     scores, records = known_scores
     good = [r for r in records if r["error"] is None]
-    summary = curate(tmp_path, scores, "perkind", keep_fraction=0.5, per_kind=True)
+    summary = curate(tmp_path, scores, "perkind", keep_fraction=0.5, per_kind=True)["curate"]
     kept = set(selected(tmp_path / "perkind").column("id").to_pylist())
     for kind in ("caption", "interleaved"):
         of_kind = [r for r in good if r["kind"] == kind]
         cut = selection.sort_threshold(np.array([r["score"] for r in of_kind]), 0.5)
         assert summary["thresholds"][kind] == cut
         assert {r["id"] for r in of_kind if r["score"] >= cut} == {r["id"] for r in of_kind if r["id"] in kept}
-    summary = curate(tmp_path, scores, "min", min_score=2.0)
+    summary = curate(tmp_path, scores, "min", min_score=2.0)["curate"]
     assert set(selected(tmp_path / "min").column("id").to_pylist()) == {r["id"] for r in good if r["score"] >= 2.0}
     assert summary["by_kind"]["caption"]["kept"] + summary["by_kind"]["interleaved"]["kept"] == summary["kept"]
 
@@ -148,14 +151,11 @@ def _materialized(path: Path, fmt: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("fmt", list(WRITERS))
 def test_materialized_shards_hold_exactly_the_kept_samples_byte_for_byte(fmt, tmp_path, ray_cluster):
-    write, make, suffix = WRITERS[fmt]
+    suffix = WRITERS[fmt][2]
     kind = "caption" if fmt in ("webdataset", "parquet") else "interleaved"
-    shards = {}
-    for k in range(2):
-        items = make(6, seed=k, prefix=f"m{k}-")
-        write(str(tmp_path / "in" / f"{k}{suffix}"), items)
-        shards[f"{k}{suffix}"] = [{"id": it["key"], "kind": kind, "score": float(i % 4), "label": i % 4, "error": None}
-                                  for i, it in enumerate(items)]
+    keys = write_shards(tmp_path / "in", 2, 6, fmt, prefix="m", name="{k}")
+    shards = {f"{k}{suffix}": [{"id": key, "kind": kind, "score": float(i % 4), "label": i % 4, "error": None}
+                               for i, key in enumerate(keys[6 * k: 6 * k + 6])] for k in range(2)}
     fake_scores(str(tmp_path / "scores"), shards)
     summary = curate(tmp_path, tmp_path / "scores", min_score=2.0, input=str(tmp_path / "in"), format=fmt,
                      materialize=True)
@@ -207,9 +207,8 @@ def test_materialize_through_s3(s3_bucket, tmp_path, ray_cluster):
                                                        for i, it in enumerate(items)]})
     config = CurateConfig(scores=f"s3://{s3_bucket}/scores", output=f"s3://{s3_bucket}/cur", keep_fraction=0.4,
                           input=f"s3://{s3_bucket}/in", format="webdataset", materialize=True)
-    plan = prepare_curation(config)
-    summary = run_curation(plan, compute_thresholds(plan), progress=False)[1]
-    assert summary["kept"] == 2
+    job, summary = pipeline.curation.curate(config, progress=False)
+    assert summary["curate"]["kept"] == 2 and job.thresholds.as_dict() == {"all": 3.0}
     body = boto3.client("s3").get_object(Bucket=s3_bucket, Key="cur/shards/0.tar")["Body"].read()
     local = tmp_path / "got.tar"
     local.write_bytes(body)
@@ -219,12 +218,9 @@ def test_materialize_through_s3(s3_bucket, tmp_path, ray_cluster):
 
 
 def test_a_killed_curation_finishes_exactly_once(tmp_path, ray_cluster):
-    by_shard: dict[str, list[dict]] = {}
-    for k in range(60):
-        items = corpus.caption_samples(2, seed=k, prefix=f"k{k}-")
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k:03d}.tar"), items)
-        by_shard[f"{k:03d}.tar"] = [{"id": it["key"], "kind": "caption", "score": float(k % 3 + i), "label": 1,
-                                     "error": None} for i, it in enumerate(items)]
+    keys = write_shards(tmp_path / "in", 60, 2, prefix="k")
+    by_shard = {f"{k:03d}.tar": [{"id": key, "kind": "caption", "score": float(k % 3 + i), "label": 1, "error": None}
+                                 for i, key in enumerate(keys[2 * k: 2 * k + 2])] for k in range(60)}
     fake_scores(str(tmp_path / "scores"), by_shard)
     out = tmp_path / "cur"
     cmd = [sys.executable, "-m", "jobs.curate", "--scores", str(tmp_path / "scores"), "--output", str(out),
@@ -249,7 +245,7 @@ def test_a_killed_curation_finishes_exactly_once(tmp_path, ray_cluster):
     ids = selected(out).column("id").to_pylist()
     kept = [r["id"] for rs in by_shard.values() for r in rs if r["score"] >= 1]
     assert sorted(ids) == sorted(kept) and len(ids) == len(set(ids))
-    assert summary["kept"] == len(kept)
+    assert summary["curate"]["kept"] == len(kept)
     for shard, records in by_shard.items():
         assert set(_materialized(out / "shards" / shard, "webdataset")) == {r["id"] for r in records
                                                                            if r["score"] >= 1}

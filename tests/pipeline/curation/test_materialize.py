@@ -10,14 +10,13 @@ import tarfile
 import pyarrow as pa
 
 from jobs import sample_corpus as corpus
-from pipeline.commit.markers import MARKERS
 from pipeline.curation.materialize import materialize
-from pipeline.io.samples import SourceOptions
+from pipeline.io.samples import SourceOptions, read_samples
 
 
 def _kept(shard: str) -> pa.Table:
     """Every sample the scorer reads whole from `shard`, as kept score records (their `id` and `ordinal`)."""
-    rows = [r for r in read_shard(shard, "webdataset") if r["kind"] not in MARKERS and r["error"] is None]
+    rows = [r for r in read_samples(shard, "webdataset") if r["error"] is None]
     return pa.table({"id": [r["id"] for r in rows], "ordinal": pa.array([r["ordinal"] for r in rows], pa.int64())})
 
 
@@ -79,7 +78,6 @@ def test_kept_samples_cut_after_scoring_are_reported_and_the_rest_written(tmp_pa
     assert {n.split(b".")[0].decode() for n in _members(tmp_path / "out.tar")} == still_whole
 
 
-
 def test_a_curation_commits_a_shard_with_samples_it_cannot_materialize_and_names_them(tmp_path, ray_cluster):
     from pipeline.commit.manifest import read_manifest
     from tests.pipeline.curation.test_curation import curate, fake_scores
@@ -93,7 +91,7 @@ def test_a_curation_commits_a_shard_with_samples_it_cannot_materialize_and_names
     missing = sorted({r["id"] for r in scored} - set(_kept(str(shard)).column("id").to_pylist()))
     summary = curate(tmp_path, tmp_path / "scores", min_score=1.0, input=str(tmp_path / "in"), format="webdataset",
                      materialize=True)
-    assert summary["shards"]["incomplete"] == [] and summary["not_materializable"] == len(missing) > 0
+    assert summary["shards"]["incomplete"] == [] and summary["curate"]["not_materializable"] == len(missing) > 0
     stats = read_manifest(str(tmp_path / "cur"))["00000.tar"]["stats"]
     assert stats["not_materializable"] == {"count": len(missing), "ids": missing}
     assert len(_members(tmp_path / "cur" / "shards" / "00000.tar")) == 3 * (len(scored) - len(missing))

@@ -1,6 +1,7 @@
-"""The run report (pipeline/report.py), checked the way a user sees it: opened offline in headless Chromium.
+"""The curation report (pipeline/curation/report_html.py), checked the way a user sees it: opened offline in
+headless Chromium.
 
-No Ray: the report data is built by hand from drawn images (`pipeline.corpus`) and fake scores. Chromium runs
+No Ray: the report data is built by hand from drawn images (`jobs.sample_corpus`) and fake scores. Chromium runs
 three times in all: the report itself (DOM and screenshot in one run), the report with its CSP taken out (so the
 escaping alone must stop the hostile captions, with a trusted canary proving scripts do run on that page), and a
 narrow window.
@@ -352,7 +353,7 @@ def test_header_and_tables(report_data):
         for level in range(4):
             a, b = k.kept_by_level[level], k.dropped_by_level[level]
             assert f"<td>{a:,}</td><td>{b:,}</td><td>{a + b:,}</td>" in page
-    assert '<td class="l">decode</td><td>12</td>' in page and "<td>16</td>" in page  # errors and their total
+    assert '<td class="l reason">decode</td><td>12</td>' in page and "<td>16</td>" in page  # errors and their total
     assert "<script" not in page.lower()
 
 

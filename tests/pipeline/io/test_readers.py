@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pytest
 
 from jobs import sample_corpus as corpus
-from pipeline.commit.markers import SHARD_END
-from pipeline.errors import InputError
+from pipeline.errors import InputError, ShardFault
 from pipeline.io.listing import list_shards, output_name
-from pipeline.io.samples import SAMPLE_SCHEMA
-
-WRITERS = {
-    "webdataset": (corpus.write_webdataset, corpus.caption_samples, ".tar"),
-    "parquet": (corpus.write_caption_parquet, corpus.caption_samples, ".parquet"),
-    "interleaved-wds": (corpus.write_interleaved_wds, corpus.documents, ".tar"),
-    "obelics": (corpus.write_obelics, corpus.documents, ".parquet"),
-}
+from pipeline.io.samples import SAMPLE_SCHEMA, SourceOptions, read_samples
+from tests.support.shards import WRITERS, write_shards
 
 
-def rows_of(shard, fmt):
-    rows = list(read_shard(shard, fmt))
-    assert rows[-1]["kind"] == SHARD_END and int(rows[-1]["id"]) == len(rows) - 1
-    return rows[:-1]
+def rows_of(shard, fmt, options: SourceOptions | None = None):
+    """Every row of a shard read whole; their positions are 0..n-1 (what the shard's end marker counts)."""
+    rows = list(read_samples(shard, fmt, options))
+    assert [r["ordinal"] for r in rows] == list(range(len(rows)))
+    return rows
 
 
 @pytest.mark.parametrize("fmt", list(WRITERS))
@@ -83,8 +79,7 @@ def test_webdataset_sample_problems_become_error_rows(tmp_path):
 
 
 def test_list_shards_accepts_directories_globs_and_list_files(tmp_path):
-    for k in range(3):
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k:03d}.tar"), corpus.caption_samples(1))
+    write_shards(tmp_path / "in", 3, 1)
     (tmp_path / "in" / "_tmp.tar").write_bytes(b"")  # underscore paths are metadata, never shards
     expected = [str(tmp_path / "in" / f"{k:03d}.tar") for k in range(3)]
     def uris(listing):
@@ -158,36 +153,32 @@ def test_listed_spellings_of_one_shard_are_one_shard(tmp_path):
 
 
 def test_brace_ranges_name_shard_sets(tmp_path):
-    for k in (0, 1, 2, 10):
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k:05d}.tar"), corpus.caption_samples(1))
+    write_shards(tmp_path / "in", 3, 1, name="{k:05d}")
+    write_shards(tmp_path / "in", 1, 1, name="{k:05d}", first=10)
     shards = list_shards(str(tmp_path / "in" / "{00000..00002}.tar"), "webdataset")
     assert [s.key for s in shards.shards] == ["00000.tar", "00001.tar", "00002.tar"]
     assert shards.root == str(tmp_path / "in")
 
 
 def test_a_shard_that_cannot_be_read_is_a_fault_not_a_record(tmp_path):
-    from pipeline.commit.markers import SHARD_FAILED
-    from pipeline.io.samples import SourceOptions
-
-    rows = list(read_shard(str(tmp_path / "gone.tar"), "webdataset", SourceOptions(read_attempts=3,
-                                                                                    read_backoff_s=0)))
-    assert len(rows) == 1 and rows[0]["kind"] == SHARD_FAILED and rows[0]["error_category"] == "io"
-    assert "shard does not exist (gave up after 3 attempts)" in rows[0]["error"]
+    rows = read_samples(str(tmp_path / "gone.tar"), "webdataset", SourceOptions(read_attempts=3, read_backoff_s=0))
+    with pytest.raises(ShardFault) as fault:
+        next(rows)
+    assert fault.value.category.value == "io"
+    assert "shard does not exist (gave up after 3 attempts)" in str(fault.value)
 
 
 # -- shards that change under the reader ---------------------------------------------------------------------------
-def _failed(rows: list[dict]) -> dict:
-    from pipeline.commit.markers import SHARD_FAILED
-
-    assert rows[-1]["kind"] == SHARD_FAILED, rows[-1]
-    return rows[-1]
+def _fault(rows) -> ShardFault:
+    """The fault reading the rest of `rows` raises (no row of such a shard is ever committed)."""
+    with pytest.raises(ShardFault) as fault:
+        list(rows)
+    return fault.value
 
 
 @pytest.mark.parametrize("change", ["shrunk", "rewritten"])
 def test_a_local_shard_that_changed_after_listing_is_a_fault_not_a_short_commit(change, tmp_path):
     import os
-
-    from pipeline.io.samples import SourceOptions
 
     shard = tmp_path / "in" / "00000.tar"
     corpus.write_webdataset(str(shard), corpus.caption_samples(8))
@@ -196,32 +187,33 @@ def test_a_local_shard_that_changed_after_listing_is_a_fault_not_a_short_commit(
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     else:  # same size, newer content
         os.utime(shard, ns=(listed.mtime_ns + 10**9, listed.mtime_ns + 10**9))
-    failed = _failed(list(read_shard(listed, "webdataset", SourceOptions(read_attempts=3, read_backoff_s=0))))
-    assert failed["error_category"] == "io" and "changed since it was listed" in failed["error"]
-    assert ("size " if change == "shrunk" else "modified at") in failed["error"]
-    assert "gave up after" not in failed["error"]  # not retried: a rerun lists it again
+    failed = _fault(read_samples(listed, "webdataset", SourceOptions(read_attempts=3, read_backoff_s=0)))
+    assert failed.category.value == "io" and "changed since it was listed" in str(failed)
+    assert ("size " if change == "shrunk" else "modified at") in str(failed)
+    assert "gave up after" not in str(failed)  # not retried: a rerun lists it again
 
 
 def test_a_local_shard_cut_while_it_is_read_is_never_committed(tmp_path):
     shard = tmp_path / "in" / "00000.tar"
     corpus.write_webdataset(str(shard), corpus.caption_samples(8))
     listed = list_shards(str(tmp_path / "in"), "webdataset").shards[0]
-    rows = read_shard(listed, "webdataset")
-    first = next(rows)  # the reader has the file open and has read its headers
+    rows = read_samples(listed, "webdataset")
+    next(rows)  # the reader has the file open and has read its headers
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    failed = _failed([first, *rows])
-    assert failed["error_category"] == "io" and "changed while it was read: size" in failed["error"]
+    failed = _fault(rows)
+    assert failed.category.value == "io" and "changed while it was read: size" in str(failed)
 
 
 def test_an_s3_shard_replaced_after_listing_is_a_fault_named_as_such(s3_bucket):
-    from pipeline.io.samples import SourceOptions
-
     uri = f"s3://{s3_bucket}/in/00000.tar"
     corpus.write_webdataset(uri, corpus.caption_samples(8))
     listed = list_shards(f"s3://{s3_bucket}/in", "webdataset").shards[0]
     corpus.write_webdataset(uri, corpus.caption_samples(3))
-    failed = _failed(list(read_shard(listed, "webdataset", SourceOptions(read_attempts=3, read_backoff_s=0))))
-    assert failed["error_category"] == "io" and "changed since it was listed: size" in failed["error"]
+    failed = _fault(read_samples(listed, "webdataset", SourceOptions(read_attempts=3, read_backoff_s=0)))
+    # S3 times are whole seconds: a replacement within the listing's second is told by its size, a later one by
+    # its time (checked first)
+    assert failed.category.value == "io"
+    assert re.search(r"changed since it was listed: (size \d+ -> \d+ bytes|modified at )", str(failed)), failed
 
 
 # -- tar members: sizes, links ------------------------------------------------------------------------------------
@@ -267,14 +259,11 @@ def test_an_extended_header_declaring_a_terabyte_is_a_cut_not_a_fault(header, tm
 
 
 def test_a_member_over_the_limit_is_its_samples_error_and_the_rest_is_read(tmp_path):
-    from pipeline.io.samples import SourceOptions
-
     img = corpus.caption_samples(1)[0]["image"]
     members = [("a.jpg", img), ("a.txt", b"a"), ("big.jpg", img + b"\0" * 5000), ("big.txt", b"big"),
                ("c.jpg", img), ("c.txt", b"c")]
-    rows = list(read_shard(_tar_of(tmp_path, members), "webdataset", SourceOptions(max_member_bytes=len(img) + 100)))
-    assert rows[-1]["kind"] == SHARD_END
-    assert [(r["id"], r["error"] is None) for r in rows[:-1]] == [("a", True), ("big", False), ("c", True)]
+    rows = rows_of(_tar_of(tmp_path, members), "webdataset", SourceOptions(max_member_bytes=len(img) + 100))
+    assert [(r["id"], r["error"] is None) for r in rows] == [("a", True), ("big", False), ("c", True)]
     assert "tar member big.jpg declares" in rows[1]["error"]
 
 
@@ -318,7 +307,7 @@ def test_an_unreachable_endpoint_is_an_input_error_naming_it(s3_endpoint, monkey
         list_shards("s3://b-x/corpus", "webdataset")
 
 
-def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_path):
+def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_path, tiny_checkpoint):
     import subprocess
     import sys
 
@@ -326,7 +315,7 @@ def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_pat
 
     closed = f"http://127.0.0.1:{free_port()}"
     done = subprocess.run([sys.executable, "-m", "jobs.score", "--input", "s3://b-x/corpus", "--format", "webdataset",
-                           "--output", str(tmp_path / "out"), "--model", str(tmp_path / "model")],
+                           "--output", str(tmp_path / "out"), "--model", tiny_checkpoint],
                           env=job_env(AWS_ENDPOINT_URL=closed), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"field 'input': cannot list s3://b-x/corpus at endpoint {closed}" in done.stderr

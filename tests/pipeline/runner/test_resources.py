@@ -53,7 +53,8 @@ def test_explicit_settings_always_win(view):
 def test_auto_precision_is_made_definite_before_the_job_so_the_identity_names_it(monkeypatch):
     """A CPU run and a GPU run of `dtype: auto` compute scores in different precisions: their identities differ,
     so one output never mixes the two, and the actors are handed the same resolved precision."""
-    from pipeline.scoring import ScoreConfig, stages
+    from pipeline.runner import Plan, Resources
+    from pipeline.scoring import ScoreConfig, ScoringJob
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     base = {"input": "in", "format": "webdataset", "output": "out", "model": "m"}
@@ -63,5 +64,5 @@ def test_auto_precision_is_made_definite_before_the_job_so_the_identity_names_it
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # a cluster job gets GPUs unless told otherwise
     config = ScoreConfig(**base)
     assert config.identity("m@1")["dtype"] == "bfloat16"
-    resources = {"preprocess_workers": 1, "gpus_per_actor": 1.0}
-    assert stages(config, resources)[1].kwargs["dtype"] == "bfloat16"
+    plan = Plan(stages={"encode": Resources(max_actors=1), "score": Resources(num_gpus=1.0)})
+    assert ScoringJob(config).stages(plan)[1].dtype == "bfloat16"

@@ -15,7 +15,7 @@ import pytest
 from jobs import sample_corpus as corpus
 from pipeline.errors import InputError
 from pipeline.scoring import ScoreConfig, read_scores, score_dataset
-from tests.support.shards import assert_exactly_once
+from tests.support.shards import assert_exactly_once, write_shards
 
 
 def img2dataset_shards(root, n_shards: int, per_shard: int) -> list[dict]:
@@ -62,11 +62,7 @@ def test_scores_join_back_to_img2dataset_shards_and_a_moved_corpus_is_not_scored
 
 
 def test_brace_ranges_and_an_in_memory_output_end_to_end(tmp_path, tiny_checkpoint, ray_cluster):
-    expected = []
-    for k in range(4):
-        items = corpus.caption_samples(3, seed=k, prefix=f"b{k}-")
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k:05d}.tar"), items)
-        expected += [i["key"] for i in items] if k <= 2 else []
+    expected = write_shards(tmp_path / "in", 4, 3, prefix="b", name="{k:05d}")[:9]  # shards 0-2 of 0-3
     out = "memory://unifilter-test/scores"  # the driver writes every output file; an fsspec in-memory store
     summary = score(f"{tmp_path}/in/{{00000..00002}}.tar", out, tiny_checkpoint)
     assert summary["shards"]["total"] == 3 and summary["shards"]["incomplete"] == []
@@ -74,7 +70,7 @@ def test_brace_ranges_and_an_in_memory_output_end_to_end(tmp_path, tiny_checkpoi
     memory = fsspec.filesystem("memory")
     assert memory.exists("/unifilter-test/scores/_output.json")
     assert not memory.exists("/unifilter-test/scores/_lease.json")  # released at the end
-    assert json.loads(memory.cat("/unifilter-test/scores/summary.json"))["samples_this_run"] == 9
+    assert json.loads(memory.cat("/unifilter-test/scores/summary.json"))["records"]["this_run"] == 9
 
 
 def test_inputs_on_any_fsspec_filesystem(tmp_path, tiny_checkpoint, ray_cluster, monkeypatch):

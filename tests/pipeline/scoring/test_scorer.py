@@ -1,4 +1,4 @@
-"""The scoring actor's device side without Ray: out-of-memory batches are halved (wherever the error is raised)
+"""The scoring stage's device side without Ray: out-of-memory batches are halved (wherever the error is raised)
 and lower the budget, device errors end the actor (never error records, unless a sample faults the device on its
 own after a canary succeeded), only a sample that fails on its own gets an error record, overlapped preparation
 gives the serial scores; and with Ray: a device error restarts the actor and its batch is retried, and a sample
@@ -16,10 +16,16 @@ import torch
 
 import model
 from jobs import sample_corpus as corpus
-from pipeline.encoded import ENCODED_SCHEMA, encode_row
+from pipeline.commit.markers import end_marker
+from pipeline.encoded import encode_row
 from pipeline.errors import DeviceFault
+from pipeline.runner import format_summary, run_job
+from pipeline.scoring import ScoreConfig, ScoringJob, read_scores, score_dataset
 from pipeline.scoring.device_faults import FaultJournal
-from pipeline.scoring.scorer import BatchScorer, ScoringActor
+from pipeline.scoring.reading import ENCODED_SCHEMA
+from pipeline.scoring.scorer import BatchScorer
+from pipeline.scoring.stage import ScoreStage
+from tests.support.shards import assert_exactly_once, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,7 @@ def encoded_table(processor, n: int, seed: int = 0, long: int | None = None) -> 
         row = {"id": s["key"], "source": "x.tar", "kind": "caption", "ordinal": i, "texts": [None, caption],
                "images": [s["image"], None], "error": None, "key": None, "url": None}
         rows.append(encode_row(row, processor))
-    rows.append({**{k: None for k in ENCODED_SCHEMA.names}, **{k: v for k, v in shard_end("x.tar", n).items()
+    rows.append({**{k: None for k in ENCODED_SCHEMA.names}, **{k: v for k, v in end_marker("x.tar", n).items()
                                                                 if k in ENCODED_SCHEMA.names}})
     return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
 
@@ -193,34 +199,46 @@ def test_overlapped_preparation_gives_the_serial_scores_in_any_order(loaded):
     assert max(overlapped.micro_batch_sizes) == 4
 
 
-class DeviceFaultOnce(ScoringActor):
-    """A scoring actor whose first call meets a device error (a CUDA device-side assert, injected): it must end,
+class ScoringWith(ScoringJob):
+    """A scoring job whose model stage is `stage_class` (a ScoreStage that injects a fault), built with the
+    arguments the job gives its own."""
+
+    def __init__(self, config: ScoreConfig, stage_class: type[ScoreStage]):
+        super().__init__(config)
+        self.stage_class = stage_class
+
+    def model_stage(self, resources):
+        own = super().model_stage(resources)
+        return self.stage_class(resources, own.model_uri, own.dtype, own.token_budget, own.max_batch, own.weights,
+                                own.fault_journal)
+
+
+def score_with(stage_class: type[ScoreStage], config: ScoreConfig) -> tuple[ScoringJob, dict]:
+    job = ScoringWith(config, stage_class)
+    return job, run_job(job, progress=False)
+
+
+class DeviceFaultOnce(ScoreStage):
+    """A scoring stage whose first call meets a device error (a CUDA device-side assert, injected): it must end,
     be restarted by Ray, and its batch retried. The marker beside the model makes it happen once per test."""
 
-    def __call__(self, batch):
+    def process_table(self, table):
         marker = Path(self.model_uri).parent / "device-fault-injected"
         if not marker.exists():
             marker.write_text(str(os.getpid()))
             self.scorer.model = Faulty(self.scorer.model, RuntimeError("CUDA error: device-side assert triggered"),
                                        when=lambda ids: True)
-        return super().__call__(batch)
+        return super().process_table(table)
 
 
 def test_a_device_error_restarts_the_actor_and_its_batch_is_retried(tmp_path, tiny_checkpoint, ray_cluster):
     import shutil
 
-    from pipeline.scoring import ScoreConfig, read_scores, score_dataset
-    from tests.support.shards import assert_exactly_once
-
     model_dir = tmp_path / "model" / "tiny"
     shutil.copytree(tiny_checkpoint, model_dir)
-    expected = []
-    for k in range(2):
-        items = corpus.caption_samples(6, seed=k, prefix=f"dev{k}-")
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), items)
-        expected += [i["key"] for i in items]
-    summary = score_dataset(ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
-                                        model=str(model_dir)), progress=False, actor_cls=DeviceFaultOnce)
+    expected = write_shards(tmp_path / "in", 2, 6, prefix="dev", name="{k}")
+    _, summary = score_with(DeviceFaultOnce, ScoreConfig(input=str(tmp_path / "in"), format="webdataset",
+                                                         output=str(tmp_path / "out"), model=str(model_dir)))
     marker = tmp_path / "model" / "device-fault-injected"
     assert marker.exists()  # the fault happened
     assert not Path(f"/proc/{marker.read_text()}").exists()  # and ended that actor's process
@@ -233,10 +251,7 @@ def test_a_device_error_restarts_the_actor_and_its_batch_is_retried(tmp_path, ti
 def test_captions_fill_micro_batches_of_the_configured_size_across_calls(tmp_path, tiny_checkpoint, ray_cluster):
     """The CPU stage hands over 16 rows at a time; with the default rows per call (4 x max_batch) the device still
     sees micro-batches of max_batch, not of one call's worth of an old 64-row default."""
-    from pipeline.scoring import ScoreConfig, score_dataset
-
-    for k in range(6):
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(50, seed=k, prefix=f"m{k}-"))
+    write_shards(tmp_path / "in", 6, 50, prefix="m", name="{k}")
     summary = score_dataset(ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                                         model=tiny_checkpoint, max_batch=128), progress=False)
     assert summary["records"]["this_run"] == 300
@@ -244,14 +259,14 @@ def test_captions_fill_micro_batches_of_the_configured_size_across_calls(tmp_pat
     assert summary["score"]["micro_batch_rows"]["mean"] >= 64  # most samples ride in full micro-batches
 
 
-class FaultsWithOneSample(ScoringActor):
-    """A scoring actor whose device faults (an injected CUDA device-side assert) whenever one given sample (told
+class FaultsWithOneSample(ScoreStage):
+    """A scoring stage whose device faults (an injected CUDA device-side assert) whenever one given sample (told
     by its token count, written beside the model) is in the micro-batch; each of its processes leaves its pid
     there too, so the test counts restarts."""
 
-    def __init__(self, model_uri: str, **kwargs):
-        super().__init__(model_uri, **kwargs)
-        root = Path(model_uri).parent
+    def setup(self):
+        super().setup()
+        root = Path(self.model_uri).parent
         (root / "actors").mkdir(exist_ok=True)
         (root / "actors" / str(os.getpid())).touch()
         bad, pad = int((root / "faulting-sample-tokens").read_text()), self.scorer.processor.config.pad_token_id
@@ -267,7 +282,6 @@ def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_complete
     import shutil
 
     from model.checkpoint import load_processor
-    from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 
     model_dir = tmp_path / "model" / "tiny"
     shutil.copytree(tiny_checkpoint, model_dir)
@@ -285,7 +299,7 @@ def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_complete
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                          model=str(model_dir), max_batch=max_batch, batch_size=64,
                          no_progress_timeout_s=120)  # the narrowing's restarts are one task: no progress meanwhile
-    summary = score_dataset(config, progress=False, actor_cls=FaultsWithOneSample)
+    _, summary = score_with(FaultsWithOneSample, config)
     assert summary["shards"]["incomplete"] == [] and summary["shards"]["committed_this_run"] == 2, summary
     by_id = {r["id"]: r for r in read_scores(str(tmp_path / "out")).to_pylist()}
     assert by_id.keys() == tokens.keys()
@@ -296,25 +310,22 @@ def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_complete
     assert restarts == 3  # the micro-batch twice as it was, then X alone after the canary
 
 
-class OutOfMemoryAboveTwo(ScoringActor):
-    """A scoring actor whose device runs out of memory for micro-batches of more than two samples."""
+class OutOfMemoryAboveTwo(ScoreStage):
+    """A scoring stage whose device runs out of memory for micro-batches of more than two samples."""
 
-    def __init__(self, model_uri: str, **kwargs):
-        super().__init__(model_uri, **kwargs)
+    def setup(self):
+        super().setup()
         self.scorer.model = Faulty(self.scorer.model, torch.OutOfMemoryError("CUDA out of memory"),
                                    when=lambda ids: ids.shape[0] > 2)
 
 
 def test_the_summary_reports_a_token_budget_lowered_after_out_of_memory(tmp_path, tiny_checkpoint, ray_cluster):
-    from pipeline.scoring import ScoreConfig, format_summary, score_dataset
-
-    for k in range(2):
-        corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), corpus.caption_samples(6, seed=k, prefix=f"o{k}-"))
+    write_shards(tmp_path / "in", 2, 6, prefix="o", name="{k}")
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                          model=tiny_checkpoint, max_batch=8, batch_size=64, token_budget=4096)
-    summary = score_dataset(config, progress=False, actor_cls=OutOfMemoryAboveTwo)
-    assert summary["scored_this_run"] == 12 and summary["score"]["micro_batch_rows"]["max"] <= 2
+    job, summary = score_with(OutOfMemoryAboveTwo, config)
+    assert summary["score"]["scored_this_run"] == 12 and summary["score"]["micro_batch_rows"]["max"] <= 2
     lowered = summary["score"]["token_budget_lowered"]
     assert lowered["actors"] == 1 and lowered["from"] == 4096 and lowered["to"] < 4096
     assert (f"token budget lowered after out-of-memory: 4096 -> {lowered['to']} on 1 actor"
-            in format_summary(summary))
+            in format_summary(job, summary))

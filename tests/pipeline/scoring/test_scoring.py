@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import threading
@@ -16,7 +15,7 @@ from pipeline.commit.manifest import read_manifest
 from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 from tests.conftest import jpeg_bytes
 from tests.model.test_processing import huge_png_header
-from tests.support.shards import WRITERS
+from tests.support.shards import WRITERS, assert_exactly_once, big_caption_shards, write_shards
 
 
 def run(tmp_path, fmt, input_uri, model, output=None, **kw):
@@ -24,20 +23,9 @@ def run(tmp_path, fmt, input_uri, model, output=None, **kw):
     return score_dataset(config, progress=False), config.output
 
 
-def assert_exactly_once(table, expected_ids):
-    ids = table.column("id").to_pylist()
-    assert sorted(ids) == sorted(expected_ids)
-    assert len(ids) == len(set(ids))
-
-
 @pytest.mark.parametrize("fmt", list(WRITERS))
 def test_every_format_scores_each_sample_exactly_once(fmt, tmp_path, tiny_checkpoint, ray_cluster):
-    write, make, suffix = WRITERS[fmt]
-    expected = []
-    for k in range(3):
-        items = make(7, seed=k, prefix=f"s{k}-")
-        write(str(tmp_path / "in" / f"{k:03d}{suffix}"), items)
-        expected += [i["key"] for i in items]
+    expected = write_shards(tmp_path / "in", 3, 7, fmt)
     summary, out = run(tmp_path, fmt, str(tmp_path / "in"), tiny_checkpoint)
     table = read_scores(out)
     assert_exactly_once(table, expected)
@@ -104,11 +92,7 @@ def test_bad_documents_are_errors_or_truncated(tmp_path, tiny_checkpoint, ray_cl
 
 
 def test_s3_inputs_and_outputs(s3_bucket, tiny_checkpoint, ray_cluster, tmp_path):
-    expected = []
-    for k in range(2):
-        items = corpus.caption_samples(4, seed=k, prefix=f"s3-{k}-")
-        corpus.write_webdataset(f"s3://{s3_bucket}/in/{k:03d}.tar", items)
-        expected += [i["key"] for i in items]
+    expected = write_shards(f"s3://{s3_bucket}/in", 2, 4, prefix="s3-")
     output = f"s3://{s3_bucket}/out"
     summary, _ = run(tmp_path, "webdataset", f"s3://{s3_bucket}/in", tiny_checkpoint, output=output)
     assert_exactly_once(read_scores(output), expected)
@@ -121,24 +105,8 @@ def test_s3_inputs_and_outputs(s3_bucket, tiny_checkpoint, ray_cluster, tmp_path
     assert sum(k.startswith("out/scores/") and k.endswith(".parquet") for k in keys) == 2
 
 
-def big_caption_shards(root, n_shards, per_shard, size=3000):
-    """Shards of large (but well-compressed) JPEGs: decoding and resizing them makes the job slow enough to
-    interrupt it part-way."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.radial_gradient("L").resize((size, size)).convert("RGB").save(buf, "JPEG", quality=90)
-    image = buf.getvalue()
-    expected = []
-    for k in range(n_shards):
-        samples = [{"key": f"big{k}-{i}", "image": image, "caption": f"a grey gradient number {i}"}
-                   for i in range(per_shard)]
-        corpus.write_webdataset(os.path.join(root, f"{k:03d}.tar"), samples)
-        expected += [s["key"] for s in samples]
-    return expected
-
-
 def _scoring_actor_pids() -> list[int]:
+    """The score stage's actor processes (Ray titles them `ray::MapWorker(MapBatches(ScoreStage))`)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -147,7 +115,7 @@ def _scoring_actor_pids() -> list[int]:
                     cmd = f.read().decode(errors="replace")
             except OSError:
                 continue
-            if "ScoringActor" in cmd and "MapWorker" in cmd:
+            if "MapBatches(ScoreStage)" in cmd and "MapWorker" in cmd:
                 pids.append(int(entry))
     return pids
 
@@ -181,19 +149,12 @@ def test_a_killed_scoring_actor_is_replaced_and_no_record_is_lost(tmp_path, tiny
 def test_incremental_rerun_scores_only_new_shards(tmp_path, tiny_checkpoint, ray_cluster, s3_bucket):
     """On S3 (the same runner serves a local output: tests/jobs/test_cli.py's dry run grows a local input)."""
     root, output = f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out"
-    expected = []
-
-    def add_shards(first, n):
-        for k in range(first, first + n):
-            items = corpus.caption_samples(5, seed=k, prefix=f"inc{k}-")
-            corpus.write_webdataset(f"{root}/{k:03d}.tar", items)
-            expected.extend(i["key"] for i in items)
-
-    add_shards(0, 2)
+    expected = write_shards(root, 2, 5, prefix="inc")
     first, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output)
     assert first["shards"]["new"] == 2 and first["shards"]["committed_this_run"] == 2
-    add_shards(2, 3)  # the prefix keeps growing
+    expected += write_shards(root, 3, 5, prefix="inc", first=2)  # the prefix keeps growing
     second, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output)
-    assert second["shards"] == {"total": 5, "already_committed": 2, "new": 3, "scored_this_run": 3, "incomplete": []}
+    assert second["shards"] == {"total": 5, "already_committed": 2, "new": 3, "committed_this_run": 3, "incomplete": [],
+                                "duplicates_in_input": 0, "duplicate_spellings": {}}
     assert second["records"]["this_run"] == 15 and second["records"]["committed_total"] == 25
     assert_exactly_once(read_scores(output), expected)

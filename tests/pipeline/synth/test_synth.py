@@ -11,8 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from jobs import sample_corpus as corpus
-from pipeline.synth import SynthConfig, format_summary, split_key, split_of, synthesize
-from pipeline.synth.generators import _FALLBACK_UNRELATED
+from pipeline.runner import format_summary, run_job
+from pipeline.synth import SynthConfig, SynthJob, split_key, split_of, synthesize
+from pipeline.synth.generators.offline import _FALLBACK_UNRELATED
 from tests.pipeline.synth.llm_servers import FakeBedrock, FakeOpenAI
 
 
@@ -45,7 +46,7 @@ def test_offline_captions_realise_each_level(tmp_path, ray_cluster):
     summary = synthesize(SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                                      val_fraction=0.25), progress=False)
     pairs, errors = pairs_of(tmp_path / "out")
-    assert not errors and len(pairs) == 96 and summary["pairs_this_run"] == 96
+    assert not errors and len(pairs) == 96 and summary["synth"]["pairs_this_run"] == 96
     originals = {s["key"]: s for s in samples}
     grouped = by_origin(pairs)
     assert set(grouped) == set(originals)
@@ -65,9 +66,9 @@ def test_offline_captions_realise_each_level(tmp_path, ray_cluster):
         assert split_of(split_key(levels[0]["source"], origin), 0.25) == levels[0]["split"]
     splits = Counter(p["split"] for p in pairs)
     assert splits["val"] > 0 and splits["train"] > 0
-    balance = summary["level_balance"]
+    balance = summary["synth"]["level_balance"]
     assert all(len(set(counts.values())) == 1 for counts in balance.values())  # balanced per split
-    assert summary["requests_sent"] == 0 and summary["estimated_cost_usd"] == 0.0
+    assert summary["synth"]["requests_sent"] == 0 and summary["synth"]["estimated_cost_usd"] == 0.0
 
 
 def test_split_and_perturbations_do_not_depend_on_where_the_corpus_lives(tmp_path, ray_cluster):
@@ -77,7 +78,7 @@ def test_split_and_perturbations_do_not_depend_on_where_the_corpus_lives(tmp_pat
         corpus.write_webdataset(str(tmp_path / where / "0.tar"), samples)
         summary = synthesize(SynthConfig(input=str(tmp_path / where), format="webdataset",
                                          output=str(tmp_path / f"out{k}"), val_fraction=0.3), progress=False)
-        assert not summary["warnings"]
+        assert not summary["synth"]["warnings"]
         splits.append({(p["origin_id"], p["label"]): (p["split"], p["texts"]) for p in pairs_of(tmp_path / f"out{k}")[0]})
     assert splits[0] == splits[1]  # the same split and the same perturbations
     assert {split for split, _ in splits[0].values()} == {"train", "val"}
@@ -86,11 +87,12 @@ def test_split_and_perturbations_do_not_depend_on_where_the_corpus_lives(tmp_pat
 
 def test_a_run_that_holds_out_nothing_says_so(tmp_path, ray_cluster):
     corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(2, seed=5))
-    summary = synthesize(SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
-                                     val_fraction=0.01), progress=False)
-    assert summary["level_balance"]["val"] == {"0": 0, "1": 0, "2": 0, "3": 0}
-    assert "no origin of this run fell in the validation split" in summary["warnings"][0]
-    assert "warning    no origin" in format_summary(summary)
+    job = SynthJob(SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+                               val_fraction=0.01))
+    summary = run_job(job, progress=False)
+    assert summary["synth"]["level_balance"]["val"] == {"0": 0, "1": 0, "2": 0, "3": 0}
+    assert "no origin of this run fell in the validation split" in summary["synth"]["warnings"][0]
+    assert "warning    no origin" in format_summary(job, summary)
 
 
 def test_offline_documents_realise_each_level(tmp_path, ray_cluster):
@@ -156,8 +158,9 @@ def test_openai_generator_retries_and_records_unparseable_replies(tmp_path, ray_
         assert [o for k, o in server.log if k == key] == ["throttle", "error", "ok"]
     user = server.bodies[0]["messages"][1]["content"]
     assert user[1]["type"] == "image_url" and user[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
-    assert summary["requests_sent"] == 3 * len(good_keys) + 3 * 4
-    assert summary["input_tokens"] == 100 * (len(good_keys) + 12) and summary["output_tokens"] == 20 * (len(good_keys) + 12)
+    own = summary["synth"]
+    assert own["requests_sent"] == 3 * len(good_keys) + 3 * 4
+    assert own["input_tokens"] == 100 * (len(good_keys) + 12) and own["output_tokens"] == 20 * (len(good_keys) + 12)
     assert summary["errors"]["by_category"] == {"malformed": 4}
 
 
@@ -177,7 +180,7 @@ def test_bedrock_converse_with_throttling(tmp_path, ray_cluster):
         assert len(image_blocks) == 1 and image_blocks[0]["format"] == "jpeg"
         assert image_blocks[0]["source"]["bytes"] in sent_images  # the request carries the real image
     assert all(p["generator"] == "bedrock:anthropic.claude-3-sonnet-20240229-v1:0" for p in pairs)
-    assert summary["estimated_cost_usd"] == round((12 * 200 * 3.0 + 12 * 30 * 15.0) / 1e6, 4)
+    assert summary["synth"]["estimated_cost_usd"] == round((12 * 200 * 3.0 + 12 * 30 * 15.0) / 1e6, 4)
 
 
 @pytest.mark.parametrize("fields, field", [

@@ -1,0 +1,97 @@
+"""The pipeline's parts depend on each other one way only, read from the source (imports inside functions count):
+
+    io  <-  commit  <-  runner  <-  scoring, synth, curation      (no job imports another)
+    encoded  <-  scoring, training                                 (training never imports scoring)
+
+and `model/` imports none of the pipeline; `pipeline/` holds few modules directly, none over 400 lines, no
+function over 80."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINE = ROOT / "pipeline"
+
+# part -> the parts it may import (besides itself, `pipeline.errors` and the model library)
+ALLOWED = {
+    "io": set(),
+    "commit": {"io"},
+    "runner": {"io", "commit"},
+    "encoded": set(),
+    "scoring": {"io", "commit", "runner", "encoded"},
+    "synth": {"io", "commit", "runner"},
+    "curation": {"io", "commit", "runner", "scoring.records"},  # reads score records (their schema), nothing else
+    "training": {"io", "commit", "runner", "encoded"},
+}
+
+
+def part_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "pipeline" or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in PIPELINE.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.parts[-1] == "__init__" else rel.parts)
+        out.append((name, path))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("name, path", modules(), ids=[m for m, _ in modules()])
+def test_each_part_imports_only_the_parts_below_it(name, path):
+    own = part_of(name)
+    if own in (None, "errors"):
+        return
+    allowed = ALLOWED[own] | {own, "errors"}
+    bad = []
+    for imported in imports(path):
+        other = part_of(imported)
+        if other is None or other in allowed:
+            continue
+        if other == "scoring" and "scoring.records" in allowed and imported.startswith("pipeline.scoring.records"):
+            continue
+        bad.append(imported)
+    assert not bad, f"{name} ({own}) imports {sorted(bad)}: not allowed by the layering {sorted(allowed)}"
+
+
+def test_the_model_library_imports_nothing_of_the_pipeline_or_the_jobs():
+    for path in (ROOT / "model").rglob("*.py"):
+        found = {i for i in imports(path) if i.split(".")[0] in ("pipeline", "jobs")}
+        assert not found, f"{path.relative_to(ROOT)} imports {sorted(found)}"
+
+
+def test_pipeline_holds_few_modules_directly_and_none_is_long():
+    direct = sorted(p.name for p in PIPELINE.glob("*.py"))
+    assert len(direct) <= 6, direct
+    long = {str(p.relative_to(ROOT)): n for p in PIPELINE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"modules over 400 lines: {long}"
+
+
+def test_no_function_is_over_80_lines():
+    long = []
+    for path in [*PIPELINE.rglob("*.py"), *(ROOT / "model").rglob("*.py"), *(ROOT / "jobs").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, long
