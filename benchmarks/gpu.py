@@ -113,7 +113,8 @@ def decode_rows(report: Report, seconds: float) -> None:
             processor.jpeg_draft = draft
             for threads in sorted({1, 2, 4, os.cpu_count() or 1}):
                 with ThreadPoolExecutor(threads) as pool:
-                    n, elapsed = timed(lambda pool=pool: len(list(pool.map(processor.decode, planned))), seconds)
+                    n, elapsed = timed(lambda pool=pool, planned=planned: len(list(pool.map(processor.decode,
+                                                                                            planned))), seconds)
                 report.add(part="decode", kind=f"photo {size}", settings=f"{threads} threads"
                            + (", jpeg draft" if draft else ""), samples_per_s=round(n / elapsed, 1),
                            kb_per_image=round(sum(map(len, images)) / len(images) / 1024, 1))

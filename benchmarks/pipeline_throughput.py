@@ -70,7 +70,7 @@ def _ray_worker_pids() -> list[int]:
                     cmd = f.read()
             except OSError:
                 continue
-            if b"EncodeStage" in cmd or b"ScoreStage" in cmd:
+            if b"ReadStage" in cmd or b"ScoreStage" in cmd:
                 pids.append(int(entry))
     return pids
 

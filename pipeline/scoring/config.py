@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.limits import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.io.samples import SourceOptions
@@ -17,6 +17,16 @@ def resolve_dtype(dtype: str, on_gpu: bool) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if on_gpu else "float32"
+
+
+# Images are decoded beside the GPU now, by the scoring actor's own threads: the CPU workers that decoded them
+# before are gone, and the stage before the model only reads shards.
+REMOVED_FIELDS = {
+    "preprocess_workers": "images are decoded beside the GPU by the scoring actors' own threads (cpus_per_actor, "
+                          "decode_threads); shard readers are read_workers",
+    "preprocess_cpus": "images are decoded beside the GPU (cpus_per_actor sizes the decoding); the CPUs of a shard "
+                       "reader are read_cpus",
+}
 
 
 class ScoreConfig(BaseModel):
@@ -41,12 +51,10 @@ class ScoreConfig(BaseModel):
                                 "images/s; a GPU scores 600+), 1 on CPUs")
     decode_threads: int | None = Field(
         None, ge=1, description="decode threads per scoring actor; default: its CPUs")
-    read_cpus: float = Field(1.0, gt=0, validation_alias=AliasChoices("read_cpus", "preprocess_cpus"),
-                             description="CPUs per shard reader (it hands the scoring actors the samples as read: "
+    read_cpus: float = Field(1.0, gt=0, description="CPUs per shard reader (it hands the scoring actors the samples as read: "
                                          "encoded images and text)")
     read_workers: int | None = Field(
-        None, ge=1, validation_alias=AliasChoices("read_workers", "preprocess_workers"),
-        description="most shard readers; default: one per 4 GPU scoring actors on a cluster (at least one), one "
+        None, ge=1, description="most shard readers; default: one per 4 GPU scoring actors on a cluster (at least one), one "
                     "when local")
     compile: bool | None = Field(
         None, description="compile the model (torch.compile: the vision tower per image-count bucket, the LLM with "
@@ -78,6 +86,16 @@ class ScoreConfig(BaseModel):
                                 "rates for one H200 (captions: 379/s up to 1B parameters, 282/s above; documents: a "
                                 "quarter of that)")
     gpu_hour_price: float = Field(5.0, ge=0, description="for --dry-run's estimate: USD per GPU-hour")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, values):
+        """Fields of earlier releases whose meaning changed: named, never quietly mapped onto their successors."""
+        if isinstance(values, dict):
+            for name, why in REMOVED_FIELDS.items():
+                if name in values:
+                    raise ValueError(f"field '{name}': removed: {why}")
+        return values
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> ScoreConfig:

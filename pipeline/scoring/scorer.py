@@ -68,11 +68,20 @@ class BatchScorer:
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one process: a restart starts at the configured budget
         self.healthy = False  # a forward pass succeeded in this process: the device works
         self.cuda = model.device.type == "cuda"
-        self.forward = model.score  # what runs a micro-batch (`pipeline.scoring.compiled` may replace it)
+        self._compiled = None  # a compiled forward (`pipeline.scoring.compiled`), once set
         self._decode = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="prepare") if overlap else None
         self._device = threading.Lock()  # one micro-batch on the device at a time, whichever call it belongs to
         self._stream = torch.cuda.Stream() if self.cuda else None
+
+    @property
+    def forward(self):
+        """What runs a micro-batch: the compiled forward once one is set, else the model's own `score`."""
+        return self._compiled or self.model.score
+
+    @forward.setter
+    def forward(self, compiled) -> None:
+        self._compiled = compiled
 
     # -- one call ----------------------------------------------------------------------------------------------
     def score_table(self, batch: pa.Table) -> pa.Table:

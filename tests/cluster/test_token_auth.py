@@ -179,7 +179,7 @@ def test_the_nightly_cronjob_submits_with_the_secrets_token_and_its_retry_is_acc
     mount_config_map({
         "score.yaml": f"input: {tmp_path / 'in' / 'shards.txt'}\nformat: webdataset\noutput: {out}\n"
                       f"model: {tiny_checkpoint}\nmin_actors: 1\nconcurrency: 1\ngpus_per_actor: 0\n"
-                      "cpus_per_actor: 0.5\npreprocess_workers: 1\npreprocess_cpus: 0.5\n"
+                      "cpus_per_actor: 0.5\nread_workers: 1\nread_cpus: 0.5\n"
                       "source: {read_attempts: 1}\nno_progress_timeout_s: 900\n",
         "curate.yaml": f"scores: {out}\noutput: {curated}\nmin_score: 0.0\nworkers: 1\n",
     }, tmp_path / "config")

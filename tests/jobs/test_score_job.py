@@ -93,7 +93,7 @@ def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head
     config = tmp_path / "job.yaml"  # the job's config with its resource wiring, as a cluster run would have it
     config.write_text(f"input: {tmp_path / 'in'}\nformat: webdataset\noutput: {out}\nmodel: {tiny_checkpoint}\n"
                       "min_actors: 1\nconcurrency: 1\ngpus_per_actor: 0\ncpus_per_actor: 0.5\n"
-                      "preprocess_workers: 1\npreprocess_cpus: 0.5\nno_progress_timeout_s: 900\n")
+                      "read_workers: 1\nread_cpus: 0.5\nno_progress_timeout_s: 900\n")
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     res = subprocess.run(
         [ray_bin, "job", "submit", "--address", ray_head["dashboard"], "--working-dir", ".", "--",
@@ -105,9 +105,12 @@ def test_ray_job_submit_runs_the_scoring_job(tmp_path, tiny_checkpoint, ray_head
     assert_exactly_once(read_scores(str(out)), expected)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"]["committed_this_run"] == 2
+    placement = {"accelerator_type": None, "custom": None}
     assert summary["resources"] == {
-        "encode": {"num_cpus": 0.5, "num_gpus": 0.0, "min_actors": 1, "max_actors": 1, "batch_size": None},
-        "score": {"num_cpus": 0.5, "num_gpus": 0.0, "min_actors": 1, "max_actors": 1, "batch_size": 4 * 256}}
+        "read": {"num_cpus": 0.5, "num_gpus": 0.0, "min_actors": 1, "max_actors": 1, "batch_size": None,
+                 "concurrent_calls": 1, **placement},
+        "score": {"num_cpus": 0.5, "num_gpus": 0.0, "min_actors": 1, "max_actors": 1, "batch_size": 4 * 256,
+                  "concurrent_calls": 2, **placement}}
 
 
 def test_a_cluster_job_without_a_gpu_anywhere_fails_naming_gpus_per_actor(tmp_path, tiny_checkpoint, ray_head):

@@ -17,12 +17,11 @@ import torch
 import model
 from jobs import sample_corpus as corpus
 from pipeline.commit.markers import end_marker
-from pipeline.encoded import encode_row
 from pipeline.errors import DeviceFault
 from pipeline.runner import format_summary, run_job
 from pipeline.scoring import ScoreConfig, ScoringJob, read_scores, score_dataset
 from pipeline.scoring.device_faults import FaultJournal
-from pipeline.scoring.reading import ENCODED_SCHEMA
+from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
 from pipeline.scoring.stage import ScoreStage
 from tests.support.shards import assert_exactly_once, write_shards
@@ -33,16 +32,25 @@ def loaded(tiny_checkpoint):
     return model.load(tiny_checkpoint)
 
 
-def encoded_table(processor, n: int, seed: int = 0, long: int | None = None) -> pa.Table:
+def sample_table(n: int, seed: int = 0, long: int | None = None) -> pa.Table:
+    """n caption samples as the scoring actors receive them (encoded image bytes and text), then the shard's end
+    marker; sample `long` has its caption four times over."""
     rows = []
     for i, s in enumerate(corpus.caption_samples(n, seed=seed, prefix=f"e{seed}-")):
         caption = s["caption"] * (4 if i == long else 1)
-        row = {"id": s["key"], "source": "x.tar", "kind": "caption", "ordinal": i, "texts": [None, caption],
-               "images": [s["image"], None], "error": None, "key": None, "url": None}
-        rows.append(encode_row(row, processor))
-    rows.append({**{k: None for k in ENCODED_SCHEMA.names}, **{k: v for k, v in end_marker("x.tar", n).items()
-                                                                if k in ENCODED_SCHEMA.names}})
-    return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+        rows.append({"id": s["key"], "source": "x.tar", "kind": "caption", "ordinal": i, "texts": [None, caption],
+                     "images": [s["image"], None], "error": None})
+    return sample_rows([*rows, end_marker("x.tar", n)])
+
+
+def token_counts(processor, table: pa.Table) -> list[int]:
+    """Each sample's token count (the end marker left out)."""
+    return [processor.plan(r["texts"], r["images"], r["kind"]).n_tokens
+            for r in table.to_pylist() if not r["kind"].startswith("_")]
+
+
+def micro_batch_max(table: pa.Table) -> int:
+    return max(v for v in table.column("micro_batch").to_pylist() if v is not None)
 
 
 class Faulty:
@@ -54,11 +62,11 @@ class Faulty:
     def __getattr__(self, name):
         return getattr(self.net, name)
 
-    def score(self, input_ids, attention_mask, pixel_values=None):
+    def score(self, input_ids, attention_mask, pixel_values=None, **options):
         self.calls.append(int(input_ids.shape[0]))
         if self.when(input_ids):
             raise self.error
-        return self.net.score(input_ids, attention_mask, pixel_values)
+        return self.net.score(input_ids, attention_mask, pixel_values, **options)
 
 
 def records(table: pa.Table) -> list[dict]:
@@ -70,7 +78,7 @@ def test_an_out_of_memory_batch_is_halved_and_every_sample_scored(loaded):
     faulty = Faulty(net, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
                     when=lambda ids: ids.shape[0] > 2)
     out = records(BatchScorer(faulty, processor, token_budget=10**6, max_batch=8).score_table(
-        encoded_table(processor, 8)))
+        sample_table(8)))
     assert len(out) == 8 and all(r["error"] is None and r["score"] is not None for r in out)
     # 8 -> 4 + 4; the first 4 -> 2 + 2, and the budget is lowered to what fits: the second 4 (one token longer
     # each) is split before it is tried, its longest two alone
@@ -81,14 +89,15 @@ def test_a_device_error_ends_the_actor_and_is_never_a_record(loaded):
     net, processor = loaded
     faulty = Faulty(net, RuntimeError("CUDA error: device-side assert triggered"), when=lambda ids: True)
     with pytest.raises(DeviceFault, match="device-side assert"):
-        BatchScorer(faulty, processor, token_budget=10**6, max_batch=8).score_table(encoded_table(processor, 8))
+        BatchScorer(faulty, processor, token_budget=10**6, max_batch=8).score_table(sample_table(8))
 
 
 def test_only_a_sample_that_fails_on_its_own_gets_an_error_record(loaded):
     net, processor = loaded
-    table = encoded_table(processor, 8, long=5)  # sample 5 is the one the model "fails on"
-    bad = table.column("n_tokens")[5].as_py()
-    assert sorted(table.column("n_tokens").to_pylist()[:8])[-1] == bad > sorted(table.column("n_tokens").to_pylist()[:8])[-2]
+    table = sample_table(8, long=5)  # sample 5 is the one the model "fails on"
+    counts = token_counts(processor, table)
+    bad = counts[5]
+    assert sorted(counts)[-1] == bad > sorted(counts)[-2]
     faulty = Faulty(net, ValueError("bad sample"),
                     when=lambda ids: bool((ids != processor.config.pad_token_id).sum(1).eq(bad).any()))
     out = records(BatchScorer(faulty, processor, token_budget=10**6, max_batch=8).score_table(table))
@@ -103,10 +112,10 @@ def test_every_sample_failing_alone_the_same_way_is_a_fault_not_bad_data(loaded)
     net, processor = loaded
     faulty = Faulty(net, RuntimeError("cuDNN launch failure 0x7f"), when=lambda ids: True)
     with pytest.raises(DeviceFault, match="every one of 8 samples failed alone"):
-        BatchScorer(faulty, processor, token_budget=10**6, max_batch=8).score_table(encoded_table(processor, 8))
+        BatchScorer(faulty, processor, token_budget=10**6, max_batch=8).score_table(sample_table(8))
     oom = Faulty(net, torch.OutOfMemoryError("CUDA out of memory"), when=lambda ids: True)  # memory held elsewhere
     with pytest.raises(DeviceFault, match="out of memory on this sample alone"):
-        BatchScorer(oom, processor, token_budget=10**6, max_batch=8).score_table(encoded_table(processor, 3))
+        BatchScorer(oom, processor, token_budget=10**6, max_batch=8).score_table(sample_table(3))
 
 
 class CopyOutOfMemory(BatchScorer):
@@ -122,18 +131,19 @@ class CopyOutOfMemory(BatchScorer):
 def test_an_out_of_memory_error_in_the_copy_to_the_device_halves_the_batch(loaded):
     net, processor = loaded
     scorer = CopyOutOfMemory(net, processor, token_budget=10**6, max_batch=8, overlap=True)
-    out = records(scorer.score_table(encoded_table(processor, 8)))
+    table = scorer.score_table(sample_table(8))
+    out = records(table)
     assert len(out) == 8 and all(r["error"] is None and r["score"] is not None for r in out)
-    assert max(scorer.micro_batch_sizes) == 2
+    assert micro_batch_max(table) == 2
 
 
 def test_after_an_out_of_memory_error_later_micro_batches_fit_the_lowered_budget(loaded):
     net, processor = loaded
     faulty = Faulty(net, torch.OutOfMemoryError("CUDA out of memory"), when=lambda ids: ids.shape[0] > 2)
     scorer = BatchScorer(faulty, processor, token_budget=10**6, max_batch=8)
-    scorer.score_table(encoded_table(processor, 8, seed=1))
+    scorer.score_table(sample_table(8, seed=1))
     faulty.calls.clear()
-    table = scorer.score_table(encoded_table(processor, 8, seed=2))
+    table = scorer.score_table(sample_table(8, seed=2))
     assert faulty.calls and max(faulty.calls) <= 2  # no micro-batch fails first any more
     assert all(r["score"] is not None for r in records(table))
     reported = table.column("budget_lowered").to_pylist()[0]
@@ -157,8 +167,8 @@ DEVICE_ASSERT = RuntimeError("CUDA error: device-side assert triggered\nCompile 
 
 def test_a_sample_that_faults_the_device_is_narrowed_down_on_fresh_actors(loaded):
     net, processor = loaded
-    table = encoded_table(processor, 8, long=5)  # sample 5 faults the device whenever it is in the micro-batch
-    bad = table.column("n_tokens")[5].as_py()
+    table = sample_table(8, long=5)  # sample 5 faults the device whenever it is in the micro-batch
+    bad = token_counts(processor, table)[5]
     journal = FaultJournal()
     out, ended = fresh_actors(net, processor, table, journal, DEVICE_ASSERT,
                               when=lambda ids: bool((ids != processor.config.pad_token_id).sum(1).eq(bad).any()))
@@ -175,7 +185,7 @@ def test_a_device_that_faults_on_the_canary_blames_no_sample(loaded):
     """A broken device faults on everything, the canary too: the batch is retried (until the job's no-progress
     timeout), and no sample is ever given an error record."""
     net, processor = loaded
-    table = encoded_table(processor, 8)
+    table = sample_table(8)
     journal = FaultJournal()
     out, ended = fresh_actors(net, processor, table, journal, DEVICE_ASSERT, when=lambda ids: True)
     assert out is None and ended == 8
@@ -186,17 +196,18 @@ def test_a_device_that_faults_on_the_canary_blames_no_sample(loaded):
 
 def test_overlapped_preparation_gives_the_serial_scores_in_any_order(loaded):
     net, processor = loaded
-    tables = [encoded_table(processor, 12, seed=k) for k in range(3)]
+    tables = [sample_table(12, seed=k) for k in range(3)]
     serial = BatchScorer(net, processor, token_budget=512, max_batch=4, overlap=False)
     overlapped = BatchScorer(net, processor, token_budget=512, max_batch=4, overlap=True)
     expected = {r["id"]: r for t in tables for r in records(serial.score_table(t))}
     order = list(range(3))
     random.Random(1).shuffle(order)
-    got = {r["id"]: r for k in order for r in records(overlapped.score_table(tables[k]))}
+    outputs = [overlapped.score_table(tables[k]) for k in order]
+    got = {r["id"]: r for out in outputs for r in records(out)}
     assert got.keys() == expected.keys()
     for key, record in expected.items():
         assert got[key]["score"] == record["score"] and got[key]["label"] == record["label"]
-    assert max(overlapped.micro_batch_sizes) == 4
+    assert max(micro_batch_max(out) for out in outputs) == 4
 
 
 class ScoringWith(ScoringJob):
@@ -208,9 +219,9 @@ class ScoringWith(ScoringJob):
         self.stage_class = stage_class
 
     def model_stage(self, resources):
-        own = super().model_stage(resources)
-        return self.stage_class(resources, own.model_uri, own.dtype, own.token_budget, own.max_batch, own.weights,
-                                own.fault_journal)
+        stage = super().model_stage(resources)
+        stage.__class__ = self.stage_class  # the job's own stage, arguments and all, with the fault's hooks
+        return stage
 
 
 def score_with(stage_class: type[ScoreStage], config: ScoreConfig) -> tuple[ScoringJob, dict]:
