@@ -29,7 +29,9 @@ class EncodedSample:
     """One sample, ready for batching: token ids with expanded image slots, and its images at model size."""
 
     input_ids: np.ndarray  # (n_tokens,) int64; IMAGE_TOKEN_ID at image positions, tokens_per_image per image
-    pixel_values: np.ndarray  # (n_images, 3, S, S) uint8, normalised later on the model's device
+    # (n_images, 3, S, S) uint8, normalised later on the model's device; a tensor already on it when the images
+    # were decoded there (`pipeline.scoring.gpu_decode`)
+    pixel_values: np.ndarray | torch.Tensor
     truncated: bool
 
     @property
@@ -88,16 +90,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             width, height = img.size
-            if width * height > max_pixels:
-                raise SampleError(Category.DECODE,
-                                  f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+            refuse_too_many_pixels(width, height, max_pixels)
             if draft_size and img.format == "JPEG" and max(width, height) >= 2 * draft_size:
                 scale = draft_size / max(width, height)
                 img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            side = max(img.size)
-            if side * side > max_pixels:
-                raise SampleError(Category.DECODE, f"image too large: padding {width}x{height} to a square gives "
-                                                   f"{side}x{side} pixels, over the limit of {max_pixels}")
+            refuse_too_large_square(width, height, max(img.size), max_pixels)
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
@@ -116,6 +113,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
     if _is_deep(img):
         img = _rescaled_to_grey8(img)  # rebinding frees the deep original before the RGB copy is made
     return to_rgb8(img)
+
+
+def refuse_too_many_pixels(width: int, height: int, max_pixels: int) -> None:
+    """The decompression-bomb guard's first bound, from the header: the decoded size (`decode_image` and the
+    device decoder, `pipeline.scoring.gpu_decode`, word it alike)."""
+    if width * height > max_pixels:
+        raise SampleError(Category.DECODE, f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+
+
+def refuse_too_large_square(width: int, height: int, side: int, max_pixels: int) -> None:
+    """The second bound: the square the image is padded to, `side` its long side as decoded (smaller than the
+    header's after draft scaling)."""
+    if side * side > max_pixels:
+        raise SampleError(Category.DECODE, f"image too large: padding {width}x{height} to a square gives "
+                                           f"{side}x{side} pixels, over the limit of {max_pixels}")
 
 
 def _refused_format(data: bytes) -> str | None:
@@ -263,7 +275,7 @@ class UniFilterProcessor:
 
     def decode(self, planned: PlannedSample) -> EncodedSample:
         """A planned sample's images decoded (guarded), padded and resized: what the model takes."""
-        pixels = [self._image_pixels(img) for img in planned.images]
+        pixels = [self.image_pixels(img) for img in planned.images]
         size = self.config.image_size
         pixel_values = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), dtype=np.uint8)
         return EncodedSample(planned.input_ids, pixel_values, planned.truncated)
@@ -339,7 +351,9 @@ class UniFilterProcessor:
         else:
             pieces.append(("text", text))
 
-    def _image_pixels(self, image: ImageInput) -> np.ndarray:
+    def image_pixels(self, image: ImageInput) -> np.ndarray:
+        """One image (encoded bytes, a PIL image or prepared pixels) decoded (guarded), padded and resized:
+        (3, S, S) uint8; raises SampleError."""
         size = self.config.image_size
         if isinstance(image, np.ndarray):  # already prepared by a CPU stage
             if image.shape != (3, size, size) or image.dtype != np.uint8:
@@ -365,11 +379,15 @@ class UniFilterProcessor:
         for row, s in enumerate(samples):
             input_ids[row, : s.n_tokens] = s.input_ids
             attention_mask[row, : s.n_tokens] = 1
-        pixel_values = np.concatenate([s.pixel_values for s in samples], axis=0)
+        pixels = [s.pixel_values for s in samples]
+        if all(isinstance(p, torch.Tensor) for p in pixels):  # decoded on the device (pipeline.scoring.gpu_decode)
+            pixel_values = torch.cat(pixels)
+        else:
+            pixel_values = torch.from_numpy(np.concatenate(pixels, axis=0))
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
-            "pixel_values": torch.from_numpy(pixel_values),
+            "pixel_values": pixel_values,
         }
 
     def __call__(self, samples: Sequence[dict]) -> dict[str, torch.Tensor]:

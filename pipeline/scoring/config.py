@@ -66,6 +66,11 @@ class ScoreConfig(BaseModel):
                                   description="larger images are errors (decompression bombs)")
     jpeg_draft: bool = Field(
         False, description="decode large JPEGs at reduced scale (1.4x faster preprocessing, <1 grey level mean diff)")
+    image_decoder: Literal["pillow", "nvjpeg"] = Field(
+        "pillow", description="what decodes JPEGs: pillow (the actors' decode threads) or nvjpeg (a batched "
+                              "torchvision decode_jpeg on the actor's device, then pad and resize there; needs "
+                              "torchvision; on CPU actors torchvision's CPU decoder; other formats stay Pillow's); "
+                              "off by default until a GPU run shows its scores agree (benchmarks/gpu.py)")
     batch_size: int | None = Field(
         None, ge=1, description="rows handed to a scoring actor per call; default 4 x max_batch, so micro-batches "
                                 "fill up to max_batch or the token budget")
@@ -103,6 +108,13 @@ class ScoreConfig(BaseModel):
             raise ValueError(f"min_actors ({self.min_actors}) exceeds concurrency ({self.concurrency})")
         return self
 
+    @model_validator(mode="after")
+    def _one_jpeg_decoder(self) -> ScoreConfig:
+        if self.image_decoder == "nvjpeg" and self.jpeg_draft:
+            raise ValueError("field 'image_decoder': nvjpeg decodes JPEGs at full size on the device, so jpeg_draft "
+                             "(reduced-scale decoding by Pillow) cannot apply: set one of them")
+        return self
+
     def resolved_dtype(self) -> str:
         """The precision the actors will use, `auto` made definite before the job starts (the output's identity
         names it): bfloat16 where the actors hold GPUs, float32 on CPUs."""
@@ -119,5 +131,6 @@ class ScoreConfig(BaseModel):
         s = self.source
         return {"model": {"id": model_id, "revision": revision, "weights": weights}, "dtype": self.resolved_dtype(),
                 "jpeg_draft": self.jpeg_draft, **({"compiled": True} if self.resolved_compile() else {}),
+                **({"image_decoder": self.image_decoder} if self.image_decoder != "pillow" else {}),
                 "max_image_pixels": self.max_image_pixels,
                 "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}

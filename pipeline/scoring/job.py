@@ -67,6 +67,10 @@ class ScoringJob(Job):
         listing = list_shards(c.input, c.format)
         check_first_shard(listing, c.format, c.source)
         self.processor, self.model_id, weights = check_model(c.model)
+        if c.image_decoder == "nvjpeg":
+            from pipeline.scoring.gpu_decode import require_torchvision
+
+            require_torchvision()
         return JobSpec(job=self.name, output=c.output, listing=listing, identity=c.identity(self.model_id, weights),
                        schema=SCORE_SCHEMA, partition=scores_folder, no_progress_timeout_s=c.no_progress_timeout_s,
                        input=c.input, format=c.format, moved_from=c.moved_from)
@@ -131,7 +135,7 @@ class ScoringJob(Job):
         threads = c.decode_threads or max(1, int(resources.num_cpus))
         return ScoreStage(resources, c.model, c.resolved_dtype(), c.token_budget, c.max_batch, threads,
                           c.max_image_pixels, c.jpeg_draft, c.resolved_compile(), self._weights,
-                          self._journal and self._journal.name)
+                          self._journal and self._journal.name, c.image_decoder)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def before_execute(self, prepared: PreparedJob) -> None:

@@ -44,12 +44,13 @@ class UniFilterScorer:
                  text_column: str = "txt", id_column: str = "__key__",
                  dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256, decode_threads: int = 4,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False,
-                 compiled: bool | None = None):
+                 compiled: bool | None = None, image_decoder: str = "pillow"):
         from pipeline.scoring.stage import load_scorer
 
         self.image_columns, self.text_column, self.id_column = tuple(image_columns), text_column, id_column
         self.scorer = load_scorer(model, dtype, token_budget, max_batch, decode_threads=decode_threads,
-                                  max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft, compiled=compiled)
+                                  max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft, compiled=compiled,
+                                  image_decoder=image_decoder)
 
     def _samples(self, batch: pa.Table) -> list[dict]:
         n, names = batch.num_rows, batch.column_names

@@ -6,7 +6,7 @@ One call: each sample is laid out and tokenised (cheap: its cost in tokens is kn
 the samples are grouped into token-budget micro-batches of similar length, and each micro-batch's images are
 decoded, padded and resized by a pool of decode threads (Pillow releases the GIL in decode and resize) a few
 micro-batches ahead of the device, then gathered, pinned and copied on a side stream while the micro-batch before
-runs. Two calls may run at once on one actor (the stage sets it up so): the next call's host work overlaps the
+runs (with `image_decoder: nvjpeg`, its JPEGs are decoded on the device instead: `pipeline.scoring.gpu_decode`). Two calls may run at once on one actor (the stage sets it up so): the next call's host work overlaps the
 last micro-batches of this one; the device runs one micro-batch at a time. Failures are told apart:
 - a sample whose image does not decode, or that the processor rejects, is that sample's error record;
 - out of memory, anywhere in a micro-batch's life (collate, pin, copy, forward): the micro-batch is split in
@@ -22,6 +22,7 @@ last micro-batches of this one; the device runs one micro-batch at a time. Failu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -60,7 +61,8 @@ class BatchScorer:
     the scoring stage's reaches the run's journal actor)."""
 
     def __init__(self, model, processor, token_budget: int, max_batch: int, decode_threads: int = 1,
-                 journal: FaultJournal | RemoteJournal | None = None, overlap: bool = True):
+                 journal: FaultJournal | RemoteJournal | None = None, overlap: bool = True,
+                 image_decoder: str = "pillow"):
         self.model, self.processor = model, processor
         self.token_budget, self.max_batch = token_budget, max_batch
         self.configured_budget = token_budget  # what it started with; out-of-memory errors lower token_budget
@@ -73,6 +75,12 @@ class BatchScorer:
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="prepare") if overlap else None
         self._device = threading.Lock()  # one micro-batch on the device at a time, whichever call it belongs to
         self._stream = torch.cuda.Stream() if self.cuda else None
+        # with `image_decoder: nvjpeg`, what decodes a micro-batch's JPEGs on the device (`pipeline.scoring.gpu_decode`)
+        self.device_images = None
+        if image_decoder == "nvjpeg":
+            from pipeline.scoring.gpu_decode import DeviceImageDecoder
+
+            self.device_images = DeviceImageDecoder(processor, model.device, self._decode)
 
     @property
     def forward(self):
@@ -155,28 +163,40 @@ class BatchScorer:
         return self._prepare_pool.submit(self.prepare, planned, group)
 
     def prepare(self, planned: list, group: list[int]) -> dict:
-        """A micro-batch's host side: its samples' images decoded by the decode threads (a sample that does not
-        decode is its error), gathered into a batch, pinned, its copy to the device started."""
-        decoded = list(self._decode.map(_decoded, [self.processor] * len(group), [planned[j] for j in group]))
-        prepared: dict = {"failed": {j: d for j, d in zip(group, decoded) if isinstance(d, str)}}
-        samples = {j: d for j, d in zip(group, decoded) if not isinstance(d, str)}
-        prepared["group"] = list(samples)
-        if not samples:
-            return prepared
-        try:
-            batch = self.processor.collate(list(samples.values()))
-            check_image_slots(batch["input_ids"], batch["pixel_values"], self.model.config.tokens_per_image)
-            prepared.update(self._to_device(batch))
-        except Exception as err:  # noqa: BLE001 - out of memory, the device's or a sample's: told apart below
-            prepared["error"] = err
+        """A micro-batch's host side: its samples' images decoded by the decode threads, or their JPEGs on the
+        device (a sample that does not decode is its error), gathered into a batch, pinned, its copy to the device
+        started; device work on the side stream."""
+        with torch.cuda.stream(self._stream) if self.cuda else contextlib.nullcontext():
+            try:
+                decoded = self._decoded_group([planned[j] for j in group])
+            except Exception as err:  # noqa: BLE001 - the device's error decoding JPEGs: told apart below
+                return {"failed": {}, "group": list(group), "error": err}
+            prepared: dict = {"failed": {j: d for j, d in zip(group, decoded) if isinstance(d, str)}}
+            samples = {j: d for j, d in zip(group, decoded) if not isinstance(d, str)}
+            prepared["group"] = list(samples)
+            if not samples:
+                return prepared
+            try:
+                batch = self.processor.collate(list(samples.values()))
+                check_image_slots(batch["input_ids"], batch["pixel_values"], self.model.config.tokens_per_image)
+                prepared.update(self._to_device(batch))
+            except Exception as err:  # noqa: BLE001 - out of memory, the device's or a sample's: told apart below
+                prepared["error"] = err
         return prepared
 
+    def _decoded_group(self, samples: list) -> list:
+        if self.device_images is not None:
+            return self.device_images.decode(samples)
+        return list(self._decode.map(_decoded, [self.processor] * len(samples), samples))
+
     def _to_device(self, batch: dict) -> dict:
-        """Pin the batch and start its copy on the side stream (the forward pass waits for its event)."""
+        """Pin the batch and start its copy on the side stream (the forward pass waits for its event); pixels
+        decoded on the device are there already."""
         if not self.cuda:
             return batch
         with torch.cuda.stream(self._stream):
-            moved = {k: v.pin_memory().to(self.model.device, non_blocking=True) for k, v in batch.items()}
+            moved = {k: v if v.is_cuda else v.pin_memory().to(self.model.device, non_blocking=True)
+                     for k, v in batch.items()}
             event = torch.cuda.Event()
             event.record(self._stream)
         return {**moved, "ready": event}

@@ -24,9 +24,11 @@ def default_token_budget(on_gpu: bool) -> int:
 
 def load_scorer(model_uri: str, dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256,
                 weights: str | None = None, journal=None, decode_threads: int = 1,
-                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False, compiled: bool | None = None):
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False, compiled: bool | None = None,
+                image_decoder: str = "pillow"):
     """The model on this process's device (the GPU when there is one), checked against the weights the run's
-    identity names, behind a `BatchScorer`; compiled on a GPU unless `compiled` says otherwise."""
+    identity names, behind a `BatchScorer`; compiled on a GPU unless `compiled` says otherwise; its JPEGs decoded
+    on that device with `image_decoder="nvjpeg"` (`pipeline.scoring.gpu_decode`)."""
     import torch
 
     import model as unifilter
@@ -34,13 +36,17 @@ def load_scorer(model_uri: str, dtype: str = "auto", token_budget: int | None = 
     from pipeline.scoring.scorer import BatchScorer
     from pipeline.scoring.weights import check_weights
 
+    if image_decoder == "nvjpeg":  # before the model loads: a missing torchvision is said at once
+        from pipeline.scoring.gpu_decode import require_torchvision
+
+        require_torchvision()
     on_gpu = torch.cuda.is_available()
     net, processor = unifilter.load(model_uri, device="cuda" if on_gpu else "cpu",
                                     dtype=getattr(torch, resolve_dtype(dtype, on_gpu)))
     check_weights(model_uri, net.model_id, weights)
     processor.max_image_pixels, processor.jpeg_draft = max_image_pixels, jpeg_draft
     scorer = BatchScorer(net, processor, token_budget or default_token_budget(on_gpu), max_batch, decode_threads,
-                         journal)
+                         journal, image_decoder=image_decoder)
     if on_gpu if compiled is None else compiled:
         from pipeline.scoring.compiled import compile_scorer
 
@@ -54,18 +60,20 @@ class ScoreStage(TableStage):
 
     def __init__(self, resources: Resources, model_uri: str, dtype: str, token_budget: int | None, max_batch: int,
                  decode_threads: int, max_image_pixels: int, jpeg_draft: bool = False, compiled: bool | None = None,
-                 weights: str | None = None, fault_journal: str | None = None):
+                 weights: str | None = None, fault_journal: str | None = None, image_decoder: str = "pillow"):
         super().__init__(resources)
         self.model_uri, self.dtype, self.token_budget, self.max_batch = model_uri, dtype, token_budget, max_batch
         self.decode_threads, self.max_image_pixels, self.jpeg_draft = decode_threads, max_image_pixels, jpeg_draft
         self.compiled, self.weights, self.fault_journal = compiled, weights, fault_journal
+        self.image_decoder = image_decoder
 
     def setup(self) -> None:
         from pipeline.scoring.device_faults import RemoteJournal
 
         journal = RemoteJournal(self.fault_journal) if self.fault_journal else None
         self.scorer = load_scorer(self.model_uri, self.dtype, self.token_budget, self.max_batch, self.weights, journal,
-                                  self.decode_threads, self.max_image_pixels, self.jpeg_draft, self.compiled)
+                                  self.decode_threads, self.max_image_pixels, self.jpeg_draft, self.compiled,
+                                  self.image_decoder)
 
     def process_table(self, table: pa.Table) -> pa.Table:
         try:
