@@ -36,6 +36,10 @@ def load_scorer(model_uri: str, dtype: str = "auto", token_budget: int | None = 
     from pipeline.scoring.scorer import BatchScorer
     from pipeline.scoring.weights import check_weights
 
+    if image_decoder not in ("pillow", "nvjpeg"):
+        raise ValueError(f"image_decoder: {image_decoder!r} is neither 'pillow' nor 'nvjpeg'")
+    if image_decoder == "nvjpeg" and jpeg_draft:
+        raise ValueError("image_decoder: nvjpeg decodes JPEGs at full size, so jpeg_draft cannot apply")
     if image_decoder == "nvjpeg":  # before the model loads: a missing torchvision is said at once
         from pipeline.scoring.gpu_decode import require_torchvision
 

@@ -104,7 +104,9 @@ def patched_sof(jpeg: bytes, **fields) -> bytes:
 
 def test_device_decoded_pixels_agree_with_the_pillow_paths(loaded):
     """Measured at the released models' 384 px, on photo-like JPEGs at 512 px and a megapixel: a mean difference of
-    0.004 grey levels and at most 2 (the resize's rounding; Pillow rounds between its two passes)."""
+    0.001 grey levels and at most 2 (the resize's rounding: fixed point in Pillow, float here). With torchvision's
+    CPU decoder or the Pillow stand-in the decoded pixels are libjpeg-turbo's either way; nvJPEG's own IDCT and
+    chroma upsampling are measured by benchmarks/gpu.py on a GPU."""
     _, processor = loaded
     processor = model.UniFilterProcessor(processor.config.model_copy(
         update={"vision": {**processor.config.vision, "image_size": 384}}), processor.tokenizer)
@@ -115,7 +117,7 @@ def test_device_decoded_pixels_agree_with_the_pillow_paths(loaded):
     device = np.stack([s.pixel_values.numpy() for s in decoder.decode(planned)]).astype(np.int16)
     assert device.shape == pillow.shape == (8, 1, 3, 384, 384)
     difference = np.abs(device - pillow)
-    assert difference.mean() < 0.05 and difference.max() <= 3, (difference.mean(), difference.max())
+    assert difference.mean() < 0.01 and difference.max() <= 2, (difference.mean(), difference.max())
 
 
 def test_scores_agree_with_the_pillow_paths(loaded):
