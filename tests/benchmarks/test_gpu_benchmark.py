@@ -28,5 +28,7 @@ def test_the_benchmarks_cpu_mode_runs_without_ray(tmp_path):
     parts = {row["part"] for row in report["rows"]}
     assert parts == {"decode", "model", "agreement", "path", "training", "done"}
     assert all(row["ok"] for row in report["rows"] if row["part"] == "agreement")
+    nvjpeg = [row for row in report["rows"] if row["part"] == "decode" and "nvjpeg" in row["settings"]]
+    assert len(nvjpeg) == 2  # 512 px and a megapixel: measured where torchvision loads, else why not
     path = [row for row in report["rows"] if row["part"] == "path"]
     assert path and all(row["samples_per_s"] > 0 for row in path)
