@@ -12,8 +12,10 @@ from collections import Counter
 from pipeline.commit.identity import check_entries, read_identity
 from pipeline.commit.manifest import read_manifest
 from pipeline.curation.config import CurateConfig
+from pipeline.curation.filters import Filters, check_filters
+from pipeline.curation.passes import compute_thresholds
 from pipeline.curation.select import SELECTED_SCHEMA, SelectStage, selected_folder
-from pipeline.curation.thresholds import ALL, KINDS, Thresholds, compute_thresholds
+from pipeline.curation.thresholds import ALL, KINDS, Thresholds
 from pipeline.errors import InputError
 from pipeline.io.listing import Shard, ShardListing, list_shards
 from pipeline.io.uris import join
@@ -62,16 +64,21 @@ class CurationJob(Job):
         super().__init__(config, sources)
         self.thresholds: Thresholds | None = None
         self.listing: ShardListing | None = None
+        self.filters = Filters.of(config)
 
     def identity(self, scores_identity: str, thresholds: Thresholds | None) -> dict:
         c = self.config
-        return {"scores": scores_identity, "rule": c.rule,
-                "thresholds": thresholds.as_dict() if thresholds and c.keep_fraction is not None else None,
-                "materialize": c.materialize}
+        own = {"scores": scores_identity, "rule": c.rule,
+               "thresholds": thresholds.as_dict() if thresholds and c.keep_fraction is not None else None,
+               "materialize": c.materialize}
+        if self.filters.terms:  # only when set: outputs curated before filters existed keep their identity
+            own["filters"] = self.filters.terms
+        return own
 
     def spec(self) -> JobSpec:
         c = self.config
         self.listing, scores_identity = score_shards(c)
+        self.filters = check_filters(self.filters, self.listing.shards)  # exit 2 naming `where`, nothing written
         check_writable(c.output, create=False)
         self._scores_identity = scores_identity
         later = ("thresholds",) if c.keep_fraction is not None else ()
@@ -106,12 +113,12 @@ class CurationJob(Job):
 
     def before_execute(self, prepared: PreparedJob) -> None:
         """The threshold passes, under the lease: two jobs on one output never both make them."""
-        self.thresholds = compute_thresholds(self.config, [s.uri for s in prepared.shards])
+        self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))
 
     def stages(self, plan: Plan) -> list[Stage]:
-        return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group)]
+        return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group, self.filters)]
 
     def summary_fields(self, prepared: PreparedJob, result: RunResult) -> dict:
         c, thresholds = self.config, self.thresholds

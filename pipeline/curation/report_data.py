@@ -111,9 +111,9 @@ def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thr
     for kind in KINDS:
         if kind not in thresholds.plots:
             continue
-        edges, counts = thresholds.plots[kind]
+        plot = thresholds.plots[kind]
         k = own["by_kind"].get(kind, {})
-        kinds.append(KindStats(kind, edges, counts, thresholds.for_kind(kind, config.per_kind), k.get("kept", 0),
+        kinds.append(KindStats(kind, plot.edges, plot.counts, thresholds.for_kind(kind, config.per_kind), k.get("kept", 0),
                                k.get("dropped", 0), k.get("kept_by_level", {}), k.get("dropped_by_level", {})))
     examples = []
     for heading, records in sections:

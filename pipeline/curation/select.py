@@ -9,16 +9,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.commit.committer import ErrorCounts
 from pipeline.commit.markers import wire_schema
 from pipeline.curation.config import CurateConfig
+from pipeline.curation.filters import Filters, filter_shard
 from pipeline.curation.materialize import MISSING_IDS_SHOWN, materialize
 from pipeline.curation.thresholds import ALL
 from pipeline.errors import Category, ShardFault
 from pipeline.io.listing import Shard, output_name
-from pipeline.io.uris import filesystem_for, join
+from pipeline.io.uris import join
 from pipeline.runner.stage import Resources, ShardStage
 
 SELECTED_DIR = "selected"
@@ -26,7 +26,6 @@ SHARDS_DIR = "shards"
 SELECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.string()),
                              ("score", pa.float32()), ("label", pa.int8()), ("key", pa.string()),
                              ("url", pa.string())])
-_SCORE_COLUMNS = ["id", "source", "kind", "score", "label", "error", "key", "url"]
 
 
 def selected_folder(table: pa.Table) -> list[str]:
@@ -38,20 +37,21 @@ class SelectStage(ShardStage):
     name = "select"
     schema = wire_schema(*SELECTED_SCHEMA)
 
-    def __init__(self, resources: Resources, config: CurateConfig, thresholds: dict[str, float | None]):
+    def __init__(self, resources: Resources, config: CurateConfig, thresholds: dict[str, float | None],
+                 filters: Filters):
         super().__init__(resources)
-        self.config, self.thresholds = config, thresholds
+        self.config, self.thresholds, self.filters = config, thresholds, filters
 
     def _cut(self, kind: str) -> float | None:
         return self.thresholds.get(kind if self.config.per_kind else ALL)
 
     def process_shard(self, shard: Shard) -> Iterator[list[dict]]:
-        table = self._score_records(shard)
+        filtered = filter_shard(shard.uri, shard.aux, shard.aux_format, self.filters)
+        table, ok = filtered.table, filtered.scored
         cut = np.array([self._cut(k) if self._cut(k) is not None else np.inf for k in table.column("kind").to_pylist()],
                        dtype=np.float64)
         scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        ok = table.column("error").is_null().to_numpy(zero_copy_only=False) & np.isfinite(scores)
-        keep = ok & (np.nan_to_num(scores, nan=-np.inf) >= cut)
+        keep = ok & filtered.passes & (np.nan_to_num(scores, nan=-np.inf) >= cut)
         stats = {"kept": Counter(), "dropped": Counter()}
         errors = ErrorCounts()
         for sample_id, kind, label, k, good, err in zip(
@@ -67,20 +67,10 @@ class SelectStage(ShardStage):
         for i, row in enumerate(rows):
             row["ordinal"] = i
         yield rows
+        if self.filters.terms:  # dropped by the filters, whatever their score
+            stats["filtered"] = {"removed": filtered.removed, "removed_in_all": filtered.removed_in_all,
+                                 "no_metadata": filtered.no_metadata}
         return {"artifacts": files, "stats": {**{k: dict(v) for k, v in stats.items()}, **errors.as_summary()}}
-
-    @staticmethod
-    def _score_records(shard: Shard) -> pa.Table:
-        """The score file's records, each with its row: a score file holds every sample of its input shard in
-        reading order, so a record's row is its position in the input (what Parquet rows are matched by when
-        materializing; their ids may repeat)."""
-        fs, path = filesystem_for(shard.uri)
-        try:
-            with fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=_SCORE_COLUMNS)
-        except OSError as err:
-            raise ShardFault(Category.IO, f"cannot read {shard.uri}: {err}") from None
-        return table.append_column("ordinal", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
     def _materialize(self, shard: Shard, kept: pa.Table, stats: dict) -> list[str]:
         if not shard.aux:
