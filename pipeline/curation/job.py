@@ -124,6 +124,7 @@ class CurationJob(Job):
         c, thresholds = self.config, self.thresholds
         entries = [*prepared.committed.values(), *(result.committer.entries if result.committer else [])]
         totals, examples, not_materializable = _totals(entries)
+        filtered = _filtered(entries, self.filters.terms)
         by_kind = {}
         for kind in KINDS:
             kept = {int(k.split("/")[1]): v for k, v in totals["kept"].items() if k.startswith(kind + "/")}
@@ -140,6 +141,7 @@ class CurationJob(Job):
                              "by_reason": dict(totals["by_reason"].most_common()),
                              "examples": {k: examples[k] for k in dict(totals["by_reason"]) if k in examples}},
             "by_kind": by_kind, "materialized": c.materialize, "not_materializable": not_materializable,
+            **({"filters": filtered} if filtered else {}),
         }
 
     def every_sample_failed(self, summary: dict) -> bool:
@@ -154,6 +156,11 @@ class CurationJob(Job):
             f"  kept       {own['kept']} of {own['scored']} scored records ({100 * own['kept_fraction']:.1f}%)"
             f" · {errors} error records never selected",
         ]
+        if own.get("filters"):
+            f = own["filters"]
+            each = " · ".join(f"{term!r} {n}" for term, n in f["removed"].items())
+            lines.append(f"  filters    {f['removed_in_all']} scored records removed before the rule · each term: "
+                         f"{each}" + (f" · {f['no_metadata']} without metadata" if f["no_metadata"] else ""))
         if own.get("not_materializable"):
             lines.append(f"  unwritten  {own['not_materializable']} kept samples are no longer whole in the input "
                          "(their ids: each shard's commit record, stats.not_materializable)")
@@ -191,6 +198,19 @@ def _totals(entries: list[dict]) -> tuple[dict[str, Counter], dict[str, dict], i
         for reason, example in stats.get("examples", {}).items():
             examples.setdefault(reason, example)
     return totals, examples, not_materializable
+
+
+def _filtered(entries: list[dict], terms: list[str]) -> dict | None:
+    """What the filters removed, over every shard's commit record (before the rule: whatever the score)."""
+    if not terms:
+        return None
+    removed, totals = Counter({t: 0 for t in terms}), Counter()
+    for entry in entries:
+        stats = (entry.get("stats") or {}).get("filtered") or {}
+        removed.update(stats.get("removed", {}))
+        totals.update({k: stats.get(k, 0) for k in ("removed_in_all", "no_metadata")})
+    return {"terms": terms, "removed": {t: removed[t] for t in terms}, "removed_in_all": totals["removed_in_all"],
+            "no_metadata": totals["no_metadata"]}
 
 
 def curate(config: CurateConfig, progress: bool = True) -> tuple[CurationJob, dict]:
