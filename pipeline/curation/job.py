@@ -88,19 +88,28 @@ class CurationJob(Job):
                        input=c.scores, identity_later=later)
 
     def dry_run_lines(self, prepared: PreparedJob) -> list[str]:
+        """What a run would do, with the exact thresholds of the rule and of the sweep: Ray runs the two counting
+        passes; no lease is taken and nothing is written."""
+        from pipeline.runner.cluster import connect
+
         c = self.config
         keys = list(dict.fromkeys(s.key for s in prepared.todo))
         entries = read_manifest(c.scores, field="scores")
         records = sum(entries[k].get("records", 0) for k in keys if k in entries)
         scored = len(dict.fromkeys(s.key for s in prepared.shards))
+        connect(False, self.name)
+        self.thresholds = compute_thresholds(c, prepared.shards, self.filters, sweep=c.sweep_values)
+        cuts = ", ".join(f"{k} {'none kept' if v is None else f'{v:.4f}'}" for k, v in self.thresholds.as_dict().items())
         return [
-            f"UniFilter curation, dry run (nothing started, nothing written): {c.scores} -> {c.output}",
-            f"  rule       {c.rule} (the threshold is computed when the job runs)",
+            f"UniFilter curation, dry run (no lease taken, nothing written): {c.scores} -> {c.output}",
+            f"  rule       {c.rule} · threshold {cuts} (over every committed score shard)",
+            *(f"  filters    {line}" for line in _filter_lines(self.thresholds.filters)),
             f"  shards     {scored} scored · {scored - len(keys)} already curated · {len(keys)} new",
             *(f"  note       {note}" for note in prepared.notes),
             f"  records    {records:,} score records in the new shards",
             f"  writes     selected/ per shard{', the kept samples as shards in shards/' if c.materialize else ''}"
             f"{', an HTML report to ' + c.report if c.report else ''}",
+            *sweep_lines(c, self.thresholds.sweep or []),
         ]
 
     def needs_ray(self, surveyed: PreparedJob) -> bool:
@@ -113,7 +122,8 @@ class CurationJob(Job):
 
     def before_execute(self, prepared: PreparedJob) -> None:
         """The threshold passes, under the lease: two jobs on one output never both make them."""
-        self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters)
+        sweep = self.config.sweep_values if self.config.report else None  # the report compares the rule with them
+        self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters, sweep=sweep)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))
 
@@ -198,6 +208,41 @@ def _totals(entries: list[dict]) -> tuple[dict[str, Counter], dict[str, dict], i
         for reason, example in stats.get("examples", {}).items():
             examples.setdefault(reason, example)
     return totals, examples, not_materializable
+
+
+def _filter_lines(filters: dict) -> list[str]:
+    if not filters.get("terms"):
+        return []
+    each = " · ".join(f"{term!r} {n}" for term, n in filters["removed"].items())
+    return [f"{filters['removed_in_all']} of {filters['scored']} scored records removed before the rule · each "
+            f"term: {each}" + (f" · {filters['no_metadata']} without metadata" if filters["no_metadata"] else "")]
+
+
+def sweep_lines(config: CurateConfig, rows: list[dict]) -> list[str]:
+    """The sweep as a table: per value of the rule, the threshold per group and the records kept per kind (the
+    rule's own row marked)."""
+    if not rows:
+        return []
+    unit = "fraction" if config.keep_fraction is not None else "min-score"
+    own = config.keep_fraction if config.keep_fraction is not None else config.min_score
+    groups = list(rows[0]["thresholds"])
+    kinds = [k for k in KINDS if any(k in r["scored"] for r in rows)]
+    head = "  ".join([f"{unit:>11s}", *(f"{'threshold ' + g:>21s}" for g in groups),
+                      *(f"{'kept ' + k:>28s}" for k in kinds)])
+    lines = [f"  sweep      {unit} -> threshold -> kept per kind (* the rule)", "  " + head]
+    for row in rows:
+        cuts = [f"{_cut_text(row['thresholds'][g]):>21s}" for g in groups]
+        kept = [f"{_kept_text(row['kept'][k], row['scored'][k]):>28s}" for k in kinds]
+        lines.append("  ".join([f"  {'*' if row['value'] == own else ' '} {row['value']:>9g}", *cuts, *kept]))
+    return lines
+
+
+def _cut_text(cut: float | None) -> str:
+    return "none kept" if cut is None else f"{cut:.4f}"
+
+
+def _kept_text(kept: int, scored: int) -> str:
+    return f"{kept:,} of {scored:,} ({100 * kept / scored:.1f}%)"
 
 
 def _filtered(entries: list[dict], terms: list[str]) -> dict | None:
