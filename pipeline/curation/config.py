@@ -38,6 +38,10 @@ class CurateConfig(BaseModel):
     sweep: list[float] | None = Field(None, description="with --dry-run: the fractions (or, with min_score, the "
                                                         "minimum scores) to tabulate (default: a standard set)")
     materialize: bool = Field(False, description="also write the kept samples as shards in the input's format")
+    samples_per_shard: int | None = Field(None, ge=1, description="write the kept samples as balanced shards of N "
+                                                                  "samples per format in shards/<format>/ (with "
+                                                                  "img2dataset sidecars), instead of one per input "
+                                                                  "shard; implies materialize")
     report: str | None = Field(None, description="write an HTML report (index.html) to this directory")
     examples: int = Field(8, ge=1, le=64, description="example records per report section")
     report_shards: int = Field(8, ge=1, description="input shards the report reads its examples from")

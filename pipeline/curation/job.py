@@ -47,7 +47,7 @@ def score_shards(config: CurateConfig) -> tuple[ShardListing, str]:
         fmt = config.format or entry.get("format")
         for f in (f for f in entry["files"] if f.startswith(f"{SCORES_DIR}/")):
             shards.append(Shard(join(config.scores, f), key, None, source, fmt))
-    if config.materialize:
+    if config.materialize or config.samples_per_shard:
         missing = [s.key for s in shards if not (s.aux and s.aux_format)]
         if missing:
             raise InputError("input", f"the score records of {len(missing)} shards (e.g. {missing[0]}) do not name "
@@ -65,12 +65,15 @@ class CurationJob(Job):
         self.thresholds: Thresholds | None = None
         self.listing: ShardListing | None = None
         self.filters = Filters.of(config)
+        self.resharded: dict | None = None
 
     def identity(self, scores_identity: str, thresholds: Thresholds | None) -> dict:
         c = self.config
         own = {"scores": scores_identity, "rule": c.rule,
                "thresholds": thresholds.as_dict() if thresholds and c.keep_fraction is not None else None,
                "materialize": c.materialize}
+        if c.samples_per_shard is not None:
+            own["samples_per_shard"] = c.samples_per_shard
         if self.filters.terms:  # only when set: outputs curated before filters existed keep their identity
             own["filters"] = self.filters.terms
         return own
@@ -114,7 +117,8 @@ class CurationJob(Job):
 
     def needs_ray(self, surveyed: PreparedJob) -> bool:
         """The threshold passes need Ray even with nothing new to select (a report, a keep-fraction's check)."""
-        return bool(surveyed.todo) or self.config.keep_fraction is not None or bool(self.config.report)
+        c = self.config
+        return bool(surveyed.todo) or c.keep_fraction is not None or bool(c.report) or bool(c.samples_per_shard)
 
     def resources(self, view: ClusterView) -> Plan:
         return Plan({"select": Resources(num_cpus=1, max_actors=self.config.workers)},
@@ -126,6 +130,20 @@ class CurationJob(Job):
         self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters, sweep=sweep)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))
+
+    def after_execute(self, prepared: PreparedJob, result: RunResult) -> None:
+        """With samples_per_shard, once every score shard is committed: the kept samples resharded (exactly once,
+        `pipeline.curation.reshard`); a shard it could not write is named with the incomplete ones."""
+        if not self.config.samples_per_shard:
+            return
+        if result.incomplete or result.aborted or result.interrupted or result.lease_lost:
+            self.resharded = {"waiting": "every score shard must be committed first: rerun to reshard"}
+            return
+        from pipeline.curation.reshard import reshard
+
+        self.resharded = reshard(self.config, prepared.shards, self.filters, self.thresholds.by_group)
+        for name, reason in self.resharded["incomplete"].items():
+            result.incomplete[f"shards/{name}"] = reason
 
     def stages(self, plan: Plan) -> list[Stage]:
         return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group, self.filters)]
@@ -152,6 +170,7 @@ class CurationJob(Job):
                              "examples": {k: examples[k] for k in dict(totals["by_reason"]) if k in examples}},
             "by_kind": by_kind, "materialized": c.materialize, "not_materializable": not_materializable,
             **({"filters": filtered} if filtered else {}),
+            **({"resharded": self.resharded} if self.resharded else {}),
         }
 
     def every_sample_failed(self, summary: dict) -> bool:
@@ -171,6 +190,11 @@ class CurationJob(Job):
             each = " · ".join(f"{term!r} {n}" for term, n in f["removed"].items())
             lines.append(f"  filters    {f['removed_in_all']} scored records removed before the rule · each term: "
                          f"{each}" + (f" · {f['no_metadata']} without metadata" if f["no_metadata"] else ""))
+        if own.get("resharded"):
+            r = own["resharded"]
+            lines.append(f"  reshard    {r['waiting']}" if "waiting" in r else
+                         f"  reshard    {', '.join(f'{n} {fmt} shards' for fmt, n in r['shards'].items())} of "
+                         f"{r['samples_per_shard']} samples in shards/<format>/ · {r['written_now']} written now")
         if own.get("not_materializable"):
             lines.append(f"  unwritten  {own['not_materializable']} kept samples are no longer whole in the input "
                          "(their ids: each shard's commit record, stats.not_materializable)")

@@ -13,9 +13,9 @@ import pyarrow as pa
 from pipeline.commit.committer import ErrorCounts
 from pipeline.commit.markers import wire_schema
 from pipeline.curation.config import CurateConfig
-from pipeline.curation.filters import Filters, filter_shard
+from pipeline.curation.filters import FilteredShard, Filters, filter_shard
 from pipeline.curation.materialize import MISSING_IDS_SHOWN, materialize
-from pipeline.curation.thresholds import ALL
+from pipeline.curation.thresholds import ALL, KINDS
 from pipeline.errors import Category, ShardFault
 from pipeline.io.listing import Shard, output_name
 from pipeline.io.uris import join
@@ -33,6 +33,18 @@ def selected_folder(table: pa.Table) -> list[str]:
     return [SELECTED_DIR] * table.num_rows
 
 
+def kept_records(shard: Shard, filters: Filters, thresholds: dict[str, float | None], per_kind: bool
+                 ) -> tuple[FilteredShard, np.ndarray]:
+    """A score shard's records seen through the filters, and which are kept: scored, passing every filter, at or
+    above their group's cut (the selection stage and the resharder decide the same)."""
+    filtered = filter_shard(shard.uri, shard.aux, shard.aux_format, filters)
+    cuts = {kind: thresholds.get(kind if per_kind else ALL) for kind in (*KINDS, None)}
+    kinds = filtered.table.column("kind").to_pylist()
+    cut = np.array([np.inf if cuts.get(k) is None else cuts[k] for k in kinds], dtype=np.float64)
+    scores = filtered.table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    return filtered, filtered.scored & filtered.passes & (np.nan_to_num(scores, nan=-np.inf) >= cut)
+
+
 class SelectStage(ShardStage):
     name = "select"
     schema = wire_schema(*SELECTED_SCHEMA)
@@ -42,16 +54,9 @@ class SelectStage(ShardStage):
         super().__init__(resources)
         self.config, self.thresholds, self.filters = config, thresholds, filters
 
-    def _cut(self, kind: str) -> float | None:
-        return self.thresholds.get(kind if self.config.per_kind else ALL)
-
     def process_shard(self, shard: Shard) -> Iterator[list[dict]]:
-        filtered = filter_shard(shard.uri, shard.aux, shard.aux_format, self.filters)
+        filtered, keep = kept_records(shard, self.filters, self.thresholds, self.config.per_kind)
         table, ok = filtered.table, filtered.scored
-        cut = np.array([self._cut(k) if self._cut(k) is not None else np.inf for k in table.column("kind").to_pylist()],
-                       dtype=np.float64)
-        scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        keep = ok & filtered.passes & (np.nan_to_num(scores, nan=-np.inf) >= cut)
         stats = {"kept": Counter(), "dropped": Counter()}
         errors = ErrorCounts()
         for sample_id, kind, label, k, good, err in zip(
@@ -62,7 +67,8 @@ class SelectStage(ShardStage):
             else:
                 stats["kept" if k else "dropped"][f"{kind}/{label}"] += 1
         kept = table.filter(pa.array(keep))
-        files = self._materialize(shard, kept, stats) if self.config.materialize and kept.num_rows else []
+        one_to_one = self.config.materialize and self.config.samples_per_shard is None  # else resharded after
+        files = self._materialize(shard, kept, stats) if one_to_one and kept.num_rows else []
         rows = kept.select(SELECTED_SCHEMA.names).to_pylist()
         for i, row in enumerate(rows):
             row["ordinal"] = i
