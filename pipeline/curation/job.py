@@ -171,6 +171,7 @@ class CurationJob(Job):
             "by_kind": by_kind, "materialized": c.materialize, "not_materializable": not_materializable,
             **({"filters": filtered} if filtered else {}),
             **({"resharded": self.resharded} if self.resharded else {}),
+            "top_sources": _by_source(entries),
         }
 
     def every_sample_failed(self, summary: dict) -> bool:
@@ -208,7 +209,7 @@ class CurationJob(Job):
         """The HTML report of this run (`report`: its folder); returns its URI."""
         from pipeline.curation.report_data import write_curation_report
 
-        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary)
+        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary, self.filters)
 
 
 def _totals(entries: list[dict]) -> tuple[dict[str, Counter], dict[str, dict], int]:
@@ -232,6 +233,20 @@ def _totals(entries: list[dict]) -> tuple[dict[str, Counter], dict[str, dict], i
         for reason, example in stats.get("examples", {}).items():
             examples.setdefault(reason, example)
     return totals, examples, not_materializable
+
+
+def _by_source(entries: list[dict], shown: int = 20) -> list[dict]:
+    """The input shards with the most scored records: scored, kept, and scored records per predicted level."""
+    out = []
+    for entry in entries:
+        stats = entry.get("stats") or {}
+        levels: Counter = Counter()
+        for part in ("kept", "dropped"):
+            for key, n in (stats.get(part) or {}).items():
+                levels[key.rsplit("/", 1)[-1]] += n
+        out.append({"source": entry.get("shard"), "scored": sum(levels.values()),
+                    "kept": sum((stats.get("kept") or {}).values()), "levels": dict(levels)})
+    return sorted(out, key=lambda s: (-s["scored"], str(s["source"])))[:shown]
 
 
 def _filter_lines(filters: dict) -> list[str]:
