@@ -110,7 +110,7 @@ class CurationJob(Job):
             f"  shards     {scored} scored · {scored - len(keys)} already curated · {len(keys)} new",
             *(f"  note       {note}" for note in prepared.notes),
             f"  records    {records:,} score records in the new shards",
-            f"  writes     selected/ per shard{', the kept samples as shards in shards/' if c.materialize else ''}"
+            f"  writes     selected/ per shard{_shards_written(c)}"
             f"{', an HTML report to ' + c.report if c.report else ''}",
             *sweep_lines(c, self.thresholds.sweep or []),
         ]
@@ -247,6 +247,12 @@ def _by_source(entries: list[dict], shown: int = 20) -> list[dict]:
         out.append({"source": entry.get("shard"), "scored": sum(levels.values()),
                     "kept": sum((stats.get("kept") or {}).values()), "levels": dict(levels)})
     return sorted(out, key=lambda s: (-s["scored"], str(s["source"])))[:shown]
+
+
+def _shards_written(c: CurateConfig) -> str:
+    if c.samples_per_shard:
+        return f", the kept samples as shards of {c.samples_per_shard} in shards/<format>/ with sidecars"
+    return ", the kept samples as shards in shards/" if c.materialize else ""
 
 
 def _filter_lines(filters: dict) -> list[str]:

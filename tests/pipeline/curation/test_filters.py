@@ -102,3 +102,22 @@ def test_the_expression_compiles_to_arrow_compute():
     table = pa.table({"width": [100, 300, None, 500], "truncated": [False, False, False, True]})
     tree = where.parse("width >= 200 and not truncated")
     assert table.filter(where.expression(tree)).column("width").to_pylist() == [300]
+
+
+def test_where_reads_a_parquet_shards_own_columns_by_row(tmp_path, ray_cluster):
+    """A Parquet shard is its own metadata: its rows match the score records by position (ids may repeat)."""
+    from jobs import sample_corpus as corpus
+
+    items = corpus.caption_samples(8, seed=3)
+    similarity = [0.1, 0.5, 0.3, 0.2, 0.9, 0.35, 0.05, 0.4]
+    ids = ["same", "same", *[it["key"] for it in items[2:]]]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ids, "image": [it["image"] for it in items],
+                             "caption": [it["caption"] for it in items], "similarity": similarity}),
+                   tmp_path / "in" / "0.parquet")
+    fake_scores(str(tmp_path / "scores"), {"0.parquet": [{"id": i, "kind": "caption", "score": 1.0 + r, "label": 1,
+                                                          "error": None} for r, i in enumerate(ids)]})
+    curate(tmp_path, tmp_path / "scores", min_score=0.0, where="similarity >= 0.3", input=str(tmp_path / "in"),
+           format="parquet")
+    kept = selected(tmp_path / "cur").to_pylist()
+    assert sorted(r["score"] for r in kept) == [1.0 + r for r, s in enumerate(similarity) if s >= 0.3]
