@@ -51,14 +51,13 @@ def _passing(row: dict, filters: Filters) -> tuple[pa.Table, dict]:
 
 
 def _pass_one(batch: pa.Table, filters: Filters) -> pa.Table:
-    out = {"counts": [], "errors": [], "filters": [], "source": []}
+    out = {"counts": [], "errors": [], "filters": []}
     for row in batch.to_pylist():
         table, stats = _passing(row, filters)
         one = pass_one(table).to_pylist()[0]
         out["counts"].append(one["counts"])
         out["errors"].append(one["errors"])
         out["filters"].append(json.dumps(stats))
-        out["source"].append(row["key"])
     return pa.table(out)
 
 
@@ -121,7 +120,7 @@ def compute_thresholds(config, shards: list[Shard], filters: Filters, sweep: lis
     resolved = {v: {g: _threshold(c, low.get(g, {})) for g, c in by_group.items()} for v, by_group in cuts.items()}
     table = [_sweep_row(v, resolved[v], counts, low, config.per_kind) for v in values]
     return Thresholds(resolved[value], counts, errors, plots, sweep=sorted(table, key=lambda r: r["value"]),
-                      filters=_filter_totals(rows, filters), sources=_sources(rows))
+                      filters=_filter_totals(rows, filters))
 
 
 def _resolve(rows: list[dict], edges: dict[str, list[float]]) -> tuple[dict[str, dict[int, np.ndarray]],
@@ -163,14 +162,3 @@ def _sweep_row(value: float, thresholds: dict[str, float | None], counts: dict[s
         scored[kind] = counts[kind].scored
     return {"value": value, "thresholds": thresholds, "kept": kept, "scored": scored}
 
-
-def _sources(rows: list[dict]) -> dict[str, dict]:
-    """Per input shard: the scored records, those passing the filters, their score distribution by level."""
-    out = {}
-    for row in rows:
-        stats = json.loads(row["filters"])
-        counts = json.loads(row["counts"]).get(ALL, {})
-        out[row["source"]] = {"scored": stats["scored"], "passing": counts.get("scored", 0),
-                              "labels": {str(k): v for k, v in counts.get("labels", {}).items()},
-                              "low": counts.get("low"), "high": counts.get("high")}
-    return out

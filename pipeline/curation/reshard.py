@@ -169,12 +169,8 @@ def _write_parquet(by_input: dict[str, list[dict]], uri: str, options: SourceOpt
     tables, missing = [], []
     for input_uri, samples in by_input.items():
         at = {s["ordinal"]: s for s in samples}
-        with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src:
-            table = pq.ParquetFile(src).read()
-            src.check_unchanged()
-        rows = sorted(o for o in at if o < table.num_rows)
+        part, rows = _read_rows(input_uri, sorted(at), options)
         missing += [at[o]["id"] for o in sorted(set(at) - set(rows))]
-        part = table.take(pa.array(rows, pa.int64()))
         for name, values, typ in (("score", [at[o]["score"] for o in rows], pa.float32()),
                                   ("label", [at[o]["label"] for o in rows], pa.int8())):
             if name not in part.column_names:
@@ -189,6 +185,24 @@ def _write_parquet(by_input: dict[str, list[dict]], uri: str, options: SourceOpt
         pq.write_table(merged, local, compression="zstd")
         publish_file(local, uri)
     return merged.num_rows, missing
+
+
+def _read_rows(input_uri: str, wanted: list[int], options: SourceOptions) -> tuple[pa.Table, list[int]]:
+    """The rows at `wanted` positions of a Parquet shard, reading only the row groups that hold them; and which
+    positions were found."""
+    parts, found, start = [], [], 0
+    with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src:
+        pf = pq.ParquetFile(src)
+        for group in range(pf.num_row_groups):
+            n = pf.metadata.row_group(group).num_rows
+            inside = [o for o in wanted if start <= o < start + n]
+            if inside:
+                parts.append(pf.read_row_group(group).take(pa.array([o - start for o in inside], pa.int64())))
+                found += inside
+            start += n
+        src.check_unchanged()
+        schema = pf.schema_arrow
+    return (pa.concat_tables(parts) if parts else schema.empty_table()), found
 
 
 def reshard(config, shards: list[Shard], filters: Filters, thresholds: dict) -> dict:

@@ -245,7 +245,6 @@ class Thresholds:
     errors: Counter
     plots: dict[str, Plot] = field(default_factory=dict)
     sweep: list[dict] | None = None  # per value: {"value", "thresholds": {group: cut}, "kept"/"scored": {kind: n}}
-    sources: dict[str, dict] = field(default_factory=dict)  # input shard -> its scored and passing records, levels
     filters: dict = field(default_factory=dict)  # terms, removed by each, removed in all, records without metadata
 
     def for_kind(self, kind: str, per_kind: bool) -> float | None:
