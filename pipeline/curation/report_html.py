@@ -32,8 +32,7 @@ from pipeline.io.publish import write_bytes
 from pipeline.io.uris import filesystem_for, join, normalize_uri, to_uri
 
 __all__ = ["Example", "KindStats", "ReportData", "Thumbnail", "render_html", "thumbnail", "histogram_png",
-           "make_thumbnail", "write_report",
-           "THUMB_PX", "MAX_IMAGES", "KEPT_COLOR", "DROPPED_COLOR", "THRESHOLD_COLOR"]
+           "make_thumbnail", "write_report", "THUMB_PX", "MAX_IMAGES", "KEPT_COLOR", "DROPPED_COLOR", "THRESHOLD_COLOR"]
 
 THUMB_PX = 160  # longest side of an embedded thumbnail
 MAX_IMAGES = 4  # images shown per example
@@ -196,9 +195,10 @@ def histogram_png(stats: KindStats, width_in: float = 6.4, height_in: float = 3.
         ax.text(0.5, 0.5, "no scored records", ha="center", va="center", transform=ax.transAxes, color="#555")
         ax.set_xticks([])
         ax.set_yticks([])
-    total = sum(counts) if usable else 0
-    out = f", {stats.left_out:,} outside the range shown" if stats.left_out else ""
-    ax.set_title(f"{stats.kind}: {total:,} scored, {stats.kept:,} kept, {stats.dropped:,} dropped{out}", fontsize=10)
+    drawn, scored = (sum(counts) if usable else 0) + stats.left_out, stats.kept + stats.dropped
+    out = (f"; {drawn:,} passed the filters" if drawn != scored else "") + (
+        f", {stats.left_out:,} outside the range shown" if stats.left_out else "")
+    ax.set_title(f"{stats.kind}: {scored:,} scored, {stats.kept:,} kept, {stats.dropped:,} dropped{out}", fontsize=10)
     ax.set_xlabel("score")
     ax.set_ylabel("records")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))

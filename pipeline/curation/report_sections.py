@@ -50,7 +50,7 @@ def curve_png(kind: str, cuts: list[float], kept: list[float], chosen: tuple[flo
     ax.set_ylim(0, 1.02)
     ax.set_title(f"{kind}: share kept at each threshold", fontsize=10)
     ax.set_xlabel("threshold (records scoring at or above it are kept)")
-    ax.set_ylabel("kept share")
+    ax.set_ylabel("kept share (after filters)")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
