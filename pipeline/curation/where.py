@@ -130,10 +130,23 @@ Condition = Column | Comparison | Not | And | Or
 
 
 # -- parsing --------------------------------------------------------------------------------------------------------
+MAX_DEPTH = 32  # parentheses and `not`s nested deeper are refused, not a recursion error
+
+
 class _Parser:
     def __init__(self, text: str):
         self.tokens = tokenize(text)
         self.i = 0
+        self.depth = 0
+
+    def nested(self, parse):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _error(f"nested more than {MAX_DEPTH} deep")
+        try:
+            return parse()
+        finally:
+            self.depth -= 1
 
     @property
     def next(self) -> Token:
@@ -161,7 +174,7 @@ class _Parser:
     def negation(self) -> Condition:
         if self.next.text == "not":
             self.take()
-            return Not(self.negation())
+            return Not(self.nested(self.negation))
         return self.comparison()
 
     def comparison(self) -> Condition:
@@ -184,7 +197,7 @@ class _Parser:
     def operand(self) -> Condition | Literal:
         token = self.take()
         if token.kind == "paren" and token.text == "(":
-            inner = self.condition()
+            inner = self.nested(self.condition)
             if self.take().text != ")":
                 raise _error(f"a parenthesis opened at position {token.at} is never closed")
             return inner

@@ -79,7 +79,8 @@ def test_drop_truncated_and_min_images_intersect_with_where(tmp_path, corpus_wit
 
 
 @pytest.mark.parametrize("expression", ["__import__('os').system('true')", "width.real > 3", "len(caption) > 3",
-                                        "score >= 1; import os", "width = 3"])
+                                        "score >= 1; import os", "width = 3", "(" * 500 + "score > 1" + ")" * 500,
+                                        "not " * 500 + "truncated"])
 def test_code_in_where_is_refused_naming_where(expression):
     with pytest.raises(ConfigFieldError, match="field 'where'"):
         where.parse(expression)
