@@ -6,8 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.curation import where
 from pipeline.io.samples import SourceOptions
 from pipeline.io.uris import normalize_uri
+
+DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_MIN_SCORES = (0.5, 1.0, 1.5, 2.0, 2.5)
 
 
 class CurateConfig(BaseModel):
@@ -24,7 +28,20 @@ class CurateConfig(BaseModel):
                                                 "shards the score records name)")
     format: Literal["webdataset", "parquet", "obelics", "interleaved-wds"] | None = Field(
         None, description="the scored corpus' format")
+    where: str | None = Field(None, description="keep only records meeting this condition over the score records' "
+                                                "and the corpus metadata's columns, e.g. \"width >= 200 and not "
+                                                "truncated\" (applied before keep_fraction)")
+    drop_truncated: bool = Field(False, description="drop records whose text was truncated (as where \"not "
+                                                    "truncated\")")
+    min_images: int | None = Field(None, ge=0, description="drop records with fewer images (as where "
+                                                           "\"n_images >= N\")")
+    sweep: list[float] | None = Field(None, description="with --dry-run: the fractions (or, with min_score, the "
+                                                        "minimum scores) to tabulate (default: a standard set)")
     materialize: bool = Field(False, description="also write the kept samples as shards in the input's format")
+    samples_per_shard: int | None = Field(None, ge=1, description="write the kept samples as balanced shards of N "
+                                                                  "samples per format in shards/<format>/ (with "
+                                                                  "img2dataset sidecars), instead of one per input "
+                                                                  "shard; implies materialize")
     report: str | None = Field(None, description="write an HTML report (index.html) to this directory")
     examples: int = Field(8, ge=1, le=64, description="example records per report section")
     report_shards: int = Field(8, ge=1, description="input shards the report reads its examples from")
@@ -42,7 +59,21 @@ class CurateConfig(BaseModel):
         if normalize_uri(self.output).rstrip("/") == normalize_uri(self.scores).rstrip("/"):
             raise ValueError(f"field 'output': {self.output} is the scores' own output: curation writes its "
                              "records, shards and summary elsewhere (choose another output)")
+        if self.where is not None:
+            where.parse(self.where)  # the syntax, before anything runs; the columns once the corpus is known
+        if self.sweep is not None:
+            if not self.sweep:
+                raise ValueError("field 'sweep': give at least one value")
+            if self.keep_fraction is not None and not all(0 < v <= 1 for v in self.sweep):
+                raise ValueError("field 'sweep': fractions lie in (0, 1]")
         return self
+
+    @property
+    def sweep_values(self) -> list[float]:
+        """What a dry run tabulates: the rule's own value first, then the sweep's (or the standard set)."""
+        own = self.keep_fraction if self.keep_fraction is not None else self.min_score
+        default = DEFAULT_FRACTIONS if self.keep_fraction is not None else DEFAULT_MIN_SCORES
+        return sorted({own, *(self.sweep or default)})
 
     @property
     def rule(self) -> str:

@@ -12,8 +12,10 @@ from collections import Counter
 from pipeline.commit.identity import check_entries, read_identity
 from pipeline.commit.manifest import read_manifest
 from pipeline.curation.config import CurateConfig
+from pipeline.curation.filters import Filters, check_filters
+from pipeline.curation.passes import compute_thresholds
 from pipeline.curation.select import SELECTED_SCHEMA, SelectStage, selected_folder
-from pipeline.curation.thresholds import ALL, KINDS, Thresholds, compute_thresholds
+from pipeline.curation.thresholds import ALL, KINDS, Thresholds
 from pipeline.errors import InputError
 from pipeline.io.listing import Shard, ShardListing, list_shards
 from pipeline.io.uris import join
@@ -45,7 +47,7 @@ def score_shards(config: CurateConfig) -> tuple[ShardListing, str]:
         fmt = config.format or entry.get("format")
         for f in (f for f in entry["files"] if f.startswith(f"{SCORES_DIR}/")):
             shards.append(Shard(join(config.scores, f), key, None, source, fmt))
-    if config.materialize:
+    if config.materialize or config.samples_per_shard:
         missing = [s.key for s in shards if not (s.aux and s.aux_format)]
         if missing:
             raise InputError("input", f"the score records of {len(missing)} shards (e.g. {missing[0]}) do not name "
@@ -62,16 +64,24 @@ class CurationJob(Job):
         super().__init__(config, sources)
         self.thresholds: Thresholds | None = None
         self.listing: ShardListing | None = None
+        self.filters = Filters.of(config)
+        self.resharded: dict | None = None
 
     def identity(self, scores_identity: str, thresholds: Thresholds | None) -> dict:
         c = self.config
-        return {"scores": scores_identity, "rule": c.rule,
-                "thresholds": thresholds.as_dict() if thresholds and c.keep_fraction is not None else None,
-                "materialize": c.materialize}
+        own = {"scores": scores_identity, "rule": c.rule,
+               "thresholds": thresholds.as_dict() if thresholds and c.keep_fraction is not None else None,
+               "materialize": c.materialize}
+        if c.samples_per_shard is not None:
+            own["samples_per_shard"] = c.samples_per_shard
+        if self.filters.terms:  # only when set: outputs curated before filters existed keep their identity
+            own["filters"] = self.filters.terms
+        return own
 
     def spec(self) -> JobSpec:
         c = self.config
         self.listing, scores_identity = score_shards(c)
+        self.filters = check_filters(self.filters, self.listing.shards)  # exit 2 naming `where`, nothing written
         check_writable(c.output, create=False)
         self._scores_identity = scores_identity
         later = ("thresholds",) if c.keep_fraction is not None else ()
@@ -81,24 +91,34 @@ class CurationJob(Job):
                        input=c.scores, identity_later=later)
 
     def dry_run_lines(self, prepared: PreparedJob) -> list[str]:
+        """What a run would do, with the exact thresholds of the rule and of the sweep: Ray runs the two counting
+        passes; no lease is taken and nothing is written."""
+        from pipeline.runner.cluster import connect
+
         c = self.config
         keys = list(dict.fromkeys(s.key for s in prepared.todo))
         entries = read_manifest(c.scores, field="scores")
         records = sum(entries[k].get("records", 0) for k in keys if k in entries)
         scored = len(dict.fromkeys(s.key for s in prepared.shards))
+        connect(False, self.name)
+        self.thresholds = compute_thresholds(c, prepared.shards, self.filters, sweep=c.sweep_values)
+        cuts = ", ".join(f"{k} {'none kept' if v is None else f'{v:.4f}'}" for k, v in self.thresholds.as_dict().items())
         return [
-            f"UniFilter curation, dry run (nothing started, nothing written): {c.scores} -> {c.output}",
-            f"  rule       {c.rule} (the threshold is computed when the job runs)",
+            f"UniFilter curation, dry run (no lease taken, nothing written): {c.scores} -> {c.output}",
+            f"  rule       {c.rule} · threshold {cuts} (over every committed score shard)",
+            *(f"  filters    {line}" for line in _filter_lines(self.thresholds.filters)),
             f"  shards     {scored} scored · {scored - len(keys)} already curated · {len(keys)} new",
             *(f"  note       {note}" for note in prepared.notes),
             f"  records    {records:,} score records in the new shards",
-            f"  writes     selected/ per shard{', the kept samples as shards in shards/' if c.materialize else ''}"
+            f"  writes     selected/ per shard{_shards_written(c)}"
             f"{', an HTML report to ' + c.report if c.report else ''}",
+            *sweep_lines(c, self.thresholds.sweep or []),
         ]
 
     def needs_ray(self, surveyed: PreparedJob) -> bool:
         """The threshold passes need Ray even with nothing new to select (a report, a keep-fraction's check)."""
-        return bool(surveyed.todo) or self.config.keep_fraction is not None or bool(self.config.report)
+        c = self.config
+        return bool(surveyed.todo) or c.keep_fraction is not None or bool(c.report) or bool(c.samples_per_shard)
 
     def resources(self, view: ClusterView) -> Plan:
         return Plan({"select": Resources(num_cpus=1, max_actors=self.config.workers)},
@@ -106,17 +126,33 @@ class CurationJob(Job):
 
     def before_execute(self, prepared: PreparedJob) -> None:
         """The threshold passes, under the lease: two jobs on one output never both make them."""
-        self.thresholds = compute_thresholds(self.config, [s.uri for s in prepared.shards])
+        sweep = self.config.sweep_values if self.config.report else None  # the report compares the rule with them
+        self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters, sweep=sweep)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))
 
+    def after_execute(self, prepared: PreparedJob, result: RunResult) -> None:
+        """With samples_per_shard, once every score shard is committed: the kept samples resharded (exactly once,
+        `pipeline.curation.reshard`); a shard it could not write is named with the incomplete ones."""
+        if not self.config.samples_per_shard:
+            return
+        if result.incomplete or result.aborted or result.interrupted or result.lease_lost:
+            self.resharded = {"waiting": "every score shard must be committed first: rerun to reshard"}
+            return
+        from pipeline.curation.reshard import reshard
+
+        self.resharded = reshard(self.config, prepared.shards, self.filters, self.thresholds.by_group)
+        for name, reason in self.resharded["incomplete"].items():
+            result.incomplete[f"shards/{name}"] = reason
+
     def stages(self, plan: Plan) -> list[Stage]:
-        return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group)]
+        return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group, self.filters)]
 
     def summary_fields(self, prepared: PreparedJob, result: RunResult) -> dict:
         c, thresholds = self.config, self.thresholds
         entries = [*prepared.committed.values(), *(result.committer.entries if result.committer else [])]
         totals, examples, not_materializable = _totals(entries)
+        filtered = _filtered(entries, self.filters.terms)
         by_kind = {}
         for kind in KINDS:
             kept = {int(k.split("/")[1]): v for k, v in totals["kept"].items() if k.startswith(kind + "/")}
@@ -133,6 +169,9 @@ class CurationJob(Job):
                              "by_reason": dict(totals["by_reason"].most_common()),
                              "examples": {k: examples[k] for k in dict(totals["by_reason"]) if k in examples}},
             "by_kind": by_kind, "materialized": c.materialize, "not_materializable": not_materializable,
+            **({"filters": filtered} if filtered else {}),
+            **({"resharded": self.resharded} if self.resharded else {}),
+            "top_sources": _by_source(entries),
         }
 
     def every_sample_failed(self, summary: dict) -> bool:
@@ -147,6 +186,16 @@ class CurationJob(Job):
             f"  kept       {own['kept']} of {own['scored']} scored records ({100 * own['kept_fraction']:.1f}%)"
             f" · {errors} error records never selected",
         ]
+        if own.get("filters"):
+            f = own["filters"]
+            each = " · ".join(f"{term!r} {n}" for term, n in f["removed"].items())
+            lines.append(f"  filters    {f['removed_in_all']} scored records removed before the rule · each term: "
+                         f"{each}" + (f" · {f['no_metadata']} without metadata" if f["no_metadata"] else ""))
+        if own.get("resharded"):
+            r = own["resharded"]
+            lines.append(f"  reshard    {r['waiting']}" if "waiting" in r else
+                         f"  reshard    {', '.join(f'{n} {fmt} shards' for fmt, n in r['shards'].items())} of "
+                         f"{r['samples_per_shard']} samples in shards/<format>/ · {r['written_now']} written now")
         if own.get("not_materializable"):
             lines.append(f"  unwritten  {own['not_materializable']} kept samples are no longer whole in the input "
                          "(their ids: each shard's commit record, stats.not_materializable)")
@@ -160,7 +209,7 @@ class CurationJob(Job):
         """The HTML report of this run (`report`: its folder); returns its URI."""
         from pipeline.curation.report_data import write_curation_report
 
-        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary)
+        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary, self.filters)
 
 
 def _totals(entries: list[dict]) -> tuple[dict[str, Counter], dict[str, dict], int]:
@@ -184,6 +233,74 @@ def _totals(entries: list[dict]) -> tuple[dict[str, Counter], dict[str, dict], i
         for reason, example in stats.get("examples", {}).items():
             examples.setdefault(reason, example)
     return totals, examples, not_materializable
+
+
+def _by_source(entries: list[dict], shown: int = 20) -> list[dict]:
+    """The input shards with the most scored records: scored, kept, and scored records per predicted level."""
+    out = []
+    for entry in entries:
+        stats = entry.get("stats") or {}
+        levels: Counter = Counter()
+        for part in ("kept", "dropped"):
+            for key, n in (stats.get(part) or {}).items():
+                levels[key.rsplit("/", 1)[-1]] += n
+        out.append({"source": entry.get("shard"), "scored": sum(levels.values()),
+                    "kept": sum((stats.get("kept") or {}).values()), "levels": dict(levels)})
+    return sorted(out, key=lambda s: (-s["scored"], str(s["source"])))[:shown]
+
+
+def _shards_written(c: CurateConfig) -> str:
+    if c.samples_per_shard:
+        return f", the kept samples as shards of {c.samples_per_shard} in shards/<format>/ with sidecars"
+    return ", the kept samples as shards in shards/" if c.materialize else ""
+
+
+def _filter_lines(filters: dict) -> list[str]:
+    if not filters.get("terms"):
+        return []
+    each = " · ".join(f"{term!r} {n}" for term, n in filters["removed"].items())
+    return [f"{filters['removed_in_all']} of {filters['scored']} scored records removed before the rule · each "
+            f"term: {each}" + (f" · {filters['no_metadata']} without metadata" if filters["no_metadata"] else "")]
+
+
+def sweep_lines(config: CurateConfig, rows: list[dict]) -> list[str]:
+    """The sweep as a table: per value of the rule, the threshold per group and the records kept per kind (the
+    rule's own row marked)."""
+    if not rows:
+        return []
+    unit = "fraction" if config.keep_fraction is not None else "min-score"
+    own = config.keep_fraction if config.keep_fraction is not None else config.min_score
+    groups = list(rows[0]["thresholds"])
+    kinds = [k for k in KINDS if any(k in r["scored"] for r in rows)]
+    head = "  ".join([f"{unit:>11s}", *(f"{'threshold ' + g:>21s}" for g in groups),
+                      *(f"{'kept ' + k:>28s}" for k in kinds)])
+    lines = [f"  sweep      {unit} -> threshold -> kept per kind (* the rule)", "  " + head]
+    for row in rows:
+        cuts = [f"{_cut_text(row['thresholds'][g]):>21s}" for g in groups]
+        kept = [f"{_kept_text(row['kept'][k], row['scored'][k]):>28s}" for k in kinds]
+        lines.append("  ".join([f"  {'*' if row['value'] == own else ' '} {row['value']:>9g}", *cuts, *kept]))
+    return lines
+
+
+def _cut_text(cut: float | None) -> str:
+    return "none kept" if cut is None else f"{cut:.4f}"
+
+
+def _kept_text(kept: int, scored: int) -> str:
+    return f"{kept:,} of {scored:,} ({100 * kept / scored:.1f}%)"
+
+
+def _filtered(entries: list[dict], terms: list[str]) -> dict | None:
+    """What the filters removed, over every shard's commit record (before the rule: whatever the score)."""
+    if not terms:
+        return None
+    removed, totals = Counter({t: 0 for t in terms}), Counter()
+    for entry in entries:
+        stats = (entry.get("stats") or {}).get("filtered") or {}
+        removed.update(stats.get("removed", {}))
+        totals.update({k: stats.get(k, 0) for k in ("removed_in_all", "no_metadata")})
+    return {"terms": terms, "removed": {t: removed[t] for t in terms}, "removed_in_all": totals["removed_in_all"],
+            "no_metadata": totals["no_metadata"]}
 
 
 def curate(config: CurateConfig, progress: bool = True) -> tuple[CurationJob, dict]:

@@ -13,10 +13,11 @@ import hashlib
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import ray
 
 from pipeline.curation.config import CurateConfig
+from pipeline.curation.filters import Filters
 from pipeline.curation.report_html import (
     MAX_IMAGES,
     Example,
@@ -25,28 +26,31 @@ from pipeline.curation.report_html import (
     make_thumbnail,
     write_report,
 )
-from pipeline.curation.thresholds import KINDS, Thresholds
+from pipeline.curation.report_sections import Extras
+from pipeline.curation.select import kept_records
+from pipeline.curation.thresholds import KINDS, Thresholds, kept_curve
 from pipeline.io.listing import Shard
 from pipeline.io.samples import SourceOptions, read_samples
-from pipeline.io.uris import filesystem_for
 
 EXCERPT_CHARS = 600
+_COLUMNS = ["id", "source", "kind", "score", "label", "truncated", "n_images"]
 
 
 def _stable(sample_id: str) -> str:
     return hashlib.sha1(sample_id.encode()).hexdigest()
 
 
-def _candidates(config: CurateConfig, shards: list[Shard]) -> list[dict]:
-    """Score records of `report_shards` score shards spread evenly over the corpus."""
+def _candidates(config: CurateConfig, shards: list[Shard], filters: Filters, thresholds: Thresholds
+                ) -> list[dict]:
+    """Scored records of `report_shards` score shards spread evenly over the corpus, each marked `kept` as the
+    selection decided it (filters and cut)."""
     n = min(config.report_shards, len(shards))
     picked = [shards[int(i)] for i in np.linspace(0, len(shards) - 1, n).round().astype(int)] if n else []
     rows = []
     for shard in dict.fromkeys(picked):
-        fs, path = filesystem_for(shard.uri)
-        with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["id", "source", "kind", "score", "label", "error"])
-        rows += [r for r in table.to_pylist() if r["error"] is None and r["score"] is not None]
+        filtered, keep = kept_records(shard, filters, thresholds.by_group, config.per_kind)
+        table = filtered.table.select(_COLUMNS).append_column("kept", pa.array(keep))
+        rows += [r for r, ok in zip(table.to_pylist(), filtered.scored) if ok]
     return rows
 
 
@@ -61,12 +65,33 @@ def _sections(config: CurateConfig, thresholds: Thresholds, rows: list[dict]) ->
         of_kind = [r for r in rows if r["kind"] == kind]
         if cut is None or not of_kind:
             continue
-        above = sorted((r for r in of_kind if r["score"] >= cut), key=lambda r: r["score"])[:n]
-        below = sorted((r for r in of_kind if r["score"] < cut), key=lambda r: -r["score"])[:n]
+        above = sorted((r for r in of_kind if r["kept"]), key=lambda r: r["score"])[:n]
+        below = sorted((r for r in of_kind if not r["kept"] and r["score"] < cut), key=lambda r: -r["score"])[:n]
         name = "captions" if kind == "caption" else "documents"
         sections.append((f"Just above the threshold ({name}, {cut:.4f}): kept", above))
         sections.append((f"Just below the threshold ({name}): dropped", below))
+    for kept, name in ((True, "kept"), (False, "dropped")):  # beside the grids: what the rule does at random
+        picked = sorted((r for r in rows if r["kept"] == kept), key=lambda r: _stable(r["id"]))[:n]
+        sections.append((f"A random sample of the {name} records", picked))
     return sections
+
+
+def _extras(config: CurateConfig, thresholds: Thresholds, own: dict) -> Extras:
+    """The sections for choosing a rule, from the passes' counts and the summary."""
+    extras = Extras(sweep=thresholds.sweep or [], rule_value=config.keep_fraction if config.keep_fraction
+                    is not None else config.min_score, filters=own.get("filters"), sources=own.get("top_sources", []),
+                    sweep_unit="fraction" if config.keep_fraction is not None else "min-score")
+    for kind in KINDS:
+        counts = thresholds.counts.get(kind)
+        if counts is None or not counts.scored:
+            continue
+        extras.curves[kind] = kept_curve(counts)
+        kept = own["by_kind"].get(kind, {}).get("kept", 0)
+        extras.chosen[kind] = (thresholds.for_kind(kind, config.per_kind), kept / counts.scored)
+        plot = thresholds.plots.get(kind)
+        extras.outliers[kind] = {"low": counts.low, "high": counts.high, "below0": counts.below,
+                                 "above3": counts.above, "left_out": plot.below + plot.above if plot else 0}
+    return extras
 
 
 def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict[str, dict]:
@@ -86,10 +111,10 @@ def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict
 _fetch = ray.remote(num_cpus=1)(fetch_examples)
 
 
-def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict
-                      ) -> ReportData:
+def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,
+                      filters: Filters | None = None) -> ReportData:
     own = summary["curate"]
-    rows = _candidates(config, shards)
+    rows = _candidates(config, shards, filters or Filters(), thresholds)
     sections = _sections(config, thresholds, rows)
     needed: dict[str, set[str]] = {}
     for _, records in sections:
@@ -111,10 +136,11 @@ def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thr
     for kind in KINDS:
         if kind not in thresholds.plots:
             continue
-        edges, counts = thresholds.plots[kind]
+        plot = thresholds.plots[kind]
         k = own["by_kind"].get(kind, {})
-        kinds.append(KindStats(kind, edges, counts, thresholds.for_kind(kind, config.per_kind), k.get("kept", 0),
-                               k.get("dropped", 0), k.get("kept_by_level", {}), k.get("dropped_by_level", {})))
+        kinds.append(KindStats(kind, plot.edges, plot.counts, thresholds.for_kind(kind, config.per_kind),
+                               k.get("kept", 0), k.get("dropped", 0), k.get("kept_by_level", {}),
+                               k.get("dropped_by_level", {}), plot.below + plot.above))
     examples = []
     for heading, records in sections:
         shown = []
@@ -122,14 +148,15 @@ def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thr
             data = content.get((r["source"], r["id"]), {"text": "(the input shard could not be read for this report)",
                                                        "images": []})
             shown.append(Example(r["id"], r["source"], r["kind"], float(r["score"]), r["label"], data["text"],
-                                 data["images"]))
+                                 data["images"], r["truncated"], r["n_images"]))
         examples.append((heading, shown))
     return ReportData(
         title=f"UniFilter curation: {config.rule}", scores_uri=config.scores, rule=config.rule, kinds=kinds,
         errors_by_reason=own["score_errors"]["by_reason"],
         error_examples=own["score_errors"]["examples"], sections=examples,
-        generated_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        generated_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), extras=_extras(config, thresholds, own))
 
 
-def write_curation_report(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict) -> str:
-    return write_report(config.report, build_report_data(config, shards, thresholds, summary))
+def write_curation_report(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,
+                          filters: Filters | None = None) -> str:
+    return write_report(config.report, build_report_data(config, shards, thresholds, summary, filters))

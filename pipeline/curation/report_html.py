@@ -32,8 +32,7 @@ from pipeline.io.publish import write_bytes
 from pipeline.io.uris import filesystem_for, join, normalize_uri, to_uri
 
 __all__ = ["Example", "KindStats", "ReportData", "Thumbnail", "render_html", "thumbnail", "histogram_png",
-           "make_thumbnail", "write_report",
-           "THUMB_PX", "MAX_IMAGES", "KEPT_COLOR", "DROPPED_COLOR", "THRESHOLD_COLOR"]
+           "make_thumbnail", "write_report", "THUMB_PX", "MAX_IMAGES", "KEPT_COLOR", "DROPPED_COLOR", "THRESHOLD_COLOR"]
 
 THUMB_PX = 160  # longest side of an embedded thumbnail
 MAX_IMAGES = 4  # images shown per example
@@ -67,6 +66,8 @@ class Example:
     text: str  # the caption, or an excerpt of the document: UNTRUSTED web text
     # up to 4: encoded image bytes (UNTRUSTED, may be corrupt; decoded when the page is drawn), or Thumbnails
     images: list[bytes | Thumbnail] = field(default_factory=list)
+    truncated: bool | None = None  # the text was cut to the model's length
+    n_images: int | None = None
 
 
 @dataclass
@@ -79,6 +80,7 @@ class KindStats:
     dropped: int
     kept_by_level: dict[int, int]
     dropped_by_level: dict[int, int]
+    left_out: int = 0  # scored records outside the histogram's range (counted, not drawn)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class ReportData:
     error_examples: dict[str, dict]  # reason -> one example: {"id", "shard", "error"} (the reason in full)
     sections: list[tuple[str, list[Example]]]  # (heading, examples)
     generated_at: str
+    extras: object | None = None  # pipeline.curation.report_sections.Extras: the sections for choosing a rule
 
 
 # -- text ----------------------------------------------------------------------------------------------------------
@@ -192,8 +195,10 @@ def histogram_png(stats: KindStats, width_in: float = 6.4, height_in: float = 3.
         ax.text(0.5, 0.5, "no scored records", ha="center", va="center", transform=ax.transAxes, color="#555")
         ax.set_xticks([])
         ax.set_yticks([])
-    total = sum(counts) if usable else 0
-    ax.set_title(f"{stats.kind}: {total:,} scored, {stats.kept:,} kept, {stats.dropped:,} dropped", fontsize=10)
+    drawn, scored = (sum(counts) if usable else 0) + stats.left_out, stats.kept + stats.dropped
+    out = (f"; {drawn:,} passed the filters" if drawn != scored else "") + (
+        f", {stats.left_out:,} outside the range shown" if stats.left_out else "")
+    ax.set_title(f"{stats.kind}: {scored:,} scored, {stats.kept:,} kept, {stats.dropped:,} dropped{out}", fontsize=10)
     ax.set_xlabel("score")
     ax.set_ylabel("records")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -245,6 +250,8 @@ color:#5a6570;font-size:12px;padding:4px;overflow:hidden;overflow-wrap:anywhere}
 .id,.src{color:#56616c;font-size:12px;overflow-wrap:anywhere}
 .text{margin:4px 0 0;white-space:pre-wrap;overflow-wrap:anywhere;unicode-bidi:plaintext}
 .empty{color:#7a838c}
+.flags{color:#8a4b00;font-size:12px}
+tr.chosen td{font-weight:600;background:#fdeef5}
 @media (max-width:600px){header,main{padding:8px 10px}th,td{padding:2px 5px}table{font-size:13px}
 .grid{grid-template-columns:repeat(auto-fill,minmax(140px,1fr))}}
 """.replace("KEPT", KEPT_COLOR).replace("DROPPED", DROPPED_COLOR).replace("CUT", THRESHOLD_COLOR).strip()
@@ -308,6 +315,11 @@ def _errors_table(errors: dict[str, int], examples: dict[str, dict]) -> str:
             '<th class="l">example</th></tr>' + "".join(rows) + "</table></div>")
 
 
+def _flags(ex: Example) -> str:
+    flags = ([f"{ex.n_images} images"] if ex.n_images is not None else []) + (["truncated"] if ex.truncated else [])
+    return '<div class="flags">' + _esc(" \u00b7 ".join(flags)) + "</div>" if flags else ""
+
+
 def _example_html(ex: Example) -> str:
     images = list(ex.images or [])[:MAX_IMAGES]
     alt = _esc(f"{ex.kind} {ex.id}", ID_CHARS)
@@ -320,7 +332,7 @@ def _example_html(ex: Example) -> str:
     return (f'<article class="example {kind_class}">{thumbs}'
             f'<div><span class="score">score {_num(ex.score)}</span><span class="lvl">level {_level(ex.label)}'
             f'</span></div><div class="id">{_esc(ex.id, ID_CHARS)}</div>'
-            f'<div class="src">{_esc(ex.kind)} \u00b7 {_esc(ex.source, ID_CHARS)}</div>'
+            f'<div class="src">{_esc(ex.kind)} \u00b7 {_esc(ex.source, ID_CHARS)}</div>{_flags(ex)}'
             f'<p class="text">{_esc(ex.text, limit)}</p></article>')
 
 
@@ -367,11 +379,16 @@ def render_html(data: ReportData) -> str:
 <div class="hists">{figures}</div></section>
 <section id="counts"><h2>Kept and dropped</h2>{_counts_tables(data.kinds)}</section>
 <section id="errors"><h2>Errors by reason</h2>{_errors_table(data.errors_by_reason, data.error_examples)}</section>
-{"".join(sections)}
+{_extras(data)}{"".join(sections)}
 </main>
 </body>
 </html>
 """
+
+
+def _extras(data: ReportData) -> str:
+    from pipeline.curation.report_sections import extras_html  # it draws with this module's helpers
+    return extras_html(data.extras) if data.extras is not None else ""
 
 
 def write_report(directory: str, data: ReportData) -> str:

@@ -9,16 +9,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.commit.committer import ErrorCounts
 from pipeline.commit.markers import wire_schema
 from pipeline.curation.config import CurateConfig
+from pipeline.curation.filters import FilteredShard, Filters, filter_shard
 from pipeline.curation.materialize import MISSING_IDS_SHOWN, materialize
-from pipeline.curation.thresholds import ALL
+from pipeline.curation.thresholds import ALL, KINDS
 from pipeline.errors import Category, ShardFault
 from pipeline.io.listing import Shard, output_name
-from pipeline.io.uris import filesystem_for, join
+from pipeline.io.uris import join
 from pipeline.runner.stage import Resources, ShardStage
 
 SELECTED_DIR = "selected"
@@ -26,7 +26,6 @@ SHARDS_DIR = "shards"
 SELECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.string()),
                              ("score", pa.float32()), ("label", pa.int8()), ("key", pa.string()),
                              ("url", pa.string())])
-_SCORE_COLUMNS = ["id", "source", "kind", "score", "label", "error", "key", "url"]
 
 
 def selected_folder(table: pa.Table) -> list[str]:
@@ -34,24 +33,30 @@ def selected_folder(table: pa.Table) -> list[str]:
     return [SELECTED_DIR] * table.num_rows
 
 
+def kept_records(shard: Shard, filters: Filters, thresholds: dict[str, float | None], per_kind: bool
+                 ) -> tuple[FilteredShard, np.ndarray]:
+    """A score shard's records seen through the filters, and which are kept: scored, passing every filter, at or
+    above their group's cut (the selection stage and the resharder decide the same)."""
+    filtered = filter_shard(shard.uri, shard.aux, shard.aux_format, filters)
+    cuts = {kind: thresholds.get(kind if per_kind else ALL) for kind in (*KINDS, None)}
+    kinds = filtered.table.column("kind").to_pylist()
+    cut = np.array([np.inf if cuts.get(k) is None else cuts[k] for k in kinds], dtype=np.float64)
+    scores = filtered.table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    return filtered, filtered.scored & filtered.passes & (np.nan_to_num(scores, nan=-np.inf) >= cut)
+
+
 class SelectStage(ShardStage):
     name = "select"
     schema = wire_schema(*SELECTED_SCHEMA)
 
-    def __init__(self, resources: Resources, config: CurateConfig, thresholds: dict[str, float | None]):
+    def __init__(self, resources: Resources, config: CurateConfig, thresholds: dict[str, float | None],
+                 filters: Filters):
         super().__init__(resources)
-        self.config, self.thresholds = config, thresholds
-
-    def _cut(self, kind: str) -> float | None:
-        return self.thresholds.get(kind if self.config.per_kind else ALL)
+        self.config, self.thresholds, self.filters = config, thresholds, filters
 
     def process_shard(self, shard: Shard) -> Iterator[list[dict]]:
-        table = self._score_records(shard)
-        cut = np.array([self._cut(k) if self._cut(k) is not None else np.inf for k in table.column("kind").to_pylist()],
-                       dtype=np.float64)
-        scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-        ok = table.column("error").is_null().to_numpy(zero_copy_only=False) & np.isfinite(scores)
-        keep = ok & (np.nan_to_num(scores, nan=-np.inf) >= cut)
+        filtered, keep = kept_records(shard, self.filters, self.thresholds, self.config.per_kind)
+        table, ok = filtered.table, filtered.scored
         stats = {"kept": Counter(), "dropped": Counter()}
         errors = ErrorCounts()
         for sample_id, kind, label, k, good, err in zip(
@@ -62,25 +67,16 @@ class SelectStage(ShardStage):
             else:
                 stats["kept" if k else "dropped"][f"{kind}/{label}"] += 1
         kept = table.filter(pa.array(keep))
-        files = self._materialize(shard, kept, stats) if self.config.materialize and kept.num_rows else []
+        one_to_one = self.config.materialize and self.config.samples_per_shard is None  # else resharded after
+        files = self._materialize(shard, kept, stats) if one_to_one and kept.num_rows else []
         rows = kept.select(SELECTED_SCHEMA.names).to_pylist()
         for i, row in enumerate(rows):
             row["ordinal"] = i
         yield rows
+        if self.filters.terms:  # dropped by the filters, whatever their score
+            stats["filtered"] = {"removed": filtered.removed, "removed_in_all": filtered.removed_in_all,
+                                 "no_metadata": filtered.no_metadata}
         return {"artifacts": files, "stats": {**{k: dict(v) for k, v in stats.items()}, **errors.as_summary()}}
-
-    @staticmethod
-    def _score_records(shard: Shard) -> pa.Table:
-        """The score file's records, each with its row: a score file holds every sample of its input shard in
-        reading order, so a record's row is its position in the input (what Parquet rows are matched by when
-        materializing; their ids may repeat)."""
-        fs, path = filesystem_for(shard.uri)
-        try:
-            with fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=_SCORE_COLUMNS)
-        except OSError as err:
-            raise ShardFault(Category.IO, f"cannot read {shard.uri}: {err}") from None
-        return table.append_column("ordinal", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
     def _materialize(self, shard: Shard, kept: pa.Table, stats: dict) -> list[str]:
         if not shard.aux:

@@ -72,8 +72,8 @@ def test_the_histogram_threshold_equals_the_sort_based_one(seed):
         b, needed = selection.cut_bin(counts[selection.ALL], k)
         low = np.zeros(selection.BINS, dtype=np.int64)
         for t in tables:
-            entry = json.loads(selection.pass_two(t, {selection.ALL: b}, {}).column("counts")[0].as_py())
-            low += selection._dense(entry[selection.ALL]["low_bins"])
+            entry = json.loads(selection.pass_two(t, {selection.ALL: [b]}, {}).column("counts")[0].as_py())
+            low += selection.dense(entry[selection.ALL]["low_bins"].get(str(b), []))
         assert selection.threshold_in_bin(b, needed, low) == selection.sort_threshold(scores, fraction)
 
 
