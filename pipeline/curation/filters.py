@@ -12,6 +12,7 @@ fails any condition on them; such records are counted (`no_metadata`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -192,17 +193,19 @@ def join_metadata(records: pa.Table, input_uri: str | None, fmt: str | None, fil
     return records, no_metadata
 
 
-def read_score_file(uri: str) -> pa.Table:
-    """A score file's records (`SCORE_COLUMNS`), each with its row: a score file holds every sample of its input
-    shard in reading order, so a record's row is its position in the input (what Parquet rows are matched by)."""
+def read_score_file(uri: str, extra: Iterable[str] = ()) -> pa.Table:
+    """A score file's records (`SCORE_COLUMNS` and the `extra` score columns a filter reads), each with its row: a
+    score file holds every sample of its input shard in reading order, so a record's row is its position in the
+    input (what Parquet rows are matched by)."""
+    wanted = [*SCORE_COLUMNS, *sorted(set(extra) - set(SCORE_COLUMNS))]
     fs, path = filesystem_for(uri)
     try:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            table = pf.read(columns=[c for c in SCORE_COLUMNS if c in pf.schema_arrow.names])
+            table = pf.read(columns=[c for c in wanted if c in pf.schema_arrow.names])
     except OSError as err:
         raise ShardFault(Category.IO, f"cannot read {uri}: {err}") from None
-    for name in SCORE_COLUMNS:  # scored before the column existed: nulls
+    for name in wanted:  # scored before the column existed: nulls
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, SCORE_SCHEMA.field(name).type))
     return table.append_column("ordinal", pa.array(np.arange(table.num_rows, dtype=np.int64)))
@@ -225,7 +228,8 @@ class FilteredShard:
 
 def filter_shard(score_uri: str, input_uri: str | None, fmt: str | None, filters: Filters) -> FilteredShard:
     """The threshold passes and the selection stage both see a shard through this, so they agree on every record."""
-    table, no_metadata = join_metadata(read_score_file(score_uri), input_uri, fmt, filters)
+    score_columns = filters.columns() & set(SCORE_TYPES)
+    table, no_metadata = join_metadata(read_score_file(score_uri, score_columns), input_uri, fmt, filters)
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     scored = table.column("error").is_null().to_numpy(zero_copy_only=False) & np.isfinite(scores)
     passes, fails = filters.evaluate(table)

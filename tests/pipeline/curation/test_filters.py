@@ -122,3 +122,14 @@ def test_where_reads_a_parquet_shards_own_columns_by_row(tmp_path, ray_cluster):
            format="parquet")
     kept = selected(tmp_path / "cur").to_pylist()
     assert sorted(r["score"] for r in kept) == [1.0 + r for r, s in enumerate(similarity) if s >= 0.3]
+
+
+def test_where_reads_any_score_column_not_only_those_the_selection_keeps(tmp_path, ray_cluster):
+    """`n_tokens` is a score record's column the selection does not carry: a filter on it reads it (it once
+    failed in the first pass, after the check had named it among the columns)."""
+    records = [{"id": f"t{i}", "kind": "caption", "score": float(i), "label": 0, "error": None, "n_tokens": 10 * i}
+               for i in range(8)]
+    fake_scores(str(tmp_path / "scores"), {"a.tar": records})
+    summary = curate(tmp_path, tmp_path / "scores", keep_fraction=1.0, where="n_tokens >= 30")["curate"]
+    assert sorted(selected(tmp_path / "cur").column("id").to_pylist()) == [f"t{i}" for i in range(3, 8)]
+    assert summary["filters"]["removed"] == {"n_tokens >= 30": 3}
