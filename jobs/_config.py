@@ -82,8 +82,10 @@ def build_parser(model: type[BaseModel], prog: str, description: str, dry_run: b
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the fields below (flags "
                                                               "override it)")
     if dry_run:
-        parser.add_argument("--dry-run", action="store_true", help="say what the job would do, and (scoring) what "
-                                                                   "it would cost; start nothing, write nothing")
+        parser.add_argument("--dry-run", action="store_true", help="say what the job would do, take no lease and "
+                                                                   "write nothing (scoring: what it would cost, "
+                                                                   "starting nothing; curation: its exact thresholds, "
+                                                                   "counted on Ray)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own progress and logs")
     dests = {}
     for path, info in _flag_fields(model):
