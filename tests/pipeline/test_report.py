@@ -352,7 +352,7 @@ def test_header_and_tables(report_data):
         for level in range(4):
             a, b = k.kept_by_level[level], k.dropped_by_level[level]
             assert f"<td>{a:,}</td><td>{b:,}</td><td>{a + b:,}</td>" in page
-    assert '<td class="l">decode</td><td>12</td>' in page and "<td>16</td>" in page  # errors and their total
+    assert '<td class="l reason">decode</td><td>12</td>' in page and "<td>16</td>" in page  # errors and their total
     assert "<script" not in page.lower()
 
 

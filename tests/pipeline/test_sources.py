@@ -315,7 +315,7 @@ def test_an_unreachable_endpoint_is_an_input_error_naming_it(s3_endpoint, monkey
         list_shards("s3://b-x/corpus", "webdataset")
 
 
-def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_path):
+def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_path, tiny_checkpoint):
     import subprocess
     import sys
 
@@ -323,7 +323,7 @@ def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_pat
 
     closed = f"http://127.0.0.1:{free_port()}"
     done = subprocess.run([sys.executable, "-m", "jobs.score", "--input", "s3://b-x/corpus", "--format", "webdataset",
-                           "--output", str(tmp_path / "out"), "--model", str(tmp_path / "model")],
+                           "--output", str(tmp_path / "out"), "--model", tiny_checkpoint],
                           env=job_env(AWS_ENDPOINT_URL=closed), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"field 'input': cannot list s3://b-x/corpus at endpoint {closed}" in done.stderr
