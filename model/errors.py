@@ -48,6 +48,14 @@ class SampleError(UniFilterError, ValueError):
         return f"{self.category.value}: {self.detail}"
 
 
+def sample_reason(err: Exception) -> str:
+    """A failure preparing one sample as its error record: a `SampleError`'s own reason, anything unforeseen as a
+    preprocessing error naming its type (a sample is never lost to a failure nobody expected)."""
+    if isinstance(err, SampleError):
+        return err.reason
+    return f"{Category.PREPROCESS.value}: {type(err).__name__}: {err}"
+
+
 class CheckpointError(UniFilterError):
     """A checkpoint that cannot be found, read or matched to the model."""
 

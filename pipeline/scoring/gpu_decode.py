@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.errors import Category, SampleError
+from model.errors import SampleError, sample_reason
 from model.processing import (
     PAD_COLOR,
     EncodedSample,
@@ -219,7 +219,5 @@ def _host_pixels(processor, image) -> np.ndarray | str:
     """The Pillow path for one image (on a decode thread): its pixels, or its reason."""
     try:
         return processor.image_pixels(image)
-    except SampleError as err:
-        return err.reason
     except Exception as err:  # noqa: BLE001 - never lose a sample to an unforeseen failure: record it
-        return f"{Category.PREPROCESS.value}: {type(err).__name__}: {err}"
+        return sample_reason(err)

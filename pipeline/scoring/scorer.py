@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from model.errors import Category, SampleError
+from model.errors import Category, sample_reason
 from model.modeling import check_image_slots
 from pipeline.commit.markers import MARKERS, wire_schema
 from pipeline.encoded import token_budget_batches
@@ -114,10 +114,8 @@ class BatchScorer:
         for i in rows:
             try:
                 planned[i] = self.processor.plan(texts[i], images[i], kinds[i])
-            except SampleError as err:
-                errors[i] = err.reason
             except Exception as err:  # noqa: BLE001 - never lose a sample to an unforeseen failure: record it
-                errors[i] = f"{Category.PREPROCESS.value}: {type(err).__name__}: {err}"
+                errors[i] = sample_reason(err)
         return planned, errors
 
     def _output(self, columns: dict, n: int, planned: list, results: dict[int, dict | str], received_bytes: int,
@@ -261,10 +259,8 @@ def _decoded(processor, planned):
     """A planned sample's images decoded, or the reason it cannot be (runs on a decode thread)."""
     try:
         return processor.decode(planned)
-    except SampleError as err:
-        return err.reason
     except Exception as err:  # noqa: BLE001 - never lose a sample to an unforeseen failure: record it
-        return f"{Category.PREPROCESS.value}: {type(err).__name__}: {err}"
+        return sample_reason(err)
 
 
 def _records(group: list[int], rows: np.ndarray) -> dict[int, dict | str]:
