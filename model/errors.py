@@ -22,6 +22,7 @@ class Category(str, Enum):
     PREPROCESS = "preprocess"  # an unforeseen failure while encoding one sample
     SCORE = "score"  # the model failed on this sample alone (reproduced on its own)
     DEVICE = "device"  # the sample faults the device on its own (alone, on a fresh actor whose canary succeeded)
+    KILLED = "killed"  # the sample's worker process died while it was in flight, alone (out of memory, a crash)
     GENERATE = "generate"  # the text generator gave up on this request
     # a shard that cannot be read as configured: left uncommitted, reported, rerun later
     IO = "io"  # reading failed after retries (network, throttling, a missing file)

@@ -7,9 +7,9 @@ import re
 
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
-__all__ = ["Category", "CheckpointError", "ConfigError", "ConfigFieldError", "CorruptState", "DeviceFault", "InputError",
-           "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError", "ShardFault", "TrainingStalled", "UniFilterError",
-           "reason_key"]
+__all__ = ["BrokenWorker", "Category", "CheckpointError", "ConfigError", "ConfigFieldError", "CorruptState", "DeviceFault",
+           "InputError", "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError", "ShardFault", "TrainingStalled",
+           "UniFilterError", "reason_key"]
 
 
 class InputError(ConfigFieldError):
@@ -80,6 +80,12 @@ class DeviceFault(UniFilterError):
     @property
     def first_line(self) -> str:
         return (str(self).strip().splitlines() or [""])[0][:300]
+
+
+class BrokenWorker(UniFilterError):
+    """Workers that keep failing: whatever the data (their device faults, or their process dies, on a synthetic
+    sample time after time), or on one input until Ray's bounded retries are spent (a score file that kills curation's
+    pass). The run ends with this one line, naming what kept dying; nothing is retried forever."""
 
 
 class TrainingStalled(UniFilterError):

@@ -5,6 +5,9 @@ and what each filter removed; pass two: the low 16 bits inside the bins every as
 the plotting histograms. Any number of thresholds (the rule's and a sweep's) cost the same two passes.
 
 A `min_score` rule with no report and no sweep needs neither pass: the cut is the number given.
+
+A task whose worker dies (out of memory, a crash in evaluation) is tried again `TASK_RETRIES` times, then the run
+ends naming the score file it kept dying on (`pipeline.runner.deaths`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from pipeline.curation.thresholds import (
     score_of_key,
     threshold_in_bin,
 )
+from pipeline.errors import BrokenWorker
 from pipeline.io.listing import Shard
+from pipeline.runner.deaths import TASK_RETRIES, WorkLedger, in_hand
+from pipeline.runner.ray_compat import retry_bounds_allowed
 
 _COUNTED = ["kind", "score", "error", "label"]
 
@@ -50,10 +56,11 @@ def _passing(row: dict, filters: Filters) -> tuple[pa.Table, dict]:
     return shard.table.select(_COUNTED).filter(pa.array(keep)), stats
 
 
-def _pass_one(batch: pa.Table, filters: Filters) -> pa.Table:
+def _pass_one(batch: pa.Table, filters: Filters, ledger: str) -> pa.Table:
     out = {"counts": [], "errors": [], "filters": []}
     for row in batch.to_pylist():
-        table, stats = _passing(row, filters)
+        with in_hand(ledger, row["key"]):
+            table, stats = _passing(row, filters)
         one = pass_one(table).to_pylist()[0]
         out["counts"].append(one["counts"])
         out["errors"].append(one["errors"])
@@ -61,10 +68,13 @@ def _pass_one(batch: pa.Table, filters: Filters) -> pa.Table:
     return pa.table(out)
 
 
-def _pass_two(batch: pa.Table, filters: Filters, bins: dict[str, list[int]], edges: dict[str, list[float]]
-              ) -> pa.Table:
-    return pa.table({"counts": [pass_two(_passing(row, filters)[0], bins, edges).column("counts")[0].as_py()
-                                for row in batch.to_pylist()]})
+def _pass_two(batch: pa.Table, filters: Filters, bins: dict[str, list[int]], edges: dict[str, list[float]],
+              ledger: str) -> pa.Table:
+    counts = []
+    for row in batch.to_pylist():
+        with in_hand(ledger, row["key"]):
+            counts.append(pass_two(_passing(row, filters)[0], bins, edges).column("counts")[0].as_py())
+    return pa.table({"counts": counts})
 
 
 def _run(shards: list[Shard], fn, **kwargs) -> list[dict]:
@@ -72,7 +82,22 @@ def _run(shards: list[Shard], fn, **kwargs) -> list[dict]:
 
     items = [{"uri": s.uri, "aux": s.aux, "fmt": s.aux_format, "key": s.key} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
-    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow").take_all()
+    ledger = WorkLedger()
+    try:
+        with retry_bounds_allowed():
+            ds = ds.map_batches(fn, fn_kwargs={**kwargs, "ledger": ledger.name}, batch_size=1, batch_format="pyarrow",
+                                max_retries=TASK_RETRIES)
+        return ds.take_all()
+    except Exception as err:
+        dying = ledger.dying()
+        if not dying:
+            raise
+        key, deaths = next(iter(dying.items()))
+        raise BrokenWorker(f"curation's threshold pass: its worker died {deaths} times on the score file {key} "
+                           f"(killed for memory or crashed) and Ray's retries are spent ({type(err).__name__})"
+                           ) from None
+    finally:
+        ledger.stop()
 
 
 def _filter_totals(rows: list[dict], filters: Filters) -> dict:

@@ -15,7 +15,13 @@ from pipeline.io.listing import Shard
 from pipeline.io.uris import storage_env
 from pipeline.runner.job import PreparedJob, RunResult
 from pipeline.runner.progress import Progress
-from pipeline.runner.ray_compat import first_cause, pass_actor_arguments_by_value
+from pipeline.runner.ray_compat import (
+    actor_death,
+    first_cause,
+    own_error,
+    pass_actor_arguments_by_value,
+    retry_bounds_allowed,
+)
 from pipeline.runner.stage import Stage, StageActor, shard_rows
 
 # Shards are handed to the first stage in calls of about this many bytes (small shards share a call; the fixed
@@ -60,14 +66,16 @@ def dataset(shards: list[Shard], stages: list[Stage]):
     for stage in stages:
         r = stage.resources
         placement = {k: v for k, v in (("accelerator_type", r.accelerator_type), ("resources", r.custom)) if v}
-        ds = ds.map_batches(
-            actor_class(stage), fn_constructor_kwargs={"stage": stage}, batch_format="pyarrow",
-            batch_size=r.batch_size if stage is not stages[0] else 1,
-            compute=ray.data.ActorPoolStrategy(
-                min_size=r.min_actors, max_size=r.max_actors, max_concurrent_calls_per_actor=r.concurrent_calls,
-                enable_true_multi_threading=r.concurrent_calls > 1),
-            num_cpus=r.num_cpus, num_gpus=r.num_gpus or None, **placement, **extra,
-        )
+        with retry_bounds_allowed():
+            ds = ds.map_batches(
+                actor_class(stage), fn_constructor_kwargs={"stage": stage}, batch_format="pyarrow",
+                batch_size=r.batch_size if stage is not stages[0] else 1,
+                compute=ray.data.ActorPoolStrategy(
+                    min_size=r.min_actors, max_size=r.max_actors, max_concurrent_calls_per_actor=r.concurrent_calls,
+                    enable_true_multi_threading=r.concurrent_calls > 1),
+                num_cpus=r.num_cpus, num_gpus=r.num_gpus or None, **placement, **extra,
+                max_restarts=stage.restarts, max_task_retries=stage.call_retries,  # never Ray Data's endless default
+            )
     return ds
 
 
@@ -127,6 +135,9 @@ def _stream(prepared: PreparedJob, stages: list[Stage], committer: ShardCommitte
 def aborted_because(err: BaseException) -> str:
     """One line saying why the pipeline stopped: the innermost cause, not Ray's wrapping of it."""
     text = str(err)
+    said = own_error(text) or actor_death(err)  # a stage's own error, or Ray's bound on restarts reached
+    if said:
+        return said
     cause = first_cause(text) or type(err).__name__
     if "creation task" in text or "during initialization" in text:  # actors whose constructor raised
         stage = re.search(r"MapBatches\((\w+)\)", text)

@@ -4,6 +4,9 @@
 - `quiet_worker_errors`: one line per failing worker's cause instead of its whole traceback.
 - `loopback_only`: a local instance that binds and advertises 127.0.0.1 only.
 - `autoscaler_max_resources`: what the cluster's autoscaler can start.
+- `retry_bounds_allowed`: Ray Data's retries bounded without a deprecation warning on every run.
+- `own_error`: the project's error a stage raised, from under Ray's wrappings.
+- `worker_exit`, `actor_death`: how Ray saw a dead worker process end; one line for an actor Ray gave up on.
 
 Restartable actors. Ray Data creates each actor of an actor pool with its data context and UDF as object references
 (`ray.put`). Ray restarts a crashed actor by re-running its creation task, and an argument held in the object
@@ -19,8 +22,10 @@ changes it leaves Ray's own behaviour, and the warning, in place).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import warnings
 
 _APPLIED = False
 
@@ -130,3 +135,80 @@ def autoscaler_max_resources() -> dict | None:
         return state.get_max_resources_from_cluster_config()
     except Exception:  # noqa: BLE001 - no autoscaler state: nothing to add
         return None
+
+
+_VANISHED = "Worker unexpectedly exits with a connection error code"
+_VANISHED_WORDS = "the process vanished (the kernel's out-of-memory killer, a crash such as SIGSEGV, or SIGKILL)"
+
+
+def worker_exit(worker_id: str) -> str | None:
+    """How Ray saw a dead worker process end (`worker_id` in hex), in one line; None when Ray cannot say."""
+    try:
+        from ray._private.state import state
+        from ray._raylet import WorkerID
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        raw = state._connect_and_get_accessor().get_worker_info(WorkerID.from_hex(worker_id))
+        if not raw:
+            return None
+        info = gcs_pb2.WorkerTableData.FromString(raw)
+    except Exception:  # noqa: BLE001 - a Ray without this table, or an id that is not Ray's: nothing to add
+        return None
+    if info.is_alive:
+        return None
+    how = common_pb2.WorkerExitType.Name(info.exit_type)
+    detail = " ".join(info.exit_detail.split())
+    if detail.startswith(_VANISHED):  # SIGKILL (the kernel's OOM killer), SIGSEGV, os._exit: Ray cannot tell them
+        detail = _VANISHED_WORDS
+    else:
+        detail = ". ".join(detail.split(". ")[:2])[:240]
+    memory = f"; {info.memory_used_bytes_at_death / 2**20:,.0f} MiB in use" if info.memory_used_bytes_at_death else ""
+    return f"Ray: {how}, {detail}{memory}"
+
+
+_OWN_ERROR_LINE = re.compile(r"^\s*(?:pipeline|model)\.errors\.(\w+): (.*)$", re.M)
+
+
+def own_error(text: str) -> str | None:
+    """The line of one of the project's own errors raised in a worker (`BrokenWorker: ...`), from the text of Ray's
+    wrapping of it (Ray Data's `UserCodeException` keeps the original only as text); None when there is none."""
+    found = _OWN_ERROR_LINE.findall(str(text))
+    return f"{found[-1][0]}: {found[-1][1].strip()}" if found else None
+
+
+def actor_death(err: BaseException) -> str | None:
+    """One line for an actor that Ray gave up on (its restarts or a call's retries spent), naming its stage (Ray Data
+    names the actor class `MapWorker(MapBatches(<stage>))`) and how its last process ended; None for other errors."""
+    import ray.exceptions as rex
+
+    cause = err
+    while cause is not None and not isinstance(cause, (rex.ActorDiedError, rex.ActorUnavailableError)):
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    if cause is None:
+        return None
+    text = str(cause)
+    stage = re.search(r"MapBatches\((\w+)\)", text)
+    actor = re.search(r"\b[0-9a-f]{32}\b", text)
+    if stage is None and actor is not None:
+        try:
+            from ray._private.state import state
+
+            stage = re.search(r"MapBatches\((\w+)\)", state.actor_table(actor.group(0)).get("ActorClassName", ""))
+        except Exception:  # noqa: BLE001 - an actor Ray no longer knows: the line says less
+            stage = None
+    who = f"{stage.group(1)}'s worker" if stage else "a worker"
+    spent = "its restarts" if isinstance(cause, rex.ActorDiedError) else "the retries of the call it was on"
+    how = re.search(r"Worker exit detail: ([^.]*)\.", text)
+    how = how and (_VANISHED_WORDS if how.group(1).startswith(_VANISHED) else how.group(1))
+    return (f"{who} kept dying and Ray's bound on {spent} was reached (the run stops rather than retrying "
+            f"forever){': ' + how if how else ''}")
+
+
+@contextlib.contextmanager
+def retry_bounds_allowed():
+    """Ray 2.60 deprecates `map_batches(**ray_remote_args)` (its removal is announced for 2.64) yet names no
+    parameter for `max_restarts`, `max_task_retries` or `max_retries`, whose defaults there are without end: the
+    bounds still go that way, without a warning on every run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        yield

@@ -44,10 +44,17 @@ class Resources:
 
 
 class Stage:
-    """A stage's lifecycle: built on the driver, `setup()` once per actor, then called with batches."""
+    """A stage's lifecycle: built on the driver, `setup()` once per actor, then called with batches.
+
+    Ray restarts an actor whose process dies (a node lost, a process killed) and retries the call it was on, a
+    bounded number of times (Ray Data's own default is without end): `restarts` over the actor's life (a long run's
+    node losses included), `call_retries` for one call. A call that keeps killing its actor ends the run naming the
+    stage; a stage that can tell which of its inputs kills it (scoring's fault journal) asks for more."""
 
     name = "stage"
     schema: pa.Schema  # the rows it hands on (the wire columns and its own)
+    restarts = 64
+    call_retries = 3
 
     def __init__(self, resources: Resources):
         self.resources = resources

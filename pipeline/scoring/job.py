@@ -226,7 +226,8 @@ class ScoringJob(Job):
 
 
 def _device_lines(own: dict) -> list[str]:
-    """What the device went through: budgets lowered after out-of-memory errors, faults and whom they blamed."""
+    """What the device and the workers went through: budgets lowered after out-of-memory errors, device faults and
+    process deaths, and whom they blamed."""
     lines = []
     budget = own.get("token_budget_lowered")
     if budget:
@@ -235,11 +236,15 @@ def _device_lines(own: dict) -> list[str]:
         lines.append(f"  memory     token budget lowered after out-of-memory: {budget['from']} -> {budget['to']}"
                      f"{lowest} on {actors}")
     faults = own.get("device_faults") or {}
-    if faults.get("micro_batches") or faults.get("canary_faults"):
-        lines.append(f"  device     {faults['micro_batches']} micro-batches faulted the device; "
-                     f"{faults['samples_blamed']} samples fault it on their own (error records); "
-                     f"{faults['canary_faults']} canary faults (the device itself)")
-        lines.append(f"             first error: {(faults.get('first_error') or '')[:100]}")
+    if faults.get("micro_batches") or faults.get("canary_faults") or faults.get("deaths"):
+        blamed = ", ".join(f"{n} {category}" for category, n in sorted(faults.get("blamed_by_category", {}).items()))
+        lines.append(f"  faults     {faults['micro_batches']} micro-batches faulted the device · {faults['deaths']} "
+                     f"scoring processes died with samples in flight · {faults['samples_blamed']} samples fault "
+                     f"or kill their worker on their own (error records{': ' + blamed if blamed else ''}) · "
+                     f"{faults['canary_faults']} canary failures (the workers themselves)")
+        for name in ("first_error", "last_death"):
+            if faults.get(name):
+                lines.append(f"             {name.replace('_', ' ')}: {faults[name][:160]}")
     return lines
 
 

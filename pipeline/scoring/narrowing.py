@@ -1,19 +1,29 @@
-"""One scoring call's dealings with the run's fault journal (`pipeline.scoring.device_faults` has the protocol):
-samples the journal already blames get their error record without a forward pass; samples at the bound are scored
-alone after a canary; a DeviceFault is recorded before the process ends; a call whose every sample fails alone the
-same way is the device's or the model's fault, never the data's."""
+"""One scoring call's dealings with the run's fault journal (`pipeline.scoring.device_faults` has the protocol): what
+the call has in flight is told to the journal before the work starts, so a process that dies leaves a record of it;
+samples the journal already blames get their error record without being planned; samples at the bound are tried
+alone after a canary, with nothing else of the process in flight (`ExclusiveGate`); a DeviceFault is recorded before
+the process ends; a call whose every sample fails alone the same way is the device's or the model's fault, never the
+data's.
+
+The cost on ordinary data: one round trip to the journal to begin a call, one as its planning starts, one per
+micro-batch and one at its end (M + 3 for a call of M micro-batches; with Ray, a call to a local actor).
+"""
 
 from __future__ import annotations
 
 import re
 import sys
+import threading
+import uuid
+from contextlib import contextmanager
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from model.errors import Category
-from pipeline.errors import DeviceFault
-from pipeline.scoring.device_faults import FAULTS_BEFORE_NARROWING, Key
+from pipeline.errors import BrokenWorker, DeviceFault
+from pipeline.scoring.device_faults import ALONE, Key
 
 _DEVICE_ERROR = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|device-side assert|illegal memory "
                            r"access|NCCL error|ECC error|unspecified launch failure", re.I)
@@ -24,47 +34,123 @@ def is_device_error(err: BaseException) -> bool:
     return (accelerator_error and isinstance(err, accelerator_error)) or bool(_DEVICE_ERROR.search(str(err)))
 
 
-def score_call(scorer, planned: list, keys: list[Key], rows: list[int]) -> dict[int, dict | str]:
-    """{row: record fields or error reason} for the planned samples of one call (`rows` their row indices)."""
-    blamed, suspects = scorer.journal.lookup(keys) if keys else ({}, {})
-    narrowed = {key for key, faults in suspects.items() if faults >= FAULTS_BEFORE_NARROWING}
-    alone = [j for j, key in enumerate(keys) if key in narrowed]
-    rest = [j for j, key in enumerate(keys) if key not in narrowed and key not in blamed]
-    results: dict[int, dict | str] = {}
-    cleared: list[Key] = []  # suspects that scored alone in this call
-    try:
-        results.update(_score_alone(scorer, planned, alone, keys, cleared))
-        results.update(scorer.score_planned(planned, rest))
-    except DeviceFault as fault:
+class ExclusiveGate:
+    """Ordinary calls share it; a call trying samples alone holds it alone (and goes first once it waits), so while
+    one sample is tried alone nothing else of the process is in flight, and a death then is that sample's."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._sharing = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._sharing += 1
         try:
-            _record(scorer, fault, keys, alone, cleared)
-        except Exception as err:  # noqa: BLE001 - the fault is handled (the process ends) all the same
-            print(f"[score] the device fault could not be recorded in the fault journal: {err}", file=sys.stderr,
-                  flush=True)
+            yield
+        finally:
+            with self._cond:
+                self._sharing -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._sharing)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class CallInFlight:
+    """One call as the journal sees it: begun with its samples' keys (the journal answers which are blamed and which
+    to narrow down), then what is in flight at each step, then its end. Rows are the call's batch rows."""
+
+    def __init__(self, journal, worker, rows: list[int], keys: list[Key]):
+        self.journal, self.worker, self.id = journal, worker, uuid.uuid4().hex
+        self.rows, self._position = rows, {row: j for j, row in enumerate(rows)}
+        self.keys = dict(zip(rows, keys))
+        self.alone: int | None = None  # the row being tried alone
+        blamed, narrowed, self.broken = journal.begin(worker, self.id, keys) if keys else ({}, {}, None)
+        self.blamed = {rows[j]: reason for j, reason in blamed.items()}
+        self.narrowed = {rows[j]: phase for j, phase in narrowed.items()}
+
+    def now(self, phase: str, rows: list[int]) -> None:
+        """What is in flight from here on: `rows` in `phase` (see `FaultJournal.in_flight`)."""
+        self.alone = rows[0] if phase.startswith(ALONE) else None
+        self.journal.in_flight(self.worker, self.id, phase, [self._position[row] for row in rows])
+
+    def end(self) -> None:
+        self.journal.end(self.worker, self.id)
+
+
+def score_call(scorer, batch: pa.Table, rows: list[int], keys: list[Key]) -> tuple[list, dict[int, dict | str]]:
+    """The planned samples (by batch row) and {row: record fields or error reason} for the rows of one call."""
+    samples = tuple(batch.column(name).to_pylist() for name in ("texts", "images", "kind"))
+    planned: list = [None] * batch.num_rows
+    call = CallInFlight(scorer.journal, scorer.worker, rows, keys)
+    cleared: list[Key] = []  # suspects that passed alone in this call
+    try:
+        if call.broken:
+            raise BrokenWorker(call.broken)
+        results: dict[int, dict | str] = {}
+        rest = [row for row in rows if row not in call.blamed and row not in call.narrowed]
+        if call.narrowed:
+            with scorer.gate.exclusive():
+                rest += _narrow(scorer, call, samples, planned, results, cleared)
+        with scorer.gate.shared():
+            todo = [row for row in rest if planned[row] is None]
+            call.now("plan", todo)
+            results.update(scorer.plan_rows(samples, todo, planned))
+            results.update(scorer.score_planned(planned, [row for row in rest if planned[row] is not None], call))
+            _check_not_all_failed({row: result for row, result in results.items() if planned[row] is not None})
+            call.end()  # before the gate opens: nothing of this call is in flight any more
+    except DeviceFault as fault:
+        _record(scorer, call, fault, cleared)
         raise
-    _check_not_all_failed(results)
-    if suspects:  # the call completes: its suspects are cleared
-        scorer.journal.clear([key for key in keys if key in suspects])
-    results.update({j: blamed[key] for j, key in enumerate(keys) if key in blamed})
-    return {rows[j]: result for j, result in results.items()}
+    except Exception:
+        call.end()
+        raise
+    results.update(call.blamed)
+    return planned, results
 
 
-def _score_alone(scorer, planned: list, alone: list[int], keys: list[Key], cleared: list[Key]) -> dict:
-    """Suspects at the bound, each on its own, once the canary has shown that the device works."""
-    if not alone:
-        return {}
-    _canary(scorer)
-    results: dict[int, dict | str] = {}
-    for j in alone:
-        results.update(scorer.score_group(planned, [j]))
-        cleared.append(keys[j])
-    return results
+def _narrow(scorer, call: CallInFlight, samples: tuple, planned: list, results: dict, cleared: list[Key]) -> list[int]:
+    """Suspects at the bound, each alone once the canary has shown that the worker works: planned alone and, when
+    their faults came after planning, decoded and scored alone. Returns the rows that only needed planning alone
+    (the rest of the call scores them)."""
+    _canary(scorer, call)
+    back = []
+    for row, phase in call.narrowed.items():
+        call.now(ALONE + "plan", [row])
+        results.update(scorer.plan_rows(samples, [row], planned))
+        if planned[row] is not None and phase == "plan":
+            back.append(row)
+            continue
+        if planned[row] is not None:
+            call.now(ALONE + "decode", [row])
+            prepared = scorer.prepare(planned, [row])
+            call.now(ALONE + "forward", [row])
+            results.update(scorer.score_group(planned, [row], prepared))
+        cleared.append(call.keys[row])
+    call.now("plan", [])
+    return back
 
 
-def _canary(scorer) -> None:
-    """A synthetic caption (a grey square) through the whole path: a fault here is the device's own."""
+def _canary(scorer, call: CallInFlight) -> None:
+    """A synthetic caption (a grey square) through the whole path: a fault here is the worker's own."""
     if scorer.healthy:
         return
+    call.now("canary", [])
     size = scorer.processor.config.image_size
     sample = scorer.processor.plan([None, "a grey square"], [np.full((3, size, size), 127, np.uint8), None],
                                    "caption")
@@ -77,17 +163,21 @@ def _canary(scorer) -> None:
         raise DeviceFault(f"the canary sample failed: {type(err).__name__}: {err}", canary=True) from err
 
 
-def _record(scorer, fault: DeviceFault, keys: list[Key], alone: list[int], cleared: list[Key]) -> None:
+def _record(scorer, call: CallInFlight, fault: DeviceFault, cleared: list[Key]) -> None:
     """Into the journal before the process ends: a sample that faulted alone after the canary is blamed, a
-    micro-batch that faulted gets one more fault, a canary fault blames nobody."""
-    journal = scorer.journal
-    if fault.canary:
-        journal.record_canary_fault(fault.first_line)
-    elif fault.samples is not None and len(fault.samples) == 1 and fault.samples[0] in alone:
-        reason = f"{Category.DEVICE.value}: the sample faults the device on its own ({fault.first_line})"
-        journal.blame(keys[fault.samples[0]], reason[:500], cleared)
-    elif fault.samples is not None:
-        journal.record_fault([keys[j] for j in fault.samples], fault.first_line, cleared)
+    micro-batch that faulted gets one more fault, a canary fault (or one no sample explains) blames nobody."""
+    journal, worker = scorer.journal, scorer.worker
+    try:
+        if fault.canary or fault.samples is None:
+            journal.record_canary_failure(worker, fault.first_line)
+        elif fault.samples == [call.alone]:
+            reason = f"{Category.DEVICE.value}: the sample faults the device on its own ({fault.first_line})"
+            journal.blame(worker, call.keys[call.alone], reason[:500], cleared)
+        else:
+            journal.record_fault(worker, [call.keys[row] for row in fault.samples], fault.first_line, cleared)
+    except Exception as err:  # noqa: BLE001 - the fault is handled (the process ends) all the same
+        print(f"[score] the device fault could not be recorded in the fault journal: {err}", file=sys.stderr,
+              flush=True)
 
 
 def _check_not_all_failed(results: dict[int, dict | str]) -> None:

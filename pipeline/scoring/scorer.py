@@ -17,7 +17,8 @@ micro-batches of this one; the device runs one micro-batch at a time. Failures a
   not fit is that sample's error;
 - any other error of the device (a CUDA error, after which the process's GPU is unusable) is a DeviceFault: the
   actor ends, Ray restarts it and retries the batch, and the run's fault journal bounds those retries and narrows
-  a fault that follows one sample down to that sample (`pipeline.scoring.narrowing`);
+  a fault that follows one sample down to that sample (`pipeline.scoring.narrowing`); what each call has in flight
+  is in the journal too, so a process that is killed (out of memory, a crash) is narrowed down the same way;
 - any other error is narrowed down by halving too: only a sample that fails on its own becomes its error record.
 """
 
@@ -27,6 +28,7 @@ import contextlib
 import os
 import socket
 import threading
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,7 +42,7 @@ from pipeline.commit.markers import MARKERS, wire_schema
 from pipeline.encoded import token_budget_batches
 from pipeline.errors import DeviceFault
 from pipeline.scoring import narrowing
-from pipeline.scoring.device_faults import FaultJournal, RemoteJournal
+from pipeline.scoring.device_faults import FaultJournal, RemoteJournal, Worker
 from pipeline.scoring.records import SCORE_SCHEMA
 
 # Besides the score record, on the wire back to the driver: the size of the micro-batch it was scored in (the
@@ -58,8 +60,8 @@ PREFETCH = 2  # micro-batches whose images are decoded ahead of the device
 
 class BatchScorer:
     """Scores sample rows with a loaded model: token-budget micro-batches of similar length, their images decoded
-    by `decode_threads` threads ahead of the device. Device faults go into `journal` (an in-memory one by default;
-    the scoring stage's reaches the run's journal actor)."""
+    by `decode_threads` threads ahead of the device. What is in flight, device faults and process deaths go into
+    `journal` (an in-memory one by default; the scoring stage's reaches the run's journal actor)."""
 
     def __init__(self, model, processor, token_budget: int, max_batch: int, decode_threads: int = 1,
                  journal: FaultJournal | RemoteJournal | None = None, overlap: bool = True,
@@ -68,6 +70,8 @@ class BatchScorer:
         self.token_budget, self.max_batch = token_budget, max_batch
         self.configured_budget = token_budget  # what it started with; out-of-memory errors lower token_budget
         self.journal = journal if journal is not None else FaultJournal()
+        self.worker = getattr(self.journal, "worker", None) or Worker("local", uuid.uuid4().hex)
+        self.gate = narrowing.ExclusiveGate()  # samples tried alone have the process to themselves
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one process: a restart starts at the configured budget
         self.healthy = False  # a forward pass succeeded in this process: the device works
         self.cuda = model.device.type == "cuda"
@@ -82,6 +86,7 @@ class BatchScorer:
             from pipeline.scoring.gpu_decode import DeviceImageDecoder
 
             self.device_images = DeviceImageDecoder(processor, model.device, self._decode)
+        self.journal.started(self.worker)  # what an earlier process of this worker left in flight died with it
 
     @property
     def forward(self):
@@ -99,24 +104,21 @@ class BatchScorer:
         columns = {name: batch.column(name).to_pylist() for name in _PASSED}
         n = batch.num_rows
         rows = [i for i in range(n) if columns["kind"][i] not in MARKERS and not columns["error"][i]]
-        planned, results = self._plan(batch, rows)
-        todo = [i for i in rows if planned[i] is not None]
-        keys = [(columns["source"][i], columns["ordinal"][i]) for i in todo]
-        results.update(narrowing.score_call(self, [planned[i] for i in todo], keys, todo))
+        keys = [(columns["source"][i], columns["ordinal"][i]) for i in rows]
+        planned, results = narrowing.score_call(self, batch, rows, keys)
         return self._output(columns, n, planned, results, batch.nbytes, len(rows))
 
-    def _plan(self, batch: pa.Table, rows: list[int]) -> tuple[list, dict[int, dict | str]]:
-        """Each sample's layout and tokens (its images not decoded yet), or its error."""
-        texts, images = batch.column("texts").to_pylist(), batch.column("images").to_pylist()
-        kinds = batch.column("kind").to_pylist()
-        planned: list = [None] * batch.num_rows
-        errors: dict[int, dict | str] = {}
+    def plan_rows(self, samples: tuple[list, list, list], rows: list[int], planned: list) -> dict[int, str]:
+        """Each row's layout and tokens into `planned` (its images not decoded yet); the errors of those that fail.
+        `samples`: the call's texts, images and kinds."""
+        texts, images, kinds = samples
+        errors: dict[int, str] = {}
         for i in rows:
             try:
                 planned[i] = self.processor.plan(texts[i], images[i], kinds[i])
             except Exception as err:  # noqa: BLE001 - never lose a sample to an unforeseen failure: record it
                 errors[i] = sample_reason(err)
-        return planned, errors
+        return errors
 
     def _output(self, columns: dict, n: int, planned: list, results: dict[int, dict | str], received_bytes: int,
                 samples: int) -> pa.Table:
@@ -142,14 +144,16 @@ class BatchScorer:
         return pa.table({name: out[name] for name in SCORED_SCHEMA.names}, schema=SCORED_SCHEMA)
 
     # -- micro-batches -----------------------------------------------------------------------------------------
-    def score_planned(self, planned: list, rows: list[int]) -> dict[int, dict | str]:
+    def score_planned(self, planned: list, rows: list[int], call=None) -> dict[int, dict | str]:
         """Micro-batches of similar length within the token budget; each micro-batch's images decoded and copied
-        ahead while the ones before it run."""
+        ahead while the ones before it run (`call`, a `narrowing.CallInFlight`, hears what is in flight)."""
         plan = [[rows[k] for k in micro] for micro in
                 token_budget_batches([planned[j].n_tokens for j in rows], self.token_budget, self.max_batch)]
         results: dict[int, dict | str] = {}
         ahead: deque = deque()
         for k, micro in enumerate(plan):
+            if call is not None:  # this micro-batch and those decoded ahead of it
+                call.now("score", [row for group in plan[k:k + PREFETCH + 1] for row in group])
             while len(ahead) < PREFETCH + 1 and k + len(ahead) < len(plan):
                 ahead.append(self._submit(planned, plan[k + len(ahead)]))
             pending = ahead.popleft()

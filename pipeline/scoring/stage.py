@@ -1,8 +1,8 @@
 """Scoring's model stage: a pool of actors, one model replica each (loaded in `setup`), each scoring the samples it
 receives with its own decode threads beside the device (`pipeline.scoring.scorer`). Two calls run at once on an
-actor, so one call's decoding overlaps the other's last micro-batches. A device fault ends the actor's process:
-Ray restarts it and retries the batch, and the run's fault journal (`pipeline.scoring.device_faults`) bounds those
-retries."""
+actor, so one call's decoding overlaps the other's last micro-batches. A device fault ends the actor's process, and
+so does a kill (out of memory, a crash): Ray restarts it and retries the batch, and the run's fault journal
+(`pipeline.scoring.device_faults`) bounds those retries, narrowing a batch down to the sample that ends its worker."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ import pyarrow as pa
 from model.limits import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.errors import DeviceFault
 from pipeline.runner.stage import Resources, TableStage
+from pipeline.scoring.device_faults import (
+    CANARY_FAILURES_BEFORE_GIVING_UP,
+    CULPRITS_PER_CALL,
+    DEATHS_PER_CULPRIT,
+)
 from pipeline.scoring.scorer import SCORED_SCHEMA
 
 
@@ -61,6 +66,9 @@ def load_scorer(model_uri: str, dtype: str = "auto", token_budget: int | None = 
 class ScoreStage(TableStage):
     name = "score"
     schema = SCORED_SCHEMA
+    # Each culprit costs its call DEATHS_PER_CULPRIT restarts before the journal narrows it down, and the call beside
+    # it on the same actor is retried as often: room for CULPRITS_PER_CALL in each, and the canary's failures.
+    call_retries = 2 * CULPRITS_PER_CALL * DEATHS_PER_CULPRIT + CANARY_FAILURES_BEFORE_GIVING_UP
 
     def __init__(self, resources: Resources, model_uri: str, dtype: str, token_budget: int | None, max_batch: int,
                  decode_threads: int, max_image_pixels: int, jpeg_draft: bool = False, compiled: bool | None = None,

@@ -9,6 +9,8 @@ from model.checkpoint import load_processor
 from pipeline.encoded import ENCODED_FIELDS, encode_row
 from pipeline.io.listing import list_shards
 from pipeline.io.uris import filesystem_for
+from pipeline.runner.deaths import TASK_RETRIES
+from pipeline.runner.ray_compat import retry_bounds_allowed
 
 TRAIN_COLUMNS = ["id", "kind", "texts", "images", "label"]
 ENCODED_PAIR_SCHEMA = pa.schema([("id", pa.string()), ("kind", pa.string()), ("error", pa.string()),
@@ -39,10 +41,14 @@ def read_pairs(uri: str, field: str):
 
     files = [s.uri for s in list_shards(uri, "parquet", field=field).shards]
     fs, _ = filesystem_for(uri)  # one filesystem for all files; their paths without the scheme
-    return ray.data.read_parquet([filesystem_for(f)[1] for f in files], filesystem=fs).select_columns(TRAIN_COLUMNS)
+    with retry_bounds_allowed():  # a read task whose worker dies is tried again a few times, not forever
+        ds = ray.data.read_parquet([filesystem_for(f)[1] for f in files], filesystem=fs,
+                                   ray_remote_args={"max_retries": TASK_RETRIES})
+    return ds.select_columns(TRAIN_COLUMNS)
 
 
 def encoded(ds, base_uri: str):
-    return ds.map_batches(encode_pairs, fn_kwargs={"model_uri": base_uri}, batch_size=32, batch_format="pyarrow",
-                          num_cpus=ENCODE_TASK_CPUS)
+    with retry_bounds_allowed():
+        return ds.map_batches(encode_pairs, fn_kwargs={"model_uri": base_uri}, batch_size=32, batch_format="pyarrow",
+                              num_cpus=ENCODE_TASK_CPUS, max_retries=TASK_RETRIES)
 

@@ -5,6 +5,8 @@ on) uncommitted and named. Stages run without Ray too."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -78,6 +80,24 @@ class CaptionLengthJob(Job):
         return [CaptionLength(Resources(max_actors=2), crash_on=self.crash_on)]
 
 
+class KilledByCaption(CaptionLength):
+    """A stand-in stage whose process is killed (SIGKILL, as the kernel's out-of-memory killer does) on a caption
+    saying "crash", every time; Ray restarts it and retries its call, a bounded number of times."""
+
+    restarts, call_retries = 3, 1
+
+    def process_shard(self, shard: Shard):
+        for row in read_samples(shard, "webdataset", self.options):
+            if "crash" in row["texts"][1]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield [{**row, "length": len(row["texts"][1])}]
+
+
+class KilledJob(CaptionLengthJob):
+    def stages(self, plan: Plan) -> list:
+        return [KilledByCaption(Resources(max_actors=1))]
+
+
 def caption_shards(root, n: int, per_shard: int = 5, crash_in: int | None = None) -> list[str]:
     """Shards `<k>.tar` whose first sample's caption says "bad" (and, in shard `crash_in`, whose third says
     "crash"); returns every sample key."""
@@ -112,6 +132,14 @@ def test_a_job_built_on_the_runner_keeps_every_record_once_and_counts_its_errors
     assert summary["shards"]["already_committed"] == 3 and summary["shards"]["new"] == 2  # only what is left
     assert summary["shards"]["committed_this_run"] == 2 and summary["shards"]["incomplete"] == []
     assert_exactly_once(read_committed(str(tmp_path / "out"), RECORD), expected)
+
+
+def test_a_stage_whose_worker_keeps_dying_ends_the_run_in_one_line_naming_it(tmp_path, ray_cluster):
+    caption_shards(tmp_path / "in", 2, crash_in=1)
+    summary = run_job(KilledJob(str(tmp_path / "in"), str(tmp_path / "out")), progress=False)
+    assert summary["aborted"].startswith("KilledByCaption's worker kept dying and Ray's bound on the retries of the "
+                                         "call it was on was reached (the run stops rather than retrying forever)")
+    assert "1.tar" in summary["shards"]["incomplete"]
 
 
 def test_stages_called_without_ray_close_each_shard_with_its_marker(tmp_path):

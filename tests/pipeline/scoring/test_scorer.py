@@ -17,13 +17,14 @@ import torch
 import model
 from jobs import sample_corpus as corpus
 from pipeline.commit.markers import end_marker
-from pipeline.errors import DeviceFault
-from pipeline.runner import format_summary, run_job
-from pipeline.scoring import ScoreConfig, ScoringJob, read_scores, score_dataset
-from pipeline.scoring.device_faults import FaultJournal
+from pipeline.errors import BrokenWorker, DeviceFault
+from pipeline.runner import format_summary
+from pipeline.scoring import ScoreConfig, read_scores, score_dataset
+from pipeline.scoring.device_faults import CANARY_FAILURES_BEFORE_GIVING_UP, FaultJournal
 from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
 from pipeline.scoring.stage import ScoreStage
+from tests.support.hostile import score_with
 from tests.support.shards import assert_exactly_once, write_shards
 
 
@@ -181,17 +182,17 @@ def test_a_sample_that_faults_the_device_is_narrowed_down_on_fresh_actors(loaded
     assert journal.stats()["samples_blamed"] == 1
 
 
-def test_a_device_that_faults_on_the_canary_blames_no_sample(loaded):
-    """A broken device faults on everything, the canary too: the batch is retried (until the job's no-progress
-    timeout), and no sample is ever given an error record."""
+def test_a_device_that_faults_on_the_canary_blames_no_sample_and_ends_the_run(loaded):
+    """A broken device faults on everything, the canary too: no sample is ever given an error record, and once the
+    canary has failed CANARY_FAILURES_BEFORE_GIVING_UP times every call raises BrokenWorker (the run ends saying why,
+    rather than retrying the block forever)."""
     net, processor = loaded
     table = sample_table(8)
     journal = FaultJournal()
-    out, ended = fresh_actors(net, processor, table, journal, DEVICE_ASSERT, when=lambda ids: True)
-    assert out is None and ended == 8
+    with pytest.raises(BrokenWorker, match=r"fail on a synthetic sample \(3 times.*device-side assert"):
+        fresh_actors(net, processor, table, journal, DEVICE_ASSERT, when=lambda ids: True)
     stats = journal.stats()
-    assert stats["samples_blamed"] == 0 and stats["canary_faults"] == 8 - 2  # after the two tries as it was
-    assert journal.lookup((r["source"], r["ordinal"]) for r in table.to_pylist())[0] == {}
+    assert stats["samples_blamed"] == 0 and stats["canary_faults"] == CANARY_FAILURES_BEFORE_GIVING_UP
 
 
 def test_overlapped_preparation_gives_the_serial_scores_in_any_order(loaded):
@@ -208,25 +209,6 @@ def test_overlapped_preparation_gives_the_serial_scores_in_any_order(loaded):
     for key, record in expected.items():
         assert got[key]["score"] == record["score"] and got[key]["label"] == record["label"]
     assert max(micro_batch_max(out) for out in outputs) == 4
-
-
-class ScoringWith(ScoringJob):
-    """A scoring job whose model stage is `stage_class` (a ScoreStage that injects a fault), built with the
-    arguments the job gives its own."""
-
-    def __init__(self, config: ScoreConfig, stage_class: type[ScoreStage]):
-        super().__init__(config)
-        self.stage_class = stage_class
-
-    def model_stage(self, resources):
-        stage = super().model_stage(resources)
-        stage.__class__ = self.stage_class  # the job's own stage, arguments and all, with the fault's hooks
-        return stage
-
-
-def score_with(stage_class: type[ScoreStage], config: ScoreConfig) -> tuple[ScoringJob, dict]:
-    job = ScoringWith(config, stage_class)
-    return job, run_job(job, progress=False)
 
 
 class DeviceFaultOnce(ScoreStage):
