@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,7 +19,7 @@ from PIL import Image, ImageOps
 
 from model.config import IMAGE_TOKEN_ID, UniFilterConfig
 from model.errors import Category, SampleError
-from model.limits import DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported: the decompression-bomb guard
+from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported (bomb guard)
 
 PAD_COLOR = (127, 127, 127)  # int(255 * image_mean) for SigLIP's mean of 0.5, as LLaVA's expand2square
 
@@ -66,11 +69,86 @@ class PlannedSample:
 CHARS_PER_TOKEN_BOUND = 8
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what web corpora hold; never EPS/PS/PDF
+# Pillow allocates an image in blocks (16 MB by default). glibc serves blocks of that size from each thread's own
+# arena once its adaptive mmap threshold has grown past them, and keeps them after they are freed: six decode threads
+# then hold six big images' worth for good. Blocks above glibc's largest adaptive threshold (32 MB) are always mapped
+# and given back when freed (measured: two 8000x8000 RGBA PNGs decoded at once, 2,014 -> 1,323 MB peak).
+PILLOW_BLOCK_BYTES = 64 * 2**20
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3,
+               "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
+
+
+class DecodeBudget:
+    """Decoded-pixel bytes the decode threads of one process may hold at once for big images, shared by them (a
+    process decoding big images with six threads otherwise holds six of them). Each image reserves what decoding it
+    will take, estimated from its header before a pixel is decoded (`decode_cost`), and gives it back once it is at
+    the model's size. Big images wait for each other, in order; small ones (at most 1/16 of the budget) flow without
+    waiting, so a process holds at most the budget plus a small image per thread. An image that alone exceeds the
+    budget waits for all of it (its size is bounded by `max_image_pixels` all the same)."""
+
+    SMALL = 16  # an image costing at most capacity / SMALL never waits
+
+    def __init__(self, capacity: int = DEFAULT_DECODE_MEMORY):
+        self.capacity = capacity
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._cond = threading.Condition()
+        self.in_use = 0  # bytes the big images being decoded reserved
+        self._waiting: deque[object] = deque()  # big requests waiting, in order
+
+    def __getstate__(self):  # a processor travels to other processes with its budget's size, not its locks
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state):
+        self.capacity = state["capacity"]
+        self._init_state()
+
+    @contextmanager
+    def reserving(self) -> Iterator[Callable[[int], None]]:
+        """A function that reserves bytes (a big image's wait until they are free); all are given back at the end."""
+        held = []
+
+        def reserve(nbytes: int) -> None:
+            held.append(self._acquire(min(int(nbytes), self.capacity)))
+
+        try:
+            yield reserve
+        finally:
+            if any(held):
+                with self._cond:
+                    self.in_use -= sum(held)
+                    self._cond.notify_all()
+
+    def _acquire(self, n: int) -> int:
+        if n <= self.capacity // self.SMALL:
+            return 0
+        with self._cond:
+            ticket = object()
+            self._waiting.append(ticket)
+            self._cond.wait_for(lambda: self._waiting[0] is ticket and self.in_use + n <= self.capacity)
+            self._waiting.popleft()
+            self.in_use += n
+            self._cond.notify_all()
+            return n
+
+
+def decode_cost(img: Image.Image) -> int:
+    """Bytes decoding, converting, padding and resizing one image holds at its peak, from its header (after draft
+    scaling): the decoded pixels, an RGB copy where the mode is another, and the padded square where it is not one."""
+    width, height = img.size
+    side = max(width, height)
+    cost = width * height * _MODE_BYTES.get(img.mode, 4)
+    if img.mode != "RGB":
+        cost += width * height * 3
+    if width != height:
+        cost += side * side * 3
+    return cost
 _STRIPE_PIXELS = 2**20  # high bit depths are rescaled this many pixels at a time: float64 work of ~8 MB
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None,
-                 exif_transpose: bool = False) -> Image.Image:
+                 exif_transpose: bool = False, reserve: Callable[[int], None] | None = None) -> Image.Image:
     """Encoded bytes -> RGB image, refusing empty, non-image, corrupt and oversized (bomb) payloads, and formats
     outside `ACCEPTED_FORMATS` (Pillow would otherwise open any format it knows, and hand EPS to Ghostscript).
 
@@ -82,7 +160,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
     default leaves it off). With `draft_size`, a JPEG much larger than that is decoded at a reduced scale in the
     DCT domain (libjpeg's 1/2, 1/4, 1/8), never below `draft_size` on its long side: about 1.4x faster
     preprocessing of large photos for a mean difference under one grey level after the resize (see
-    benchmarks/preprocess_throughput.py)."""
+    benchmarks/preprocess_throughput.py). `reserve(bytes)`, when given, is called with what decoding will hold
+    (`decode_cost`) once the header is checked and before any pixel is decoded (a `DecodeBudget`'s)."""
     if not data:
         raise SampleError(Category.DECODE, "empty image payload")
     try:
@@ -95,6 +174,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
                 scale = draft_size / max(width, height)
                 img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             refuse_too_large_square(width, height, max(img.size), max_pixels)
+            if reserve is not None:
+                reserve(decode_cost(img))
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
@@ -234,6 +315,9 @@ class UniFilterProcessor:
         self._encode_texts = tokenizer.backend_tokenizer.encode_batch
         self.max_image_pixels = max_image_pixels
         self.jpeg_draft = jpeg_draft  # off by default: bit-identical to SigLIP's own preprocessing
+        self.decode_budget = DecodeBudget()  # what this process's decode threads hold at once
+        if Image.core.get_block_size() < PILLOW_BLOCK_BYTES:
+            Image.core.set_block_size(PILLOW_BLOCK_BYTES)
 
     # -- one sample ------------------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str | None], images: Sequence[ImageInput | None], kind: Kind) -> EncodedSample:
@@ -363,7 +447,9 @@ class UniFilterProcessor:
             return image
         if isinstance(image, (bytes, bytearray, memoryview)):
             draft = self.config.image_size if self.jpeg_draft else None
-            image = decode_image(bytes(image), self.max_image_pixels, draft, self.config.exif_transpose)
+            with self.decode_budget.reserving() as reserve:  # held until the image is at the model's size
+                decoded = decode_image(bytes(image), self.max_image_pixels, draft, self.config.exif_transpose, reserve)
+                return prepare_image(decoded, size)
         if not isinstance(image, Image.Image):
             raise SampleError(Category.MALFORMED, f"unsupported image value of type {type(image).__name__}")
         return prepare_image(image, size)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.limits import DEFAULT_MAX_IMAGE_PIXELS
+from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.io.samples import SourceOptions
 from pipeline.runner.resources import expects_gpu
 
@@ -64,6 +64,11 @@ class ScoreConfig(BaseModel):
                           "default: any GPU")
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1,
                                   description="larger images are errors (decompression bombs)")
+    decode_memory: int = Field(
+        DEFAULT_DECODE_MEMORY, ge=2**20,
+        description="bytes of decoded pixels a scoring actor's decode threads hold at once (each image's estimated "
+                    "from its header before it is decoded: big images wait for each other, small ones flow; an "
+                    "image larger than this is decoded alone, max_image_pixels bounding it)")
     jpeg_draft: bool = Field(
         False, description="decode large JPEGs at reduced scale (1.4x faster preprocessing, <1 grey level mean diff)")
     image_decoder: Literal["pillow", "nvjpeg"] = Field(

@@ -135,7 +135,7 @@ class ScoringJob(Job):
         threads = c.decode_threads or max(1, int(resources.num_cpus))
         return ScoreStage(resources, c.model, c.resolved_dtype(), c.token_budget, c.max_batch, threads,
                           c.max_image_pixels, c.jpeg_draft, c.resolved_compile(), self._weights,
-                          self._journal and self._journal.name, c.image_decoder)
+                          self._journal and self._journal.name, c.image_decoder, c.decode_memory)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def before_execute(self, prepared: PreparedJob) -> None:

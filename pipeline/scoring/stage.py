@@ -11,7 +11,7 @@ import sys
 
 import pyarrow as pa
 
-from model.limits import DEFAULT_MAX_IMAGE_PIXELS
+from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.errors import DeviceFault
 from pipeline.runner.stage import Resources, TableStage
 from pipeline.scoring.device_faults import (
@@ -30,13 +30,15 @@ def default_token_budget(on_gpu: bool) -> int:
 def load_scorer(model_uri: str, dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256,
                 weights: str | None = None, journal=None, decode_threads: int = 1,
                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False, compiled: bool | None = None,
-                image_decoder: str = "pillow"):
+                image_decoder: str = "pillow", decode_memory: int = DEFAULT_DECODE_MEMORY):
     """The model on this process's device (the GPU when there is one), checked against the weights the run's
     identity names, behind a `BatchScorer`; compiled on a GPU unless `compiled` says otherwise; its JPEGs decoded
-    on that device with `image_decoder="nvjpeg"` (`pipeline.scoring.gpu_decode`)."""
+    on that device with `image_decoder="nvjpeg"` (`pipeline.scoring.gpu_decode`); its decode threads holding
+    `decode_memory` bytes of decoded pixels at once (`model.processing.DecodeBudget`)."""
     import torch
 
     import model as unifilter
+    from model.processing import DecodeBudget
     from pipeline.scoring.config import resolve_dtype
     from pipeline.scoring.scorer import BatchScorer
     from pipeline.scoring.weights import check_weights
@@ -54,6 +56,7 @@ def load_scorer(model_uri: str, dtype: str = "auto", token_budget: int | None = 
                                     dtype=getattr(torch, resolve_dtype(dtype, on_gpu)))
     check_weights(model_uri, net.model_id, weights)
     processor.max_image_pixels, processor.jpeg_draft = max_image_pixels, jpeg_draft
+    processor.decode_budget = DecodeBudget(decode_memory)
     scorer = BatchScorer(net, processor, token_budget or default_token_budget(on_gpu), max_batch, decode_threads,
                          journal, image_decoder=image_decoder)
     if on_gpu if compiled is None else compiled:
@@ -72,12 +75,13 @@ class ScoreStage(TableStage):
 
     def __init__(self, resources: Resources, model_uri: str, dtype: str, token_budget: int | None, max_batch: int,
                  decode_threads: int, max_image_pixels: int, jpeg_draft: bool = False, compiled: bool | None = None,
-                 weights: str | None = None, fault_journal: str | None = None, image_decoder: str = "pillow"):
+                 weights: str | None = None, fault_journal: str | None = None, image_decoder: str = "pillow",
+                 decode_memory: int = DEFAULT_DECODE_MEMORY):
         super().__init__(resources)
         self.model_uri, self.dtype, self.token_budget, self.max_batch = model_uri, dtype, token_budget, max_batch
         self.decode_threads, self.max_image_pixels, self.jpeg_draft = decode_threads, max_image_pixels, jpeg_draft
         self.compiled, self.weights, self.fault_journal = compiled, weights, fault_journal
-        self.image_decoder = image_decoder
+        self.image_decoder, self.decode_memory = image_decoder, decode_memory
 
     def setup(self) -> None:
         from pipeline.scoring.device_faults import RemoteJournal
@@ -85,7 +89,7 @@ class ScoreStage(TableStage):
         journal = RemoteJournal(self.fault_journal) if self.fault_journal else None
         self.scorer = load_scorer(self.model_uri, self.dtype, self.token_budget, self.max_batch, self.weights, journal,
                                   self.decode_threads, self.max_image_pixels, self.jpeg_draft, self.compiled,
-                                  self.image_decoder)
+                                  self.image_decoder, self.decode_memory)
 
     def process_table(self, table: pa.Table) -> pa.Table:
         try:

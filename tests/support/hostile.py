@@ -177,3 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def rgba_png(side: int) -> bytes:
+    """A side x side RGBA PNG that compresses to almost nothing and decodes to side^2 x 4 bytes (the probe's ten
+    8000x8000 RGBA PNGs, scaled down)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (side, side), (10, 200, 30, 128)).save(buf, "PNG")
+    return buf.getvalue()
