@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from model.config import IMAGE_TOKEN_ID, UniFilterConfig
 from model.errors import Category, SampleError
-from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported (bomb guard)
+from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS, images_seen  # noqa: F401 - re-exported
 
 PAD_COLOR = (127, 127, 127)  # int(255 * image_mean) for SigLIP's mean of 0.5, as LLaVA's expand2square
 
@@ -318,6 +318,11 @@ class UniFilterProcessor:
         self.decode_budget = DecodeBudget()  # what this process's decode threads hold at once
         if Image.core.get_block_size() < PILLOW_BLOCK_BYTES:
             Image.core.set_block_size(PILLOW_BLOCK_BYTES)
+
+    @property
+    def images_seen(self) -> int:
+        """The most images a sample brings to the model (`model.limits.drop_unseen_images` drops the rest early)."""
+        return images_seen(self.config.max_images, self.config.max_tokens, self.config.tokens_per_image)
 
     # -- one sample ------------------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str | None], images: Sequence[ImageInput | None], kind: Kind) -> EncodedSample:

@@ -126,7 +126,8 @@ class ScoringJob(Job):
         from pipeline.scoring.reading import ReadStage
 
         c = self.config
-        return [ReadStage(plan.stages["read"], c.format, c.source), self.model_stage(plan.stages["score"])]
+        reader = ReadStage(plan.stages["read"], c.format, c.source, images_seen=self.processor.images_seen)
+        return [reader, self.model_stage(plan.stages["score"])]
 
     def model_stage(self, resources: Resources) -> Stage:
         from pipeline.scoring.stage import ScoreStage

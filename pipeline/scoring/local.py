@@ -31,7 +31,7 @@ def score_shards(input_uri: str, fmt: str, scorer, options: SourceOptions | None
     `scorer` (a `BatchScorer`, e.g. from `pipeline.scoring.stage.load_scorer`) in calls of `rows_per_call` rows
     (default 4 x its max_batch, as the job hands its actors): one table of score records per shard, every sample
     of it exactly once. A shard that cannot be read raises `ShardFault` (a fault, never error records)."""
-    reader = ReadStage(Resources(), fmt, options or SourceOptions())
+    reader = ReadStage(Resources(), fmt, options or SourceOptions(), images_seen=scorer.processor.images_seen)
     per_call = rows_per_call or 4 * scorer.max_batch
     for shard in list_shards(input_uri, fmt).shards:
         read = pa.concat_tables(reader(pa.Table.from_pylist(shard_rows([[shard]]))))

@@ -187,3 +187,32 @@ def rgba_png(side: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGBA", (side, side), (10, 200, 30, 128)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def random_document(rng, positions: int) -> tuple[list, list]:
+    """Parallel texts and images of a random layout: images (stand-in bytes: planning never decodes them), texts
+    short, long (past the token limit) or blank, and now and then a position that holds both or neither."""
+    texts, images = [], []
+    for k in range(positions):
+        r = rng.random()
+        if r < 0.45:
+            texts.append(None)
+            images.append(f"image-{k}".encode())
+        elif r < 0.97:
+            words = rng.choice([0, 1, 5, 40, 900])
+            texts.append(" ".join(rng.choice(["cat", "on", "a", "mat", "sunlit"]) for _ in range(words)) or "  ")
+            images.append(None)
+        else:
+            texts.append(None if r < 0.985 else "both")
+            images.append(None if r < 0.985 else b"both")
+    return texts, images
+
+
+def many_image_document(n_images: int, image_bytes: int = 6000, image: bytes | None = None) -> tuple[list, list]:
+    """A document of `n_images` images (`image`, else `image_bytes` of stand-in bytes each) with a line of text
+    before each: the probe's 300-image document that shipped 2 MB per sample though the model sees 16 of them."""
+    texts, images = [], []
+    for k in range(n_images):
+        texts += [f"paragraph {k} about the picture below", None]
+        images += [None, image or bytes([k % 251]) * image_bytes]
+    return texts, images
