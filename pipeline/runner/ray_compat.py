@@ -6,6 +6,7 @@
 - `autoscaler_max_resources`: what the cluster's autoscaler can start.
 - `retry_bounds_allowed`: Ray Data's retries bounded without a deprecation warning on every run.
 - `own_error`: the project's error a stage raised, from under Ray's wrappings.
+- `calls_bounded_in_bytes`, `calls_unbounded`: Ray Data's calls bounded in bytes as well as rows.
 - `worker_exit`, `actor_death`: how Ray saw a dead worker process end; one line for an actor Ray gave up on.
 
 Restartable actors. Ray Data creates each actor of an actor pool with its data context and UDF as object references
@@ -212,3 +213,44 @@ def retry_bounds_allowed():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
         yield
+
+
+_CALL_BYTES: dict = {"bound": None, "blocks": None}  # the bound in place, and the block size it replaced
+
+
+def calls_bounded_in_bytes(max_bytes: int) -> None:
+    """Bound each call of this process's Ray Data stages in bytes as well as rows, until `calls_unbounded()`.
+
+    Ray Data gathers a stage's input blocks into one task until they hold `batch_size` rows, whatever their bytes
+    (1,024 documents of 2 MB make a call of 2 GB), and the blocks a stage hands on are up to
+    `DataContext.target_max_block_size` (128 MiB). Here a task's blocks are gathered only until they hold
+    `max_bytes` (or the rows), and blocks are cut at `max_bytes` where that is less: a call of big rows has fewer of
+    them, and rows of ordinary size fill `batch_size` as before. The gathering is decided on the driver, by Ray
+    Data's `EstimateSize` rebundling strategy: its one method is wrapped (once; inert while no bound is set)."""
+    from ray.data import DataContext
+    from ray.data._internal.execution.bundle_queue.bundler import EstimateSize
+
+    original = EstimateSize.can_build_ready_bundle
+    if not hasattr(original, "unbounded"):
+        @functools.wraps(original)
+        def can_build_ready_bundle(self, state):
+            bound = _CALL_BYTES["bound"]
+            full = bound is not None and self._min_rows_per_bundle is not None and state.size_bytes >= bound
+            return original(self, state) or (state.num_rows > 0 and full)
+
+        can_build_ready_bundle.unbounded = original
+        EstimateSize.can_build_ready_bundle = can_build_ready_bundle
+    ctx = DataContext.get_current()
+    if _CALL_BYTES["bound"] is None:
+        _CALL_BYTES["blocks"] = ctx.target_max_block_size
+    _CALL_BYTES["bound"] = max_bytes
+    ctx.target_max_block_size = min(_CALL_BYTES["blocks"] or max_bytes, max_bytes)
+
+
+def calls_unbounded() -> None:
+    """Ray Data's own gathering and block size again."""
+    from ray.data import DataContext
+
+    if _CALL_BYTES["bound"] is not None:
+        DataContext.get_current().target_max_block_size = _CALL_BYTES["blocks"]
+        _CALL_BYTES["bound"] = None

@@ -79,6 +79,11 @@ class ScoreConfig(BaseModel):
     batch_size: int | None = Field(
         None, ge=1, description="rows handed to a scoring actor per call; default 4 x max_batch, so micro-batches "
                                 "fill up to max_batch or the token budget")
+    call_bytes: int = Field(
+        128 * 2**20, ge=2**20,
+        description="bytes of samples handed to a scoring actor per call, besides batch_size rows: calls of big "
+                    "samples (documents) have fewer rows, captions fill batch_size as before; a call holds at most "
+                    "about twice this")
     token_budget: int | None = Field(
         None, ge=64, description="padded tokens per forward pass (rows x longest); default 32768 on GPU, 8192 on CPU")
     max_batch: int = Field(256, ge=1, description="most samples per forward pass")

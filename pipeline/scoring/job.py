@@ -54,7 +54,7 @@ class ScoringJob(Job):
         self._lowered: dict[str, dict] = {}  # token budgets lowered after out-of-memory errors, by actor
         self._scored = self._truncated = 0
         self._journal, self._device_faults, self._weights = None, {}, None
-        self._received = {"bytes": 0, "samples": 0}  # what crossed to the scoring actors
+        self._received = {"bytes": 0, "samples": 0, "largest_call": 0}  # what crossed to the scoring actors
         self._compile_s: dict[str, float] = {}  # time each actor spent compiling
 
     # -- before Ray --------------------------------------------------------------------------------------------
@@ -142,11 +142,16 @@ class ScoringJob(Job):
     def before_execute(self, prepared: PreparedJob) -> None:
         self._weights = prepared.spec.identity["model"].get("weights")
         if prepared.todo:
+            from pipeline.runner.ray_compat import calls_bounded_in_bytes
             from pipeline.scoring.device_faults import JournalActor
 
+            calls_bounded_in_bytes(self.config.call_bytes)
             self._journal = JournalActor()
 
     def after_execute(self, prepared: PreparedJob, result: RunResult) -> None:
+        from pipeline.runner.ray_compat import calls_unbounded
+
+        calls_unbounded()
         if self._journal is not None:
             try:
                 self._device_faults = self._journal.stats()
@@ -162,6 +167,7 @@ class ScoringJob(Job):
         for call in batch.column("call").drop_null().to_pylist():
             self._received["bytes"] += call["bytes"]
             self._received["samples"] += call["samples"]
+            self._received["largest_call"] = max(self._received["largest_call"], call["bytes"])
             if call["compile_s"] is not None:
                 self._compile_s[call["actor"]] = call["compile_s"]
 
@@ -194,7 +200,7 @@ class ScoringJob(Job):
         samples = result.committer.samples if result.committer else 0
         received = self._received
         return {"transfer_bytes_per_sample": round(received["bytes"] / received["samples"]) if received["samples"]
-                else None,
+                else None, "largest_call_bytes": received["largest_call"] or None,
                 "input_bytes_per_sample": round(sum(sizes) / samples) if samples and sizes and None not in sizes
                 else None}
 
