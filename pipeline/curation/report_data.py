@@ -31,6 +31,7 @@ from pipeline.curation.select import kept_records
 from pipeline.curation.thresholds import KINDS, Thresholds, kept_curve
 from pipeline.io.listing import Shard
 from pipeline.io.samples import SourceOptions, read_samples
+from pipeline.runner.deaths import TASK_RETRIES
 
 EXCERPT_CHARS = 600
 _COLUMNS = ["id", "source", "kind", "score", "label", "truncated", "n_images"]
@@ -108,7 +109,7 @@ def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict
     return found
 
 
-_fetch = ray.remote(num_cpus=1)(fetch_examples)
+_fetch = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(fetch_examples)
 
 
 def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,

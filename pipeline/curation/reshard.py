@@ -27,12 +27,13 @@ import pyarrow.parquet as pq
 
 from pipeline.curation.filters import TAR_FORMATS, Filters, sidecar_uri
 from pipeline.curation.select import SHARDS_DIR, kept_records
-from pipeline.errors import Category, ShardFault
+from pipeline.errors import BrokenWorker, Category, ShardFault
 from pipeline.io.files import open_shard
 from pipeline.io.listing import Shard
 from pipeline.io.publish import publish_file, read_json, write_json
 from pipeline.io.samples import SourceOptions, tar_samples_by_id
 from pipeline.io.uris import filesystem_for, join
+from pipeline.runner.deaths import TASK_RETRIES
 
 PLAN = "_reshard_plan.json"
 _FIELDS = ("source", "input", "ordinal", "id", "score", "label")  # one planned sample, as a JSON list
@@ -211,18 +212,23 @@ def reshard(config, shards: list[Shard], filters: Filters, thresholds: dict) -> 
     import ray
 
     n, output = config.samples_per_shard, config.output
-    kept_task = ray.remote(num_cpus=1)(kept_of)
+    kept_task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(kept_of)
     refs = [kept_task.remote({"uri": s.uri, "key": s.key, "aux": s.aux, "fmt": s.aux_format}, filters, thresholds,
                              config.per_kind) for s in shards]
     kept: dict[str, list[list]] = {}
     for shard, ref in zip(shards, refs):
-        kept.setdefault(shard.aux_format, []).extend(ray.get(ref))
+        try:
+            kept.setdefault(shard.aux_format, []).extend(ray.get(ref))
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as err:
+            raise BrokenWorker(f"resharding: its worker died {TASK_RETRIES + 1} times on the score file {shard.key} "
+                               f"(killed for memory or crashed) and Ray's retries are spent ({type(err).__name__})"
+                               ) from None
     plan_uri = join(output, SHARDS_DIR, PLAN)
     old = read_json(plan_uri, remedy="delete shards/ and rerun")
     plan = extend_plan(old, kept, n)
     if plan != old:
         write_json(plan_uri, plan)
-    write_task = ray.remote(num_cpus=1)(write_shard)
+    write_task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(write_shard)
     pending = {}
     for fmt, planned in plan["formats"].items():
         for number, samples in enumerate(planned):

@@ -95,7 +95,6 @@ class CallInFlight:
 
 def score_call(scorer, batch: pa.Table, rows: list[int], keys: list[Key]) -> tuple[list, dict[int, dict | str]]:
     """The planned samples (by batch row) and {row: record fields or error reason} for the rows of one call."""
-    samples = tuple(batch.column(name).to_pylist() for name in ("texts", "images", "kind"))
     planned: list = [None] * batch.num_rows
     call = CallInFlight(scorer.journal, scorer.worker, rows, keys)
     cleared: list[Key] = []  # suspects that passed alone in this call
@@ -106,11 +105,11 @@ def score_call(scorer, batch: pa.Table, rows: list[int], keys: list[Key]) -> tup
         rest = [row for row in rows if row not in call.blamed and row not in call.narrowed]
         if call.narrowed:
             with scorer.gate.exclusive():
-                rest += _narrow(scorer, call, samples, planned, results, cleared)
+                rest += _narrow(scorer, call, batch, planned, results, cleared)
         with scorer.gate.shared():
             todo = [row for row in rest if planned[row] is None]
             call.now("plan", todo)
-            results.update(scorer.plan_rows(samples, todo, planned))
+            results.update(scorer.plan_rows(batch, todo, planned))
             results.update(scorer.score_planned(planned, [row for row in rest if planned[row] is not None], call))
             _check_not_all_failed({row: result for row, result in results.items() if planned[row] is not None})
             call.end()  # before the gate opens: nothing of this call is in flight any more
@@ -124,7 +123,7 @@ def score_call(scorer, batch: pa.Table, rows: list[int], keys: list[Key]) -> tup
     return planned, results
 
 
-def _narrow(scorer, call: CallInFlight, samples: tuple, planned: list, results: dict, cleared: list[Key]) -> list[int]:
+def _narrow(scorer, call: CallInFlight, batch: pa.Table, planned: list, results: dict, cleared: list[Key]) -> list[int]:
     """Suspects at the bound, each alone once the canary has shown that the worker works: planned alone and, when
     their faults came after planning, decoded and scored alone. Returns the rows that only needed planning alone
     (the rest of the call scores them)."""
@@ -132,7 +131,7 @@ def _narrow(scorer, call: CallInFlight, samples: tuple, planned: list, results: 
     back = []
     for row, phase in call.narrowed.items():
         call.now(ALONE + "plan", [row])
-        results.update(scorer.plan_rows(samples, [row], planned))
+        results.update(scorer.plan_rows(batch, [row], planned))
         if planned[row] is not None and phase == "plan":
             back.append(row)
             continue

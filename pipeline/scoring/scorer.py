@@ -108,14 +108,14 @@ class BatchScorer:
         planned, results = narrowing.score_call(self, batch, rows, keys)
         return self._output(columns, n, planned, results, batch.nbytes, len(rows))
 
-    def plan_rows(self, samples: tuple[list, list, list], rows: list[int], planned: list) -> dict[int, str]:
+    def plan_rows(self, batch: pa.Table, rows: list[int], planned: list) -> dict[int, str]:
         """Each row's layout and tokens into `planned` (its images not decoded yet); the errors of those that fail.
-        `samples`: the call's texts, images and kinds."""
-        texts, images, kinds = samples
+        Each row is taken out of Arrow as it is planned, not the whole call before anything of it is in flight."""
+        texts, images, kinds = (batch.column(name) for name in ("texts", "images", "kind"))
         errors: dict[int, str] = {}
         for i in rows:
             try:
-                planned[i] = self.processor.plan(texts[i], images[i], kinds[i])
+                planned[i] = self.processor.plan(texts[i].as_py(), images[i].as_py(), kinds[i].as_py())
             except Exception as err:  # noqa: BLE001 - never lose a sample to an unforeseen failure: record it
                 errors[i] = sample_reason(err)
         return errors
