@@ -126,7 +126,8 @@ class ScoringJob(Job):
         from pipeline.scoring.reading import ReadStage
 
         c = self.config
-        reader = ReadStage(plan.stages["read"], c.format, c.source, images_seen=self.processor.images_seen)
+        seen = self.processor.images_seen if self.processor is not None else None  # known once spec() has run
+        reader = ReadStage(plan.stages["read"], c.format, c.source, images_seen=seen)
         return [reader, self.model_stage(plan.stages["score"])]
 
     def model_stage(self, resources: Resources) -> Stage:

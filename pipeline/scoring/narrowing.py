@@ -87,10 +87,12 @@ class CallInFlight:
     def now(self, phase: str, rows: list[int]) -> None:
         """What is in flight from here on: `rows` in `phase` (see `FaultJournal.in_flight`)."""
         self.alone = rows[0] if phase.startswith(ALONE) else None
-        self.journal.in_flight(self.worker, self.id, phase, [self._position[row] for row in rows])
+        if self.rows:  # a call of marker rows and errors only has nothing to tell
+            self.journal.in_flight(self.worker, self.id, phase, [self._position[row] for row in rows])
 
     def end(self) -> None:
-        self.journal.end(self.worker, self.id)
+        if self.rows:
+            self.journal.end(self.worker, self.id)
 
 
 def score_call(scorer, batch: pa.Table, rows: list[int], keys: list[Key]) -> tuple[list, dict[int, dict | str]]:
