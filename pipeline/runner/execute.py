@@ -135,11 +135,11 @@ def _stream(prepared: PreparedJob, stages: list[Stage], committer: ShardCommitte
 def aborted_because(err: BaseException) -> str:
     """One line saying why the pipeline stopped: the innermost cause, not Ray's wrapping of it."""
     text = str(err)
-    said = own_error(text) or actor_death(err)  # a stage's own error, or Ray's bound on restarts reached
-    if said:
-        return said
     cause = first_cause(text) or type(err).__name__
     if "creation task" in text or "during initialization" in text:  # actors whose constructor raised
         stage = re.search(r"MapBatches\((\w+)\)", text)
         return f"{stage.group(1) if stage else 'the stage'}'s actors failed at start-up: {cause}"
+    said = own_error(text) or actor_death(err)  # a stage's own error, or Ray's bound on restarts reached
+    if said:
+        return said
     return cause if cause.startswith(type(err).__name__) or "Error" in cause else f"{type(err).__name__}: {cause}"
