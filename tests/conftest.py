@@ -102,7 +102,8 @@ def ray_cluster(s3_endpoint):
     Yields the GCS address, so subprocess jobs can join it through RAY_ADDRESS."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # address="local": always a new instance of this session's own, never one that `ray start` left on this host
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

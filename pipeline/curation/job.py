@@ -93,15 +93,13 @@ class CurationJob(Job):
     def dry_run_lines(self, prepared: PreparedJob) -> list[str]:
         """What a run would do, with the exact thresholds of the rule and of the sweep: Ray runs the two counting
         passes; no lease is taken and nothing is written."""
-        from pipeline.runner.cluster import connect
-
         c = self.config
         keys = list(dict.fromkeys(s.key for s in prepared.todo))
         entries = read_manifest(c.scores, field="scores")
         records = sum(entries[k].get("records", 0) for k in keys if k in entries)
         scored = len(dict.fromkeys(s.key for s in prepared.shards))
-        connect(False, self.name)
-        self.thresholds = compute_thresholds(c, prepared.shards, self.filters, sweep=c.sweep_values)
+        self.executor.connect(False, self.name)
+        self.thresholds = compute_thresholds(c, prepared.shards, self.filters, self.executor, sweep=c.sweep_values)
         cuts = ", ".join(f"{k} {'none kept' if v is None else f'{v:.4f}'}" for k, v in self.thresholds.as_dict().items())
         return [
             f"UniFilter curation, dry run (no lease taken, nothing written): {c.scores} -> {c.output}",
@@ -127,7 +125,7 @@ class CurationJob(Job):
     def before_execute(self, prepared: PreparedJob) -> None:
         """The threshold passes, under the lease: two jobs on one output never both make them."""
         sweep = self.config.sweep_values if self.config.report else None  # the report compares the rule with them
-        self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters, sweep=sweep)
+        self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters, self.executor, sweep=sweep)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))
 
@@ -141,7 +139,7 @@ class CurationJob(Job):
             return
         from pipeline.curation.reshard import reshard
 
-        self.resharded = reshard(self.config, prepared.shards, self.filters, self.thresholds.by_group)
+        self.resharded = reshard(self.config, prepared.shards, self.filters, self.thresholds.by_group, self.executor)
         for name, reason in self.resharded["incomplete"].items():
             result.incomplete[f"shards/{name}"] = reason
 
@@ -209,7 +207,8 @@ class CurationJob(Job):
         """The HTML report of this run (`report`: its folder); returns its URI."""
         from pipeline.curation.report_data import write_curation_report
 
-        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary, self.filters)
+        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary, self.filters,
+                                     self.executor)
 
 
 def _totals(entries: list[dict]) -> tuple[dict[str, Counter], dict[str, dict], int]:

@@ -67,10 +67,13 @@ def _pass_two(batch: pa.Table, filters: Filters, bins: dict[str, list[int]], edg
                                 for row in batch.to_pylist()]})
 
 
-def _run(shards: list[Shard], fn, **kwargs) -> list[dict]:
+def _run(shards: list[Shard], executor, fn, **kwargs) -> list[dict]:
+    """`fn` over every score file: a Ray Data task each on Ray, one after another in this process."""
+    items = [{"uri": s.uri, "aux": s.aux, "fmt": s.aux_format, "key": s.key} for s in shards]
+    if executor.name == "local":
+        return [row for item in items for row in fn(pa.Table.from_pylist([item]), **kwargs).to_pylist()]
     import ray
 
-    items = [{"uri": s.uri, "aux": s.aux, "fmt": s.aux_format, "key": s.key} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow").take_all()
 
@@ -98,9 +101,9 @@ def _cut_bin(cut) -> int | None:
     return None if cut is None else cut[0] if isinstance(cut, tuple) else cut >> 16
 
 
-def compute_thresholds(config, shards: list[Shard], filters: Filters, sweep: list[float] | None = None
+def compute_thresholds(config, shards: list[Shard], filters: Filters, executor, sweep: list[float] | None = None
                        ) -> Thresholds:
-    """Two passes of Ray Data over the score files: the exact thresholds of the rule (and of every value of
+    """Two passes over the score files (on Ray Data, or in this process with the local executor): the exact thresholds of the rule (and of every value of
     `sweep`, in the rule's unit), how many records each keeps per kind, and the histograms on the way."""
     rule = "min_score" if config.min_score is not None else "keep_fraction"
     value = config.min_score if rule == "min_score" else config.keep_fraction
@@ -108,14 +111,14 @@ def compute_thresholds(config, shards: list[Shard], filters: Filters, sweep: lis
     if rule == "min_score" and not config.report and sweep is None:
         cut = float(np.float32(config.min_score))
         return Thresholds({name: cut for name in groups}, {}, Counter())
-    rows = _run(shards, _pass_one, filters=filters)
+    rows = _run(shards, executor, _pass_one, filters=filters)
     counts, errors = merge_pass_one(rows)
     values = list(dict.fromkeys([value, *(sweep or [])]))
     cuts = {v: {g: _cut(counts.get(g, KindCounts()), rule, v) for g in groups} for v in values}
     wanted = sorted({b for by_group in cuts.values() for c in by_group.values() if (b := _cut_bin(c)) is not None})
     edges = {kind: plot_edges(counts[kind], config.histogram_bins) for kind in KINDS
              if kind in counts and counts[kind].scored}
-    low, plots = _resolve(_run(shards, _pass_two, filters=filters, bins={g: wanted for g in (*KINDS, ALL)},
+    low, plots = _resolve(_run(shards, executor, _pass_two, filters=filters, bins={g: wanted for g in (*KINDS, ALL)},
                                edges=edges), edges)
     resolved = {v: {g: _threshold(c, low.get(g, {})) for g, c in by_group.items()} for v, by_group in cuts.items()}
     table = [_sweep_row(v, resolved[v], counts, low, config.per_kind) for v in values]

@@ -205,36 +205,32 @@ def _read_rows(input_uri: str, wanted: list[int], options: SourceOptions) -> tup
     return (pa.concat_tables(parts) if parts else schema.empty_table()), found
 
 
-def reshard(config, shards: list[Shard], filters: Filters, thresholds: dict) -> dict:
+def reshard(config, shards: list[Shard], filters: Filters, thresholds: dict, executor) -> dict:
     """Plan (or read the plan back, extended with samples kept since) and write every shard not yet written, one
-    Ray task each; returns {"shards": {format: count}, "written_now", "incomplete": {shard: reason}}."""
-    import ray
-
+    task each (on Ray, or in this process); returns {"shards": {format: count}, "written_now", "incomplete":
+    {shard: reason}}."""
     n, output = config.samples_per_shard, config.output
-    kept_task = ray.remote(num_cpus=1)(kept_of)
-    refs = [kept_task.remote({"uri": s.uri, "key": s.key, "aux": s.aux, "fmt": s.aux_format}, filters, thresholds,
-                             config.per_kind) for s in shards]
+    calls = [({"uri": s.uri, "key": s.key, "aux": s.aux, "fmt": s.aux_format}, filters, thresholds, config.per_kind)
+             for s in shards]
     kept: dict[str, list[list]] = {}
-    for shard, ref in zip(shards, refs):
-        kept.setdefault(shard.aux_format, []).extend(ray.get(ref))
+    for shard, outcome in zip(shards, executor.tasks(kept_of, calls)):
+        if outcome.error is not None:
+            raise outcome.error
+        kept.setdefault(shard.aux_format, []).extend(outcome.value)
     plan_uri = join(output, SHARDS_DIR, PLAN)
     old = read_json(plan_uri, remedy="delete shards/ and rerun")
     plan = extend_plan(old, kept, n)
     if plan != old:
         write_json(plan_uri, plan)
-    write_task = ray.remote(num_cpus=1)(write_shard)
     pending = {}
     for fmt, planned in plan["formats"].items():
         for number, samples in enumerate(planned):
             uri = shard_uri(output, fmt, number)
             if samples and not is_written(uri):
-                pending[f"{fmt}/{number:05d}"] = write_task.remote(fmt, samples, uri, config.source.model_dump())
+                pending[f"{fmt}/{number:05d}"] = (fmt, samples, uri, config.source.model_dump())
     incomplete = {}
-    for name, ref in pending.items():
-        try:
-            ray.get(ref)
-        except Exception as err:  # noqa: BLE001 - a fault: the shard stays unwritten, named, and a rerun writes it
-            cause = getattr(err, "cause", None) or err
-            incomplete[name] = str(cause).strip().splitlines()[-1][:300]
+    for name, outcome in zip(pending, executor.tasks(write_shard, pending.values())):
+        if outcome.error is not None:  # a fault: the shard stays unwritten, named, and a rerun writes it
+            incomplete[name] = str(outcome.error).strip().splitlines()[-1][:300]
     return {"samples_per_shard": n, "shards": {fmt: len(p) for fmt, p in plan["formats"].items()},
             "written_now": len(pending) - len(incomplete), "incomplete": incomplete}

@@ -1,5 +1,5 @@
-"""Running a claimed job's stages on Ray Data: the shards still to do, packed into calls, streamed through the
-stages, each shard committed as its records complete. Whatever ends the run, what is committed stays committed,
+"""Running a claimed job's stages (on Ray or in this process: `pipeline.runner.executors`): the shards still to
+do, packed into calls, streamed through the stages, each shard committed as its records complete. Whatever ends the run, what is committed stays committed,
 the commit records are consolidated where they can be, and the reasons the others were not are kept."""
 
 from __future__ import annotations
@@ -11,73 +11,21 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from pipeline.commit.committer import ShardCommitter
-from pipeline.io.listing import Shard
-from pipeline.io.uris import storage_env
+from pipeline.runner.executors import LocalExecutor, RayExecutor
 from pipeline.runner.job import PreparedJob, RunResult
 from pipeline.runner.progress import Progress
 from pipeline.runner.ray_compat import first_cause, pass_actor_arguments_by_value
-from pipeline.runner.stage import Stage, StageActor, shard_rows
-
-# Shards are handed to the first stage in calls of about this many bytes (small shards share a call; the fixed
-# cost of a call is paid once per group), and never more than this many shards per call.
-CALL_BYTES = 256 * 2**20
-CALL_SHARDS = 64
+from pipeline.runner.stage import Stage
 
 
-def shard_groups(shards: list[Shard], workers: int = 1) -> list[list[Shard]]:
-    """Shards packed into first-stage calls by size (small shards share a call and its fixed cost), yet at least
-    four calls per worker where there are enough shards, so every worker has work. Unknown sizes count as full."""
-    known = [s.size for s in shards if s.size is not None]
-    spread = (sum(known) // max(1, 4 * workers)) if known and len(known) == len(shards) else CALL_BYTES
-    target = max(1, min(CALL_BYTES, spread))
-    groups, current, size = [], [], 0
-    for s in shards:
-        weight = s.size if s.size is not None else CALL_BYTES
-        if current and (size + weight > target or len(current) >= CALL_SHARDS):
-            groups.append(current)
-            current, size = [], 0
-        current.append(s)
-        size += weight
-    if current:
-        groups.append(current)
-    return groups
-
-
-def actor_class(stage: Stage) -> type:
-    """The Ray Data actor class of a stage, named after it (Ray's process titles and errors then say
-    `MapBatches(ScoreStage)`)."""
-    return type(type(stage).__name__, (StageActor,), {"__module__": StageActor.__module__})
-
-
-def dataset(shards: list[Shard], stages: list[Stage]):
-    """The Ray Dataset of `stages` over `shards` (the first stage reads them)."""
-    import ray
-
-    groups = shard_groups(shards, stages[0].resources.max_actors)
-    ds = ray.data.from_items(shard_rows(groups), override_num_blocks=len(groups))
-    env = storage_env()  # workers read and write object storage too
-    extra = {"runtime_env": {"env_vars": env}} if env else {}
-    for stage in stages:
-        r = stage.resources
-        placement = {k: v for k, v in (("accelerator_type", r.accelerator_type), ("resources", r.custom)) if v}
-        ds = ds.map_batches(
-            actor_class(stage), fn_constructor_kwargs={"stage": stage}, batch_format="pyarrow",
-            batch_size=r.batch_size if stage is not stages[0] else 1,
-            compute=ray.data.ActorPoolStrategy(
-                min_size=r.min_actors, max_size=r.max_actors, max_concurrent_calls_per_actor=r.concurrent_calls,
-                enable_true_multi_threading=r.concurrent_calls > 1),
-            num_cpus=r.num_cpus, num_gpus=r.num_gpus or None, **placement, **extra,
-        )
-    return ds
-
-
-def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
+def execute(prepared: PreparedJob, stages: list[Stage], executor: RayExecutor | LocalExecutor, progress: bool = True,
             on_batch: Callable[[pa.Table], None] | None = None,
             on_records: Callable[[pa.Table], None] | None = None) -> RunResult:
     """Run the stages over the shards still to do; commit as records complete. A shard whose writes keep failing
     stays uncommitted and the run goes on."""
     spec = prepared.spec
-    pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (ray_compat)
+    if executor.name == "ray":
+        pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (ray_compat)
     bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress)
     uris = {s.key: s.uri for s in prepared.todo}
     committer = ShardCommitter(
@@ -88,7 +36,10 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
     result = RunResult(committer)
     if prepared.todo:
         try:
-            _stream(prepared, stages, committer, on_batch)
+            for batch in executor.batches(prepared.todo, stages, spec.no_progress_timeout_s):
+                if on_batch is not None:
+                    on_batch(batch)
+                committer.add(batch)
         except Exception as err:  # a stalled or failed pipeline, a lost lease: what is committed stays committed
             result.aborted = aborted_because(err)
         except KeyboardInterrupt:  # Ctrl-C: stop reading, keep what is committed, end with the summary
@@ -109,19 +60,6 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
                 f"not reached: the run ended ({result.aborted})" if result.aborted else "not reached")
     result.ended = time.time()
     return result
-
-
-def _stream(prepared: PreparedJob, stages: list[Stage], committer: ShardCommitter,
-            on_batch: Callable[[pa.Table], None] | None) -> None:
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = False
-    ctx.execution_no_progress_timeout_s = prepared.spec.no_progress_timeout_s
-    for batch in dataset(prepared.todo, stages).iter_batches(batch_format="pyarrow", batch_size=None):
-        if on_batch is not None:
-            on_batch(batch)
-        committer.add(batch)
 
 
 def aborted_because(err: BaseException) -> str:

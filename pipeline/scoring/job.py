@@ -54,6 +54,7 @@ class ScoringJob(Job):
         self._lowered: dict[str, dict] = {}  # token budgets lowered after out-of-memory errors, by actor
         self._scored = self._truncated = 0
         self._journal, self._device_faults, self._weights = None, {}, None
+        self._journal_handle = None  # what the scoring stage reaches the journal by (its name on Ray)
         self._received = {"bytes": 0, "samples": 0}  # what crossed to the scoring actors
         self._compile_s: dict[str, float] = {}  # time each actor spent compiling
 
@@ -135,23 +136,28 @@ class ScoringJob(Job):
         threads = c.decode_threads or max(1, int(resources.num_cpus))
         return ScoreStage(resources, c.model, c.resolved_dtype(), c.token_budget, c.max_batch, threads,
                           c.max_image_pixels, c.jpeg_draft, c.resolved_compile(), self._weights,
-                          self._journal and self._journal.name, c.image_decoder)
+                          self._journal_handle, c.image_decoder)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def before_execute(self, prepared: PreparedJob) -> None:
         self._weights = prepared.spec.identity["model"].get("weights")
         if prepared.todo:
-            from pipeline.scoring.device_faults import JournalActor
+            from pipeline.scoring.device_faults import FaultJournal, JournalActor
 
-            self._journal = JournalActor()
+            if self.executor.name == "ray":  # a named actor the scoring actors reach by its name
+                self._journal = JournalActor()
+                self._journal_handle = self._journal.name
+            else:  # the stages run in this process: the journal itself
+                self._journal = self._journal_handle = FaultJournal()
 
     def after_execute(self, prepared: PreparedJob, result: RunResult) -> None:
         if self._journal is not None:
             try:
                 self._device_faults = self._journal.stats()
             finally:
-                self._journal.stop()
-                self._journal = None
+                if self._journal is not self._journal_handle:  # the run's named actor
+                    self._journal.stop()
+                self._journal = self._journal_handle = None
 
     def on_batch(self, batch: pa.Table) -> None:
         sizes = batch.column("micro_batch").drop_null()
