@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,22 +12,12 @@ import model
 from model.config import IMAGE_TOKEN_ID
 from model.processing import PAD_COLOR, SampleError, decode_image, prepare_image
 from tests.conftest import jpeg_bytes
+from tests.support.images import huge_png_header
 
 
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
     return model.load(tiny_checkpoint)[1]
-
-
-def huge_png_header(width=20000, height=20000) -> bytes:
-    """A PNG whose header claims width x height pixels (a decompression bomb), made without allocating it."""
-    buf = io.BytesIO()
-    Image.new("L", (8, 8)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
-    return bytes(data)
 
 
 @pytest.mark.parametrize("payload, reason", [
