@@ -3,7 +3,6 @@ as a subprocess paused at a chosen commit, and waiting for that point."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -20,9 +19,10 @@ def run_main(main, argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def paused_job(module: str, argv: list, marker: Path, env: dict, after: int = 1, **popen) -> subprocess.Popen:
-    """`python -m MODULE ARGV` as a subprocess whose driver pauses after its `after`-th commit (`marker` appears;
-    `release(marker)` lets it go on): `tests.support.paused_job`."""
+def paused_job(module: str, argv: list, marker: Path, env: dict, after: int | str = 1, **popen) -> subprocess.Popen:
+    """`python -m MODULE ARGV` as a subprocess whose driver pauses after its `after`-th commit (or `N:module.function`:
+    that function's N-th call in the driver) (`marker` appears; `release(marker)` lets it go on):
+    `tests.support.paused_job`."""
     cmd = [sys.executable, "-m", "tests.support.paused_job", str(after), str(marker), module, *map(str, argv)]
     return subprocess.Popen(cmd, env=env, **popen)
 
@@ -42,7 +42,3 @@ def wait_for(marker: Path, job: subprocess.Popen, timeout: float = 240) -> None:
 
 def release(marker: Path) -> None:
     Path(f"{marker}.release").touch()
-
-
-def kill_group(job: subprocess.Popen, sig: int) -> None:
-    os.kill(job.pid, sig)

@@ -14,7 +14,7 @@ from jobs import curate as curate_cli
 from pipeline.curation import thresholds as selection
 from pipeline.curation import where
 from pipeline.errors import ConfigFieldError
-from tests.pipeline.curation.test_curation import curate, fake_scores, selected
+from tests.support.curation import curate, fake_scores, selected
 from tests.support.shards import write_shards
 
 WHERE = "width >= 200 and aspect_ratio <= 3 and similarity >= 0.25"
@@ -52,7 +52,7 @@ def _reference(records: pd.DataFrame, meta: pd.DataFrame, keep: pd.Series, fract
     return set(passing[passing["score"] >= cut]["id"])
 
 
-def test_where_over_metadata_keeps_what_pandas_keeps(tmp_path, corpus_with_metadata, ray_cluster):
+def test_where_over_metadata_keeps_what_pandas_keeps(tmp_path, corpus_with_metadata):
     root, records, meta = corpus_with_metadata
     joined = records.merge(meta, left_on="id", right_on="key", how="left")
     joined["aspect_ratio"] = joined["width"] / joined["height"]
@@ -66,7 +66,7 @@ def test_where_over_metadata_keeps_what_pandas_keeps(tmp_path, corpus_with_metad
     assert summary["filters"]["removed_in_all"] == int((~keep).sum()) and summary["filters"]["no_metadata"] == 1
 
 
-def test_drop_truncated_and_min_images_intersect_with_where(tmp_path, corpus_with_metadata, ray_cluster):
+def test_drop_truncated_and_min_images_intersect_with_where(tmp_path, corpus_with_metadata):
     root, records, meta = corpus_with_metadata
     joined = records.merge(meta, left_on="id", right_on="key", how="left")
     keep = (joined["width"] >= 200) & ~joined["truncated"] & (joined["n_images"] >= 1)
@@ -105,7 +105,7 @@ def test_the_expression_compiles_to_arrow_compute():
     assert table.filter(where.expression(tree)).column("width").to_pylist() == [300]
 
 
-def test_where_reads_a_parquet_shards_own_columns_by_row(tmp_path, ray_cluster):
+def test_where_reads_a_parquet_shards_own_columns_by_row(tmp_path):
     """A Parquet shard is its own metadata: its rows match the score records by position (ids may repeat)."""
     from jobs import sample_corpus as corpus
 
@@ -124,7 +124,7 @@ def test_where_reads_a_parquet_shards_own_columns_by_row(tmp_path, ray_cluster):
     assert sorted(r["score"] for r in kept) == [1.0 + r for r, s in enumerate(similarity) if s >= 0.3]
 
 
-def test_where_reads_any_score_column_not_only_those_the_selection_keeps(tmp_path, ray_cluster):
+def test_where_reads_any_score_column_not_only_those_the_selection_keeps(tmp_path):
     """`n_tokens` is a score record's column the selection does not carry: a filter on it reads it (it once
     failed in the first pass, after the check had named it among the columns)."""
     records = [{"id": f"t{i}", "kind": "caption", "score": float(i), "label": 0, "error": None, "n_tokens": 10 * i}

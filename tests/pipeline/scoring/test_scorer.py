@@ -1,8 +1,9 @@
 """The scoring stage's device side without Ray: out-of-memory batches are halved (wherever the error is raised)
 and lower the budget, device errors end the actor (never error records, unless a sample faults the device on its
 own after a canary succeeded), only a sample that fails on its own gets an error record, overlapped preparation
-gives the serial scores; and with Ray: a device error restarts the actor and its batch is retried, and a sample
-that faults the device is narrowed down while the rest of its call is scored and committed."""
+gives the serial scores; and with Ray: a device error restarts the actor and its batch is retried, a sample that
+faults the device is narrowed down while the rest of its call is scored and committed, and micro-batches fill
+across Ray's calls."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import model
 from jobs import sample_corpus as corpus
 from pipeline.commit.markers import end_marker
 from pipeline.errors import DeviceFault
-from pipeline.runner import format_summary, run_job
-from pipeline.scoring import ScoreConfig, ScoringJob, read_scores, score_dataset
+from pipeline.runner import format_summary
+from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 from pipeline.scoring.device_faults import FaultJournal
 from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
 from pipeline.scoring.stage import ScoreStage
+from tests.support.scoring import score_with
 from tests.support.shards import assert_exactly_once, write_shards
 
 
@@ -210,25 +212,6 @@ def test_overlapped_preparation_gives_the_serial_scores_in_any_order(loaded):
     assert max(micro_batch_max(out) for out in outputs) == 4
 
 
-class ScoringWith(ScoringJob):
-    """A scoring job whose model stage is `stage_class` (a ScoreStage that injects a fault), built with the
-    arguments the job gives its own."""
-
-    def __init__(self, config: ScoreConfig, stage_class: type[ScoreStage]):
-        super().__init__(config)
-        self.stage_class = stage_class
-
-    def model_stage(self, resources):
-        stage = super().model_stage(resources)
-        stage.__class__ = self.stage_class  # the job's own stage, arguments and all, with the fault's hooks
-        return stage
-
-
-def score_with(stage_class: type[ScoreStage], config: ScoreConfig) -> tuple[ScoringJob, dict]:
-    job = ScoringWith(config, stage_class)
-    return job, run_job(job, progress=False)
-
-
 class DeviceFaultOnce(ScoreStage):
     """A scoring stage whose first call meets a device error (a CUDA device-side assert, injected): it must end,
     be restarted by Ray, and its batch retried. The marker beside the model makes it happen once per test."""
@@ -330,10 +313,10 @@ class OutOfMemoryAboveTwo(ScoreStage):
                                    when=lambda ids: ids.shape[0] > 2)
 
 
-def test_the_summary_reports_a_token_budget_lowered_after_out_of_memory(tmp_path, tiny_checkpoint, ray_cluster):
+def test_the_summary_reports_a_token_budget_lowered_after_out_of_memory(tmp_path, tiny_checkpoint):
     write_shards(tmp_path / "in", 2, 6, prefix="o", name="{k}")
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
-                         model=tiny_checkpoint, max_batch=8, batch_size=64, token_budget=4096)
+                         model=tiny_checkpoint, max_batch=8, batch_size=64, token_budget=4096, executor="local")
     job, summary = score_with(OutOfMemoryAboveTwo, config)
     assert summary["score"]["scored_this_run"] == 12 and summary["score"]["micro_batch_rows"]["max"] <= 2
     lowered = summary["score"]["token_budget_lowered"]
