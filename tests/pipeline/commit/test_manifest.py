@@ -16,7 +16,7 @@ from pipeline.commit.records import read_committed
 from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.scoring.records import read_scores
 from tests.conftest import REPO_ROOT, job_env
-from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_rows, shard_table
+from tests.support.score_like import RECORDS, scores_folder, shard_rows, shard_table
 from tests.support.shards import assert_exactly_once, write_shards
 
 # Commits shards 0..n-1 of fake score records, consolidating every 10 commits, and SIGKILLs itself inside the
@@ -25,7 +25,7 @@ COMMIT_AND_DIE = textwrap.dedent("""
     import os, signal, sys
     import pipeline.commit.manifest as manifest
     from pipeline.commit.committer import ShardCommitter
-    from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_table
+    from tests.support.score_like import RECORDS, scores_folder, shard_table
 
     output, n = sys.argv[1], int(sys.argv[2])
     calls = []
