@@ -22,15 +22,16 @@ BUNDLED = {  # the bundled sample corpus (what the demo draws), as the two kinds
 
 
 @pytest.fixture(scope="module")
-def scored_by_the_job(tmp_path_factory, tiny_checkpoint, ray_cluster):
-    """Two shards of each kind of the bundled corpus, scored once by the Ray job: {kind: (input, summary, records)}."""
+def scored_by_the_job(tmp_path_factory, tiny_checkpoint):
+    """Two shards of each kind of the bundled corpus, scored once by the job (its stages in this process, as on
+    Ray: tests/pipeline/runner/test_executors.py): {kind: (input, summary, records)}."""
     out = {}
     for kind, (fmt, draw, write, suffix) in BUNDLED.items():
         root = tmp_path_factory.mktemp(kind)
         for k in range(2):
             write(str(root / "in" / f"{k:05d}.{suffix}"), draw(k))
         summary = score_dataset(ScoreConfig(input=str(root / "in"), format=fmt, output=str(root / "out"),
-                                            model=tiny_checkpoint), progress=False)
+                                            model=tiny_checkpoint, executor="local"), progress=False)
         out[kind] = (str(root / "in"), summary, read_scores(str(root / "out")))
     return out
 
