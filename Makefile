@@ -32,6 +32,7 @@ bench-gpu: $(VENV)/.installed
 	$(PY) benchmarks/gpu.py
 
 bench-learning: $(VENV)/.installed
+	$(PY) benchmarks/demo_ranking.py
 	$(PY) benchmarks/learning.py
 
 demo: $(VENV)/.installed
