@@ -31,6 +31,14 @@ os.environ.update({
 os.environ.pop("AWS_PROFILE", None)
 
 
+def pytest_collection_modifyitems(items):
+    """With two workers (`make test`: pytest-xdist, `--dist loadgroup`), the tests that submit jobs to the session's
+    job server all run on one worker, which starts it once."""
+    for item in items:
+        if "token_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("job-server"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
