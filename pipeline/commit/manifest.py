@@ -6,12 +6,17 @@
   commits and at its end): written first, then the per-shard records it holds are deleted. A kill between the two
   leaves a record in both places, read once. Start-up reads a few Parquet files instead of one object per shard.
 
+A commit record names its shard's files and, for each, what it was when committed (`file_checks`: its bytes,
+records and sha256), so a file cut, replaced or lost since is noticed: by a rerun from one listing of the output
+(`damaged_files`: sizes only, nothing read), by readers from the bytes they read (`pipeline.commit.records`).
+
 Outputs written before consolidation existed (per-shard records keyed by the shard's full URI) still read and
 resume: their records are matched to today's shard keys by path suffix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -124,23 +129,36 @@ def match_legacy(entries: dict[str, dict], keys: Iterable[str]) -> dict[str, dic
     return out
 
 
-def missing_files(output: str, entries: dict[str, dict]) -> dict[str, list[str]]:
-    """Shards whose committed files are gone (deleted by hand, a lifecycle rule): {shard: [files]}. One listing of
-    the output's data folders, not one request per file."""
+def file_check(data: bytes, records: int) -> dict:
+    """What a commit record says of one file it commits: its size, its records and its sha256."""
+    return {"bytes": len(data), "records": records, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def damaged_files(output: str, entries: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Shards whose committed files are gone (deleted by hand, a lifecycle rule) or not the size their commit
+    record says (cut, replaced): {shard: {file: "gone" or what differs}}. One listing of the output's data folders,
+    not one request per file; nothing is read."""
     folders = {f.split("/", 1)[0] for e in entries.values() for f in e.get("files", []) if "/" in f}
     if not folders:
         return {}
     fs, root = filesystem_for(output)
-    present: set[str] = set()
+    present: dict[str, int | None] = {}
     for folder in folders:
         infos = fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", recursive=True, allow_not_found=True))
-        present.update(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
-    out = {}
+        present.update((i.path[len(root) + 1:], i.size) for i in infos if i.type == pafs.FileType.File)
+    out: dict[str, dict[str, str]] = {}
     for shard, entry in entries.items():
-        gone = [f for f in entry.get("files", []) if f not in present]
-        if gone:
-            out[shard] = gone
+        checks = entry.get("file_checks") or {}
+        for f in entry.get("files", []):
+            committed = (checks.get(f) or {}).get("bytes")
+            if f not in present:
+                out.setdefault(shard, {})[f] = GONE
+            elif committed is not None and present[f] is not None and present[f] != committed:
+                out.setdefault(shard, {})[f] = f"{present[f]} bytes where {committed} were committed"
     return out
+
+
+GONE = "gone"
 
 
 # -- consolidation -----------------------------------------------------------------------------------------------
