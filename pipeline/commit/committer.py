@@ -170,7 +170,8 @@ class ShardCommitter:
             entry = {"shard": shard, "files": files, "file_checks": checks, "records": expected,
                      "samples": expected // self.rows_per_sample,
                      "errors": errors.num_rows if errors is not None else 0, "identity": self.identity,
-                     "model": model, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                     "model": model, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "committed_ns": time.time_ns()}  # which of a shard's records is newest (`read_manifest`)
             if self.describe:
                 entry.update(self.describe(shard))
             for key in ("artifacts", "stats"):  # files the stage wrote itself (curation's shards), its own counts

@@ -5,6 +5,9 @@
 - `OUTPUT/_manifest/_parts/<id>.parquet`: commit records consolidated as a run goes (every `CONSOLIDATE_EVERY`
   commits and at its end): written first, then the per-shard records it holds are deleted. A kill between the two
   leaves a record in both places, read once. Start-up reads a few Parquet files instead of one object per shard.
+- A shard committed again (its files lost, cut or replaced, or its input rewritten) has a newer record: of a
+  shard's records the newest counts (`committed_ns`; a per-shard record before a part's, a later part before an
+  earlier one, where records predate it), so the record and the files it checks always agree.
 
 A commit record names its shard's files and, for each, what it was when committed (`file_checks`: its bytes,
 records and sha256), so a file cut, replaced or lost since is noticed: by a rerun from one listing of the output
@@ -99,19 +102,28 @@ def _read_entry(fs: pafs.FileSystem, path: str, field: str = "output") -> dict |
 
 def read_manifest(output: str, field: str = "output") -> dict[str, dict]:
     """Every commit record of an output, by shard key (consolidated parts and per-shard records, read in
-    parallel). A record found twice (a kill during consolidation) counts once. A part or record that cannot be
-    read raises CorruptState naming it (reported as the setting `field`)."""
+    parallel). A record found twice (a kill during consolidation) counts once; of two records of one shard (it
+    was committed again) the newer counts. A part or record that cannot be read raises CorruptState naming it
+    (reported as the setting `field`)."""
     fs, root = filesystem_for(output)
     parts, jsons = _list(fs, root)
     entries: dict[str, dict] = {}
     with ThreadPoolExecutor(_READERS) as pool:
-        for batch in pool.map(lambda p: _read_part(fs, p, field), parts):
+        for batch in pool.map(lambda p: _read_part(fs, p, field), sorted(parts)):  # parts are named by time
             for entry in batch:
-                entries[entry["shard"]] = entry
+                _keep_newer(entries, entry)
         for entry in pool.map(lambda p: _read_entry(fs, p, field), jsons):
             if entry is not None:
-                entries.setdefault(entry["shard"], entry)
+                _keep_newer(entries, entry)
     return entries
+
+
+def _keep_newer(entries: dict[str, dict], entry: dict) -> None:
+    """`entry` in `entries` unless the shard's record there is newer (read later records last: on a tie, or
+    between records that predate `committed_ns`, the later one read counts)."""
+    held = entries.get(entry["shard"])
+    if held is None or (entry.get("committed_ns") or 0) >= (held.get("committed_ns") or 0):
+        entries[entry["shard"]] = entry
 
 
 def match_legacy(entries: dict[str, dict], keys: Iterable[str]) -> dict[str, dict]:
@@ -183,9 +195,9 @@ def consolidate(output: str, entries: list[dict]) -> None:
 
 def _compact(fs: pafs.FileSystem, root: str, parts: list[str]) -> None:
     merged: dict[str, dict] = {}
-    for part in parts:
+    for part in sorted(parts):
         for entry in _read_part(fs, part):
-            merged[entry["shard"]] = entry
+            _keep_newer(merged, entry)
     entries = list(merged.values())
     table = pa.table({"shard": [e["shard"] for e in entries],
                       "entry": [json.dumps(e, sort_keys=True) for e in entries]}, schema=_ENTRY_SCHEMA)

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import shutil
 
+import pyarrow as pa
 import pytest
 
 from jobs import sample_corpus as corpus
 from pipeline.commit.committer import ShardCommitter
 from pipeline.commit.manifest import read_manifest, write_entry
+from pipeline.commit.markers import end_marker
 from pipeline.commit.records import read_committed
 from pipeline.errors import CorruptState, InputError
 from pipeline.io.listing import ShardListing, list_shards
 from pipeline.runner import JobSpec
 from pipeline.runner.execute import describe_input
 from pipeline.runner.prepare import survey
-from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_table
+from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_rows, shard_table
 from tests.support.hostile import cut_in_half, replace_with_first_rows
 
 
@@ -50,6 +52,23 @@ def test_a_rerun_does_again_a_shard_whose_score_file_was_cut_and_says_so(tmp_pat
     assert [s.key for s in prepared.todo] == ["a.tar"]
     assert any("1 committed shards' files were cut or replaced since (e.g. scores/a.parquet:" in n
                for n in prepared.notes), prepared.notes
+
+
+def test_a_shard_done_again_reads_as_its_newer_commit(tmp_path):
+    """The record of the first commit stays in a consolidated part: the newer one counts, before consolidation
+    (a per-shard record) and after it (a later part), so records and files agree."""
+    out = tmp_path / "out"
+    _committed(out)
+    cut_in_half(out / "scores" / "a.parquet")
+    prepared = survey(_spec(out, _keys_listing()))
+    committer = ShardCommitter(str(out), RECORDS, "id", scores_folder, committed=prepared.entries,
+                               consolidate_every=10**6)
+    committer.add(pa.Table.from_pylist([*shard_rows("a.tar", 40, score=2.0), end_marker("a.tar", 40)],
+                                       schema=RECORDS))  # other records: other bytes than the first commit's
+    assert read_committed(str(out), RECORDS).num_rows == 80  # the new per-shard record, beside the old part
+    committer.consolidate()
+    assert len(list((out / "_manifest" / "_parts").glob("*.parquet"))) == 2
+    assert read_committed(str(out), RECORDS).num_rows == 80 and survey(_spec(out, _keys_listing())).todo == []
 
 
 def test_reading_a_cut_score_file_names_it_and_what_to_do(tmp_path):
