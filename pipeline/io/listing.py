@@ -132,7 +132,7 @@ def _said(left_out: dict[str, list[str]]) -> str:
 def _left_out(relative: str, suffixes: tuple[str, ...]) -> str:
     """Why a file under a listed directory is not one of its shards."""
     if any(part.startswith("_") for part in relative.split("/")):
-        return "names under a name starting with _ (metadata, never read as shards)"
+        return "names starting with _, or under one (metadata, never read as shards)"
     base = relative.rsplit("/", 1)[-1]
     ext = "." + base.rsplit(".", 1)[-1] if "." in base else None
     if ext and ext.lower() in suffixes:

@@ -76,3 +76,22 @@ def test_a_symlinked_shard_is_keyed_by_its_path_under_the_input_root(tmp_path):
     assert [s.key for s in listing.shards] == ["00001.tar"]
     rows = list(read_samples(listing.shards[0], "webdataset"))
     assert {r["source"] for r in rows} == {"00001.tar"} and len(rows) == 2
+
+
+def test_what_the_listing_leaves_out_is_said_in_the_dry_run_and_the_summary(tmp_path):
+    from pipeline.runner import JobSpec
+    from pipeline.runner.job import Job, Plan, RunResult
+    from pipeline.runner.prepare import survey
+    from pipeline.runner.summary import build_summary, format_summary
+    from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
+
+    corpus.write_webdataset(str(tmp_path / "in" / "00000.tar"), corpus.caption_samples(2))
+    names_the_listing_leaves_out(tmp_path / "in", (tmp_path / "in" / "00000.tar").read_bytes())
+    spec = JobSpec(job="score", output=str(tmp_path / "out"), listing=list_shards(str(tmp_path / "in"), "webdataset"),
+                   identity={"a": 1}, schema=SCORE_SCHEMA, partition=scores_folder, format="webdataset")
+    prepared = survey(spec)  # what a dry run says: its notes
+    note = next(n for n in prepared.notes if n.startswith("not listed as shards:"))
+    assert "_hidden.tar" in note and "UPPER.TAR" in note
+    summary = build_summary(Job(None), prepared, RunResult(None), Plan())
+    assert summary["shards"]["left_out"] == spec.listing.left_out_summary()
+    assert note in format_summary(Job(None), summary)
