@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 
 from pipeline.commit.identity import check_entries, read_identity
-from pipeline.commit.manifest import read_manifest
+from pipeline.commit.manifest import damaged_files, read_manifest
+from pipeline.commit.records import damaged_file
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters, check_filters
 from pipeline.curation.passes import compute_thresholds
@@ -41,12 +42,19 @@ def score_shards(config: CurateConfig) -> tuple[ShardListing, str]:
     inputs = {}
     if config.input:  # the corpus moved: find each shard by its key under the new root
         inputs = {s.key: s.uri for s in list_shards(config.input, config.format).shards}
+    damaged = damaged_files(config.scores, entries)
+    if damaged:  # cut, replaced or gone since it was committed: named, before anything is written
+        shard, files = next(iter(damaged.items()))
+        path, problem = next(iter(files.items()))
+        raise damaged_file(config.scores, path, shard, problem, len(damaged), field="scores")
     shards = []
     for key, entry in sorted(entries.items()):
         source = inputs.get(key) if config.input else entry.get("input")
         fmt = config.format or entry.get("format")
         for f in (f for f in entry["files"] if f.startswith(f"{SCORES_DIR}/")):
-            shards.append(Shard(join(config.scores, f), key, None, source, fmt))
+            check = (entry.get("file_checks") or {}).get(f) or {}
+            shards.append(Shard(join(config.scores, f), key, check.get("bytes"), source, fmt,
+                                records=check.get("records"), sha256=check.get("sha256")))
     if config.materialize or config.samples_per_shard:
         missing = [s.key for s in shards if not (s.aux and s.aux_format)]
         if missing:
@@ -185,10 +193,7 @@ class CurationJob(Job):
             f" · {errors} error records never selected",
         ]
         if own.get("filters"):
-            f = own["filters"]
-            each = " · ".join(f"{term!r} {n}" for term, n in f["removed"].items())
-            lines.append(f"  filters    {f['removed_in_all']} scored records removed before the rule · each term: "
-                         f"{each}" + (f" · {f['no_metadata']} without metadata" if f["no_metadata"] else ""))
+            lines += [f"  filters    {line}" for line in _filter_lines(own["filters"])]
         if own.get("resharded"):
             r = own["resharded"]
             lines.append(f"  reshard    {r['waiting']}" if "waiting" in r else
@@ -255,11 +260,18 @@ def _shards_written(c: CurateConfig) -> str:
 
 
 def _filter_lines(filters: dict) -> list[str]:
+    """What the filters removed (of how many scored records, where known), and the metadata they found absent or
+    of another type than the first shard's (treated as absent: such records fail every term on it)."""
     if not filters.get("terms"):
         return []
     each = " · ".join(f"{term!r} {n}" for term, n in filters["removed"].items())
-    return [f"{filters['removed_in_all']} of {filters['scored']} scored records removed before the rule · each "
-            f"term: {each}" + (f" · {filters['no_metadata']} without metadata" if filters["no_metadata"] else "")]
+    of = f" of {filters['scored']}" if "scored" in filters else ""
+    lines = [f"{filters['removed_in_all']}{of} scored records removed before the rule · each term: {each}"
+             + (f" · {filters['no_metadata']} without metadata" if filters["no_metadata"] else "")]
+    if filters.get("mistyped"):
+        lines.append("metadata of another type than the first shard's, treated as absent: " + " · ".join(
+            f"{column} for {n} records" for column, n in filters["mistyped"].items()))
+    return lines
 
 
 def sweep_lines(config: CurateConfig, rows: list[dict]) -> list[str]:
@@ -293,13 +305,14 @@ def _filtered(entries: list[dict], terms: list[str]) -> dict | None:
     """What the filters removed, over every shard's commit record (before the rule: whatever the score)."""
     if not terms:
         return None
-    removed, totals = Counter({t: 0 for t in terms}), Counter()
+    removed, totals, mistyped = Counter({t: 0 for t in terms}), Counter(), Counter()
     for entry in entries:
         stats = (entry.get("stats") or {}).get("filtered") or {}
         removed.update(stats.get("removed", {}))
+        mistyped.update(stats.get("mistyped", {}))
         totals.update({k: stats.get(k, 0) for k in ("removed_in_all", "no_metadata")})
     return {"terms": terms, "removed": {t: removed[t] for t in terms}, "removed_in_all": totals["removed_in_all"],
-            "no_metadata": totals["no_metadata"]}
+            "no_metadata": totals["no_metadata"], "mistyped": dict(mistyped)}
 
 
 def curate(config: CurateConfig, progress: bool = True) -> tuple[CurationJob, dict]:

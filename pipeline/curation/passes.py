@@ -5,17 +5,23 @@ and what each filter removed; pass two: the low 16 bits inside the bins every as
 the plotting histograms. Any number of thresholds (the rule's and a sweep's) cost the same two passes.
 
 A `min_score` rule with no report and no sweep needs neither pass: the cut is the number given.
+
+A shard that cannot be evaluated fails its pass by name, never with a traceback nor with Ray's retries: a score
+file that is not what was committed (`CorruptState` naming it and what to do: exit 2), metadata that is not
+Parquet (exit 2 naming `input`), metadata that cannot be read for I/O (`ShardFault`: exit 1, rerun), or any other
+failure of the filters on it (exit 2 naming `where` and the shard).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.curation.filters import Filters, filter_shard
+from pipeline.curation.filters import Filters, filter_shard, metadata_uri
 from pipeline.curation.thresholds import (
     ALL,
     BINS,
@@ -35,57 +41,115 @@ from pipeline.curation.thresholds import (
     score_of_key,
     threshold_in_bin,
 )
+from pipeline.errors import ConfigFieldError, CorruptState, InputError, ShardFault
 from pipeline.io.listing import Shard
 
 _COUNTED = ["kind", "score", "error", "label"]
 
 
-def _passing(row: dict, filters: Filters) -> tuple[pa.Table, dict]:
+def _passing(shard: Shard, filters: Filters) -> tuple[pa.Table, dict]:
     """A score file's records that pass the filters (error records too: they are counted, never kept), and what
     the filters removed."""
-    shard = filter_shard(row["uri"], row["aux"], row["fmt"], filters)
-    keep = shard.passes | ~shard.scored
-    stats = {"removed": shard.removed, "removed_in_all": shard.removed_in_all, "no_metadata": shard.no_metadata,
-             "scored": int(shard.scored.sum())}
-    return shard.table.select(_COUNTED).filter(pa.array(keep)), stats
+    filtered = filter_shard(shard, filters)
+    keep = filtered.passes | ~filtered.scored
+    stats = {"removed": filtered.removed, "removed_in_all": filtered.removed_in_all,
+             "no_metadata": filtered.no_metadata, "scored": int(filtered.scored.sum()), "mistyped": filtered.mistyped}
+    return filtered.table.select(_COUNTED).filter(pa.array(keep)), stats
+
+
+def _failure(shard: Shard, err: Exception) -> str:
+    """Why a shard's pass failed, as the driver raises it again (`_raise_failures`)."""
+    out = {"shard": shard.key, "input": shard.aux, "format": shard.aux_format}
+    if isinstance(err, ConfigFieldError):  # a damaged score file, unreadable metadata: named with what to do
+        out.update(kind="corrupt" if isinstance(err, CorruptState) else "refused", field=err.field,
+                   message=err.problem)
+    elif isinstance(err, ShardFault):
+        out.update(kind="fault", category=err.category.value, message=err.detail)
+    else:
+        out.update(kind="evaluation", message=f"{type(err).__name__}: "
+                                              f"{(str(err).strip().splitlines() or [''])[0][:300]}")
+    return json.dumps(out)
 
 
 def _pass_one(batch: pa.Table, filters: Filters) -> pa.Table:
-    out = {"counts": [], "errors": [], "filters": []}
+    out = {"counts": [], "errors": [], "filters": [], "failed": []}
     for row in batch.to_pylist():
-        table, stats = _passing(row, filters)
+        shard = Shard(**row)
+        try:
+            table, stats = _passing(shard, filters)
+        except Exception as err:  # noqa: BLE001 - named by the driver, never a traceback nor a retry
+            out["counts"].append(None)
+            out["errors"].append(None)
+            out["filters"].append(None)
+            out["failed"].append(_failure(shard, err))
+            continue
         one = pass_one(table).to_pylist()[0]
         out["counts"].append(one["counts"])
         out["errors"].append(one["errors"])
         out["filters"].append(json.dumps(stats))
-    return pa.table(out)
+        out["failed"].append(None)
+    return pa.table(out, schema=pa.schema([(k, pa.string()) for k in out]))
 
 
 def _pass_two(batch: pa.Table, filters: Filters, bins: dict[str, list[int]], edges: dict[str, list[float]]
               ) -> pa.Table:
-    return pa.table({"counts": [pass_two(_passing(row, filters)[0], bins, edges).column("counts")[0].as_py()
-                                for row in batch.to_pylist()]})
+    counts, failed = [], []
+    for row in batch.to_pylist():
+        shard = Shard(**row)
+        try:
+            counts.append(pass_two(_passing(shard, filters)[0], bins, edges).column("counts")[0].as_py())
+            failed.append(None)
+        except Exception as err:  # noqa: BLE001 - named by the driver, never a traceback nor a retry
+            counts.append(None)
+            failed.append(_failure(shard, err))
+    return pa.table({"counts": pa.array(counts, pa.string()), "failed": pa.array(failed, pa.string())})
 
 
 def _run(shards: list[Shard], executor, fn, **kwargs) -> list[dict]:
-    """`fn` over every score file: a Ray Data task each on Ray, one after another in this process."""
-    items = [{"uri": s.uri, "aux": s.aux, "fmt": s.aux_format, "key": s.key} for s in shards]
+    """`fn` over every score file: a Ray Data task each on Ray, one after another in this process; a shard that
+    failed is named (`_raise_failures`)."""
+    items = [asdict(s) for s in shards]
     if executor.name == "local":
-        return [row for item in items for row in fn(pa.Table.from_pylist([item]), **kwargs).to_pylist()]
-    import ray
+        rows = [row for item in items for row in fn(pa.Table.from_pylist([item]), **kwargs).to_pylist()]
+    else:
+        import ray
 
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
-    return ds.map_batches(fn, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow").take_all()
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+        rows = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=1, batch_format="pyarrow").take_all()
+    _raise_failures([json.loads(r["failed"]) for r in rows if r["failed"]])
+    return rows
+
+
+def _raise_failures(failed: list[dict]) -> None:
+    """The first failure of a pass, named (what the user must act on first: a damaged score file, a refused
+    input, then a fault a rerun may clear, then a failure of the filters themselves)."""
+    if not failed:
+        return
+    order = ("corrupt", "refused", "fault", "evaluation")
+    first = next(f for kind in order for f in failed if f["kind"] == kind)
+    more = f" ({len(failed) - 1} more shards failed too)" if len(failed) > 1 else ""
+    if first["kind"] == "corrupt":
+        raise CorruptState(first["message"] + more, first["field"])
+    if first["kind"] == "refused":
+        raise InputError(first["field"], first["message"] + more)
+    if first["kind"] == "fault":
+        raise ShardFault(first["category"], f"the threshold passes could not read what shard {first['shard']} "
+                                            f"needs: {first['message']}{more}; rerun when it can be read")
+    metadata = metadata_uri(first["input"], first["format"]) if first["input"] and first["format"] else None
+    raise InputError("where", f"the filters could not be evaluated on shard {first['shard']} ({first['message']})"
+                              f"{more}: check its metadata{f' ({metadata})' if metadata else ''} against the first "
+                              "shard's, or leave out the term that reads it")
 
 
 def _filter_totals(rows: list[dict], filters: Filters) -> dict:
     removed: Counter = Counter({term: 0 for term in filters.terms})
-    totals = Counter()
+    totals, mistyped = Counter(), Counter()
     for row in rows:
         stats = json.loads(row["filters"])
         removed.update(stats["removed"])
+        mistyped.update(stats.get("mistyped", {}))
         totals.update({k: stats[k] for k in ("removed_in_all", "no_metadata", "scored")})
-    return {"terms": filters.terms, "removed": dict(removed), **dict(totals)}
+    return {"terms": filters.terms, "removed": dict(removed), **dict(totals), "mistyped": dict(mistyped)}
 
 
 def _cut(counts: KindCounts, rule: str, value: float) -> tuple[int, int] | int | None:

@@ -19,13 +19,15 @@ import io
 import json
 import tarfile
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.curation.filters import TAR_FORMATS, Filters, sidecar_uri
+from pipeline.curation.filters import ROW, TAR_FORMATS, Filters, sidecar_uri
+from pipeline.curation.materialize import kept_rows
 from pipeline.curation.select import SHARDS_DIR, kept_records
 from pipeline.errors import Category, ShardFault
 from pipeline.io.files import open_shard
@@ -35,16 +37,17 @@ from pipeline.io.samples import SourceOptions, tar_samples_by_id
 from pipeline.io.uris import filesystem_for, join
 
 PLAN = "_reshard_plan.json"
-_FIELDS = ("source", "input", "ordinal", "id", "score", "label")  # one planned sample, as a JSON list
+# one planned sample, as a JSON list (`ordinal`: its record's row in its score file; samples are matched by `id`)
+_FIELDS = ("source", "input", "ordinal", "id", "score", "label")
 
 
 def kept_of(row: dict, filters: Filters, thresholds: dict, per_kind: bool) -> list[list]:
-    """The kept samples of one score shard, as planned samples (`_FIELDS`), in reading order."""
-    shard = Shard(row["uri"], row["key"], None, row["aux"], row["fmt"])
-    filtered, keep = kept_records(shard, filters, thresholds, per_kind)
+    """The kept samples of one score shard (`row`: its `Shard` as a dict), as planned samples (`_FIELDS`), in
+    reading order."""
+    filtered, keep = kept_records(Shard(**row), filters, thresholds, per_kind)
     kept = filtered.table.filter(pa.array(keep))
     return [[row["key"], row["aux"], o, i, s, lv] for o, i, s, lv in zip(
-        kept.column("ordinal").to_pylist(), kept.column("id").to_pylist(), kept.column("score").to_pylist(),
+        kept.column(ROW).to_pylist(), kept.column("id").to_pylist(), kept.column("score").to_pylist(),
         kept.column("label").to_pylist())]
 
 
@@ -168,11 +171,11 @@ def _sidecar_row(sample: dict, meta: dict | None, files: dict[str, bytes]) -> di
 def _write_parquet(by_input: dict[str, list[dict]], uri: str, options: SourceOptions) -> tuple[int, list[str]]:
     tables, missing = [], []
     for input_uri, samples in by_input.items():
-        at = {s["ordinal"]: s for s in samples}
-        part, rows = _read_rows(input_uri, sorted(at), options)
-        missing += [at[o]["id"] for o in sorted(set(at) - set(rows))]
-        for name, values, typ in (("score", [at[o]["score"] for o in rows], pa.float32()),
-                                  ("label", [at[o]["label"] for o in rows], pa.int8())):
+        by_id = {s["id"]: s for s in samples}
+        part, found = _read_rows(input_uri, set(by_id), options)
+        missing += sorted(set(by_id) - set(found))
+        for name, values, typ in (("score", [by_id[i]["score"] for i in found], pa.float32()),
+                                  ("label", [by_id[i]["label"] for i in found], pa.int8())):
             if name not in part.column_names:
                 part = part.append_column(name, pa.array(values, typ))
         tables.append(part)
@@ -187,19 +190,15 @@ def _write_parquet(by_input: dict[str, list[dict]], uri: str, options: SourceOpt
     return merged.num_rows, missing
 
 
-def _read_rows(input_uri: str, wanted: list[int], options: SourceOptions) -> tuple[pa.Table, list[int]]:
-    """The rows at `wanted` positions of a Parquet shard, reading only the row groups that hold them; and which
-    positions were found."""
-    parts, found, start = [], [], 0
+def _read_rows(input_uri: str, wanted: set[str], options: SourceOptions) -> tuple[pa.Table, list[str]]:
+    """The rows of a Parquet shard whose ids are `wanted` (matched by id, as the scorer named them: never by
+    position), reading only the row groups that hold them; and their ids, in the same order."""
+    parts, found = [], []
     with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src:
         pf = pq.ParquetFile(src)
-        for group in range(pf.num_row_groups):
-            n = pf.metadata.row_group(group).num_rows
-            inside = [o for o in wanted if start <= o < start + n]
-            if inside:
-                parts.append(pf.read_row_group(group).take(pa.array([o - start for o in inside], pa.int64())))
-                found += inside
-            start += n
+        for part, ids in kept_rows(pf, input_uri, wanted, options):
+            parts.append(part)
+            found += ids
         src.check_unchanged()
         schema = pf.schema_arrow
     return (pa.concat_tables(parts) if parts else schema.empty_table()), found
@@ -210,8 +209,7 @@ def reshard(config, shards: list[Shard], filters: Filters, thresholds: dict, exe
     task each (on Ray, or in this process); returns {"shards": {format: count}, "written_now", "incomplete":
     {shard: reason}}."""
     n, output = config.samples_per_shard, config.output
-    calls = [({"uri": s.uri, "key": s.key, "aux": s.aux, "fmt": s.aux_format}, filters, thresholds, config.per_kind)
-             for s in shards]
+    calls = [(asdict(s), filters, thresholds, config.per_kind) for s in shards]
     kept: dict[str, list[list]] = {}
     for shard, outcome in zip(shards, executor.tasks(kept_of, calls)):
         if outcome.error is not None:

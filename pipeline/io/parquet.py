@@ -9,12 +9,14 @@ a `ShardFault(config)` and stays uncommitted (`check_columns` makes the same che
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import Category, SampleError, ShardFault
+from pipeline.io.ids import UniqueIds, arrow_text
 
 
 def _is_binary(t: pa.DataType) -> bool:
@@ -65,6 +67,7 @@ def parquet_rows(file, stem: str, fmt: str, options) -> Iterator[dict]:
     wanted = [*required_columns(fmt, options), options.id_column, "key", "url", "width", "height", "general_metadata"]
     columns = [c for c in dict.fromkeys(wanted) if c in pf.schema_arrow.names]
     build = _caption_row if fmt == "parquet" else _document_row
+    ids, shared = row_ids(pf, stem, options.id_column)
     row = 0
     for group in range(pf.num_row_groups):
         n = pf.metadata.row_group(group).num_rows
@@ -73,15 +76,16 @@ def parquet_rows(file, stem: str, fmt: str, options) -> Iterator[dict]:
         except (pa.ArrowException, OSError, ValueError) as err:
             error = SampleError(Category.DECODE, f"corrupt Parquet row group {group} ({type(err).__name__}: {err})")
             for i in range(n):
-                yield _error_row(f"{stem}:{row + i}", error)
+                yield _error_row(ids[row + i], error)
             row += n
             continue
         for batch in table.to_batches(max_chunksize=options.rows_per_batch):
-            ids = batch.column(options.id_column).to_pylist() if options.id_column in batch.schema.names else None
             for i, record in enumerate(batch.to_pylist()):
-                sample_id = str(ids[i]) if ids is not None and ids[i] is not None else f"{stem}:{row + i}"
+                sample_id = ids[row + i]
                 meta = _meta(record, options)
                 try:
+                    if row + i in shared:
+                        raise SampleError(Category.DUPLICATE, shared[row + i])
                     out = build(record, options)
                 except SampleError as err:
                     out = _error_row(sample_id, err)
@@ -90,6 +94,28 @@ def parquet_rows(file, stem: str, fmt: str, options) -> Iterator[dict]:
                 out.update(id=sample_id, meta=meta)
                 yield out
             row += batch.num_rows
+
+
+def row_ids(pf: pq.ParquetFile, stem: str, id_column: str) -> tuple[list[str], dict[int, str]]:
+    """Each row's id (`pipeline.io.ids`: its `id_column` value as text, else `<stem>:<row>`), and the rows whose
+    id another row has too, with why (those are duplicate error records, each under an id of its own). Reads the
+    id column alone; a row group where it does not read names its rows by position."""
+    names, row = [], 0
+    for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        values = [None] * n
+        if id_column in pf.schema_arrow.names:
+            try:
+                values = pf.read_row_group(group, columns=[id_column]).column(0).to_pylist()
+            except (pa.ArrowException, OSError, ValueError):
+                pass  # the row group is corrupt: its rows are error records (`parquet_rows`)
+        names += [str(v) if v is not None else f"{stem}:{row + i}" for i, v in enumerate(values)]
+        row += n
+    unique = UniqueIds(names)
+    rows_of = Counter(arrow_text(name) for name in names)
+    shared = {i: f"id {arrow_text(name)!r} is on {rows_of[arrow_text(name)]} rows of the shard"
+              for i, name in enumerate(names) if unique.shared(name)}
+    return [unique.claim(name) for name in names], shared
 
 
 def _error_row(sample_id: str, err: SampleError) -> dict:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from pipeline.commit.committer import ShardCommitter
+from pipeline.io.listing import Shard
 from pipeline.runner.executors import LocalExecutor, RayExecutor
 from pipeline.runner.job import PreparedJob, RunResult
 from pipeline.runner.progress import Progress
@@ -27,11 +28,11 @@ def execute(prepared: PreparedJob, stages: list[Stage], executor: RayExecutor | 
     if executor.name == "ray":
         pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (ray_compat)
     bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress)
-    uris = {s.key: s.uri for s in prepared.todo}
+    listed = {s.key: s for s in prepared.todo}
     committer = ShardCommitter(
         spec.output, spec.schema, prepared.identity, spec.partition, lease=prepared.lease,
         rows_per_sample=spec.rows_per_sample, key_columns=spec.key_columns, on_records=on_records,
-        describe=lambda key: {"input": uris.get(key), "format": spec.format}, committed=prepared.entries,
+        describe=lambda key: describe_input(listed.get(key), spec.format), committed=prepared.entries,
         on_commit=lambda c: bar.update(len(c.committed), c.samples, c.errors.total()))
     result = RunResult(committer)
     if prepared.todo:
@@ -60,6 +61,15 @@ def execute(prepared: PreparedJob, stages: list[Stage], executor: RayExecutor | 
                 f"not reached: the run ended ({result.aborted})" if result.aborted else "not reached")
     result.ended = time.time()
     return result
+
+
+def describe_input(shard: Shard | None, fmt: str | None) -> dict:
+    """What a commit record says of the input file its shard was read from: its URI and format, and its size and
+    modification time as listed (and checked when it was opened), so a later run can tell the same file from
+    another of the same name (`pipeline.runner.prepare.match_committed`)."""
+    if shard is None:
+        return {"input": None, "format": fmt}
+    return {"input": shard.uri, "format": fmt, "input_size": shard.size, "input_mtime_ns": shard.mtime_ns}
 
 
 def aborted_because(err: BaseException) -> str:

@@ -25,12 +25,15 @@ SELECTED = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.
                       ("label", pa.int8()), ("key", pa.string()), ("url", pa.string())])
 
 
-def fake_scores(output: str, shards: dict[str, list[dict]]) -> None:
-    """A scoring output with known records, committed through the real manifest (records: id, kind, score,
-    label, error)."""
+def fake_scores(output: str, shards: dict[str, list[dict]], inputs: dict[str, str] | None = None,
+                fmt: str | None = None) -> None:
+    """A scoring output with known records (id, kind, score, label, error, ...), committed through the real
+    manifest (no model, no Ray); with `inputs` ({shard key: input URI}) and `fmt` the commit records name the
+    input shards as a scoring run's do."""
     identity = {"model": {"id": "fake@0", "revision": "0"}}
     record_identity(output, "score", check_identity(output, "score", identity, {}))
-    committer = ShardCommitter(output, SCORE_SCHEMA, identity_hash(identity), scores_folder)
+    describe = (lambda key: {"input": inputs.get(key), "format": fmt}) if inputs else None
+    committer = ShardCommitter(output, SCORE_SCHEMA, identity_hash(identity), scores_folder, describe=describe)
     for key, records in shards.items():
         rows = [{"source": key, "ordinal": i, "model": "fake@0", **r} for i, r in enumerate(records)]
         committer.add(pa.Table.from_pylist([*rows, end_marker(key, len(rows))]))

@@ -115,9 +115,10 @@ def test_materialized_shards_hold_exactly_the_kept_samples_byte_for_byte(fmt, tm
         assert pq.read_schema(tmp_path / "cur" / "shards" / f"0{suffix}") == pq.read_schema(tmp_path / "in" / f"0{suffix}")
 
 
-def test_parquet_rows_are_matched_by_position_and_nothing_partial_is_published(tmp_path):
-    """Parquet ids may repeat: the kept row, not every row sharing its id, is written. A shard that lacks most of
-    its kept samples (not the corpus that was scored) raises a ShardFault and publishes no file."""
+def test_parquet_rows_are_matched_by_id_and_nothing_partial_is_published(tmp_path):
+    """Rows are matched by the scorer's ids, never by position: an id on two rows (a duplicate, never a kept
+    record) matches neither. A shard that lacks most of its kept samples (not the corpus that was scored) raises a
+    ShardFault and publishes no file."""
     from pipeline.curation.materialize import materialize
     from pipeline.errors import ShardFault
     from pipeline.io.samples import SourceOptions
@@ -127,16 +128,17 @@ def test_parquet_rows_are_matched_by_position_and_nothing_partial_is_published(t
             for i, it in enumerate(items)]
     src = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(rows), src)
-    kept = pa.table({"id": ["same", "r3"], "ordinal": pa.array([1, 3], pa.int64())})
-    assert materialize("parquet", str(src), kept, str(tmp_path / "out.parquet"), SourceOptions()).written == 2
-    assert pq.read_table(tmp_path / "out.parquet").column("caption").to_pylist() == [items[1]["caption"],
+    kept = pa.table({"id": ["r3", "r2", "same"]})
+    done = materialize("parquet", str(src), kept, str(tmp_path / "out.parquet"), SourceOptions())
+    assert done.written == 2 and done.missing == ["same"]
+    assert pq.read_table(tmp_path / "out.parquet").column("caption").to_pylist() == [items[2]["caption"],
                                                                                     items[3]["caption"]]
-    beyond = pa.table({"id": ["r3", "r8", "r9"], "ordinal": pa.array([3, 8, 9], pa.int64())})
+    beyond = pa.table({"id": ["r3", "r8", "r9"]})
     with pytest.raises(ShardFault, match="holds 1 of the 3 kept samples"):
         materialize("parquet", str(src), beyond, str(tmp_path / "partial.parquet"), SourceOptions())
     tar = tmp_path / "in.tar"
     corpus.write_webdataset(str(tar), items)
-    missing = pa.table({"id": [items[0]["key"], "not-there", "nor-this"], "ordinal": pa.array([0, 8, 9], pa.int64())})
+    missing = pa.table({"id": [items[0]["key"], "not-there", "nor-this"]})
     with pytest.raises(ShardFault, match="holds 1 of the 3 kept samples"):
         materialize("webdataset", str(tar), missing, str(tmp_path / "partial.tar"), SourceOptions())
     assert not (tmp_path / "partial.parquet").exists() and not (tmp_path / "partial.tar").exists()

@@ -105,19 +105,22 @@ def test_the_expression_compiles_to_arrow_compute():
     assert table.filter(where.expression(tree)).column("width").to_pylist() == [300]
 
 
-def test_where_reads_a_parquet_shards_own_columns_by_row(tmp_path):
-    """A Parquet shard is its own metadata: its rows match the score records by position (ids may repeat)."""
+def test_where_reads_a_parquet_shards_own_columns_by_id(tmp_path):
+    """A Parquet shard is its own metadata: its rows join the score records by id (issue 27 finding 7: by row, a
+    shard rewritten in another order gave each record another row's columns)."""
     from jobs import sample_corpus as corpus
+    from tests.support.hostile import reversed_parquet
 
     items = corpus.caption_samples(8, seed=3)
     similarity = [0.1, 0.5, 0.3, 0.2, 0.9, 0.35, 0.05, 0.4]
-    ids = ["same", "same", *[it["key"] for it in items[2:]]]
+    ids = [it["key"] for it in items]
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ids, "image": [it["image"] for it in items],
                              "caption": [it["caption"] for it in items], "similarity": similarity}),
                    tmp_path / "in" / "0.parquet")
     fake_scores(str(tmp_path / "scores"), {"0.parquet": [{"id": i, "kind": "caption", "score": 1.0 + r, "label": 1,
                                                           "error": None} for r, i in enumerate(ids)]})
+    reversed_parquet(tmp_path / "in" / "0.parquet")  # rewritten since it was scored: same rows, reversed
     curate(tmp_path, tmp_path / "scores", min_score=0.0, where="similarity >= 0.3", input=str(tmp_path / "in"),
            format="parquet")
     kept = selected(tmp_path / "cur").to_pylist()
