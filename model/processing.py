@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,15 @@ CHARS_PER_TOKEN_BOUND = 8
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what web corpora hold; never EPS/PS/PDF
 _STRIPE_PIXELS = 2**20  # high bit depths are rescaled this many pixels at a time: float64 work of ~8 MB
 
+# A JPEG's decoding time grows with its scans times its pixels (a progressive JPEG of 1,000 duplicated scans at
+# 2000x2000 decodes for 13 s, and passes as a valid image). Libjpeg's own progressions use 6-18 scans; a JPEG may
+# have `JPEG_SCAN_PIXELS_FACTOR` scans at `max_image_pixels` (more at fewer pixels: the same work), and never more
+# than `JPEG_MAX_SCANS` (libjpeg-turbo's fuzzers' and tools' limit).
+JPEG_MAX_SCANS = 500
+JPEG_SCAN_PIXELS_FACTOR = 32
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")  # past entropy-coded data: not 0xFF00, RSTn or fill
+
+
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None,
                  exif_transpose: bool = False) -> Image.Image:
@@ -95,6 +105,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
                 scale = draft_size / max(width, height)
                 img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             refuse_too_large_square(width, height, max(img.size), max_pixels)
+            if img.format in ("JPEG", "MPO"):
+                refuse_too_many_scans(data, width, height, max_pixels)
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
@@ -129,6 +141,52 @@ def refuse_too_large_square(width: int, height: int, side: int, max_pixels: int)
     if side * side > max_pixels:
         raise SampleError(Category.DECODE, f"image too large: padding {width}x{height} to a square gives "
                                            f"{side}x{side} pixels, over the limit of {max_pixels}")
+
+
+def jpeg_scan_limit(width: int, height: int, max_pixels: int) -> int:
+    """The most scans a `width` x `height` JPEG may have: as much decoding work as `JPEG_SCAN_PIXELS_FACTOR` scans of
+    the largest image accepted, and at most `JPEG_MAX_SCANS`."""
+    at_this_size = JPEG_SCAN_PIXELS_FACTOR * max_pixels // max(1, width * height)
+    return min(JPEG_MAX_SCANS, max(JPEG_SCAN_PIXELS_FACTOR, at_this_size))
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """The start-of-scan markers of a JPEG's own frame, counted up to `stop_after + 1`: its marker segments skipped
+    by their lengths (an EXIF thumbnail's scans are not its own), its entropy-coded data searched for the next
+    marker at C speed. Linear in the bytes, read once."""
+    scans, at, end = 0, 2, len(data)  # after the start-of-image marker
+    while at + 4 <= end and scans <= stop_after:
+        if data[at] != 0xFF:  # garbage between segments: on to the next marker
+            found = _JPEG_NEXT_MARKER.search(data, at)
+            if found is None:
+                break
+            at = found.start()
+            continue
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+        elif marker == 0xD9:  # end of image
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):  # markers without a length
+            at += 2
+        else:
+            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+            if marker == 0xDA:  # the scan's header, then its entropy-coded data up to the next marker
+                scans += 1
+                found = _JPEG_NEXT_MARKER.search(data, at)
+                if found is None:
+                    break
+                at = found.start()
+    return scans
+
+
+def refuse_too_many_scans(data: bytes, width: int, height: int, max_pixels: int) -> None:
+    """The scan-bomb guard, before decoding: a JPEG with more scans than `jpeg_scan_limit` allows (`decode_image`
+    and the device decoder word it alike)."""
+    limit = jpeg_scan_limit(width, height, max_pixels)
+    if jpeg_scans(data, stop_after=limit) > limit:
+        raise SampleError(Category.DECODE, f"JPEG has more than {limit} scans at {width}x{height} (a scan bomb: "
+                                           "decoding time grows with scans times pixels)")
 
 
 def _refused_format(data: bytes) -> str | None:
