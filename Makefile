@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/preprocess_throughput.py
 	$(PY) benchmarks/pipeline_throughput.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/sample_bounds.py
 
 bench-gpu: $(VENV)/.installed
 	$(PY) benchmarks/gpu.py

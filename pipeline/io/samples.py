@@ -64,8 +64,9 @@ class SourceOptions(BaseModel):
     rows_per_batch: int = Field(256, ge=1, description="Parquet rows decoded at a time")
     read_attempts: int = Field(5, ge=1, description="tries per shard when reading fails (network, throttling)")
     read_backoff_s: float = Field(1.0, ge=0, description="first pause between tries; doubles, with jitter")
-    max_member_bytes: int = Field(MAX_MEMBER_BYTES, ge=1, description="tar: a member declaring more bytes is its "
-                                                                       "sample's error record, never read")
+    max_member_bytes: int = Field(MAX_MEMBER_BYTES, ge=1, description="a tar member declaring, or a Parquet image "
+                                                                       "or text holding, more bytes is its sample's "
+                                                                       "error record")
 
 
 def sample_kind(fmt: str) -> str:

@@ -144,11 +144,17 @@ def _ends_with_marker(file, offset: int) -> bool:
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, end: int, limit: int) -> bytes:
     """A member's bytes, its declared size checked first: over `limit` it is the sample's error; running past the
-    end of the shard it is a cut. Nothing is allocated for a size the shard cannot hold."""
+    end of the shard it is a cut. Nothing is allocated for a size the shard cannot hold. A GNU sparse member
+    stores only its data's extents, so its size (what reading it allocates, holes filled with zeros) is checked
+    against the shard's bytes after it, like any other's: a 10 KB tar cannot make the reader allocate 500 MB."""
     if member.size > limit:
         raise SampleError(Category.DECODE, f"tar member {member.name} declares {member.size} bytes, over the limit "
                                            f"of {limit} (source.max_member_bytes)")
-    if not member.issparse() and member.offset_data + member.size > end:
+    if member.offset_data + member.size > end:
+        if member.issparse():  # the shard is whole: the sample's own member declares more than it could hold
+            raise SampleError(Category.DECODE, f"tar member {member.name} is sparse and expands to {member.size} "
+                                               f"bytes, more than the {end - member.offset_data} bytes of the shard "
+                                               "after it")
         raise tarfile.ReadError(f"member {member.name} declares {member.size} bytes, past the end of the shard")
     data = tar.extractfile(member).read()
     if len(data) != member.size:

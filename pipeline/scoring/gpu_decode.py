@@ -6,8 +6,9 @@ read JPEG headers.
 
 What the device decodes is only what it decodes the way the Pillow path would: a JPEG (by its magic bytes) that
 ends with its end-of-image marker (a truncated one is Pillow's to refuse), in RGB or grey (CMYK is converted
-differently), whose EXIF orientation the model would not apply anyway. The decompression-bomb guard holds before
-anything is decoded: the header's dimensions against `max_image_pixels`, refused in the Pillow path's words.
+differently), whose EXIF orientation the model would not apply anyway. The decompression-bomb guards hold before
+anything is decoded: the header's dimensions against `max_image_pixels`, and the JPEG's scans against the limit
+its size allows (a scan bomb), refused in the Pillow path's words.
 Everything else (PNG, WebP, GIF, the JPEGs above, prepared pixels) takes the Pillow path on the decode threads,
 and so does a JPEG the device decoder rejects (a failed batch is retried one image at a time to find it): a
 corrupt JPEG is that sample's error record as the Pillow path words it, never the micro-batch's. A CUDA error is
@@ -33,6 +34,7 @@ from model.processing import (
     PlannedSample,
     refuse_too_large_square,
     refuse_too_many_pixels,
+    refuse_too_many_scans,
 )
 from pipeline.errors import InputError
 from pipeline.scoring.narrowing import is_device_error
@@ -118,6 +120,7 @@ class DeviceImageDecoder:
             width, height = header.size
             refuse_too_many_pixels(width, height, self.processor.max_image_pixels)
             refuse_too_large_square(width, height, max(width, height), self.processor.max_image_pixels)
+            refuse_too_many_scans(data, width, height, self.processor.max_image_pixels)
             if header.mode not in _DEVICE_MODES:
                 return None
             if self.processor.config.exif_transpose and header.getexif().get(_EXIF_ORIENTATION, 1) != 1:

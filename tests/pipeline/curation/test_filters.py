@@ -15,6 +15,7 @@ from pipeline.curation import thresholds as selection
 from pipeline.curation import where
 from pipeline.errors import ConfigFieldError
 from tests.support.curation import curate, fake_scores, selected
+from tests.support.hostile import or_chain
 from tests.support.shards import write_shards
 
 WHERE = "width >= 200 and aspect_ratio <= 3 and similarity >= 0.25"
@@ -88,7 +89,12 @@ def test_code_in_where_is_refused_naming_where(expression):
 
 @pytest.mark.parametrize("expression,problem", [("no_such_column >= 200", "unknown column 'no_such_column'"),
                                                 ("__import__('os')", "calls are not allowed"),
-                                                ("width.bit_length() > 3", "attribute access")])
+                                                ("width.bit_length() > 3", "attribute access"),
+                                                (or_chain(9000), "over the limit of 65,536"),
+                                                (or_chain(1001), f"more than {where.MAX_TERMS} comparisons"),
+                                                ("n_images > " + "1" * 401, "does not fit 64 bits"),
+                                                ("n_images > 100000000000000000000", "does not fit 64 bits")],
+                         ids=["unknown-column", "call", "attribute", "9000-ors", "1001-ors", "401-digits", "1e20-int"])
 def test_the_command_exits_2_naming_where(expression, problem, corpus_with_metadata, tmp_path, capsys):
     root, _, _ = corpus_with_metadata
     status = curate_cli.main(["--scores", str(root / "scores"), "--output", str(tmp_path / "cur"),
@@ -97,6 +103,34 @@ def test_the_command_exits_2_naming_where(expression, problem, corpus_with_metad
     err = capsys.readouterr().err
     assert status == 2 and "'where'" in err and problem in err, err
     assert not (tmp_path / "cur").exists() or not any((tmp_path / "cur").iterdir())
+
+
+def test_the_largest_expression_allowed_evaluates_as_its_terms_say():
+    """1,000 `or` terms (a chain that deep crashed PyArrow's evaluation: 9,000 segfaulted a worker) compile to a
+    balanced tree and evaluate; so do the deepest nesting and 1,000 `and` terms."""
+    table = pa.table({"score": [0.5, 999.0, 1500.0], "n_images": pa.array([1, 2, 3], pa.int32())})
+    any_of = " or ".join(f"score == {k}" for k in range(where.MAX_TERMS))
+    assert table.filter(where.expression(where.parse(any_of))).column("score").to_pylist() == [999.0]
+    all_of = " and ".join(f"score < {k + 1000}" for k in range(where.MAX_TERMS))
+    assert table.filter(where.expression(where.parse(all_of))).column("score").to_pylist() == [0.5, 999.0]
+    nested = "not " * (where.MAX_DEPTH - 1) + "(score > 1 or n_images == 1)"
+    assert table.filter(where.expression(where.parse(nested))).num_rows == 3 - (where.MAX_DEPTH - 1) % 2 * 3
+
+
+@pytest.mark.parametrize("expression,kept", [("n_images > 1e20", []), ("n_images < 9223372036854775807", [1, 2, 3]),
+                                             ("n_images > -9223372036854775808", [1, 2, 3]),
+                                             ("score < 1e308", [1, 2, 3]), ("n_images > " + "0" * 5000 + "1", [2, 3])])
+def test_numbers_at_the_ends_of_their_range_compare(expression, kept):
+    table = pa.table({"score": [0.5, 1.5, 2.5], "n_images": pa.array([1, 2, 3], pa.int32())})
+    assert table.filter(where.expression(where.parse(expression))).column("n_images").to_pylist() == kept
+
+
+@pytest.mark.parametrize("expression,problem", [("score > 1e400", "too large for a 64-bit float"),
+                                                ("n_images > -9223372036854775809", "does not fit 64 bits"),
+                                                ("n_images > " + "9" * 5000, "does not fit 64 bits")])
+def test_numbers_past_their_range_are_refused_naming_where(expression, problem):
+    with pytest.raises(ConfigFieldError, match=f"field 'where': .*{problem}"):
+        where.parse(expression)
 
 
 def test_the_expression_compiles_to_arrow_compute():
