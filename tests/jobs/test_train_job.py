@@ -44,7 +44,7 @@ def test_a_killed_two_worker_run_resumes_from_its_checkpoints_on_s3_and_exports_
     from tests.conftest import jpeg_bytes
 
     corpus.write_webdataset(str(tmp_path / "in" / "caps.tar"), corpus.caption_samples(20, seed=21))
-    corpus.write_obelics(str(tmp_path / "docs" / "docs.parquet"), corpus.documents(8, seed=8))
+    corpus.write_obelics(str(tmp_path / "docs" / "docs.parquet"), corpus.documents(12, seed=8))
     for name, fmt in (("in", "webdataset"), ("docs", "obelics")):
         synthesize(SynthConfig(input=str(tmp_path / name), format=fmt, output=str(tmp_path / "pairs"),
                                val_fraction=0.25, executor="local"), progress=False)
