@@ -27,14 +27,18 @@ WAITS = ("decode", "input", "host")
 SNAPSHOT_FIELDS = [pa.field("wall_s", pa.float64()), pa.field("busy_s", pa.float64()),
                    *(pa.field(f"{wait}_s", pa.float64()) for wait in WAITS)]
 
+# What the device waited for, and what to change about it.
+STARVED_BY = {
+    "decode": "waiting for its images to be decoded",
+    "input": "waiting for input rows (the shard readers, or the driver committing, behind)",
+    "host": "waiting for the host (planning and tokenising samples, launching kernels)",
+}
 ADVICE = {
-    "decode": "waiting for its images to be decoded: give each scoring actor more CPUs for its decode threads "
-              "(cpus_per_actor, decode_threads), decode large JPEGs at reduced scale (jpeg_draft: true), or decode "
-              "JPEGs on the GPU (image_decoder: nvjpeg)",
-    "input": "waiting for input rows: more shard readers (read_workers) or CPUs for them (read_cpus); a driver "
-             "that falls behind committing shows here too",
-    "host": "waiting for the host (planning and tokenising samples, launching kernels): larger micro-batches "
-            "(token_budget, max_batch), compile: true, and CPUs beside the device (cpus_per_actor)",
+    "decode": "give each scoring actor more CPUs for its decode threads (cpus_per_actor, decode_threads), decode "
+              "large JPEGs at reduced scale (jpeg_draft: true), or decode JPEGs on the GPU (image_decoder: nvjpeg)",
+    "input": "more shard readers (read_workers) or CPUs for them (read_cpus)",
+    "host": "larger micro-batches (token_budget, max_batch), compile: true, and CPUs beside the device "
+            "(cpus_per_actor)",
 }
 
 
@@ -147,14 +151,15 @@ def summary(snapshots: list[dict]) -> dict | None:
     return out
 
 
-def line(busy: dict | None) -> str | None:
-    """The summary's line for it: busy %, and below the target, the cause and what to change."""
+def lines(busy: dict | None) -> list[str]:
+    """The summary's lines for it: busy %, and below the target, what starved the device and what to change."""
     if not busy:
-        return None
-    text = f"device busy {busy['pct']:g}% of the scoring actors' time"
+        return []
+    text = f"busy {busy['pct']:g}% of the scoring actors' time"
     if busy["actors"] > 1:
         text += f" (lowest actor {busy['lowest_actor_pct']:g}%)"
-    if busy["starved_by"]:
-        waited = busy["waiting_pct"][busy["starved_by"]]
-        text += f"; below {BUSY_TARGET:g}%: {waited:g}% of the time {busy['advice']}"
-    return text
+    if not busy["starved_by"]:
+        return [text]
+    waited = busy["waiting_pct"][busy["starved_by"]]
+    return [f"{text}; below {BUSY_TARGET:g}%: {waited:g}% of the time {STARVED_BY[busy['starved_by']]}",
+            f"to change it: {busy['advice']}"]

@@ -246,9 +246,8 @@ def _device_lines(own: dict) -> list[str]:
     """What the device went through: its duty cycle, compiling, budgets lowered after out-of-memory errors, faults
     and whom they blamed."""
     lines = []
-    busy = duty_cycle.line(own.get("device_busy"))
-    if busy:
-        lines.append(f"  device     {busy}")
+    for k, line in enumerate(duty_cycle.lines(own.get("device_busy"))):
+        lines.append(f"  {'device' if k == 0 else '':10} {line}")
     if own.get("compile_s") is not None:
         lines.append(f"  compiled   {own['compile_s']:.1f} s compiling (the warm-up's and any after) · "
                      f"{own['recompiles']} graphs compiled after the warm-up · "

@@ -9,7 +9,7 @@ import io
 import pytest
 
 from pipeline.runner.progress import Progress
-from pipeline.scoring.duty_cycle import DutyCycle, line, summary
+from pipeline.scoring.duty_cycle import DutyCycle, lines, summary
 
 
 class Clock:
@@ -84,7 +84,9 @@ def test_below_90_percent_the_summary_says_what_starved_the_device_and_what_to_c
     assert busy["waiting_pct"] == {"decode": 20.0, "input": 5.5, "host": 4.5}
     assert busy["starved_by"] == "decode"
     assert "cpus_per_actor" in busy["advice"] and "jpeg_draft" in busy["advice"] and "nvjpeg" in busy["advice"]
-    assert "below 90%: 20% of the time waiting for its images to be decoded" in line(busy)
+    said = lines(busy)
+    assert "below 90%: 20% of the time waiting for its images to be decoded" in said[0]
+    assert said[1] == f"to change it: {busy['advice']}"
 
 
 @pytest.mark.parametrize(("waits", "cause", "field"), [({"input_": 30}, "input", "read_workers"),
@@ -97,7 +99,7 @@ def test_each_cause_names_the_settings_that_change_it(waits, cause, field):
 def test_a_device_busy_90_percent_of_the_time_needs_no_advice():
     busy = summary([snapshot(95, decode=5)])
     assert busy["pct"] == 95.0 and busy["starved_by"] is None and busy["advice"] is None
-    assert line(busy) == "device busy 95% of the scoring actors' time"
+    assert lines(busy) == ["busy 95% of the scoring actors' time"]
 
 
 def test_the_progress_line_carries_the_jobs_note():
