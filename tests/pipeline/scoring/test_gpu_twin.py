@@ -75,12 +75,12 @@ def test_in_the_twin_every_micro_batch_size_reuses_the_warm_ups_graphs_and_score
 from pipeline.scoring.compiled import compile_scorer
 from pipeline.scoring.scorer import BatchScorer
 net, processor = tiny()
-encoded = {"caption": captions(processor, 32), "interleaved": documents(processor, 8)}
-scorer = BatchScorer(net, processor, token_budget=32 * max(e.n_tokens for e in encoded["caption"]), max_batch=32,
+encoded = {"caption": captions(processor, 16), "interleaved": documents(processor, 6)}
+scorer = BatchScorer(net, processor, token_budget=16 * max(e.n_tokens for e in encoded["caption"]), max_batch=16,
                      overlap=False)
 compiled = compile_scorer(scorer, backend="aot_eager")
 worst = 0.0
-for kind, largest in (("caption", 32), ("interleaved", 8)):
+for kind, largest in (("caption", 16), ("interleaved", 6)):
     for size in range(1, largest + 1):
         batch = processor.collate(encoded[kind][:size])
         got = compiled(**batch)["score"]
