@@ -535,7 +535,7 @@ def path_rows(report: Report, name: str, built: dict, args, n: int, images: list
     device's duty cycle as the actor measures it."""
     from jobs import sample_corpus
     from pipeline.scoring.compiled import compile_scorer
-    from pipeline.scoring.duty_cycle import summary
+    from pipeline.scoring.duty_cycle import lines, summary
     from pipeline.scoring.gpu_decode import torchvision_problem
     from pipeline.scoring.local import score_shards
     from pipeline.scoring.scorer import BatchScorer
@@ -562,7 +562,7 @@ def path_rows(report: Report, name: str, built: dict, args, n: int, images: list
                    samples_per_s=round(done / elapsed, 1), peak_mem_gb=peak_memory(), busy_pct=busy["pct"],
                    waiting=busy["waiting_pct"], recompiles=getattr(scorer._compiled, "recompiles", None),
                    vision_padding=round(scorer.tower_images / scorer.images, 4) if scorer.images else None,
-                   detail=busy["advice"] and f"below 90%: {busy['advice']}")
+                   detail="; ".join(lines(busy)) if busy["starved_by"] else None)
     if "nvjpeg" in by_decoder:
         ids = sorted(i for i in by_decoder["pillow"] if by_decoder["pillow"][i] is not None)
         if noise is None:  # the model rows did not run: the same noise, from the path's own samples
@@ -585,7 +585,7 @@ def ray_rows(report: Report, name: str, device: str, work: str, rate_hint: float
     from jobs import sample_corpus
     from model.checkpoint import create
     from pipeline.runner import run_job
-    from pipeline.scoring import ScoreConfig, ScoringJob
+    from pipeline.scoring import ScoreConfig, ScoringJob, duty_cycle
 
     model_dir = os.path.join(work, f"model-{name}")
     create(name, model_dir, dtype="bfloat16" if device == "cuda" else "float32")
@@ -606,7 +606,8 @@ def ray_rows(report: Report, name: str, device: str, work: str, rate_hint: float
                steady_samples_per_s=timing.get("steady_records_per_s"), samples=summary["records"]["this_run"],
                transfer_bytes_per_sample=own["transfer_bytes_per_sample"], compile_s=own["compile_s"],
                recompiles=own["recompiles"], vision_padding=own["vision_padding"], busy_pct=busy.get("pct"),
-               waiting=busy.get("waiting_pct"), detail=busy.get("advice"))
+               waiting=busy.get("waiting_pct"),
+               detail="; ".join(duty_cycle.lines(busy)) if busy.get("starved_by") else None)
 
 
 # -- training ---------------------------------------------------------------------------------------------------
