@@ -2,7 +2,12 @@
 recompiles, and the functional rewrite, with no C++ toolchain): its scores are eager's; the warm-up compiles every
 graph production runs, so every micro-batch size up to the token budget's largest reuses one; the vision tower runs
 the real images only; the language model attends through SDPA's causal kernel with no mask in its graph; a
-compilation that fails ends the call instead of being halved into error records."""
+compilation that fails ends the call instead of being halved into error records.
+
+Compiling is what costs here, so the module compiles the scoring forward once (`warm`: production's warm-up) and
+the tests that score share it, each attaching its own scorer with `compile_scorer`: that warm-up must find every
+graph compiled already, and every test checks that nothing compiled since the first (`nothing_compiled_since`), so
+a shape one test compiled late cannot pass for warm in another."""
 
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def fresh_compile_caches():
-    """Each test compiles its own graphs: what an earlier test compiled neither helps nor counts here."""
+    """The module compiles its own graphs: what another module compiled neither helps nor counts here."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -31,9 +36,24 @@ def encoded(tiny_checkpoint):
     """The tiny model's processor's encoded captions and documents of the bundled corpus."""
     _, processor = model.load(tiny_checkpoint)
     captions = [processor.encode([None, s["caption"]], [s["image"], None], "caption")
-                for s in corpus.caption_samples(24, seed=3)]
-    documents = [processor.encode(s["texts"], s["images"], "interleaved") for s in corpus.documents(6, seed=3)]
+                for s in corpus.caption_samples(16, seed=3)]
+    documents = [processor.encode(s["texts"], s["images"], "interleaved") for s in corpus.documents(4, seed=3)]
     return {"caption": captions, "interleaved": documents}
+
+
+@pytest.fixture(scope="module")
+def warm(tiny_checkpoint):
+    """The tiny model, its processor and its forward compiled once (aot_eager) by production's warm-up, which
+    compiles the tower and the language model at one row and at several; `graphs`: how many that took."""
+    net, processor = model.load(tiny_checkpoint)
+    compiled = compile_scorer(BatchScorer(net, processor, token_budget=10**6, max_batch=16, overlap=False),
+                              backend="aot_eager")
+    return {"net": net, "processor": processor, "compiled": compiled, "graphs": compiled.graphs}
+
+
+def nothing_compiled_since(warm) -> bool:
+    """No graph compiled since the module's one warm-up (in this test or any before it)."""
+    return warm["compiled"].graphs == warm["graphs"]
 
 
 def rows(n_captions: int, n_documents: int = 0, seed: int = 0) -> pa.Table:
@@ -45,50 +65,53 @@ def rows(n_captions: int, n_documents: int = 0, seed: int = 0) -> pa.Table:
     return sample_rows([{**s, "ordinal": k} for k, s in enumerate(samples)])
 
 
-def test_compiled_scores_are_eagers(tiny_checkpoint, encoded):
-    net, processor = model.load(tiny_checkpoint)
+def test_compiled_scores_are_eagers(warm, encoded):
+    net, processor, compiled = warm["net"], warm["processor"], warm["compiled"]
     batch = processor.collate(encoded["caption"][:5] + encoded["interleaved"][:3])
     eager = net.score(**batch)["score"]
-    compiled = CompiledForward(net, backend="aot_eager")
     assert torch.allclose(compiled(**batch)["score"], eager, atol=1e-5)
-    assert compiled.compile_s > 0 and compiled.graphs >= 2  # the tower and the language model
     again = compiled(**processor.collate(encoded["caption"][:5] + encoded["interleaved"][:2]))["score"]
     assert torch.allclose(again, eager[:7], atol=1e-5)
+    assert nothing_compiled_since(warm)
 
 
-def test_every_micro_batch_size_up_to_the_budgets_largest_reuses_the_warm_ups_graphs(tiny_checkpoint, encoded):
-    """A token budget whose largest caption micro-batch is 16 rows: every size from 1 to 16 (captions, 1-16
-    images), and documents of 1-4 rows (other image counts, other lengths), compile nothing after the warm-up."""
-    net, processor = model.load(tiny_checkpoint)
-    longest = max(e.n_tokens for e in encoded["caption"][:16])
+def test_every_micro_batch_size_up_to_the_budgets_largest_reuses_the_warm_ups_graphs(warm, encoded):
+    """A token budget whose largest caption micro-batch is 16 rows. The warm-up compiles the tower (for one image,
+    padded to two, and any number) and the language model at one row and at two or more, at any length; after it,
+    one size of each class: captions of one row, two rows (the dynamic graph's smallest batch), seven (an odd size
+    between) and sixteen (the largest), and four documents (several images a row, longer rows). Were a graph
+    static in the batch or the length, or guarded on a size (a bound, a parity), a size the warm-up never ran (7,
+    16, the documents' image count, any length but its own) would compile again: none compiling shows no size
+    from 1 to 16 does."""
+    net, processor = warm["net"], warm["processor"]
+    longest = max(e.n_tokens for e in encoded["caption"])
     scorer = BatchScorer(net, processor, token_budget=16 * longest, max_batch=16, overlap=False)
-    compiled = compile_scorer(scorer, backend="aot_eager")
-    assert compiled.warm_graphs >= 3  # the tower; the language model at one row and at several
-    for kind, largest in (("caption", 16), ("interleaved", 4)):
-        for size in range(1, largest + 1):
+    compiled = compile_scorer(scorer, backend="aot_eager", compiled=warm["compiled"])
+    assert compiled.warm_graphs >= 3 and compiled.compile_s > 0  # the tower; the language model at 1 row and at 2+
+    for kind, sizes in (("caption", (1, 2, 7, 16)), ("interleaved", (4,))):
+        for size in sizes:
             compiled(**processor.collate(encoded[kind][:size]))
-    assert compiled.recompiles == 0
+    assert compiled.recompiles == 0 and nothing_compiled_since(warm)
 
 
-def test_the_vision_tower_runs_the_real_images_and_one_blank_beside_a_lone_image(tiny_checkpoint):
-    net, processor = model.load(tiny_checkpoint)
-    scorer = BatchScorer(net, processor, token_budget=10**6, max_batch=5, overlap=False)
-    compile_scorer(scorer, backend="aot_eager")
-    table = scorer.score_table(rows(12, 3))  # micro-batches of 5, 5, 2 captions; 3 documents of 1-3 images each
+def test_the_vision_tower_runs_the_real_images_and_one_blank_beside_a_lone_image(warm):
+    scorer = BatchScorer(warm["net"], warm["processor"], token_budget=10**6, max_batch=5, overlap=False)
+    compile_scorer(scorer, backend="aot_eager", compiled=warm["compiled"])
+    table = scorer.score_table(rows(7, 2))  # micro-batches of 5 and 2 captions; 2 documents of 1-3 images each
     call = table.column("call")[0].as_py()
-    assert call["images"] == scorer.images == 12 + sum(len(s["images"]) - s["images"].count(None)
-                                                        for s in corpus.documents(3, seed=0))
+    assert call["images"] == scorer.images == 7 + sum(len(s["images"]) - s["images"].count(None)
+                                                       for s in corpus.documents(2, seed=0))
     assert call["tower_images"] == call["images"]  # no padding at all
     scorer.score_table(rows(1, seed=1))
     assert (scorer.tower_images, scorer.images) == (call["tower_images"] + 2, call["images"] + 1)
+    assert nothing_compiled_since(warm)
 
 
-def test_production_micro_batches_after_the_warm_up_compile_nothing(tiny_checkpoint):
-    net, processor = model.load(tiny_checkpoint)
-    scorer = BatchScorer(net, processor, token_budget=1024, max_batch=8)
-    compile_scorer(scorer, backend="aot_eager")
-    call = scorer.score_table(rows(20, 3, seed=2)).column("call")[0].as_py()
-    assert call["recompiles"] == 0 and call["compile_s"] > 0
+def test_production_micro_batches_after_the_warm_up_compile_nothing(warm):
+    scorer = BatchScorer(warm["net"], warm["processor"], token_budget=1024, max_batch=8)
+    compile_scorer(scorer, backend="aot_eager", compiled=warm["compiled"])
+    call = scorer.score_table(rows(10, 2, seed=2)).column("call")[0].as_py()
+    assert call["recompiles"] == 0 and call["compile_s"] > 0 and nothing_compiled_since(warm)
     assert call["busy_s"] > 0 and call["wall_s"] >= call["busy_s"]  # the duty cycle counts from the first call
 
 
@@ -106,7 +129,7 @@ def test_the_compiled_language_model_has_no_mask_in_its_graph_where_transformers
 
 def test_a_compilation_that_fails_ends_the_call_and_is_never_halved(tiny_checkpoint):
     net, processor = model.load(tiny_checkpoint)
-    scorer = BatchScorer(net, processor, token_budget=10**6, max_batch=8, overlap=False)
+    scorer = BatchScorer(net, processor, token_budget=10**6, max_batch=4, overlap=False)
     compiled = CompiledForward(net, backend="aot_eager")
     calls = []
 
@@ -117,5 +140,5 @@ def test_a_compilation_that_fails_ends_the_call_and_is_never_halved(tiny_checkpo
     compiled.backends["vision"]._compile = failing
     scorer.forward = compiled
     with pytest.raises(CompileFailed, match="compile: false"):
-        scorer.score_table(rows(8))
+        scorer.score_table(rows(4))
     assert len(calls) == 1  # the whole micro-batch failed once; no halves were tried
