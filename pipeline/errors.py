@@ -7,9 +7,9 @@ import re
 
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
-__all__ = ["Category", "CheckpointError", "ConfigError", "ConfigFieldError", "CorruptState", "DeviceFault", "InputError",
-           "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError", "ShardFault", "TrainingStalled", "UniFilterError",
-           "reason_key"]
+__all__ = ["Category", "CheckpointError", "CompileFailed", "ConfigError", "ConfigFieldError", "CorruptState",
+           "DeviceFault", "InputError", "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError", "ShardFault",
+           "TrainingStalled", "UniFilterError", "reason_key"]
 
 
 class InputError(ConfigFieldError):
@@ -80,6 +80,11 @@ class DeviceFault(UniFilterError):
     @property
     def first_line(self) -> str:
         return (str(self).strip().splitlines() or [""])[0][:300]
+
+
+class CompileFailed(UniFilterError):
+    """torch.compile could not compile the scoring model (not a sample's fault, and not the device's): the call
+    fails whole, nothing of it is committed, and the message says to score without compiling."""
 
 
 class TrainingStalled(UniFilterError):

@@ -21,13 +21,14 @@ from pipeline.runner.stage import Stage
 
 def execute(prepared: PreparedJob, stages: list[Stage], executor: RayExecutor | LocalExecutor, progress: bool = True,
             on_batch: Callable[[pa.Table], None] | None = None,
-            on_records: Callable[[pa.Table], None] | None = None) -> RunResult:
+            on_records: Callable[[pa.Table], None] | None = None,
+            progress_note: Callable[[], str] | None = None) -> RunResult:
     """Run the stages over the shards still to do; commit as records complete. A shard whose writes keep failing
     stays uncommitted and the run goes on."""
     spec = prepared.spec
     if executor.name == "ray":
         pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (ray_compat)
-    bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress)
+    bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress, note=progress_note)
     listed = {s.key: s for s in prepared.todo}
     committer = ShardCommitter(
         spec.output, spec.schema, prepared.identity, spec.partition, lease=prepared.lease,

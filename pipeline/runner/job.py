@@ -133,6 +133,10 @@ class Job:
     def on_records(self, records: pa.Table) -> None:
         """Every shard's records once they are committed."""
 
+    def progress_note(self) -> str:
+        """A few words the progress line adds (scoring: how busy the devices are), or nothing."""
+        return ""
+
     # -- the summary -------------------------------------------------------------------------------------------
     def summary_fields(self, prepared: PreparedJob, result: RunResult) -> dict:
         """The job's own summary fields (under its name in `summary.json`)."""

@@ -39,7 +39,7 @@ def run_job(job: Job, progress: bool = True, verbose: bool = False, started: flo
         result = RunResult(None)
         try:
             result = execute(prepared, job.stages(plan) if prepared.todo else [], job.executor, progress,
-                             job.on_batch, job.on_records)
+                             job.on_batch, job.on_records, job.progress_note)
         finally:
             job.after_execute(prepared, result)
         return write_summary(prepared, result, build_summary(job, prepared, result, plan))
