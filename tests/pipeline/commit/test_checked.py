@@ -21,8 +21,8 @@ from pipeline.io.listing import ShardListing, list_shards
 from pipeline.runner import JobSpec
 from pipeline.runner.execute import describe_input
 from pipeline.runner.prepare import survey
-from tests.support.score_like import RECORDS, scores_folder, shard_rows, shard_table
 from tests.support.hostile import cut_in_half, replace_with_first_rows
+from tests.support.score_like import RECORDS, scores_folder, shard_rows, shard_table
 
 
 def _committed(out, keys=("a.tar", "b.tar"), n=40) -> None:
