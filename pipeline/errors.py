@@ -7,9 +7,9 @@ import re
 
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
-__all__ = ["BrokenWorker", "Category", "CheckpointError", "ConfigError", "ConfigFieldError", "CorruptState", "DeviceFault",
-           "InputError", "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError", "ShardFault", "TrainingStalled",
-           "UniFilterError", "reason_key"]
+__all__ = ["BrokenWorker", "Category", "CheckpointError", "CompileFailed", "ConfigError", "ConfigFieldError",
+           "CorruptState", "DeviceFault", "InputError", "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError",
+           "ShardFault", "TrainingStalled", "UniFilterError", "reason_key"]
 
 
 class InputError(ConfigFieldError):
@@ -71,11 +71,13 @@ def reason_key(reason: str, limit: int = 160) -> str:
 class DeviceFault(UniFilterError):
     """The device failed (not the sample): the actor must end so Ray restarts it and retries the batch.
     `samples`: the micro-batch that met it (indices of the call's rows to score), when one did; `canary`: the
-    canary sample met it (the device is broken)."""
+    canary sample met it (the device is broken); `unattributed`: met while preparing a micro-batch after another
+    call's forward met a device error (that forward's call records the fault, not this one)."""
 
-    def __init__(self, message: str, samples: list[int] | None = None, canary: bool = False):
+    def __init__(self, message: str, samples: list[int] | None = None, canary: bool = False,
+                 unattributed: bool = False):
         super().__init__(message)
-        self.samples, self.canary = samples, canary
+        self.samples, self.canary, self.unattributed = samples, canary, unattributed
 
     @property
     def first_line(self) -> str:
@@ -86,6 +88,11 @@ class BrokenWorker(UniFilterError):
     """Workers that keep failing: whatever the data (their device faults, or their process dies, on a synthetic
     sample time after time), or on one input until Ray's bounded retries are spent (a score file that kills curation's
     pass). The run ends with this one line, naming what kept dying; nothing is retried forever."""
+
+
+class CompileFailed(UniFilterError):
+    """torch.compile could not compile the scoring model (not a sample's fault, and not the device's): the call
+    fails whole, nothing of it is committed, and the message says to score without compiling."""
 
 
 class TrainingStalled(UniFilterError):

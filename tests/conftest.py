@@ -31,6 +31,14 @@ os.environ.update({
 os.environ.pop("AWS_PROFILE", None)
 
 
+def pytest_collection_modifyitems(items):
+    """With two workers (`make test`: pytest-xdist, `--dist loadgroup`), the tests that submit jobs to the session's
+    job server all run on one worker, which starts it once."""
+    for item in items:
+        if "token_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("job-server"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +110,8 @@ def ray_cluster(s3_endpoint):
     Yields the GCS address, so subprocess jobs can join it through RAY_ADDRESS."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # address="local": always a new instance of this session's own, never one that `ray start` left on this host
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -122,58 +131,63 @@ def job_env(**extra) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ray start --head` on 127.0.0.1 with its dashboard (job submission) on loopback; stopped at teardown.
-    Runs in the foreground (--block) in its own temp dir, so stopping it touches no other Ray instance."""
+@pytest.fixture(scope="session")
+def token_cluster(tmp_path_factory):
+    """The session's job server: `ray start --head` on 127.0.0.1 as aws.yaml starts a node: RAY_AUTH_MODE=token in
+    its environment, and in its ~/.ray/auth_token the token made on the user's machine with `ray get-auth-token
+    --generate` (file_mounts). Every port explicit, its own temp dir; stopped at teardown. Yields its dashboard
+    URL, the user's home (holding the token in ~/.ray) and the token."""
+    import signal
     import subprocess
-    import sys
     import time
+    import urllib.error
     import urllib.request
 
-    port, dashboard = free_port(), free_port()
-    # Every port explicit: the session's in-process Ray already holds the defaults (e.g. the agent's 52365).
+    from tests.support.cluster import RAY, ray_env, submit
+
+    base = tmp_path_factory.mktemp("token-cluster")
+    user_home, node_home = base / "user", base / "node"
+    user_home.mkdir()
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=ray_env(user_home), check=True, capture_output=True,
+                   timeout=120)
+    token_file = user_home / ".ray" / "auth_token"
+    (node_home / ".ray").mkdir(parents=True)
+    shutil.copy(token_file, node_home / ".ray" / "auth_token")
+    dashboard = free_port()
     ports = {f"--{name}": free_port() for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-        "ray-client-server-port", "node-manager-port", "object-manager-port")}
-    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")}
+    temp_dir = tempfile.mkdtemp(prefix="raytoken-", dir="/tmp")
     proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
-        env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
+        env=ray_env(node_home, RAY_AUTH_MODE="token"), stdout=open(base / "head.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("ray start --head did not bring up its dashboard within 90 s")
-    # The job agent registers a little after the dashboard answers: wait until a trivial job goes through.
-    while time.time() < deadline:
-        probe = subprocess.run([ray_bin, "job", "submit", "--address", url, "--", "python", "-c", "pass"],
-                               env=job_env(), capture_output=True, text=True, timeout=120)
-        if probe.returncode == 0:
-            break
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"the local cluster never accepted a job: {probe.stderr[-500:]}")
+    with_token = ray_env(user_home, RAY_AUTH_MODE="token")
     try:
-        yield {"dashboard": url, "gcs": f"127.0.0.1:{port}"}
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
+            except urllib.error.HTTPError:
+                break  # it answers (401: the token is required)
+            except OSError:
+                time.sleep(0.5)
+        while time.time() < deadline:  # the job agent registers a little after the dashboard answers
+            probe = submit(url, with_token, "python", "-c", "pass")
+            if probe.returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the token-auth cluster never accepted a job: " + (base / "head.log").read_text()[-3000:])
+        yield {"dashboard": url, "user_home": user_home, "token": token_file.read_text().strip()}
     finally:
-        import signal
-
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -20,7 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.commit.manifest import CONSOLIDATE_EVERY, PARTS_DIR, consolidate, entry_path, write_entry
+from pipeline.commit.manifest import (
+    CONSOLIDATE_EVERY,
+    PARTS_DIR,
+    consolidate,
+    entry_path,
+    file_check,
+    write_entry,
+)
 from pipeline.commit.markers import SHARD_END, SHARD_FAILED
 from pipeline.errors import ShardFault, reason_key
 from pipeline.io.listing import output_name
@@ -159,10 +166,12 @@ class ShardCommitter:
         errors = records.filter(pc.is_valid(records.column("error"))) if "error" in records.column_names else None
         model = records.column("model")[0].as_py() if "model" in records.column_names and records.num_rows else None
         try:
-            files = self._write_files(shard, records)
-            entry = {"shard": shard, "files": files, "records": expected,
+            files, checks = self._write_files(shard, records)
+            entry = {"shard": shard, "files": files, "file_checks": checks, "records": expected,
+                     "samples": expected // self.rows_per_sample,
                      "errors": errors.num_rows if errors is not None else 0, "identity": self.identity,
-                     "model": model, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                     "model": model, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "committed_ns": time.time_ns()}  # which of a shard's records is newest (`read_manifest`)
             if self.describe:
                 entry.update(self.describe(shard))
             for key in ("artifacts", "stats"):  # files the stage wrote itself (curation's shards), its own counts
@@ -179,14 +188,15 @@ class ShardCommitter:
             self.consolidate()
         self._count(shard, records, errors)
 
-    def _write_files(self, shard: str, records: pa.Table) -> list[str]:
-        """The shard's Parquet files (one per partition), each write retried; their paths in the output."""
+    def _write_files(self, shard: str, records: pa.Table) -> tuple[list[str], dict[str, dict]]:
+        """The shard's Parquet files (one per partition), each write retried; their paths in the output, and what
+        each is (`file_check`: bytes, records, sha256) for the commit record."""
         name = output_name(shard)
         if self._names.setdefault(name, shard) != shard:
             name = output_name(shard, keep_suffix=True)
             self._names.setdefault(name, shard)
         partitions = self.partition(records)
-        files = []
+        files, checks = [], {}
         for partition in sorted(set(partitions)):
             part = records.filter(pa.array([p == partition for p in partitions])) if len(set(partitions)) > 1 \
                 else records
@@ -195,10 +205,11 @@ class ShardCommitter:
             sink = pa.BufferOutputStream()
             pq.write_table(pa.table(columns).cast(self.schema), sink, compression="zstd")
             files.append(f"{partition}/{name}.parquet")
+            data = sink.getvalue().to_pybytes()
+            checks[files[-1]] = file_check(data, part.num_rows)
             write_with_retries(join(self.output, files[-1]), partial(
-                write_bytes, self.fs, f"{self.root}/{files[-1]}", sink.getvalue().to_pybytes()),
-                self.write_attempts, self.write_backoff_s)
-        return files
+                write_bytes, self.fs, f"{self.root}/{files[-1]}", data), self.write_attempts, self.write_backoff_s)
+        return files, checks
 
     def _write_record(self, entry: dict) -> None:
         """The commit itself: inside the lease's fence, so a job that lost the output writes no record."""

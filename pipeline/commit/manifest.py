@@ -5,6 +5,13 @@
 - `OUTPUT/_manifest/_parts/<id>.parquet`: commit records consolidated as a run goes (every `CONSOLIDATE_EVERY`
   commits and at its end): written first, then the per-shard records it holds are deleted. A kill between the two
   leaves a record in both places, read once. Start-up reads a few Parquet files instead of one object per shard.
+- A shard committed again (its files lost, cut or replaced, or its input rewritten) has a newer record: of a
+  shard's records the newest counts (`committed_ns`; a per-shard record before a part's, a later part before an
+  earlier one, where records predate it), so the record and the files it checks always agree.
+
+A commit record names its shard's files and, for each, what it was when committed (`file_checks`: its bytes,
+records and sha256), so a file cut, replaced or lost since is noticed: by a rerun from one listing of the output
+(`damaged_files`: sizes only, nothing read), by readers from the bytes they read (`pipeline.commit.records`).
 
 Outputs written before consolidation existed (per-shard records keyed by the shard's full URI) still read and
 resume: their records are matched to today's shard keys by path suffix.
@@ -12,6 +19,7 @@ resume: their records are matched to today's shard keys by path suffix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -94,19 +102,28 @@ def _read_entry(fs: pafs.FileSystem, path: str, field: str = "output") -> dict |
 
 def read_manifest(output: str, field: str = "output") -> dict[str, dict]:
     """Every commit record of an output, by shard key (consolidated parts and per-shard records, read in
-    parallel). A record found twice (a kill during consolidation) counts once. A part or record that cannot be
-    read raises CorruptState naming it (reported as the setting `field`)."""
+    parallel). A record found twice (a kill during consolidation) counts once; of two records of one shard (it
+    was committed again) the newer counts. A part or record that cannot be read raises CorruptState naming it
+    (reported as the setting `field`)."""
     fs, root = filesystem_for(output)
     parts, jsons = _list(fs, root)
     entries: dict[str, dict] = {}
     with ThreadPoolExecutor(_READERS) as pool:
-        for batch in pool.map(lambda p: _read_part(fs, p, field), parts):
+        for batch in pool.map(lambda p: _read_part(fs, p, field), sorted(parts)):  # parts are named by time
             for entry in batch:
-                entries[entry["shard"]] = entry
+                _keep_newer(entries, entry)
         for entry in pool.map(lambda p: _read_entry(fs, p, field), jsons):
             if entry is not None:
-                entries.setdefault(entry["shard"], entry)
+                _keep_newer(entries, entry)
     return entries
+
+
+def _keep_newer(entries: dict[str, dict], entry: dict) -> None:
+    """`entry` in `entries` unless the shard's record there is newer (read later records last: on a tie, or
+    between records that predate `committed_ns`, the later one read counts)."""
+    held = entries.get(entry["shard"])
+    if held is None or (entry.get("committed_ns") or 0) >= (held.get("committed_ns") or 0):
+        entries[entry["shard"]] = entry
 
 
 def match_legacy(entries: dict[str, dict], keys: Iterable[str]) -> dict[str, dict]:
@@ -124,23 +141,36 @@ def match_legacy(entries: dict[str, dict], keys: Iterable[str]) -> dict[str, dic
     return out
 
 
-def missing_files(output: str, entries: dict[str, dict]) -> dict[str, list[str]]:
-    """Shards whose committed files are gone (deleted by hand, a lifecycle rule): {shard: [files]}. One listing of
-    the output's data folders, not one request per file."""
+def file_check(data: bytes, records: int) -> dict:
+    """What a commit record says of one file it commits: its size, its records and its sha256."""
+    return {"bytes": len(data), "records": records, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def damaged_files(output: str, entries: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Shards whose committed files are gone (deleted by hand, a lifecycle rule) or not the size their commit
+    record says (cut, replaced): {shard: {file: "gone" or what differs}}. One listing of the output's data folders,
+    not one request per file; nothing is read."""
     folders = {f.split("/", 1)[0] for e in entries.values() for f in e.get("files", []) if "/" in f}
     if not folders:
         return {}
     fs, root = filesystem_for(output)
-    present: set[str] = set()
+    present: dict[str, int | None] = {}
     for folder in folders:
         infos = fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", recursive=True, allow_not_found=True))
-        present.update(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
-    out = {}
+        present.update((i.path[len(root) + 1:], i.size) for i in infos if i.type == pafs.FileType.File)
+    out: dict[str, dict[str, str]] = {}
     for shard, entry in entries.items():
-        gone = [f for f in entry.get("files", []) if f not in present]
-        if gone:
-            out[shard] = gone
+        checks = entry.get("file_checks") or {}
+        for f in entry.get("files", []):
+            committed = (checks.get(f) or {}).get("bytes")
+            if f not in present:
+                out.setdefault(shard, {})[f] = GONE
+            elif committed is not None and present[f] is not None and present[f] != committed:
+                out.setdefault(shard, {})[f] = f"{present[f]} bytes where {committed} were committed"
     return out
+
+
+GONE = "gone"
 
 
 # -- consolidation -----------------------------------------------------------------------------------------------
@@ -165,9 +195,9 @@ def consolidate(output: str, entries: list[dict]) -> None:
 
 def _compact(fs: pafs.FileSystem, root: str, parts: list[str]) -> None:
     merged: dict[str, dict] = {}
-    for part in parts:
+    for part in sorted(parts):
         for entry in _read_part(fs, part):
-            merged[entry["shard"]] = entry
+            _keep_newer(merged, entry)
     entries = list(merged.values())
     table = pa.table({"shard": [e["shard"] for e in entries],
                       "entry": [json.dumps(e, sort_keys=True) for e in entries]}, schema=_ENTRY_SCHEMA)

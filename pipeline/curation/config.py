@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.curation import where
 from pipeline.io.samples import SourceOptions
 from pipeline.io.uris import normalize_uri
+from pipeline.runner.executors import ExecutorName, executor_field
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_MIN_SCORES = (0.5, 1.0, 1.5, 2.0, 2.5)
@@ -48,6 +49,7 @@ class CurateConfig(BaseModel):
     histogram_bins: int = Field(50, ge=5, le=500, description="bins of the report's score histograms")
     workers: int = Field(2, ge=1, description="most selection workers (one input shard per call)")
     source: SourceOptions = Field(default_factory=SourceOptions, description="how inputs are read")
+    executor: ExecutorName = executor_field()
     no_progress_timeout_s: float = Field(3600.0, gt=0, description="how long the job may make no progress")
 
     @model_validator(mode="after")

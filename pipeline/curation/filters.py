@@ -3,11 +3,16 @@ joined with the corpus' own metadata, evaluated with PyArrow compute wherever th
 threshold passes on Ray Data, the selection stage).
 
 The join, per input shard: a tar shard's img2dataset sidecar (`<shard>.parquet` beside `<shard>.tar`, its rows
-matched by `key`: the score record's `key`, else its id), or a Parquet shard's own scalar columns (matched by
-row: a score file holds its shard's records in reading order). Score record columns win over metadata columns of
-the same name. `aspect_ratio` is derived: `width / height`, where the metadata has both. A record whose shard has
-no metadata (no sidecar; a Parquet shard that changed since it was scored) or whose key it lacks gets nulls, and
-fails any condition on them; such records are counted (`no_metadata`).
+matched by `key`: the score record's `key`, else its id), or a Parquet shard's own scalar columns (matched by id,
+the scorer's id rule: never by position, so a shard rewritten in another order still joins right). Score record
+columns win over metadata columns of the same name. `aspect_ratio` is derived: `width / height`, where the
+metadata has both. A record whose shard has no metadata (no sidecar) or whose key it lacks gets nulls, and fails
+any condition on them; such records are counted (`no_metadata`). A metadata column whose type in a shard is not the
+one checked against the first shard (`width` held as strings) is absent for that shard's records, and counted
+(`mistyped`). A NaN is null: it fails every comparison (`width != 5` and `not (width < 200)` alike).
+
+The score file itself is read whole and checked against its commit record (bytes, sha256, records): a file cut or
+replaced since is named, with what to do (`pipeline.commit.records.read_committed_file`).
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.commit.records import read_committed_file
 from pipeline.curation import where
 from pipeline.errors import Category, InputError, ShardFault
 from pipeline.io.listing import Shard
+from pipeline.io.samples import parquet_ids
 from pipeline.io.uris import filesystem_for
-from pipeline.scoring.records import SCORE_SCHEMA
+from pipeline.scoring.records import SCORE_SCHEMA, SCORES_DIR
 
 TAR_FORMATS = ("webdataset", "interleaved-wds")
+ROW = "__row"  # a record's row in its score file (`where` refuses names starting with __: no column clashes)
 SCORE_COLUMNS = ["id", "source", "kind", "score", "label", "error", "key", "url", "n_images", "truncated"]
 DERIVED = {"aspect_ratio": ("width", "height")}
 _CANONICAL = {"number": pa.float64(), "string": pa.string(), "bool": pa.bool_()}
@@ -56,10 +64,11 @@ class Filters:
     drop_truncated: bool = False
     min_images: int | None = None
     types: dict[str, str] = field(default_factory=dict)
+    id_column: str = "id"  # how a Parquet shard names its rows (`source.id_column`): its columns are joined by id
 
     @classmethod
     def of(cls, config) -> Filters:
-        return cls(config.where, config.drop_truncated, config.min_images)
+        return cls(config.where, config.drop_truncated, config.min_images, id_column=config.source.id_column)
 
     def conditions(self) -> list[where.Condition]:
         out = where.conjuncts(where.parse(self.where)) if self.where else []
@@ -85,12 +94,20 @@ class Filters:
         n = table.num_rows
         if not conditions:
             return np.ones(n, dtype=bool), []
-        needed = sorted(self.columns())
-        scanned = ds.dataset(table.select(needed)).to_table(
+        needed = table.select(sorted(self.columns()))
+        needed = pa.table({name: _nan_as_null(needed.column(name)) for name in needed.column_names})
+        scanned = ds.dataset(needed).to_table(
             columns={f"t{i}": where.expression(c) for i, c in enumerate(conditions)})
         passed = [pc.fill_null(scanned.column(i), False).to_numpy(zero_copy_only=False).astype(bool)
                   for i in range(len(conditions))]
         return np.logical_and.reduce(passed), [~p for p in passed]
+
+
+def _nan_as_null(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A NaN is a missing value: null, so it fails every comparison as null does (NaN would pass `!=`)."""
+    if not pa.types.is_floating(column.type):
+        return column
+    return pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
 
 
 # -- the corpus' metadata ---------------------------------------------------------------------------------------
@@ -146,7 +163,12 @@ def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
     return replace(filters, types={c: types[c] for c in sorted(filters.metadata_columns())})
 
 
-def _read_metadata(input_uri: str, fmt: str, columns: set[str]) -> pa.Table | None:
+JOIN = "__id"  # the metadata's join key: a sidecar's `key`, a Parquet shard's row ids
+
+
+def _read_metadata(input_uri: str, fmt: str, columns: set[str], id_column: str) -> pa.Table | None:
+    """The metadata columns of an input shard that `columns` name (and `width`, `height` for the derived ones),
+    with the key each row joins by (`JOIN`); None where it has none."""
     uri = metadata_uri(input_uri, fmt)
     fs, path = filesystem_for(uri)
     try:
@@ -155,60 +177,92 @@ def _read_metadata(input_uri: str, fmt: str, columns: set[str]) -> pa.Table | No
             names = set(pf.schema_arrow.names)
             wanted = sorted((columns | set(DERIVED["aspect_ratio"])) & names)
             if fmt in TAR_FORMATS:
-                wanted = sorted({*wanted, "key"} & names) if "key" in names else []
-            return pf.read(columns=wanted) if wanted else None
+                if "key" not in names:
+                    return None
+                table = pf.read(columns=sorted({*wanted, "key"}))
+                return table.append_column(JOIN, table.column("key").cast(pa.string()))
+            if not wanted:
+                return None
+            ids, shared = parquet_ids(pf, input_uri, id_column)
+            join_ids = pa.array([None if row in shared else i for row, i in enumerate(ids)], pa.string())
+            return pf.read(columns=wanted).append_column(JOIN, join_ids)  # rows of shared ids join nothing
     except FileNotFoundError:
         return None
+    except pa.ArrowInvalid as err:  # bytes that are not Parquet: a rerun would not help
+        raise InputError("input", f"the metadata {uri} does not read as Parquet ({str(err).splitlines()[0][:200]}): "
+                                  "repair or remove it (the records of a shard without metadata fail every term on "
+                                  "it)") from None
     except (OSError, pa.ArrowException) as err:
         raise ShardFault(Category.IO, f"cannot read the metadata {uri}: {err}") from None
 
 
-def join_metadata(records: pa.Table, input_uri: str | None, fmt: str | None, filters: Filters
-                  ) -> tuple[pa.Table, int]:
-    """`records` with the metadata columns the filters read added (nulls where a record has none), and how many
-    records found no metadata."""
+@dataclass
+class JoinedMetadata:
+    """The records with the metadata columns the filters read; how many found no metadata; and, per column, how
+    many records had it with another type than the one checked (treated as absent)."""
+
+    table: pa.Table
+    no_metadata: int
+    mistyped: dict[str, int]
+
+
+def join_metadata(records: pa.Table, input_uri: str | None, fmt: str | None, filters: Filters) -> JoinedMetadata:
+    """`records` with the metadata columns the filters read added (nulls where a record has none, or has it with
+    another type than the one checked)."""
     wanted = filters.metadata_columns()
     if not wanted:
-        return records, 0
-    meta = _read_metadata(input_uri, fmt, wanted) if input_uri and fmt else None
+        return JoinedMetadata(records, 0, {})
+    meta = _read_metadata(input_uri, fmt, wanted, filters.id_column) if input_uri and fmt else None
     n = records.num_rows
     rows = None
-    if meta is not None and fmt in TAR_FORMATS:
-        keys = pc.coalesce(records.column("key"), records.column("id"))
-        rows = pc.index_in(keys, value_set=meta.column("key").cast(pa.string()))
-    elif meta is not None and meta.num_rows == n:  # a Parquet shard's own rows, by position
-        rows = pa.array(np.arange(n, dtype=np.int64))
+    if meta is not None:
+        keys = pc.coalesce(records.column("key"), records.column("id")) if fmt in TAR_FORMATS else records.column("id")
+        rows = pc.index_in(keys, value_set=meta.column(JOIN))
     matched = meta.take(rows) if rows is not None else None
-    if matched is not None and "aspect_ratio" not in matched.column_names and {"width", "height"} <= set(
-            matched.column_names):
-        w, h = (pc.cast(matched.column(c), pa.float64()) for c in ("width", "height"))
-        matched = matched.append_column("aspect_ratio", pc.if_else(pc.greater(h, 0), pc.divide(w, h), None))
+    with_metadata = 0 if rows is None else n - rows.null_count
+    mistyped: dict[str, int] = {}
     for name in sorted(wanted):
-        target = _CANONICAL.get(filters.types.get(name, "number"), pa.float64())
-        column = matched.column(name) if matched is not None and name in matched.column_names else None
+        column, of_another_type = _column(matched, name, filters.types.get(name, "number"))
+        if of_another_type:
+            mistyped[name] = with_metadata
         if column is None or pa.types.is_null(column.type):
-            column = pa.nulls(n, target)
+            column = pa.nulls(n, _CANONICAL.get(filters.types.get(name, "number"), pa.float64()))
         records = records.append_column(name, column)
-    no_metadata = n if rows is None else int(pc.sum(pc.is_null(rows)).as_py() or 0)
-    return records, no_metadata
+    return JoinedMetadata(records, n - with_metadata, {k: v for k, v in mistyped.items() if v})
 
 
-def read_score_file(uri: str, extra: Iterable[str] = ()) -> pa.Table:
-    """A score file's records (`SCORE_COLUMNS` and the `extra` score columns a filter reads), each with its row: a
-    score file holds every sample of its input shard in reading order, so a record's row is its position in the
-    input (what Parquet rows are matched by)."""
+def _column(matched: pa.Table | None, name: str, kind: str) -> tuple[pa.ChunkedArray | None, bool]:
+    """A metadata column as the filters checked it (`kind`), or None; and whether it is there with another type."""
+    if matched is None:
+        return None, False
+    if name not in matched.column_names and name in DERIVED:
+        (w, w_other), (h, h_other) = (_column(matched, c, "number") for c in DERIVED[name])
+        if w is None or h is None:
+            return None, w_other or h_other
+        w, h = pc.cast(w, pa.float64()), pc.cast(h, pa.float64())
+        return pc.if_else(pc.greater(h, 0), pc.divide(w, h), None), False
+    if name not in matched.column_names:
+        return None, False
+    column = matched.column(name)
+    if pa.types.is_null(column.type) or kind_of(column.type) == kind:
+        return column, False
+    return None, True
+
+
+def read_score_file(shard: Shard, extra: Iterable[str] = ()) -> pa.Table:
+    """A score file's records (`SCORE_COLUMNS` and the `extra` score columns a filter reads), each with its row
+    (`ROW`), the file checked against its commit record (`shard`: its size, records and sha256)."""
     wanted = [*SCORE_COLUMNS, *sorted(set(extra) - set(SCORE_COLUMNS))]
-    fs, path = filesystem_for(uri)
+    scores, _, path = shard.uri.rpartition(f"/{SCORES_DIR}/")
+    check = {"bytes": shard.size, "records": shard.records, "sha256": shard.sha256}
     try:
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            table = pf.read(columns=[c for c in wanted if c in pf.schema_arrow.names])
+        table = read_committed_file(scores, shard.key, f"{SCORES_DIR}/{path}", check, wanted, field="scores")
     except OSError as err:
-        raise ShardFault(Category.IO, f"cannot read {uri}: {err}") from None
+        raise ShardFault(Category.IO, f"cannot read {shard.uri}: {err}") from None
     for name in wanted:  # scored before the column existed: nulls
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, SCORE_SCHEMA.field(name).type))
-    return table.append_column("ordinal", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    return table.append_column(ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
 @dataclass
@@ -220,18 +274,21 @@ class FilteredShard:
     passes: np.ndarray  # passes every filter
     removed: dict[str, int]  # term -> scored records failing it
     no_metadata: int
+    mistyped: dict[str, int] = field(default_factory=dict)  # metadata column -> records it was absent for (its type)
 
     @property
     def removed_in_all(self) -> int:
         return int((self.scored & ~self.passes).sum())
 
 
-def filter_shard(score_uri: str, input_uri: str | None, fmt: str | None, filters: Filters) -> FilteredShard:
-    """The threshold passes and the selection stage both see a shard through this, so they agree on every record."""
+def filter_shard(shard: Shard, filters: Filters) -> FilteredShard:
+    """A score shard (`shard`: its score file, its input shard as `aux`) seen through the filters. The threshold
+    passes and the selection stage both see a shard through this, so they agree on every record."""
     score_columns = filters.columns() & set(SCORE_TYPES)
-    table, no_metadata = join_metadata(read_score_file(score_uri, score_columns), input_uri, fmt, filters)
+    joined = join_metadata(read_score_file(shard, score_columns), shard.aux, shard.aux_format, filters)
+    table = joined.table
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     scored = table.column("error").is_null().to_numpy(zero_copy_only=False) & np.isfinite(scores)
     passes, fails = filters.evaluate(table)
     removed = {term: int((fail & scored).sum()) for term, fail in zip(filters.terms, fails)}
-    return FilteredShard(table, scored, passes, removed, no_metadata)
+    return FilteredShard(table, scored, passes, removed, joined.no_metadata, joined.mistyped)

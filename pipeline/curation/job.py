@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 
 from pipeline.commit.identity import check_entries, read_identity
-from pipeline.commit.manifest import read_manifest
+from pipeline.commit.manifest import damaged_files, read_manifest
+from pipeline.commit.records import damaged_file
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters, check_filters
 from pipeline.curation.passes import compute_thresholds
@@ -41,12 +42,19 @@ def score_shards(config: CurateConfig) -> tuple[ShardListing, str]:
     inputs = {}
     if config.input:  # the corpus moved: find each shard by its key under the new root
         inputs = {s.key: s.uri for s in list_shards(config.input, config.format).shards}
+    damaged = damaged_files(config.scores, entries)
+    if damaged:  # cut, replaced or gone since it was committed: named, before anything is written
+        shard, files = next(iter(damaged.items()))
+        path, problem = next(iter(files.items()))
+        raise damaged_file(config.scores, path, shard, problem, len(damaged), field="scores")
     shards = []
     for key, entry in sorted(entries.items()):
         source = inputs.get(key) if config.input else entry.get("input")
         fmt = config.format or entry.get("format")
         for f in (f for f in entry["files"] if f.startswith(f"{SCORES_DIR}/")):
-            shards.append(Shard(join(config.scores, f), key, None, source, fmt))
+            check = (entry.get("file_checks") or {}).get(f) or {}
+            shards.append(Shard(join(config.scores, f), key, check.get("bytes"), source, fmt,
+                                records=check.get("records"), sha256=check.get("sha256")))
     if config.materialize or config.samples_per_shard:
         missing = [s.key for s in shards if not (s.aux and s.aux_format)]
         if missing:
@@ -93,15 +101,13 @@ class CurationJob(Job):
     def dry_run_lines(self, prepared: PreparedJob) -> list[str]:
         """What a run would do, with the exact thresholds of the rule and of the sweep: Ray runs the two counting
         passes; no lease is taken and nothing is written."""
-        from pipeline.runner.cluster import connect
-
         c = self.config
         keys = list(dict.fromkeys(s.key for s in prepared.todo))
         entries = read_manifest(c.scores, field="scores")
         records = sum(entries[k].get("records", 0) for k in keys if k in entries)
         scored = len(dict.fromkeys(s.key for s in prepared.shards))
-        connect(False, self.name)
-        self.thresholds = compute_thresholds(c, prepared.shards, self.filters, sweep=c.sweep_values)
+        self.executor.connect(False, self.name)
+        self.thresholds = compute_thresholds(c, prepared.shards, self.filters, self.executor, sweep=c.sweep_values)
         cuts = ", ".join(f"{k} {'none kept' if v is None else f'{v:.4f}'}" for k, v in self.thresholds.as_dict().items())
         return [
             f"UniFilter curation, dry run (no lease taken, nothing written): {c.scores} -> {c.output}",
@@ -127,7 +133,7 @@ class CurationJob(Job):
     def before_execute(self, prepared: PreparedJob) -> None:
         """The threshold passes, under the lease: two jobs on one output never both make them."""
         sweep = self.config.sweep_values if self.config.report else None  # the report compares the rule with them
-        self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters, sweep=sweep)
+        self.thresholds = compute_thresholds(self.config, prepared.shards, self.filters, self.executor, sweep=sweep)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))
 
@@ -141,7 +147,7 @@ class CurationJob(Job):
             return
         from pipeline.curation.reshard import reshard
 
-        self.resharded = reshard(self.config, prepared.shards, self.filters, self.thresholds.by_group)
+        self.resharded = reshard(self.config, prepared.shards, self.filters, self.thresholds.by_group, self.executor)
         for name, reason in self.resharded["incomplete"].items():
             result.incomplete[f"shards/{name}"] = reason
 
@@ -187,10 +193,7 @@ class CurationJob(Job):
             f" · {errors} error records never selected",
         ]
         if own.get("filters"):
-            f = own["filters"]
-            each = " · ".join(f"{term!r} {n}" for term, n in f["removed"].items())
-            lines.append(f"  filters    {f['removed_in_all']} scored records removed before the rule · each term: "
-                         f"{each}" + (f" · {f['no_metadata']} without metadata" if f["no_metadata"] else ""))
+            lines += [f"  filters    {line}" for line in _filter_lines(own["filters"])]
         if own.get("resharded"):
             r = own["resharded"]
             lines.append(f"  reshard    {r['waiting']}" if "waiting" in r else
@@ -209,7 +212,8 @@ class CurationJob(Job):
         """The HTML report of this run (`report`: its folder); returns its URI."""
         from pipeline.curation.report_data import write_curation_report
 
-        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary, self.filters)
+        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary, self.filters,
+                                     self.executor)
 
 
 def _totals(entries: list[dict]) -> tuple[dict[str, Counter], dict[str, dict], int]:
@@ -256,11 +260,18 @@ def _shards_written(c: CurateConfig) -> str:
 
 
 def _filter_lines(filters: dict) -> list[str]:
+    """What the filters removed (of how many scored records, where known), and the metadata they found absent or
+    of another type than the first shard's (treated as absent: such records fail every term on it)."""
     if not filters.get("terms"):
         return []
     each = " · ".join(f"{term!r} {n}" for term, n in filters["removed"].items())
-    return [f"{filters['removed_in_all']} of {filters['scored']} scored records removed before the rule · each "
-            f"term: {each}" + (f" · {filters['no_metadata']} without metadata" if filters["no_metadata"] else "")]
+    of = f" of {filters['scored']}" if "scored" in filters else ""
+    lines = [f"{filters['removed_in_all']}{of} scored records removed before the rule · each term: {each}"
+             + (f" · {filters['no_metadata']} without metadata" if filters["no_metadata"] else "")]
+    if filters.get("mistyped"):
+        lines.append("metadata of another type than the first shard's, treated as absent: " + " · ".join(
+            f"{column} for {n} records" for column, n in filters["mistyped"].items()))
+    return lines
 
 
 def sweep_lines(config: CurateConfig, rows: list[dict]) -> list[str]:
@@ -294,13 +305,14 @@ def _filtered(entries: list[dict], terms: list[str]) -> dict | None:
     """What the filters removed, over every shard's commit record (before the rule: whatever the score)."""
     if not terms:
         return None
-    removed, totals = Counter({t: 0 for t in terms}), Counter()
+    removed, totals, mistyped = Counter({t: 0 for t in terms}), Counter(), Counter()
     for entry in entries:
         stats = (entry.get("stats") or {}).get("filtered") or {}
         removed.update(stats.get("removed", {}))
+        mistyped.update(stats.get("mistyped", {}))
         totals.update({k: stats.get(k, 0) for k in ("removed_in_all", "no_metadata")})
     return {"terms": terms, "removed": {t: removed[t] for t in terms}, "removed_in_all": totals["removed_in_all"],
-            "no_metadata": totals["no_metadata"]}
+            "no_metadata": totals["no_metadata"], "mistyped": dict(mistyped)}
 
 
 def curate(config: CurateConfig, progress: bool = True) -> tuple[CurationJob, dict]:

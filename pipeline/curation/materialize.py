@@ -2,12 +2,13 @@
 interleaved-wds) -> tar out with every member of each kept sample, headers and contents as they were; Parquet in
 (parquet, obelics) -> Parquet out with every column of each kept row. Users feed these straight into training.
 
-Samples are matched the way the scorer named them: a tar sample by its id, read with the scorer's own reader
-(`pipeline.sources.tar_samples_by_id`: the same grouping, tolerance of cuts and id rule), a Parquet row by its
-position in the file (the record's `ordinal`; ids may repeat). A kept sample the input no longer holds whole (the
-shard was cut or rewritten since it was scored) is reported as not materializable and the rest is written; a shard
-that lacks most of its kept samples is not the scored corpus, and a fault. A shard file in the output is always
-whole: it is published only once written.
+Samples are matched by the id the scorer gave them, never by position: a tar sample read with the scorer's own
+reader (`pipeline.io.samples.tar_samples_by_id`: the same grouping, tolerance of cuts and id rule), a Parquet row by
+the scorer's id rule (`pipeline.io.samples.parquet_ids`: its id column, else `<stem>:<row>`; ids are unique in a
+shard by construction, `pipeline.io.ids`), so a shard rewritten with its rows in another order is still matched.
+A kept sample the input no longer holds whole (the shard was cut or rewritten since it was scored) is reported as
+not materializable and the rest is written; a shard that lacks most of its kept samples is not the scored corpus,
+and a fault. A shard file in the output is always whole: it is published only once written.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from model.errors import Category
 from pipeline.errors import ShardFault
 from pipeline.io.files import open_shard
 from pipeline.io.publish import publish_file
-from pipeline.io.samples import SourceOptions, tar_samples_by_id
+from pipeline.io.samples import SourceOptions, parquet_ids, tar_samples_by_id
 
 _CHUNK = 16 * 2**20
 MISSING_IDS_SHOWN = 20  # ids of samples not materializable, recorded per shard
@@ -36,7 +38,7 @@ class Materialized:
     """What one shard's materialization wrote: samples written, and the kept samples it could not write."""
 
     written: int
-    missing: list[str] = field(default_factory=list)  # ids (tar) or row positions (Parquet), sorted
+    missing: list[str] = field(default_factory=list)  # ids, sorted
 
 
 def _check_found(input_uri: str, found: int, expected: int) -> None:
@@ -68,30 +70,40 @@ def materialize_tar(input_uri: str, keep: set[str], output_uri: str, options: So
     return Materialized(len(found), sorted(keep - found))
 
 
-def materialize_parquet(input_uri: str, keep: set[int], output_uri: str, options: SourceOptions) -> Materialized:
-    """Copy the rows at the kept positions with every column and the input's schema."""
-    found: set[int] = set()
+def materialize_parquet(input_uri: str, keep: set[str], output_uri: str, options: SourceOptions) -> Materialized:
+    """Copy the rows of the kept ids with every column and the input's schema, a row group at a time."""
+    found: list[str] = []
     with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src:
         pf = pq.ParquetFile(src)
         with tempfile.NamedTemporaryFile(prefix="unifilter-kept-", suffix=".parquet", delete=False) as tmp:
             pass
-        row = 0
         try:
             with pq.ParquetWriter(tmp.name, pf.schema_arrow, compression="zstd") as writer:
-                for group in range(pf.num_row_groups):
-                    n = pf.metadata.row_group(group).num_rows
-                    wanted = [i for i in range(n) if row + i in keep]
-                    if wanted and (kept := _read_rows(pf, group, wanted)) is not None:
-                        writer.write_table(kept)
-                        found.update(row + i for i in wanted)
-                    row += n
+                for rows, ids in kept_rows(pf, input_uri, keep, options):
+                    writer.write_table(rows)
+                    found += ids
             src.check_unchanged()
             _check_found(input_uri, len(found), len(keep))
             if found:
                 publish_file(Path(tmp.name), output_uri)
         finally:
             Path(tmp.name).unlink(missing_ok=True)
-    return Materialized(len(found), [str(i) for i in sorted(keep - found)])
+    return Materialized(len(found), sorted(keep - set(found)))
+
+
+def kept_rows(pf: pq.ParquetFile, key: str, keep: set[str], options: SourceOptions
+              ) -> Iterator[tuple[pa.Table, list[str]]]:
+    """The rows of Parquet shard `key` whose ids are kept, a row group at a time in file order, with every column
+    (reading only the row groups that hold them), and their ids. A kept id the shard does not hold (or holds on
+    more than one row: no sample of the scorer's has it), or whose row group no longer reads, is not among them."""
+    ids, shared = parquet_ids(pf, key, options.id_column)
+    start = 0
+    for group in range(pf.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        inside = [r for r in range(start, start + n) if ids[r] in keep and r not in shared]
+        if inside and (part := _read_rows(pf, group, [r - start for r in inside])) is not None:
+            yield part, [ids[r] for r in inside]
+        start += n
 
 
 def _read_rows(pf: pq.ParquetFile, group: int, rows: list[int]) -> pa.Table | None:
@@ -103,11 +115,10 @@ def _read_rows(pf: pq.ParquetFile, group: int, rows: list[int]) -> pa.Table | No
 
 
 def materialize(fmt: str, input_uri: str, kept: pa.Table, output_uri: str, options: SourceOptions) -> Materialized:
-    """Write the kept score records' samples (`kept`: their `id` and `ordinal` columns) from the input shard;
-    `missing` names (by id) those the shard no longer holds whole. Raises ShardFault, publishing nothing, when
-    the shard holds fewer than half of them."""
+    """Write the kept score records' samples (`kept`: their `id` column) from the input shard; `missing` names (by
+    id) those the shard no longer holds whole. Raises ShardFault, publishing nothing, when the shard holds fewer
+    than half of them."""
+    keep = set(kept.column("id").to_pylist())
     if fmt in ("webdataset", "interleaved-wds"):
-        return materialize_tar(input_uri, set(kept.column("id").to_pylist()), output_uri, options)
-    done = materialize_parquet(input_uri, set(kept.column("ordinal").to_pylist()), output_uri, options)
-    ids = dict(zip(kept.column("ordinal").to_pylist(), kept.column("id").to_pylist()))
-    return Materialized(done.written, [str(ids[int(i)]) for i in done.missing])
+        return materialize_tar(input_uri, keep, output_uri, options)
+    return materialize_parquet(input_uri, keep, output_uri, options)

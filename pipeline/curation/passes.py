@@ -6,19 +6,25 @@ the plotting histograms. Any number of thresholds (the rule's and a sweep's) cos
 
 A `min_score` rule with no report and no sweep needs neither pass: the cut is the number given.
 
-A task whose worker dies (out of memory, a crash in evaluation) is tried again `TASK_RETRIES` times, then the run
-ends naming the score file it kept dying on (`pipeline.runner.deaths`).
+A shard that cannot be evaluated fails its pass by name, never with a traceback nor with Ray's retries: a score
+file that is not what was committed (`CorruptState` naming it and what to do: exit 2), metadata that is not
+Parquet (exit 2 naming `input`), metadata that cannot be read for I/O (`ShardFault`: exit 1, rerun), or any other
+failure of the filters on it (exit 2 naming `where` and the shard). A task whose worker dies (out of memory, a
+crash in evaluation) is tried again `TASK_RETRIES` times, then the run ends naming the score file it kept dying on
+(`pipeline.runner.deaths`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.curation.filters import Filters, filter_shard
+from pipeline.curation.filters import Filters, filter_shard, metadata_uri
 from pipeline.curation.thresholds import (
     ALL,
     BINS,
@@ -38,7 +44,7 @@ from pipeline.curation.thresholds import (
     score_of_key,
     threshold_in_bin,
 )
-from pipeline.errors import BrokenWorker
+from pipeline.errors import BrokenWorker, ConfigFieldError, CorruptState, InputError, ShardFault
 from pipeline.io.listing import Shard
 from pipeline.runner.deaths import TASK_RETRIES, WorkLedger, in_hand
 from pipeline.runner.ray_compat import retry_bounds_allowed
@@ -46,68 +52,131 @@ from pipeline.runner.ray_compat import retry_bounds_allowed
 _COUNTED = ["kind", "score", "error", "label"]
 
 
-def _passing(row: dict, filters: Filters) -> tuple[pa.Table, dict]:
+def _passing(shard: Shard, filters: Filters) -> tuple[pa.Table, dict]:
     """A score file's records that pass the filters (error records too: they are counted, never kept), and what
     the filters removed."""
-    shard = filter_shard(row["uri"], row["aux"], row["fmt"], filters)
-    keep = shard.passes | ~shard.scored
-    stats = {"removed": shard.removed, "removed_in_all": shard.removed_in_all, "no_metadata": shard.no_metadata,
-             "scored": int(shard.scored.sum())}
-    return shard.table.select(_COUNTED).filter(pa.array(keep)), stats
+    filtered = filter_shard(shard, filters)
+    keep = filtered.passes | ~filtered.scored
+    stats = {"removed": filtered.removed, "removed_in_all": filtered.removed_in_all,
+             "no_metadata": filtered.no_metadata, "scored": int(filtered.scored.sum()), "mistyped": filtered.mistyped}
+    return filtered.table.select(_COUNTED).filter(pa.array(keep)), stats
 
 
-def _pass_one(batch: pa.Table, filters: Filters, ledger: str) -> pa.Table:
-    out = {"counts": [], "errors": [], "filters": []}
+def _failure(shard: Shard, err: Exception) -> str:
+    """Why a shard's pass failed, as the driver raises it again (`_raise_failures`)."""
+    out = {"shard": shard.key, "input": shard.aux, "format": shard.aux_format}
+    if isinstance(err, ConfigFieldError):  # a damaged score file, unreadable metadata: named with what to do
+        out.update(kind="corrupt" if isinstance(err, CorruptState) else "refused", field=err.field,
+                   message=err.problem)
+    elif isinstance(err, ShardFault):
+        out.update(kind="fault", category=err.category.value, message=err.detail)
+    else:
+        out.update(kind="evaluation", message=f"{type(err).__name__}: "
+                                              f"{(str(err).strip().splitlines() or [''])[0][:300]}")
+    return json.dumps(out)
+
+
+def _held(ledger: str | None, key: str):
+    """On Ray, the shard held in the run's work ledger while its worker evaluates it (`pipeline.runner.deaths`)."""
+    return in_hand(ledger, key) if ledger else contextlib.nullcontext()
+
+
+def _pass_one(batch: pa.Table, filters: Filters, ledger: str | None = None) -> pa.Table:
+    out = {"counts": [], "errors": [], "filters": [], "failed": []}
     for row in batch.to_pylist():
-        with in_hand(ledger, row["key"]):
-            table, stats = _passing(row, filters)
+        shard = Shard(**row)
+        try:
+            with _held(ledger, shard.key):
+                table, stats = _passing(shard, filters)
+        except Exception as err:  # noqa: BLE001 - named by the driver, never a traceback nor a retry
+            out["counts"].append(None)
+            out["errors"].append(None)
+            out["filters"].append(None)
+            out["failed"].append(_failure(shard, err))
+            continue
         one = pass_one(table).to_pylist()[0]
         out["counts"].append(one["counts"])
         out["errors"].append(one["errors"])
         out["filters"].append(json.dumps(stats))
-    return pa.table(out)
+        out["failed"].append(None)
+    return pa.table(out, schema=pa.schema([(k, pa.string()) for k in out]))
 
 
 def _pass_two(batch: pa.Table, filters: Filters, bins: dict[str, list[int]], edges: dict[str, list[float]],
-              ledger: str) -> pa.Table:
-    counts = []
+              ledger: str | None = None) -> pa.Table:
+    counts, failed = [], []
     for row in batch.to_pylist():
-        with in_hand(ledger, row["key"]):
-            counts.append(pass_two(_passing(row, filters)[0], bins, edges).column("counts")[0].as_py())
-    return pa.table({"counts": counts})
+        shard = Shard(**row)
+        try:
+            with _held(ledger, shard.key):
+                counts.append(pass_two(_passing(shard, filters)[0], bins, edges).column("counts")[0].as_py())
+            failed.append(None)
+        except Exception as err:  # noqa: BLE001 - named by the driver, never a traceback nor a retry
+            counts.append(None)
+            failed.append(_failure(shard, err))
+    return pa.table({"counts": pa.array(counts, pa.string()), "failed": pa.array(failed, pa.string())})
 
 
-def _run(shards: list[Shard], fn, **kwargs) -> list[dict]:
-    import ray
+def _run(shards: list[Shard], executor, fn, **kwargs) -> list[dict]:
+    """`fn` over every score file: a Ray Data task each on Ray, one after another in this process; a shard that
+    failed is named (`_raise_failures`)."""
+    items = [asdict(s) for s in shards]
+    if executor.name == "local":
+        rows = [row for item in items for row in fn(pa.Table.from_pylist([item]), **kwargs).to_pylist()]
+    else:
+        import ray
 
-    items = [{"uri": s.uri, "aux": s.aux, "fmt": s.aux_format, "key": s.key} for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
-    ledger = WorkLedger()
-    try:
-        with retry_bounds_allowed():
-            ds = ds.map_batches(fn, fn_kwargs={**kwargs, "ledger": ledger.name}, batch_size=1, batch_format="pyarrow",
-                                max_retries=TASK_RETRIES)
-        return ds.take_all()
-    except Exception as err:
-        dying = ledger.dying()
-        if not dying:
-            raise
-        key, deaths = next(iter(dying.items()))
-        raise BrokenWorker(f"curation's threshold pass: its worker died {deaths} times on the score file {key} "
-                           f"(killed for memory or crashed) and Ray's retries are spent ({type(err).__name__})"
-                           ) from None
-    finally:
-        ledger.stop()
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+        ledger = WorkLedger()
+        try:
+            with retry_bounds_allowed():
+                ds = ds.map_batches(fn, fn_kwargs={**kwargs, "ledger": ledger.name}, batch_size=1,
+                                    batch_format="pyarrow", max_retries=TASK_RETRIES)
+            rows = ds.take_all()
+        except Exception as err:
+            dying = ledger.dying()
+            if not dying:
+                raise
+            key, deaths = next(iter(dying.items()))
+            raise BrokenWorker(f"curation's threshold pass: its worker died {deaths} times on the score file {key} "
+                               f"(killed for memory or crashed) and Ray's retries are spent ({type(err).__name__})"
+                               ) from None
+        finally:
+            ledger.stop()
+    _raise_failures([json.loads(r["failed"]) for r in rows if r["failed"]])
+    return rows
+
+
+def _raise_failures(failed: list[dict]) -> None:
+    """The first failure of a pass, named (what the user must act on first: a damaged score file, a refused
+    input, then a fault a rerun may clear, then a failure of the filters themselves)."""
+    if not failed:
+        return
+    order = ("corrupt", "refused", "fault", "evaluation")
+    first = next(f for kind in order for f in failed if f["kind"] == kind)
+    more = f" ({len(failed) - 1} more shards failed too)" if len(failed) > 1 else ""
+    if first["kind"] == "corrupt":
+        raise CorruptState(first["message"] + more, first["field"])
+    if first["kind"] == "refused":
+        raise InputError(first["field"], first["message"] + more)
+    if first["kind"] == "fault":
+        raise ShardFault(first["category"], f"the threshold passes could not read what shard {first['shard']} "
+                                            f"needs: {first['message']}{more}; rerun when it can be read")
+    metadata = metadata_uri(first["input"], first["format"]) if first["input"] and first["format"] else None
+    raise InputError("where", f"the filters could not be evaluated on shard {first['shard']} ({first['message']})"
+                              f"{more}: check its metadata{f' ({metadata})' if metadata else ''} against the first "
+                              "shard's, or leave out the term that reads it")
 
 
 def _filter_totals(rows: list[dict], filters: Filters) -> dict:
     removed: Counter = Counter({term: 0 for term in filters.terms})
-    totals = Counter()
+    totals, mistyped = Counter(), Counter()
     for row in rows:
         stats = json.loads(row["filters"])
         removed.update(stats["removed"])
+        mistyped.update(stats.get("mistyped", {}))
         totals.update({k: stats[k] for k in ("removed_in_all", "no_metadata", "scored")})
-    return {"terms": filters.terms, "removed": dict(removed), **dict(totals)}
+    return {"terms": filters.terms, "removed": dict(removed), **dict(totals), "mistyped": dict(mistyped)}
 
 
 def _cut(counts: KindCounts, rule: str, value: float) -> tuple[int, int] | int | None:
@@ -123,9 +192,9 @@ def _cut_bin(cut) -> int | None:
     return None if cut is None else cut[0] if isinstance(cut, tuple) else cut >> 16
 
 
-def compute_thresholds(config, shards: list[Shard], filters: Filters, sweep: list[float] | None = None
+def compute_thresholds(config, shards: list[Shard], filters: Filters, executor, sweep: list[float] | None = None
                        ) -> Thresholds:
-    """Two passes of Ray Data over the score files: the exact thresholds of the rule (and of every value of
+    """Two passes over the score files (on Ray Data, or in this process with the local executor): the exact thresholds of the rule (and of every value of
     `sweep`, in the rule's unit), how many records each keeps per kind, and the histograms on the way."""
     rule = "min_score" if config.min_score is not None else "keep_fraction"
     value = config.min_score if rule == "min_score" else config.keep_fraction
@@ -133,14 +202,14 @@ def compute_thresholds(config, shards: list[Shard], filters: Filters, sweep: lis
     if rule == "min_score" and not config.report and sweep is None:
         cut = float(np.float32(config.min_score))
         return Thresholds({name: cut for name in groups}, {}, Counter())
-    rows = _run(shards, _pass_one, filters=filters)
+    rows = _run(shards, executor, _pass_one, filters=filters)
     counts, errors = merge_pass_one(rows)
     values = list(dict.fromkeys([value, *(sweep or [])]))
     cuts = {v: {g: _cut(counts.get(g, KindCounts()), rule, v) for g in groups} for v in values}
     wanted = sorted({b for by_group in cuts.values() for c in by_group.values() if (b := _cut_bin(c)) is not None})
     edges = {kind: plot_edges(counts[kind], config.histogram_bins) for kind in KINDS
              if kind in counts and counts[kind].scored}
-    low, plots = _resolve(_run(shards, _pass_two, filters=filters, bins={g: wanted for g in (*KINDS, ALL)},
+    low, plots = _resolve(_run(shards, executor, _pass_two, filters=filters, bins={g: wanted for g in (*KINDS, ALL)},
                                edges=edges), edges)
     resolved = {v: {g: _threshold(c, low.get(g, {})) for g, c in by_group.items()} for v, by_group in cuts.items()}
     table = [_sweep_row(v, resolved[v], counts, low, config.per_kind) for v in values]

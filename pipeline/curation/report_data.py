@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters
@@ -31,7 +30,7 @@ from pipeline.curation.select import kept_records
 from pipeline.curation.thresholds import KINDS, Thresholds, kept_curve
 from pipeline.io.listing import Shard
 from pipeline.io.samples import SourceOptions, read_samples
-from pipeline.runner.deaths import TASK_RETRIES
+from pipeline.runner.executors import executor_named
 
 EXCERPT_CHARS = 600
 _COLUMNS = ["id", "source", "kind", "score", "label", "truncated", "n_images"]
@@ -109,11 +108,8 @@ def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict
     return found
 
 
-_fetch = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(fetch_examples)
-
-
 def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,
-                      filters: Filters | None = None) -> ReportData:
+                      filters: Filters | None = None, executor=None) -> ReportData:
     own = summary["curate"]
     rows = _candidates(config, shards, filters or Filters(), thresholds)
     sections = _sections(config, thresholds, rows)
@@ -122,16 +118,14 @@ def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thr
         for r in records:
             needed.setdefault(r["source"], set()).add(r["id"])
     inputs = {s.key: s for s in shards}
-    refs = {key: _fetch.remote({"uri": inputs[key].aux, "key": key}, inputs[key].aux_format, sorted(ids),
-                               config.source.model_dump())
-            for key, ids in needed.items() if key in inputs and inputs[key].aux and inputs[key].aux_format}
+    calls = {key: ({"uri": inputs[key].aux, "key": key}, inputs[key].aux_format, sorted(ids),
+                   config.source.model_dump())
+             for key, ids in needed.items() if key in inputs and inputs[key].aux and inputs[key].aux_format}
     content: dict[tuple[str, str], dict] = {}
-    for key, ref in refs.items():
-        try:
-            found = ray.get(ref)
-        except Exception:  # noqa: BLE001 - an input shard the report cannot read shows as such, nothing more
+    for key, outcome in zip(calls, (executor or executor_named(config.executor)).tasks(fetch_examples, calls.values())):
+        if outcome.error is not None:  # an input shard the report cannot read shows as such, nothing more
             continue
-        for sample_id, data in found.items():
+        for sample_id, data in outcome.value.items():
             content[(key, sample_id)] = data
     kinds = []
     for kind in KINDS:
@@ -159,5 +153,5 @@ def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thr
 
 
 def write_curation_report(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,
-                          filters: Filters | None = None) -> str:
-    return write_report(config.report, build_report_data(config, shards, thresholds, summary, filters))
+                          filters: Filters | None = None, executor=None) -> str:
+    return write_report(config.report, build_report_data(config, shards, thresholds, summary, filters, executor))

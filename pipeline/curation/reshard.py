@@ -19,13 +19,15 @@ import io
 import json
 import tarfile
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.curation.filters import TAR_FORMATS, Filters, sidecar_uri
+from pipeline.curation.filters import ROW, TAR_FORMATS, Filters, sidecar_uri
+from pipeline.curation.materialize import kept_rows
 from pipeline.curation.select import SHARDS_DIR, kept_records
 from pipeline.errors import BrokenWorker, Category, ShardFault
 from pipeline.io.files import open_shard
@@ -33,19 +35,19 @@ from pipeline.io.listing import Shard
 from pipeline.io.publish import publish_file, read_json, write_json
 from pipeline.io.samples import SourceOptions, tar_samples_by_id
 from pipeline.io.uris import filesystem_for, join
-from pipeline.runner.deaths import TASK_RETRIES
 
 PLAN = "_reshard_plan.json"
-_FIELDS = ("source", "input", "ordinal", "id", "score", "label")  # one planned sample, as a JSON list
+# one planned sample, as a JSON list (`ordinal`: its record's row in its score file; samples are matched by `id`)
+_FIELDS = ("source", "input", "ordinal", "id", "score", "label")
 
 
 def kept_of(row: dict, filters: Filters, thresholds: dict, per_kind: bool) -> list[list]:
-    """The kept samples of one score shard, as planned samples (`_FIELDS`), in reading order."""
-    shard = Shard(row["uri"], row["key"], None, row["aux"], row["fmt"])
-    filtered, keep = kept_records(shard, filters, thresholds, per_kind)
+    """The kept samples of one score shard (`row`: its `Shard` as a dict), as planned samples (`_FIELDS`), in
+    reading order."""
+    filtered, keep = kept_records(Shard(**row), filters, thresholds, per_kind)
     kept = filtered.table.filter(pa.array(keep))
     return [[row["key"], row["aux"], o, i, s, lv] for o, i, s, lv in zip(
-        kept.column("ordinal").to_pylist(), kept.column("id").to_pylist(), kept.column("score").to_pylist(),
+        kept.column(ROW).to_pylist(), kept.column("id").to_pylist(), kept.column("score").to_pylist(),
         kept.column("label").to_pylist())]
 
 
@@ -169,11 +171,11 @@ def _sidecar_row(sample: dict, meta: dict | None, files: dict[str, bytes]) -> di
 def _write_parquet(by_input: dict[str, list[dict]], uri: str, options: SourceOptions) -> tuple[int, list[str]]:
     tables, missing = [], []
     for input_uri, samples in by_input.items():
-        at = {s["ordinal"]: s for s in samples}
-        part, rows = _read_rows(input_uri, sorted(at), options)
-        missing += [at[o]["id"] for o in sorted(set(at) - set(rows))]
-        for name, values, typ in (("score", [at[o]["score"] for o in rows], pa.float32()),
-                                  ("label", [at[o]["label"] for o in rows], pa.int8())):
+        by_id = {s["id"]: s for s in samples}
+        part, found = _read_rows(input_uri, set(by_id), options)
+        missing += sorted(set(by_id) - set(found))
+        for name, values, typ in (("score", [by_id[i]["score"] for i in found], pa.float32()),
+                                  ("label", [by_id[i]["label"] for i in found], pa.int8())):
             if name not in part.column_names:
                 part = part.append_column(name, pa.array(values, typ))
         tables.append(part)
@@ -188,59 +190,47 @@ def _write_parquet(by_input: dict[str, list[dict]], uri: str, options: SourceOpt
     return merged.num_rows, missing
 
 
-def _read_rows(input_uri: str, wanted: list[int], options: SourceOptions) -> tuple[pa.Table, list[int]]:
-    """The rows at `wanted` positions of a Parquet shard, reading only the row groups that hold them; and which
-    positions were found."""
-    parts, found, start = [], [], 0
+def _read_rows(input_uri: str, wanted: set[str], options: SourceOptions) -> tuple[pa.Table, list[str]]:
+    """The rows of a Parquet shard whose ids are `wanted` (matched by id, as the scorer named them: never by
+    position), reading only the row groups that hold them; and their ids, in the same order."""
+    parts, found = [], []
     with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src:
         pf = pq.ParquetFile(src)
-        for group in range(pf.num_row_groups):
-            n = pf.metadata.row_group(group).num_rows
-            inside = [o for o in wanted if start <= o < start + n]
-            if inside:
-                parts.append(pf.read_row_group(group).take(pa.array([o - start for o in inside], pa.int64())))
-                found += inside
-            start += n
+        for part, ids in kept_rows(pf, input_uri, wanted, options):
+            parts.append(part)
+            found += ids
         src.check_unchanged()
         schema = pf.schema_arrow
     return (pa.concat_tables(parts) if parts else schema.empty_table()), found
 
 
-def reshard(config, shards: list[Shard], filters: Filters, thresholds: dict) -> dict:
+def reshard(config, shards: list[Shard], filters: Filters, thresholds: dict, executor) -> dict:
     """Plan (or read the plan back, extended with samples kept since) and write every shard not yet written, one
-    Ray task each; returns {"shards": {format: count}, "written_now", "incomplete": {shard: reason}}."""
-    import ray
-
+    task each (on Ray, or in this process); returns {"shards": {format: count}, "written_now", "incomplete":
+    {shard: reason}}."""
     n, output = config.samples_per_shard, config.output
-    kept_task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(kept_of)
-    refs = [kept_task.remote({"uri": s.uri, "key": s.key, "aux": s.aux, "fmt": s.aux_format}, filters, thresholds,
-                             config.per_kind) for s in shards]
+    calls = [(asdict(s), filters, thresholds, config.per_kind) for s in shards]
     kept: dict[str, list[list]] = {}
-    for shard, ref in zip(shards, refs):
-        try:
-            kept.setdefault(shard.aux_format, []).extend(ray.get(ref))
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as err:
-            raise BrokenWorker(f"resharding: its worker died {TASK_RETRIES + 1} times on the score file {shard.key} "
-                               f"(killed for memory or crashed) and Ray's retries are spent ({type(err).__name__})"
-                               ) from None
+    for shard, outcome in zip(shards, executor.tasks(kept_of, calls)):
+        if isinstance(outcome.error, BrokenWorker):
+            raise BrokenWorker(f"resharding, on the score file {shard.key}: {outcome.error}") from None
+        if outcome.error is not None:
+            raise outcome.error
+        kept.setdefault(shard.aux_format, []).extend(outcome.value)
     plan_uri = join(output, SHARDS_DIR, PLAN)
     old = read_json(plan_uri, remedy="delete shards/ and rerun")
     plan = extend_plan(old, kept, n)
     if plan != old:
         write_json(plan_uri, plan)
-    write_task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(write_shard)
     pending = {}
     for fmt, planned in plan["formats"].items():
         for number, samples in enumerate(planned):
             uri = shard_uri(output, fmt, number)
             if samples and not is_written(uri):
-                pending[f"{fmt}/{number:05d}"] = write_task.remote(fmt, samples, uri, config.source.model_dump())
+                pending[f"{fmt}/{number:05d}"] = (fmt, samples, uri, config.source.model_dump())
     incomplete = {}
-    for name, ref in pending.items():
-        try:
-            ray.get(ref)
-        except Exception as err:  # noqa: BLE001 - a fault: the shard stays unwritten, named, and a rerun writes it
-            cause = getattr(err, "cause", None) or err
-            incomplete[name] = str(cause).strip().splitlines()[-1][:300]
+    for name, outcome in zip(pending, executor.tasks(write_shard, pending.values())):
+        if outcome.error is not None:  # a fault: the shard stays unwritten, named, and a rerun writes it
+            incomplete[name] = str(outcome.error).strip().splitlines()[-1][:300]
     return {"samples_per_shard": n, "shards": {fmt: len(p) for fmt, p in plan["formats"].items()},
             "written_now": len(pending) - len(incomplete), "incomplete": incomplete}

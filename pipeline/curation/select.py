@@ -16,7 +16,7 @@ from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import FilteredShard, Filters, filter_shard
 from pipeline.curation.materialize import MISSING_IDS_SHOWN, materialize
 from pipeline.curation.thresholds import ALL, KINDS
-from pipeline.errors import Category, ShardFault
+from pipeline.errors import Category, ConfigFieldError, ShardFault
 from pipeline.io.listing import Shard, output_name
 from pipeline.io.uris import join
 from pipeline.runner.stage import Resources, ShardStage
@@ -37,7 +37,7 @@ def kept_records(shard: Shard, filters: Filters, thresholds: dict[str, float | N
                  ) -> tuple[FilteredShard, np.ndarray]:
     """A score shard's records seen through the filters, and which are kept: scored, passing every filter, at or
     above their group's cut (the selection stage and the resharder decide the same)."""
-    filtered = filter_shard(shard.uri, shard.aux, shard.aux_format, filters)
+    filtered = filter_shard(shard, filters)
     cuts = {kind: thresholds.get(kind if per_kind else ALL) for kind in (*KINDS, None)}
     kinds = filtered.table.column("kind").to_pylist()
     cut = np.array([np.inf if cuts.get(k) is None else cuts[k] for k in kinds], dtype=np.float64)
@@ -55,7 +55,10 @@ class SelectStage(ShardStage):
         self.config, self.thresholds, self.filters = config, thresholds, filters
 
     def process_shard(self, shard: Shard) -> Iterator[list[dict]]:
-        filtered, keep = kept_records(shard, self.filters, self.thresholds, self.config.per_kind)
+        try:
+            filtered, keep = kept_records(shard, self.filters, self.thresholds, self.config.per_kind)
+        except ConfigFieldError as err:  # a score file that is not what was committed: named, with what to do
+            raise ShardFault(Category.CONFIG, err.problem) from None
         table, ok = filtered.table, filtered.scored
         stats = {"kept": Counter(), "dropped": Counter()}
         errors = ErrorCounts()
@@ -75,7 +78,7 @@ class SelectStage(ShardStage):
         yield rows
         if self.filters.terms:  # dropped by the filters, whatever their score
             stats["filtered"] = {"removed": filtered.removed, "removed_in_all": filtered.removed_in_all,
-                                 "no_metadata": filtered.no_metadata}
+                                 "no_metadata": filtered.no_metadata, "mistyped": filtered.mistyped}
         return {"artifacts": files, "stats": {**{k: dict(v) for k, v in stats.items()}, **errors.as_summary()}}
 
     def _materialize(self, shard: Shard, kept: pa.Table, stats: dict) -> list[str]:

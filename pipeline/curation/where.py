@@ -11,10 +11,16 @@ recursive-descent parser) and compiled to a PyArrow compute expression. No user 
 A comparison sets a column against a literal of its type (a number, a quoted string, true/false) or against
 another column. A record whose value is missing (null) fails the comparison. `parse` checks the syntax;
 `Condition.check(columns)` checks names and types against the joined schema; `Condition.expression()` compiles.
+
+An expression is bounded before it runs anywhere: at most `MAX_LENGTH` characters, `MAX_TERMS` comparisons and
+`MAX_DEPTH` nested parentheses or `not`s, and numbers that fit the columns' types (a 64-bit integer, a finite
+float). A long chain of `and`/`or` compiles to a balanced tree, never a chain as deep as it is long (9,000 `or`
+terms built as a chain crashed PyArrow's evaluation with a stack overflow).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -131,6 +137,9 @@ Condition = Column | Comparison | Not | And | Or
 
 # -- parsing --------------------------------------------------------------------------------------------------------
 MAX_DEPTH = 32  # parentheses and `not`s nested deeper are refused, not a recursion error
+MAX_TERMS = 1_000  # comparisons (and boolean columns alone): a filter, not a list of ids
+MAX_LENGTH = 65_536  # characters
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 class _Parser:
@@ -138,6 +147,7 @@ class _Parser:
         self.tokens = tokenize(text)
         self.i = 0
         self.depth = 0
+        self.terms = 0
 
     def nested(self, parse):
         self.depth += 1
@@ -178,6 +188,9 @@ class _Parser:
         return self.comparison()
 
     def comparison(self) -> Condition:
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            raise _error(f"more than {MAX_TERMS} comparisons")
         left = self.operand()
         if self.next.kind != "op":
             if isinstance(left, Literal):
@@ -208,8 +221,7 @@ class _Parser:
                 raise _error(f"{token.text!r} is not a column")
             return Column(token.text)
         if token.kind == "number":
-            value = float(token.text)
-            return Literal(int(value) if re.fullmatch(r"-?\d+", token.text) else value, token.text)
+            return _number(token)
         if token.kind == "string":
             return Literal(re.sub(r"\\(.)", r"\1", token.text[1:-1]), token.text)
         if token.text in ("true", "True", "false", "False"):
@@ -219,8 +231,32 @@ class _Parser:
         raise _error(f"unexpected {token.text!r} at position {token.at}")
 
 
+def _number(token: Token) -> Literal:
+    """An integer literal is exact and 64-bit (what PyArrow compares integer columns with), any other number a
+    finite float: a literal past either is refused here, never an overflow while a shard is evaluated."""
+    text = token.text
+    if re.fullmatch(r"-?\d+", text):
+        digits = text.lstrip("-").lstrip("0") or "0"
+        value = int(digits) * (-1 if text.startswith("-") else 1) if len(digits) <= 19 else None
+        if value is None or not _INT64[0] <= value <= _INT64[1]:
+            raise _error(f"the integer {_shortened(text)} at position {token.at} does not fit 64 bits (write it as "
+                         "a float, e.g. 1e20, to compare with it)")
+        return Literal(value, text)
+    value = float(text)
+    if not math.isfinite(value):
+        raise _error(f"the number {_shortened(text)} at position {token.at} is too large for a 64-bit float")
+    return Literal(value, text)
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:10]}…{text[-4:]} ({len(text)} characters)"
+
+
 def parse(text: str) -> Condition:
-    """The condition `text` states; a ConfigFieldError naming `where` for anything outside the grammar."""
+    """The condition `text` states; a ConfigFieldError naming `where` for anything outside the grammar or its
+    bounds."""
+    if len(text) > MAX_LENGTH:
+        raise _error(f"the expression is {len(text):,} characters long, over the limit of {MAX_LENGTH:,}")
     parser = _Parser(text)
     if parser.next.kind == "end":
         raise _error("the expression is empty")
@@ -285,7 +321,8 @@ def expression(tree: Condition) -> pc.Expression:
     if isinstance(tree, Not):
         return ~expression(tree.operand)
     parts = [expression(i) for i in tree.items]
-    out = parts[0]
-    for part in parts[1:]:
-        out = (out & part) if isinstance(tree, And) else (out | part)
-    return out
+    while len(parts) > 1:  # pairwise: a tree as deep as log2 of the terms (Kleene and/or are associative)
+        pairs = zip(parts[0::2], parts[1::2])
+        joined = [(a & b) if isinstance(tree, And) else (a | b) for a, b in pairs]
+        parts = joined + parts[len(parts) - len(parts) % 2:]
+    return parts[0]

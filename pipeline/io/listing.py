@@ -1,8 +1,10 @@
 """Listing the input shards a job reads: a directory or prefix, a glob, a brace range, a list file, one shard.
 
 A shard's identity in every output is its `key`: its path relative to the input root (`00000.tar`,
-`part-1/00000.tar`). Records carry it as `source` and the commit manifest is keyed by it, so a corpus that moves
-(another bucket, a local copy) keeps its committed shards and its records.
+`part-1/00000.tar`; a symbolic link by its own path there, not its target's). Records carry it as `source` and the
+commit manifest is keyed by it, so a corpus that moves (another bucket, a local copy) keeps its committed shards
+and its records. What a directory's listing leaves out (names starting with `_`, which are metadata; files of other
+extensions, `.TAR` beside `.tar` included) is counted and named (`ShardListing.left_out`), never skipped silently.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 class Shard:
     uri: str  # normalised URI (what readers open)
     key: str  # path relative to the input root (what outputs are keyed by)
-    size: int | None = None  # bytes, where the listing gave it
+    size: int | None = None  # bytes, where the listing (or a commit record) gave it
     aux: str | None = None  # a second shard a job reads with it (curation: the input shard a score file scored)
     aux_format: str | None = None  # its format
     mtime_ns: int | None = None  # last modified, where the listing gave it (S3: to the second)
+    records: int | None = None  # records it holds, where known (a committed file: as its commit record says)
+    sha256: str | None = None  # its bytes' sha256, where known (likewise)
 
 
 @dataclass
@@ -54,6 +58,12 @@ class ShardListing:
     shards: list[Shard]
     duplicates: int = 0  # entries named more than once (in a list file or brace pattern), listed once
     spellings: dict[str, list[str]] = field(default_factory=dict)  # key -> the spellings that named it
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # why -> files under the root not listed
+
+    def left_out_summary(self, examples: int = 3) -> dict[str, dict]:
+        """What the listing left out: {why: {"count", "examples"}}, the largest groups first."""
+        return {why: {"count": len(paths), "examples": paths[:examples]}
+                for why, paths in sorted(self.left_out.items(), key=lambda item: -len(item[1]))}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -104,12 +114,31 @@ def list_shards(input_uri: str, fmt: str, field: str = "input") -> ShardListing:
     if _has_braces(input_uri):
         _check_bucket(fs, path, input_uri, field)
         expanded = expand_braces(input_uri)
-        return _listing(expanded, [None] * len(expanded), root=_parent(normalize_uri(input_uri.split("{", 1)[0] + "x")))
-    found, root = _find(fs, path, input_uri, suffixes, field)
+        return _listing(expanded, [None] * len(expanded), root=_parent(_normal(input_uri.split("{", 1)[0] + "x")))
+    found, root, left_out = _find(fs, path, input_uri, suffixes, field)
     if not found:
         _check_bucket(fs, path, input_uri, field)
-        raise InputError(field, f"no {fmt} shards ({'/'.join(suffixes)}) found at {input_uri}")
-    return _listing([to_uri(input_uri, i.path) for i in found], found, root=root)
+        seen = f" (left out: {_said(left_out)})" if left_out else ""
+        raise InputError(field, f"no {fmt} shards ({'/'.join(suffixes)}) found at {input_uri}{seen}")
+    listing = _listing([to_uri(input_uri, i.path) for i in found], found, root=root)
+    listing.left_out = left_out
+    return listing
+
+
+def _said(left_out: dict[str, list[str]]) -> str:
+    return "; ".join(f"{len(paths)} {why}, e.g. {paths[0]}" for why, paths in left_out.items())
+
+
+def _left_out(relative: str, suffixes: tuple[str, ...]) -> str:
+    """Why a file under a listed directory is not one of its shards."""
+    if any(part.startswith("_") for part in relative.split("/")):
+        return "names starting with _, or under one (metadata, never read as shards)"
+    base = relative.rsplit("/", 1)[-1]
+    ext = "." + base.rsplit(".", 1)[-1] if "." in base else None
+    if ext and ext.lower() in suffixes:
+        return f"{ext} files (shards end with {'/'.join(suffixes)}: the case differs; rename them to be read)"
+    shards = f"not {'/'.join(suffixes)} shards"
+    return f"{ext} files ({shards})" if ext else f"files without an extension ({shards})"
 
 
 def _read_list_file(fs: pafs.FileSystem, path: str, input_uri: str, field: str) -> list[str]:
@@ -129,9 +158,10 @@ def _read_list_file(fs: pafs.FileSystem, path: str, input_uri: str, field: str) 
 
 
 def _find(fs: pafs.FileSystem, path: str, input_uri: str, suffixes: tuple[str, ...], field: str
-          ) -> tuple[list[pafs.FileInfo], str]:
-    """The files a directory, prefix, glob or single shard names, and the root their keys are relative to. A store
-    that cannot be reached (a wrong endpoint, no network, no permission) is an `InputError` naming `field`."""
+          ) -> tuple[list[pafs.FileInfo], str, dict[str, list[str]]]:
+    """The files a directory, prefix, glob or single shard names, the root their keys are relative to, and what a
+    directory's listing left out ({why: [paths relative to the root]}). A store that cannot be reached (a wrong
+    endpoint, no network, no permission) is an `InputError` naming `field`."""
     try:
         return _find_files(fs, path, input_uri, suffixes, field)
     except OSError as err:
@@ -143,15 +173,22 @@ def _find_files(fs, path, input_uri, suffixes, field):
         base, _, pattern = path.rpartition("/")
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
         return ([i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern)],
-                to_uri(input_uri, base))
+                to_uri(input_uri, base), {})
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return [info], to_uri(input_uri, path.rpartition("/")[0])
+        return [info], to_uri(input_uri, path.rpartition("/")[0]), {}
     if info.type == pafs.FileType.Directory or is_remote(input_uri):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        return ([i for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffixes)
-                 and not any(part.startswith("_") for part in i.path[len(path):].split("/"))],
-                to_uri(input_uri, path))
+        found, left_out = [], {}
+        for i in infos:
+            if i.type != pafs.FileType.File:
+                continue
+            relative = i.path[len(path):].lstrip("/")
+            if i.path.endswith(suffixes) and not any(part.startswith("_") for part in relative.split("/")):
+                found.append(i)
+            else:
+                left_out.setdefault(_left_out(relative, suffixes), []).append(relative)
+        return found, to_uri(input_uri, path), left_out
     raise InputError(field, f"{input_uri} does not exist")
 
 
@@ -188,11 +225,20 @@ def _parent(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[0]
 
 
+def _normal(uri: str) -> str:
+    """`normalize_uri`, except that a local path's last parts are not resolved: a shard that is a symbolic link
+    keeps its own path (and so its key under the input root), not its target's."""
+    if not is_local(uri):
+        return normalize_uri(uri)
+    local = uri[len("file://"):] if uri.startswith("file://") else uri
+    return os.path.normpath(os.path.abspath(os.path.expanduser(local)))
+
+
 def _listing(uris: list[str], infos: list[pafs.FileInfo | None], root: str | None) -> ShardListing:
-    normalised = [normalize_uri(u) for u in uris]
+    normalised = [_normal(u) for u in uris]
     if root is None:  # a list of shards: their deepest common folder
         root = _common_root(normalised)
-    root = normalize_uri(root) if root else root
+    root = _normal(root) if root else root
     shards: dict[str, Shard] = {}
     spellings: dict[str, list[str]] = {}
     duplicates = 0

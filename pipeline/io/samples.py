@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import Category, SampleError, ShardFault
 from pipeline.io.files import open_shard
+from pipeline.io.ids import arrow_text
 from pipeline.io.listing import Shard
-from pipeline.io.parquet import parquet_rows
+from pipeline.io.parquet import parquet_rows, row_ids
 from pipeline.io.tar import (
     MAX_MEMBER_BYTES,
     TarSample,
@@ -63,8 +64,9 @@ class SourceOptions(BaseModel):
     rows_per_batch: int = Field(256, ge=1, description="Parquet rows decoded at a time")
     read_attempts: int = Field(5, ge=1, description="tries per shard when reading fails (network, throttling)")
     read_backoff_s: float = Field(1.0, ge=0, description="first pause between tries; doubles, with jitter")
-    max_member_bytes: int = Field(MAX_MEMBER_BYTES, ge=1, description="tar: a member declaring more bytes is its "
-                                                                       "sample's error record, never read")
+    max_member_bytes: int = Field(MAX_MEMBER_BYTES, ge=1, description="a tar member declaring, or a Parquet image "
+                                                                       "or text holding, more bytes is its sample's "
+                                                                       "error record")
 
 
 def sample_kind(fmt: str) -> str:
@@ -100,23 +102,12 @@ def read_samples(shard: Shard | str, fmt: str, options: SourceOptions | None = N
                                             f"({type(err).__name__}: {err})") from err
 
 
-def _clean(text: str | None) -> str | None:
-    """Text Arrow can hold: lone surrogates (from a JSON escape, or a non-UTF-8 tar member name) written out."""
-    if text is None:
-        return None
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _valid_text(row: dict) -> dict:
     """Ids, keys and metadata are cleaned; a text that is not valid Unicode makes the sample a decode error."""
     for name in ("id", "meta", "key", "url"):
-        row[name] = _clean(row[name])
+        row[name] = arrow_text(row[name])
     texts = row.get("texts")
-    if texts and any(t is not None and _clean(t) is not t for t in texts):
+    if texts and any(t is not None and arrow_text(t) is not t for t in texts):
         row.update(texts=None, images=None, error="decode: a text holds invalid Unicode (a lone surrogate)",
                    error_category=Category.DECODE.value)
     return row
@@ -146,7 +137,14 @@ def tar_samples_by_id(file, key: str, options: SourceOptions) -> Iterator[tuple[
     """The samples of tar shard `key` under the ids its records carry: the scorer's own reader and id rule, for
     whoever reads the shard again (`pipeline.curation.materialize`)."""
     for sample in tar_members(file, _stem(key), options.max_member_bytes):
-        yield _clean(sample.key), sample
+        yield sample.key, sample
+
+
+def parquet_ids(pf, key: str, id_column: str) -> tuple[list[str], dict[int, str]]:
+    """The ids of Parquet shard `key`'s rows (`id_column`'s values, else `<stem>:<row>`), and its rows whose id
+    another row has too (duplicate error records): the scorer's own id rule, for whoever reads the shard again
+    (`pipeline.curation.materialize`, the filters' join)."""
+    return row_ids(pf, _stem(key), id_column)
 
 
 def _join_keys(meta: str | None) -> dict:

@@ -6,6 +6,10 @@ only when contiguous; samples come out in the order their keys first appear. Eve
 whatever its name: nothing is dropped silently. A key that repeats a member (two `a.jpg`) is a duplicate: each of
 its occurrences becomes an error record of its own. A cut or corrupt tar keeps the samples it holds whole; the
 sample at the cut, or the shard itself when nothing in it is readable, becomes an error record.
+
+A sample's id is its key, unique within the shard by construction (`pipeline.io.ids`): two keys that read the same
+once written as text (`b"\xff"` and a name that is literally `\udcff`) are both duplicates, never two samples
+under one id.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pipeline.errors import Category, SampleError
+from pipeline.io.ids import UniqueIds, arrow_text
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MAX_MEMBER_BYTES = 2 * 2**30  # a member declaring more is an error record, never an allocation (SourceOptions)
@@ -26,7 +31,7 @@ MAX_MEMBER_BYTES = 2 * 2**30  # a member declaring more is an error record, neve
 @dataclass
 class TarSample:
     """One key's members as the tar holds them: `members` (each header and its bytes) for a whole sample, or the
-    `error` that makes it an error record. `key` is the raw key (a non-UTF-8 name keeps its surrogates)."""
+    `error` that makes it an error record. `key` is the sample's id: unique in the shard, text Arrow can hold."""
 
     key: str
     members: list[tuple[tarfile.TarInfo, bytes]] | None = None
@@ -59,30 +64,33 @@ def tar_members(file, stem: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> It
         return
     members, cut = _scan(tar, file)
     end = file.seek(0, 2)
+    groups = _groups(members)
+    ids = UniqueIds(groups)
     n_complete, reported = 0, False
-    for group in _groups(members).values():
+    for group in groups.values():
         extensions = [_extension(m.name) for m in group.members]
-        if len(set(extensions)) < len(extensions):
-            yield from _duplicates(group, extensions)
+        if len(set(extensions)) < len(extensions) or ids.shared(group.key):
+            yield from _duplicates(group, extensions, ids)
             continue
+        sample_id = ids.claim(group.key)
         error = _not_files(group)
         if error:
-            yield TarSample(group.key, error=error)
+            yield TarSample(sample_id, error=error)
             continue
         try:
             data = [_read_member(tar, m, end, max_member_bytes) for m in group.members]
         except SampleError as err:
-            yield TarSample(group.key, error=err)
+            yield TarSample(sample_id, error=err)
             continue
         except (tarfile.TarError, EOFError, ValueError) as err:
             cut, reported = cut or f"{type(err).__name__}: {err}", True
-            yield TarSample(group.key, error=SampleError(
+            yield TarSample(sample_id, error=SampleError(
                 Category.DECODE, f"truncated or corrupt tar shard after {n_complete} samples ({cut})"))
             continue
         n_complete += 1
-        yield TarSample(group.key, list(zip(group.members, data)))
+        yield TarSample(sample_id, list(zip(group.members, data)))
     if cut and not reported:  # cut between two samples: what followed is gone, and the shard says so
-        yield TarSample(f"{stem}:{'truncated' if members else 'unreadable'}", error=SampleError(
+        yield TarSample(ids.claim(f"{stem}:{'truncated' if members else 'unreadable'}"), error=SampleError(
             Category.DECODE, f"truncated or corrupt tar shard after {n_complete} samples ({cut})"))
 
 
@@ -136,11 +144,17 @@ def _ends_with_marker(file, offset: int) -> bool:
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, end: int, limit: int) -> bytes:
     """A member's bytes, its declared size checked first: over `limit` it is the sample's error; running past the
-    end of the shard it is a cut. Nothing is allocated for a size the shard cannot hold."""
+    end of the shard it is a cut. Nothing is allocated for a size the shard cannot hold. A GNU sparse member
+    stores only its data's extents, so its size (what reading it allocates, holes filled with zeros) is checked
+    against the shard's bytes after it, like any other's: a 10 KB tar cannot make the reader allocate 500 MB."""
     if member.size > limit:
         raise SampleError(Category.DECODE, f"tar member {member.name} declares {member.size} bytes, over the limit "
                                            f"of {limit} (source.max_member_bytes)")
-    if not member.issparse() and member.offset_data + member.size > end:
+    if member.offset_data + member.size > end:
+        if member.issparse():  # the shard is whole: the sample's own member declares more than it could hold
+            raise SampleError(Category.DECODE, f"tar member {member.name} is sparse and expands to {member.size} "
+                                               f"bytes, more than the {end - member.offset_data} bytes of the shard "
+                                               "after it")
         raise tarfile.ReadError(f"member {member.name} declares {member.size} bytes, past the end of the shard")
     data = tar.extractfile(member).read()
     if len(data) != member.size:
@@ -158,14 +172,19 @@ def _extension(name: str) -> str:
     return name.rpartition("/")[2].partition(".")[2].lower()
 
 
-def _duplicates(group: _Group, extensions: list[str]) -> Iterator[TarSample]:
-    """Each occurrence of a repeated key (the n-th member of each extension) as an error record of its own."""
+def _duplicates(group: _Group, extensions: list[str], ids: UniqueIds) -> Iterator[TarSample]:
+    """Each occurrence of a repeated key (the n-th member of each extension), or each key whose id another key
+    shares once written as text, as an error record of its own."""
     occurrences = max(extensions.count(e) for e in set(extensions))
-    names = ", ".join(m.name for m in group.members[:6])
-    for n in range(occurrences):
-        sample_id = group.key if n == 0 else f"{group.key}#{n + 1}"
-        yield TarSample(sample_id, error=SampleError(
-            Category.DUPLICATE, f"key {group.key!r} occurs {occurrences} times in the shard ({names})"))
+    names = ", ".join(arrow_text(m.name) for m in group.members[:6])
+    key = arrow_text(group.key)
+    if occurrences > 1:
+        reason = f"key {key!r} occurs {occurrences} times in the shard ({names})"
+    else:
+        reason = (f"key {key!r} and another key of the shard read the same once bytes that are not UTF-8 are "
+                  f"written as backslash escapes ({names})")
+    for _ in range(occurrences):
+        yield TarSample(ids.claim(key), error=SampleError(Category.DUPLICATE, reason))
 
 
 # -- the two layouts ---------------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def in_hand(name: str, key: str):
     @contextlib.contextmanager
     def held():
         ray.get(ledger.begin.remote(key))
-        yield
-        ray.get(ledger.end.remote(key))
+        try:
+            yield
+        finally:  # an error is not a death: the work is out of hand
+            ray.get(ledger.end.remote(key))
 
     return held()

@@ -1,5 +1,5 @@
-"""Running a claimed job's stages on Ray Data: the shards still to do, packed into calls, streamed through the
-stages, each shard committed as its records complete. Whatever ends the run, what is committed stays committed,
+"""Running a claimed job's stages (on Ray or in this process: `pipeline.runner.executors`): the shards still to
+do, packed into calls, streamed through the stages, each shard committed as its records complete. Whatever ends the run, what is committed stays committed,
 the commit records are consolidated where they can be, and the reasons the others were not are kept."""
 
 from __future__ import annotations
@@ -12,91 +12,36 @@ import pyarrow as pa
 
 from pipeline.commit.committer import ShardCommitter
 from pipeline.io.listing import Shard
-from pipeline.io.uris import storage_env
+from pipeline.runner.executors import LocalExecutor, RayExecutor
 from pipeline.runner.job import PreparedJob, RunResult
 from pipeline.runner.progress import Progress
-from pipeline.runner.ray_compat import (
-    actor_death,
-    first_cause,
-    own_error,
-    pass_actor_arguments_by_value,
-    retry_bounds_allowed,
-)
-from pipeline.runner.stage import Stage, StageActor, shard_rows
-
-# Shards are handed to the first stage in calls of about this many bytes (small shards share a call; the fixed
-# cost of a call is paid once per group), and never more than this many shards per call.
-CALL_BYTES = 256 * 2**20
-CALL_SHARDS = 64
+from pipeline.runner.ray_compat import actor_death, first_cause, own_error, pass_actor_arguments_by_value
+from pipeline.runner.stage import Stage
 
 
-def shard_groups(shards: list[Shard], workers: int = 1) -> list[list[Shard]]:
-    """Shards packed into first-stage calls by size (small shards share a call and its fixed cost), yet at least
-    four calls per worker where there are enough shards, so every worker has work. Unknown sizes count as full."""
-    known = [s.size for s in shards if s.size is not None]
-    spread = (sum(known) // max(1, 4 * workers)) if known and len(known) == len(shards) else CALL_BYTES
-    target = max(1, min(CALL_BYTES, spread))
-    groups, current, size = [], [], 0
-    for s in shards:
-        weight = s.size if s.size is not None else CALL_BYTES
-        if current and (size + weight > target or len(current) >= CALL_SHARDS):
-            groups.append(current)
-            current, size = [], 0
-        current.append(s)
-        size += weight
-    if current:
-        groups.append(current)
-    return groups
-
-
-def actor_class(stage: Stage) -> type:
-    """The Ray Data actor class of a stage, named after it (Ray's process titles and errors then say
-    `MapBatches(ScoreStage)`)."""
-    return type(type(stage).__name__, (StageActor,), {"__module__": StageActor.__module__})
-
-
-def dataset(shards: list[Shard], stages: list[Stage]):
-    """The Ray Dataset of `stages` over `shards` (the first stage reads them)."""
-    import ray
-
-    groups = shard_groups(shards, stages[0].resources.max_actors)
-    ds = ray.data.from_items(shard_rows(groups), override_num_blocks=len(groups))
-    env = storage_env()  # workers read and write object storage too
-    extra = {"runtime_env": {"env_vars": env}} if env else {}
-    for stage in stages:
-        r = stage.resources
-        placement = {k: v for k, v in (("accelerator_type", r.accelerator_type), ("resources", r.custom)) if v}
-        with retry_bounds_allowed():
-            ds = ds.map_batches(
-                actor_class(stage), fn_constructor_kwargs={"stage": stage}, batch_format="pyarrow",
-                batch_size=r.batch_size if stage is not stages[0] else 1,
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=r.min_actors, max_size=r.max_actors, max_concurrent_calls_per_actor=r.concurrent_calls,
-                    enable_true_multi_threading=r.concurrent_calls > 1),
-                num_cpus=r.num_cpus, num_gpus=r.num_gpus or None, **placement, **extra,
-                max_restarts=stage.restarts, max_task_retries=stage.call_retries,  # never Ray Data's endless default
-            )
-    return ds
-
-
-def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
+def execute(prepared: PreparedJob, stages: list[Stage], executor: RayExecutor | LocalExecutor, progress: bool = True,
             on_batch: Callable[[pa.Table], None] | None = None,
-            on_records: Callable[[pa.Table], None] | None = None) -> RunResult:
+            on_records: Callable[[pa.Table], None] | None = None,
+            progress_note: Callable[[], str] | None = None) -> RunResult:
     """Run the stages over the shards still to do; commit as records complete. A shard whose writes keep failing
     stays uncommitted and the run goes on."""
     spec = prepared.spec
-    pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (ray_compat)
-    bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress)
-    uris = {s.key: s.uri for s in prepared.todo}
+    if executor.name == "ray":
+        pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (ray_compat)
+    bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress, note=progress_note)
+    listed = {s.key: s for s in prepared.todo}
     committer = ShardCommitter(
         spec.output, spec.schema, prepared.identity, spec.partition, lease=prepared.lease,
         rows_per_sample=spec.rows_per_sample, key_columns=spec.key_columns, on_records=on_records,
-        describe=lambda key: {"input": uris.get(key), "format": spec.format}, committed=prepared.entries,
+        describe=lambda key: describe_input(listed.get(key), spec.format), committed=prepared.entries,
         on_commit=lambda c: bar.update(len(c.committed), c.samples, c.errors.total()))
     result = RunResult(committer)
     if prepared.todo:
         try:
-            _stream(prepared, stages, committer, on_batch)
+            for batch in executor.batches(prepared.todo, stages, spec.no_progress_timeout_s):
+                if on_batch is not None:
+                    on_batch(batch)
+                committer.add(batch)
         except Exception as err:  # a stalled or failed pipeline, a lost lease: what is committed stays committed
             result.aborted = aborted_because(err)
         except KeyboardInterrupt:  # Ctrl-C: stop reading, keep what is committed, end with the summary
@@ -119,17 +64,13 @@ def execute(prepared: PreparedJob, stages: list[Stage], progress: bool = True,
     return result
 
 
-def _stream(prepared: PreparedJob, stages: list[Stage], committer: ShardCommitter,
-            on_batch: Callable[[pa.Table], None] | None) -> None:
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = False
-    ctx.execution_no_progress_timeout_s = prepared.spec.no_progress_timeout_s
-    for batch in dataset(prepared.todo, stages).iter_batches(batch_format="pyarrow", batch_size=None):
-        if on_batch is not None:
-            on_batch(batch)
-        committer.add(batch)
+def describe_input(shard: Shard | None, fmt: str | None) -> dict:
+    """What a commit record says of the input file its shard was read from: its URI and format, and its size and
+    modification time as listed (and checked when it was opened), so a later run can tell the same file from
+    another of the same name (`pipeline.runner.prepare.match_committed`)."""
+    if shard is None:
+        return {"input": None, "format": fmt}
+    return {"input": shard.uri, "format": fmt, "input_size": shard.size, "input_mtime_ns": shard.mtime_ns}
 
 
 def aborted_because(err: BaseException) -> str:

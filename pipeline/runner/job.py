@@ -19,6 +19,7 @@ import pyarrow as pa
 from pipeline.commit.identity import Claim
 from pipeline.commit.lease import Lease
 from pipeline.io.listing import Shard, ShardListing
+from pipeline.runner.executors import executor_named
 from pipeline.runner.resources import ClusterView
 from pipeline.runner.stage import Resources, Stage
 
@@ -94,6 +95,8 @@ class Job:
     def __init__(self, config, sources: dict[str, str] | None = None):
         self.config = config
         self.sources = sources or {}  # where each setting came from: "flag", "config file" (else default)
+        # Ray, or this process (`pipeline.runner.executors`); a job whose config has no `executor` runs on Ray
+        self.executor = executor_named(getattr(config, "executor", "ray"))
 
     # -- before Ray --------------------------------------------------------------------------------------------
     def spec(self) -> JobSpec:
@@ -103,7 +106,7 @@ class Job:
         return []
 
     def needs_ray(self, surveyed: PreparedJob) -> bool:
-        """Whether the run needs Ray at all (a rerun with nothing new does not even start it)."""
+        """Whether the run needs its executor at all (a rerun with nothing new does not even start Ray)."""
         return bool(surveyed.todo)
 
     # -- sizing and stages (Ray connected) ---------------------------------------------------------------------
@@ -129,6 +132,10 @@ class Job:
 
     def on_records(self, records: pa.Table) -> None:
         """Every shard's records once they are committed."""
+
+    def progress_note(self) -> str:
+        """A few words the progress line adds (scoring: how busy the devices are), or nothing."""
+        return ""
 
     # -- the summary -------------------------------------------------------------------------------------------
     def summary_fields(self, prepared: PreparedJob, result: RunResult) -> dict:

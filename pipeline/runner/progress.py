@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 
 def _duration(seconds: float) -> str:
@@ -18,8 +19,8 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     def __init__(self, job: str, total_shards: int, unit: str = "samples", stream=None, enabled: bool = True,
-                 log_every_s: float = 30.0):
-        self.job, self.total, self.unit = job, total_shards, unit
+                 log_every_s: float = 30.0, note: Callable[[], str] | None = None):
+        self.job, self.total, self.unit, self.note = job, total_shards, unit, note
         self.stream = stream or sys.stderr
         self.enabled = enabled and total_shards > 0
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -45,6 +46,9 @@ class Progress:
         filled = int(bar_len * shards_done / self.total)
         line = (f"[{self.job}] [{'#' * filled}{'.' * (bar_len - filled)}] {shards_done:>{width}}/{self.total} shards · "
                 f"{samples} {self.unit} · {rate:.1f}/s · {errors} errors · {_duration(elapsed)}{eta}")
+        note = self.note() if self.note else ""
+        if note:
+            line += f" · {note}"
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
         else:

@@ -54,12 +54,13 @@ class Choice:
     why: str  # "flag", "config file", or "default: <reason>"
 
 
-def expects_gpu(gpus_per_actor_set: float | None) -> bool:
+def expects_gpu(gpus_per_actor_set: float | None, on_ray: bool = True) -> bool:
     """Before Ray starts: will the scoring actors hold GPUs? The rule `gpus_per_actor` applies once connected (a
-    job reached through RAY_ADDRESS gets GPUs unless told otherwise; a local one when this machine has one)."""
+    job reached through RAY_ADDRESS gets GPUs unless told otherwise; a local one, or one run in this process
+    without Ray, when this machine has one)."""
     if gpus_per_actor_set is not None:
         return gpus_per_actor_set > 0
-    if os.environ.get("RAY_ADDRESS"):
+    if on_ray and os.environ.get("RAY_ADDRESS"):
         return True
     import torch
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import sys
 import time
 
-from pipeline.runner.cluster import connect
 from pipeline.runner.execute import execute
 from pipeline.runner.job import Job, Plan, RunResult
 from pipeline.runner.prepare import claim, survey
-from pipeline.runner.resources import current_view
 from pipeline.runner.summary import build_summary, write_summary
 
 
@@ -21,16 +19,17 @@ def dry_run(job: Job) -> str:
 
 
 def run_job(job: Job, progress: bool = True, verbose: bool = False, started: float | None = None) -> dict:
-    """Run `job` to its end; returns (and writes) its summary. A job with nothing left to do never starts Ray; a
-    job the cluster cannot run (no GPU it can ever have) is refused before anything is written."""
+    """Run `job` to its end on its executor (Ray, or this process); returns (and writes) its summary. A job with
+    nothing left to do never starts Ray; a job the cluster cannot run (no GPU it can ever have) is refused before
+    anything is written."""
     started = started or time.time()
     spec = job.spec()
     surveyed = survey(spec, started)
     plan = Plan()
     if job.needs_ray(surveyed):
-        connect(verbose, job.name)
+        job.executor.connect(verbose, job.name)
         if surveyed.todo:
-            plan = job.resources(current_view())
+            plan = job.resources(job.executor.view())
     with claim(spec, started) as prepared:
         if progress:
             for line in ([job.start_line(plan)] if prepared.todo else []) + prepared.notes:
@@ -39,8 +38,8 @@ def run_job(job: Job, progress: bool = True, verbose: bool = False, started: flo
         job.before_execute(prepared)
         result = RunResult(None)
         try:
-            result = execute(prepared, job.stages(plan) if prepared.todo else [], progress, job.on_batch,
-                             job.on_records)
+            result = execute(prepared, job.stages(plan) if prepared.todo else [], job.executor, progress,
+                             job.on_batch, job.on_records, job.progress_note)
         finally:
             job.after_execute(prepared, result)
         return write_summary(prepared, result, build_summary(job, prepared, result, plan))

@@ -15,6 +15,8 @@ Stages run without Ray too: call one with a batch (tests and benchmarks do).
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.commit.markers import end_marker, failed_marker, is_marker, marker_table
-from pipeline.errors import Category, ShardFault
+from pipeline.errors import Category, DeviceFault, ShardFault
 from pipeline.io.listing import Shard
 
 
@@ -139,11 +141,19 @@ class TableStage(Stage):
 
 class StageActor:
     """The one adapter between stages and Ray Data: built once per actor with a stage object, sets it up, then
-    hands it each batch (`map_batches(StageActor, fn_constructor_kwargs={"stage": stage}, ...)`)."""
+    hands it each batch (`map_batches(StageActor, fn_constructor_kwargs={"stage": stage}, ...)`). A device fault
+    leaves the actor's process unusable (a CUDA context cannot be recovered): the process ends, Ray restarts the
+    actor and retries the batch (the scoring job's fault journal bounds those retries). In this process (the
+    local executor) the same fault ends the run instead."""
 
     def __init__(self, stage: Stage):
         self.stage = stage
         stage.setup()
 
     def __call__(self, batch: pa.Table):
-        return self.stage(batch)
+        try:
+            return self.stage(batch)
+        except DeviceFault as fault:
+            print(f"[{self.stage.name}] device error in an actor ({fault.first_line}); ending it so Ray restarts it "
+                  "and retries the batch", file=sys.stderr, flush=True)
+            os._exit(3)

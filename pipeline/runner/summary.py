@@ -4,7 +4,8 @@ timing, resources and why, what went wrong at the run's level), with the job's o
 one screen.
 
 Version 2 (this one): `summary_version`, `job`, `input`, `output`, `shards` {total, already_committed, new,
-committed_this_run, incomplete, duplicates_in_input, duplicate_spellings}, `incomplete_reasons`, `records`
+committed_this_run, incomplete, duplicates_in_input, duplicate_spellings, and when there are any left_out (files
+under the input root not listed as shards, by why: count and examples)}, `incomplete_reasons`, `records`
 {this_run, errors, committed_total}, `errors` {by_category, by_reason, examples}, `timing` {elapsed_s,
 records_per_s, startup_s, startup_records, steady_records_per_s}, `resources` {stage: {num_cpus, num_gpus,
 min_actors, max_actors, batch_size}}, `resources_why`, `notes`, and when they happen `aborted`, `interrupted`,
@@ -43,6 +44,8 @@ def build_summary(job: Job, prepared: PreparedJob, result: RunResult, plan: Plan
         "resources_why": dict(plan.why),
         "notes": list(prepared.notes),
     }
+    if listing.left_out:  # files under the input root the listing did not read: named, never skipped silently
+        summary["shards"]["left_out"] = listing.left_out_summary()
     for key, value in (("aborted", result.aborted), ("interrupted", result.interrupted),
                        ("consolidation_failed", result.consolidation)):
         if value:

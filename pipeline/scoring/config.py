@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.io.samples import SourceOptions
+from pipeline.runner.executors import ExecutorName, executor_field
 from pipeline.runner.resources import expects_gpu
 
 
@@ -96,6 +97,7 @@ class ScoreConfig(BaseModel):
                           "location is refused)")
     no_progress_timeout_s: float = Field(
         3600.0, gt=0, description="seconds the job may make no progress (e.g. waiting for GPU nodes to start)")
+    executor: ExecutorName = executor_field()
     gpu_rate: float | None = Field(
         None, gt=0, description="for --dry-run's estimate: samples/s one GPU scores; default: the README's reference "
                                 "rates for one H200 (captions: 379/s up to 1B parameters, 282/s above; documents: a "
@@ -128,11 +130,11 @@ class ScoreConfig(BaseModel):
     def resolved_dtype(self) -> str:
         """The precision the actors will use, `auto` made definite before the job starts (the output's identity
         names it): bfloat16 where the actors hold GPUs, float32 on CPUs."""
-        return resolve_dtype(self.dtype, expects_gpu(self.gpus_per_actor))
+        return resolve_dtype(self.dtype, expects_gpu(self.gpus_per_actor, self.executor == "ray"))
 
     def resolved_compile(self) -> bool:
         """Whether the scoring actors compile the model: on by default where they hold GPUs."""
-        return expects_gpu(self.gpus_per_actor) if self.compile is None else self.compile
+        return expects_gpu(self.gpus_per_actor, self.executor == "ray") if self.compile is None else self.compile
 
     def identity(self, model_id: str, weights: str | None = None) -> dict:
         """What the output's records depend on: the model (its weights' digest) and the settings that change

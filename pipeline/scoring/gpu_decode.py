@@ -6,13 +6,22 @@ read JPEG headers.
 
 What the device decodes is only what it decodes the way the Pillow path would: a JPEG (by its magic bytes) that
 ends with its end-of-image marker (a truncated one is Pillow's to refuse), in RGB or grey (CMYK is converted
-differently), whose EXIF orientation the model would not apply anyway. The decompression-bomb guard holds before
-anything is decoded: the header's dimensions against `max_image_pixels`, refused in the Pillow path's words.
+differently), whose EXIF orientation the model would not apply anyway. The decompression-bomb guards hold before
+anything is decoded: the header's dimensions against `max_image_pixels`, and the JPEG's scans against the limit
+its size allows (a scan bomb), refused in the Pillow path's words.
 Everything else (PNG, WebP, GIF, the JPEGs above, prepared pixels) takes the Pillow path on the decode threads,
 and so does a JPEG the device decoder rejects (a failed batch is retried one image at a time to find it): a
 corrupt JPEG is that sample's error record as the Pillow path words it, never the micro-batch's. A CUDA error is
 the device's (`narrowing.is_device_error`): it is raised, for the scorer to end the actor; out of memory is
-raised as such, for the scorer to split the micro-batch."""
+raised as such, for the scorer to split the micro-batch.
+
+Streams, on a GPU: torchvision allocates the decoded images on the caller's current stream, nvJPEG writes them on
+a stream of its own, and the caller's stream then waits for it. Were the outputs allocated on the micro-batch's
+copy stream, memory freed there (the previous micro-batch's decoded images, still being read by its resize
+kernels) could be handed straight to the next decode, which nvJPEG overwrites out of that stream's order:
+wrong pixels, depending on timing. So the decode runs with a stream of its own current (`_decode_stream`): the
+consumer waits for it, and each output is recorded as used by the consumer, so its memory returns to the decode
+stream's pool only once the consumer's reads of it are done."""
 
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from model.processing import (
     PlannedSample,
     refuse_too_large_square,
     refuse_too_many_pixels,
+    refuse_too_many_scans,
 )
 from pipeline.errors import InputError
 from pipeline.scoring.narrowing import is_device_error
@@ -83,6 +93,7 @@ class DeviceImageDecoder:
             require_torchvision()
         self.processor, self.device, self.pool = processor, torch.device(device), pool
         self.decode_jpegs = decode_jpegs or torchvision_decode_jpegs
+        self._decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def decode(self, samples: list[PlannedSample]) -> list[EncodedSample | str]:
         """Each sample with its images at model size on the device ((n, 3, S, S) uint8), or its error reason
@@ -118,6 +129,7 @@ class DeviceImageDecoder:
             width, height = header.size
             refuse_too_many_pixels(width, height, self.processor.max_image_pixels)
             refuse_too_large_square(width, height, max(width, height), self.processor.max_image_pixels)
+            refuse_too_many_scans(data, width, height, self.processor.max_image_pixels)
             if header.mode not in _DEVICE_MODES:
                 return None
             if self.processor.config.exif_transpose and header.getexif().get(_EXIF_ORIENTATION, 1) != 1:
@@ -140,7 +152,7 @@ class DeviceImageDecoder:
             return [], []
         tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
         try:
-            decoded = self.decode_jpegs(tensors, self.device)
+            decoded = self._decoded(tensors)
         except Exception as err:  # noqa: BLE001 - one bad JPEG fails the whole call: find it, one at a time
             _raise_if_device(err)
             decoded = [self._decode_one(t) for t in tensors]
@@ -148,9 +160,21 @@ class DeviceImageDecoder:
         size = self.processor.config.image_size
         return [None if pixels is None else to_model_size(pixels, size) for pixels in decoded], rejected
 
+    def _decoded(self, tensors: list[torch.Tensor]) -> list:
+        """`decode_jpegs` on the decode stream (on a GPU), its outputs safe to read on the caller's stream."""
+        if self._decode_stream is None:
+            return self.decode_jpegs(tensors, self.device)
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            decoded = self.decode_jpegs(tensors, self.device)
+        consumer.wait_stream(self._decode_stream)
+        for pixels in decoded:
+            pixels.record_stream(consumer)
+        return decoded
+
     def _decode_one(self, tensor: torch.Tensor) -> torch.Tensor | None:
         try:
-            return self.decode_jpegs([tensor], self.device)[0]
+            return self._decoded([tensor])[0]
         except Exception as err:  # noqa: BLE001 - rejected: the Pillow path decides
             _raise_if_device(err)
             return None

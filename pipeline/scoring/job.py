@@ -16,6 +16,7 @@ from pipeline.runner.prepare import check_writable
 from pipeline.runner.resources import ClusterView, cpus_per_actor, gpus_per_actor, read_workers
 from pipeline.runner.run import run_job
 from pipeline.runner.stage import Resources, Stage
+from pipeline.scoring import duty_cycle
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
 
@@ -54,8 +55,9 @@ class ScoringJob(Job):
         self._lowered: dict[str, dict] = {}  # token budgets lowered after out-of-memory errors, by actor
         self._scored = self._truncated = 0
         self._journal, self._device_faults, self._weights = None, {}, None
+        self._journal_handle = None  # what the scoring stage reaches the journal by (its name on Ray)
         self._received = {"bytes": 0, "samples": 0, "largest_call": 0}  # what crossed to the scoring actors
-        self._compile_s: dict[str, float] = {}  # time each actor spent compiling
+        self._actors: dict[str, dict] = {}  # each actor's latest account (compiling, images, duty cycle)
 
     # -- before Ray --------------------------------------------------------------------------------------------
     def spec(self) -> JobSpec:
@@ -137,28 +139,35 @@ class ScoringJob(Job):
         threads = c.decode_threads or max(1, int(resources.num_cpus))
         return ScoreStage(resources, c.model, c.resolved_dtype(), c.token_budget, c.max_batch, threads,
                           c.max_image_pixels, c.jpeg_draft, c.resolved_compile(), self._weights,
-                          self._journal and self._journal.name, c.image_decoder, c.decode_memory)
+                          self._journal_handle, c.image_decoder, c.decode_memory)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def before_execute(self, prepared: PreparedJob) -> None:
         self._weights = prepared.spec.identity["model"].get("weights")
         if prepared.todo:
-            from pipeline.runner.ray_compat import calls_bounded_in_bytes
-            from pipeline.scoring.device_faults import JournalActor
+            from pipeline.scoring.device_faults import FaultJournal, JournalActor
 
-            calls_bounded_in_bytes(self.config.call_bytes)
-            self._journal = JournalActor()
+            if self.executor.name == "ray":  # a named actor the scoring actors reach by its name
+                from pipeline.runner.ray_compat import calls_bounded_in_bytes
+
+                calls_bounded_in_bytes(self.config.call_bytes)
+                self._journal = JournalActor()
+                self._journal_handle = self._journal.name
+            else:  # the stages run in this process: the journal itself
+                self._journal = self._journal_handle = FaultJournal()
 
     def after_execute(self, prepared: PreparedJob, result: RunResult) -> None:
-        from pipeline.runner.ray_compat import calls_unbounded
+        if self.executor.name == "ray":
+            from pipeline.runner.ray_compat import calls_unbounded
 
-        calls_unbounded()
+            calls_unbounded()
         if self._journal is not None:
             try:
                 self._device_faults = self._journal.stats()
             finally:
-                self._journal.stop()
-                self._journal = None
+                if self._journal is not self._journal_handle:  # the run's named actor
+                    self._journal.stop()
+                self._journal = self._journal_handle = None
 
     def on_batch(self, batch: pa.Table) -> None:
         sizes = batch.column("micro_batch").drop_null()
@@ -169,8 +178,13 @@ class ScoringJob(Job):
             self._received["bytes"] += call["bytes"]
             self._received["samples"] += call["samples"]
             self._received["largest_call"] = max(self._received["largest_call"], call["bytes"])
-            if call["compile_s"] is not None:
-                self._compile_s[call["actor"]] = call["compile_s"]
+            latest = self._actors.get(call["actor"])  # accounts are cumulative; calls come back in any order
+            if latest is None or call["wall_s"] >= latest["wall_s"]:
+                self._actors[call["actor"]] = call
+
+    def progress_note(self) -> str:
+        busy = duty_cycle.summary(list(self._actors.values()))
+        return f"device busy {busy['pct']:g}%" if busy else ""
 
     def on_records(self, records: pa.Table) -> None:
         self._scored += records.num_rows - records.column("error").drop_null().length()
@@ -190,8 +204,19 @@ class ScoringJob(Job):
                                      "to": min(r["to"] for r in lowered.values())} if lowered else None,
             "device_faults": self._device_faults,
             **self._transfer(prepared, result),
-            "compile_s": max(self._compile_s.values()) if self._compile_s else None,
+            **self._device_account(),
         }
+
+    def _device_account(self) -> dict:
+        """From the actors' latest accounts: compiling (the longest actor's time; graphs compiled after the
+        warm-ups), images through the vision tower per real image, and the device's duty cycle."""
+        actors = list(self._actors.values())
+        compiled = [a for a in actors if a["compile_s"] is not None]
+        images = sum(a["images"] for a in actors)
+        return {"compile_s": max(a["compile_s"] for a in compiled) if compiled else None,
+                "recompiles": sum(a["recompiles"] for a in compiled) if compiled else None,
+                "vision_padding": round(sum(a["tower_images"] for a in actors) / images, 4) if images else None,
+                "device_busy": duty_cycle.summary(actors)}
 
     def _transfer(self, prepared: PreparedJob, result: RunResult) -> dict:
         """What crossed from the readers to the scoring actors, per sample, against the input's own bytes per
@@ -229,14 +254,20 @@ class ScoringJob(Job):
             ratio = (f" ({own['transfer_bytes_per_sample'] / own['input_bytes_per_sample']:.2f}x the input's "
                      f"{own['input_bytes_per_sample']:,})" if own.get("input_bytes_per_sample") else "")
             lines.append(f"  transfer   {own['transfer_bytes_per_sample']:,} bytes per sample to the scoring actors"
-                         f"{ratio}" + (f" · compiling took {own['compile_s']:.1f} s" if own.get("compile_s") else ""))
+                         f"{ratio}")
         return lines + _device_lines(own)
 
 
 def _device_lines(own: dict) -> list[str]:
-    """What the device and the workers went through: budgets lowered after out-of-memory errors, device faults and
-    process deaths, and whom they blamed."""
+    """What the device and the workers went through: its duty cycle, compiling, budgets lowered after out-of-memory
+    errors, device faults and process deaths, and whom they blamed."""
     lines = []
+    for k, line in enumerate(duty_cycle.lines(own.get("device_busy"))):
+        lines.append(f"  {'device' if k == 0 else '':10} {line}")
+    if own.get("compile_s") is not None:
+        lines.append(f"  compiled   {own['compile_s']:.1f} s compiling (the warm-up's and any after) · "
+                     f"{own['recompiles']} graphs compiled after the warm-up · "
+                     f"{own['vision_padding'] or 1:g} images through the vision tower per image")
     budget = own.get("token_budget_lowered")
     if budget:
         actors = f"{budget['actors']} actor" + ("s" if budget["actors"] > 1 else "")

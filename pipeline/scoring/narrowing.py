@@ -168,6 +168,8 @@ def _record(scorer, call: CallInFlight, fault: DeviceFault, cleared: list[Key]) 
     """Into the journal before the process ends: a sample that faulted alone after the canary is blamed, a
     micro-batch that faulted gets one more fault, a canary fault (or one no sample explains) blames nobody."""
     journal, worker = scorer.journal, scorer.worker
+    if fault.unattributed:  # the forward that met the device error first records it (`BatchScorer._blamed`)
+        return
     try:
         if fault.canary or fault.samples is None:
             journal.record_canary_failure(worker, fault.first_line)

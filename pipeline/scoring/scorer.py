@@ -18,8 +18,16 @@ micro-batches of this one; the device runs one micro-batch at a time. Failures a
 - any other error of the device (a CUDA error, after which the process's GPU is unusable) is a DeviceFault: the
   actor ends, Ray restarts it and retries the batch, and the run's fault journal bounds those retries and narrows
   a fault that follows one sample down to that sample (`pipeline.scoring.narrowing`); what each call has in flight
-  is in the journal too, so a process that is killed (out of memory, a crash) is narrowed down the same way;
+  is in the journal too, so a process that is killed (out of memory, a crash) is narrowed down the same way. A CUDA
+  error surfaces wherever the next call into the device happens to be: one met while preparing a micro-batch
+  (pinning, nvJPEG) is that micro-batch's, unless a forward met a device error meanwhile (another call's
+  micro-batch, on the device as this one was prepared): then it is that forward's, recorded by its own call, and
+  this one is left unattributed; the process ends once the forward's fault is in the journal;
+- a compilation that fails (`CompileFailed`) is no sample's: it ends the call, never halved into error records;
 - any other error is narrowed down by halving too: only a sample that fails on its own becomes its error record.
+
+Each actor accounts for its time (`pipeline.scoring.duty_cycle`): the device busy in forwards against its wall time,
+and what it waited for otherwise; each call's first row carries the account, and the images the vision tower ran.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import threading
 import uuid
 from collections import deque
@@ -40,18 +49,22 @@ from model.errors import Category, sample_reason
 from model.modeling import check_image_slots
 from pipeline.commit.markers import MARKERS, wire_schema
 from pipeline.encoded import token_budget_batches
-from pipeline.errors import DeviceFault
+from pipeline.errors import CompileFailed, DeviceFault
 from pipeline.scoring import narrowing
 from pipeline.scoring.device_faults import FaultJournal, RemoteJournal, Worker
+from pipeline.scoring.duty_cycle import SNAPSHOT_FIELDS, DutyCycle
 from pipeline.scoring.records import SCORE_SCHEMA
 
 # Besides the score record, on the wire back to the driver: the size of the micro-batch it was scored in (the
 # summary reports how full the device's batches were); on the first row of each call, the call's own account (the
-# Arrow bytes of the rows it received and how many samples: what crossed to the model stage; the time its actor
-# spent compiling so far), and, once an out-of-memory error made the actor lower its token budget, which actor and
-# from what to what.
+# Arrow bytes of the rows it received and how many samples: what crossed to the model stage) and its actor's so far
+# (the time it spent compiling and the graphs compiled after its warm-up; the images its micro-batches held and
+# those the vision tower ran; its duty cycle), and, once an out-of-memory error made the actor lower its token
+# budget, which actor and from what to what.
 BUDGET_LOWERED = pa.struct([("actor", pa.string()), ("from", pa.int64()), ("to", pa.int64())])
-CALL = pa.struct([("actor", pa.string()), ("bytes", pa.int64()), ("samples", pa.int64()), ("compile_s", pa.float64())])
+CALL = pa.struct([("actor", pa.string()), ("bytes", pa.int64()), ("samples", pa.int64()), ("compile_s", pa.float64()),
+                  ("recompiles", pa.int64()), ("images", pa.int64()), ("tower_images", pa.int64()),
+                  *SNAPSHOT_FIELDS])
 SCORED_SCHEMA = wire_schema(*SCORE_SCHEMA, ("micro_batch", pa.int32()), ("budget_lowered", BUDGET_LOWERED),
                             ("call", CALL))
 _PASSED = ["id", "source", "kind", "ordinal", "error", "error_category", "key", "url"]
@@ -80,6 +93,10 @@ class BatchScorer:
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="prepare") if overlap else None
         self._device = threading.Lock()  # one micro-batch on the device at a time, whichever call it belongs to
         self._stream = torch.cuda.Stream() if self.cuda else None
+        self.duty = DutyCycle(self.cuda)
+        self.images = self.tower_images = 0  # images of the micro-batches scored; images the vision tower ran
+        self._forward_device_errors = 0  # forwards that met a device error
+        self._fault_recorded = threading.Event()  # a forward's device fault is in the journal
         # with `image_decoder: nvjpeg`, what decodes a micro-batch's JPEGs on the device (`pipeline.scoring.gpu_decode`)
         self.device_images = None
         if image_decoder == "nvjpeg":
@@ -101,12 +118,26 @@ class BatchScorer:
     def score_table(self, batch: pa.Table) -> pa.Table:
         """Sample rows (the wire columns, `key`, `url`, `texts`, `images`) -> SCORED_SCHEMA rows, one per row; marker
         rows and rows that already carry an error pass through."""
-        columns = {name: batch.column(name).to_pylist() for name in _PASSED}
-        n = batch.num_rows
-        rows = [i for i in range(n) if columns["kind"][i] not in MARKERS and not columns["error"][i]]
-        keys = [(columns["source"][i], columns["ordinal"][i]) for i in rows]
-        planned, results = narrowing.score_call(self, batch, rows, keys)
-        return self._output(columns, n, planned, results, batch.nbytes, len(rows))
+        with self.duty.call():
+            columns = {name: batch.column(name).to_pylist() for name in _PASSED}
+            n = batch.num_rows
+            rows = [i for i in range(n) if columns["kind"][i] not in MARKERS and not columns["error"][i]]
+            keys = [(columns["source"][i], columns["ordinal"][i]) for i in rows]
+            try:
+                planned, results = narrowing.score_call(self, batch, rows, keys)
+            except DeviceFault as fault:
+                self._before_the_process_ends(fault)
+                raise
+            return self._output(columns, n, planned, results, batch.nbytes, len(rows))
+
+    def _before_the_process_ends(self, fault: DeviceFault) -> None:
+        """A forward's fault is in the journal now (`score_call` recorded it): say so. An unattributed one waits
+        (a bounded while) for the forward that met it to record its own, since the process ends with the first."""
+        if not fault.unattributed:
+            self._fault_recorded.set()
+        elif not self._fault_recorded.wait(timeout=60):
+            print("[score] a device error met while preparing a micro-batch: no forward recorded its fault in "
+                  "60 s", file=sys.stderr, flush=True)
 
     def plan_rows(self, batch: pa.Table, rows: list[int], planned: list) -> dict[int, str]:
         """Each row's layout and tokens into `planned` (its images not decoded yet); the errors of those that fail.
@@ -135,7 +166,9 @@ class BatchScorer:
         lowered, call = list(first), list(first)
         if n:
             call[0] = {"actor": self.name, "bytes": received_bytes, "samples": samples,
-                       "compile_s": getattr(self.forward, "compile_s", None)}
+                       "compile_s": getattr(self.forward, "compile_s", None),
+                       "recompiles": getattr(self.forward, "recompiles", None), "images": self.images,
+                       "tower_images": self.tower_images, **self.duty.snapshot()}
             if self.token_budget < self.configured_budget:
                 lowered[0] = {"actor": self.name, "from": self.configured_budget, "to": self.token_budget}
         out = {**columns, "meta": first, "score": score, "label": label, "probs": probs, "n_images": n_images,
@@ -157,7 +190,10 @@ class BatchScorer:
             while len(ahead) < PREFETCH + 1 and k + len(ahead) < len(plan):
                 ahead.append(self._submit(planned, plan[k + len(ahead)]))
             pending = ahead.popleft()
-            results.update(self.score_group(planned, micro, pending.result() if self._prepare_pool else pending))
+            if self._prepare_pool:
+                with self.duty.waiting_for_decode():
+                    pending = pending.result()
+            results.update(self.score_group(planned, micro, pending))
         return results
 
     def _submit(self, planned: list, group: list[int]):
@@ -168,12 +204,14 @@ class BatchScorer:
     def prepare(self, planned: list, group: list[int]) -> dict:
         """A micro-batch's host side: its samples' images decoded by the decode threads, or their JPEGs on the
         device (a sample that does not decode is its error), gathered into a batch, pinned, its copy to the device
-        started; device work on the side stream."""
+        started; device work on the side stream. An error keeps the count of forwards that had met a device error
+        when this began (`_blamed` tells whose a device error is)."""
+        forward_errors = self._forward_device_errors
         with torch.cuda.stream(self._stream) if self.cuda else contextlib.nullcontext():
             try:
                 decoded = self._decoded_group([planned[j] for j in group])
             except Exception as err:  # noqa: BLE001 - the device's error decoding JPEGs: told apart below
-                return {"failed": {}, "group": list(group), "error": err}
+                return {"failed": {}, "group": list(group), "error": err, "forward_errors": forward_errors}
             prepared: dict = {"failed": {j: d for j, d in zip(group, decoded) if isinstance(d, str)}}
             samples = {j: d for j, d in zip(group, decoded) if not isinstance(d, str)}
             prepared["group"] = list(samples)
@@ -184,8 +222,15 @@ class BatchScorer:
                 check_image_slots(batch["input_ids"], batch["pixel_values"], self.model.config.tokens_per_image)
                 prepared.update(self._to_device(batch))
             except Exception as err:  # noqa: BLE001 - out of memory, the device's or a sample's: told apart below
-                prepared["error"] = err
+                prepared["error"], prepared["forward_errors"] = err, forward_errors
         return prepared
+
+    def _blamed(self, prepared: dict, group: list[int]) -> list[int] | None:
+        """The micro-batch a device error met while preparing `group` belongs to: `group`, unless a forward (of
+        either call) met a device error meanwhile; then that forward's, which its own call records (None here)."""
+        with self._device:  # a forward on the device now has ended, and counted its device error
+            met = self._forward_device_errors != prepared["forward_errors"]
+        return None if met else group
 
     def _decoded_group(self, samples: list) -> list:
         if self.device_images is not None:
@@ -206,7 +251,9 @@ class BatchScorer:
 
     def score_group(self, planned: list, group: list[int], prepared: dict | None = None) -> dict[int, dict | str]:
         """{index: record fields or error reason} for one micro-batch, halving it on failure."""
-        prepared = prepared if prepared is not None else self.prepare(planned, group)
+        if prepared is None:
+            with self.duty.waiting_for_decode():
+                prepared = self.prepare(planned, group)
         results: dict[int, dict | str] = dict(prepared["failed"])
         group = prepared["group"]
         if not group:
@@ -215,15 +262,19 @@ class BatchScorer:
         if len(group) > 1 and padded > self.token_budget:  # planned before an out-of-memory error lowered it
             return {**results, **self._halves(planned, group)}
         failure = None
+        unprepared = "error" in prepared
         try:
-            if "error" in prepared:
+            if unprepared:
                 raise prepared["error"]
             out = self._forward(prepared)
         except torch.OutOfMemoryError:
             failure = "out of memory"
+        except CompileFailed:
+            raise
         except Exception as err:
             if narrowing.is_device_error(err):
-                raise DeviceFault(f"{type(err).__name__}: {err}", samples=group) from err
+                blamed = self._blamed(prepared, group) if unprepared else group
+                raise DeviceFault(f"{type(err).__name__}: {err}", samples=blamed, unattributed=blamed is None) from err
             failure = f"{type(err).__name__}: {err}"
         if failure is None:
             return {**results, **_records(group, out)}
@@ -245,6 +296,20 @@ class BatchScorer:
     def _forward(self, batch: dict) -> np.ndarray:
         """One micro-batch through the model, one copy back: rows of (score, label, probs...) as float32."""
         with self._device:
+            try:
+                rows = self._on_device(batch)
+            except Exception as err:
+                if narrowing.is_device_error(err):
+                    self._forward_device_errors += 1
+                raise
+        images = int(batch["pixel_values"].shape[0])
+        self.images += images
+        self.tower_images += getattr(self.forward, "tower_images", lambda n: n)(images)
+        self.healthy = True
+        return rows
+
+    def _on_device(self, batch: dict) -> np.ndarray:
+        with self.duty.forward():
             if "ready" in batch:
                 stream = torch.cuda.current_stream()
                 stream.wait_event(batch["ready"])
@@ -254,9 +319,7 @@ class BatchScorer:
             parts = [out["score"].float()[:, None], out["label"].float()[:, None]]
             if out["probs"] is not None:
                 parts.append(out["probs"].float())
-            rows = torch.cat(parts, dim=1).cpu().numpy()
-        self.healthy = True
-        return rows
+            return torch.cat(parts, dim=1).cpu().numpy()
 
 
 def _decoded(processor, planned):

@@ -1,18 +1,15 @@
 """Scoring's model stage: a pool of actors, one model replica each (loaded in `setup`), each scoring the samples it
 receives with its own decode threads beside the device (`pipeline.scoring.scorer`). Two calls run at once on an
-actor, so one call's decoding overlaps the other's last micro-batches. A device fault ends the actor's process, and
-so does a kill (out of memory, a crash): Ray restarts it and retries the batch, and the run's fault journal
-(`pipeline.scoring.device_faults`) bounds those retries, narrowing a batch down to the sample that ends its worker."""
+actor, so one call's decoding overlaps the other's last micro-batches. A device fault ends the actor's process
+(`pipeline.runner.stage.StageActor`), and so does a kill (out of memory, a crash): Ray restarts it and retries the
+batch, and the run's fault journal (`pipeline.scoring.device_faults`: a named actor on Ray, in memory with the local
+executor) bounds those retries, narrowing a batch down to the sample that ends its worker."""
 
 from __future__ import annotations
-
-import os
-import sys
 
 import pyarrow as pa
 
 from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.errors import DeviceFault
 from pipeline.runner.stage import Resources, TableStage
 from pipeline.scoring.device_faults import (
     CANARY_FAILURES_BEFORE_GIVING_UP,
@@ -75,7 +72,7 @@ class ScoreStage(TableStage):
 
     def __init__(self, resources: Resources, model_uri: str, dtype: str, token_budget: int | None, max_batch: int,
                  decode_threads: int, max_image_pixels: int, jpeg_draft: bool = False, compiled: bool | None = None,
-                 weights: str | None = None, fault_journal: str | None = None, image_decoder: str = "pillow",
+                 weights: str | None = None, fault_journal=None, image_decoder: str = "pillow",
                  decode_memory: int = DEFAULT_DECODE_MEMORY):
         super().__init__(resources)
         self.model_uri, self.dtype, self.token_budget, self.max_batch = model_uri, dtype, token_budget, max_batch
@@ -86,15 +83,10 @@ class ScoreStage(TableStage):
     def setup(self) -> None:
         from pipeline.scoring.device_faults import RemoteJournal
 
-        journal = RemoteJournal(self.fault_journal) if self.fault_journal else None
+        journal = RemoteJournal(self.fault_journal) if isinstance(self.fault_journal, str) else self.fault_journal
         self.scorer = load_scorer(self.model_uri, self.dtype, self.token_budget, self.max_batch, self.weights, journal,
                                   self.decode_threads, self.max_image_pixels, self.jpeg_draft, self.compiled,
                                   self.image_decoder, self.decode_memory)
 
     def process_table(self, table: pa.Table) -> pa.Table:
-        try:
-            return self.scorer.score_table(table)
-        except DeviceFault as fault:
-            print(f"[score] device error in a scoring actor ({fault.first_line}); ending it so Ray restarts it and "
-                  "retries the batch", file=sys.stderr, flush=True)
-            os._exit(3)
+        return self.scorer.score_table(table)  # a DeviceFault ends the actor (`StageActor`): Ray retries the batch

@@ -10,6 +10,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.io.samples import SAMPLE_SCHEMA, SourceOptions
+from pipeline.runner.executors import ExecutorName, executor_field
 from pipeline.synth.generators import BedrockGenerator, OfflineGenerator, OpenAIGenerator
 
 DEFAULT_BEDROCK_MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
@@ -65,6 +66,7 @@ class SynthConfig(BaseModel):
         None, description="the input root this output's committed shards were read from, when the corpus has moved "
                           "since (they are not read again); default: none (a shard committed from another location "
                           "is refused)")
+    executor: ExecutorName = executor_field()
 
     @field_validator("levels")
     @classmethod

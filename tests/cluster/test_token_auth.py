@@ -1,98 +1,24 @@
 """A cluster with token authentication on, set up as cluster/aws.yaml sets up its nodes, reached the ways the README
 and the nightly CronJob (cluster/kuberay/cronjob-score.yaml) say: their commands and script run as printed, with only
-the cluster's address pointed at a local `ray start --head`."""
+the cluster's address pointed at a local `ray start --head` (the session's `token_cluster`)."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import pytest
 import yaml
 
 from jobs import sample_corpus as corpus
 from pipeline.scoring import read_scores
-from tests.conftest import REPO_ROOT, free_port, job_env
+from tests.conftest import REPO_ROOT
+from tests.support.cluster import ray_env
 from tests.support.shards import assert_exactly_once
 
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 README = Path(REPO_ROOT) / "README.md"
 CRONJOB = Path(REPO_ROOT) / "cluster" / "kuberay" / "cronjob-score.yaml"
 README_ADDRESS = "http://127.0.0.1:8265"  # where `ray dashboard cluster/aws.yaml` tunnels the job server
-
-
-def ray_env(home: Path, **extra) -> dict:
-    """A shell of a user (or pod) whose home is `home`: no Ray auth settings but those given."""
-    env = {k: v for k, v in job_env().items() if not k.startswith("RAY_AUTH")}
-    env.update(HOME=str(home), **extra)
-    return env
-
-
-def submit(dashboard: str, env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, "job", "submit", "--address", dashboard, "--", *entrypoint], env=env,
-                          capture_output=True, text=True, timeout=180)
-
-
-@pytest.fixture(scope="module")
-def token_cluster(tmp_path_factory):
-    """`ray start --head` on 127.0.0.1 as aws.yaml starts a node: RAY_AUTH_MODE=token in its environment, and in its
-    ~/.ray/auth_token the token made on the user's machine with `ray get-auth-token --generate` (file_mounts).
-    Every port explicit, its own temp dir; stopped at teardown."""
-    base = tmp_path_factory.mktemp("token-cluster")
-    user_home, node_home = base / "user", base / "node"
-    user_home.mkdir()
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=ray_env(user_home), check=True, capture_output=True,
-                   timeout=120)
-    token_file = user_home / ".ray" / "auth_token"
-    (node_home / ".ray").mkdir(parents=True)
-    shutil.copy(token_file, node_home / ".ray" / "auth_token")
-    dashboard = free_port()
-    ports = {f"--{name}": free_port() for name in (
-        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")}
-    temp_dir = tempfile.mkdtemp(prefix="raytoken-", dir="/tmp")
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
-        env=ray_env(node_home, RAY_AUTH_MODE="token"), stdout=open(base / "head.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dashboard}"
-    with_token = ray_env(user_home, RAY_AUTH_MODE="token")
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
-            except urllib.error.HTTPError:
-                break  # it answers (401: the token is required)
-            except OSError:
-                time.sleep(0.5)
-        while time.time() < deadline:  # the job agent registers a little after the dashboard answers
-            probe = submit(url, with_token, "python", "-c", "pass")
-            if probe.returncode == 0:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("the token-auth cluster never accepted a job: " + (base / "head.log").read_text()[-3000:])
-        yield {"dashboard": url, "user_home": user_home, "token": token_file.read_text().strip()}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def readme_submission_script() -> tuple[list[str], str]:

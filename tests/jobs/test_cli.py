@@ -1,5 +1,6 @@
 """The command line as curation people use it: help that shows the real defaults, dry runs that start nothing and
-tell what a run would do (and what it would cost), and the console scripts."""
+tell what a run would do (and what it would cost), and the console scripts (command lines in this process, the
+installed scripts as processes)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.synth import SynthConfig
 from pipeline.training import TrainConfig
 from tests.conftest import job_env
+from tests.support.jobs import run_main
 from tests.support.shards import write_shards
 
 CONFIGS = {"score": ScoreConfig, "synth": SynthConfig, "train": TrainConfig, "curate": CurateConfig}
@@ -43,47 +45,47 @@ def test_help_shows_every_fields_real_default(job):
             assert shown.endswith(f"(default: {default})"), shown
 
 
-def test_the_model_commands_describe_themselves():
-    for module in ("model.convert", "model.create"):
-        res = subprocess.run([sys.executable, "-m", module, "--help"], env=job_env(), capture_output=True, text=True,
-                             timeout=120)
-        assert res.returncode == 0
-        usage, description = res.stdout.split("\n\n")[:2]
-        assert description.strip() and not description.strip().startswith("options"), res.stdout[:400]
+def test_the_model_commands_describe_themselves(capsys):
+    import model.convert
+    import model.create
+
+    for command in (model.convert, model.create):
+        with pytest.raises(SystemExit) as ended:
+            command.main(["--help"])
+        assert ended.value.code == 0
+        usage, description = capsys.readouterr().out.split("\n\n")[:2]
+        assert description.strip() and not description.strip().startswith("options"), usage + description
 
 
-def _ray_jobs_and_actors() -> tuple[int, int]:
-    from ray._private import state
+def test_a_dry_run_starts_nothing_and_its_numbers_match_the_run(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from jobs.score import main
+    from pipeline.runner.executors import RayExecutor
 
-    return len(state.jobs()), len(state.actors())
+    def no_ray(*args):
+        raise AssertionError("the dry run connected to Ray")
 
-
-def test_a_dry_run_starts_nothing_and_its_numbers_match_the_run(tmp_path, tiny_checkpoint, ray_cluster):
+    monkeypatch.setattr(RayExecutor, "connect", no_ray)
     write_shards(tmp_path / "in", n_shards=3, per_shard=4, prefix="d", name="{k}")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
-           "--output", str(out), "--model", tiny_checkpoint, "--dry-run", "--gpus-per-actor", "0", "--gpu-rate", "100",
-           "--gpu-hour-price", "3.6"]
-    before = _ray_jobs_and_actors()
-    res = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert _ray_jobs_and_actors() == before  # it never even connected: no driver, no actor
-    assert not out.exists()  # and wrote nothing, not even the lease
-    assert "3 total · 0 already committed · 3 new" in res.stdout
-    assert "12 in the new shards (counted)" in res.stdout
-    assert "0.00 GPU-hours at 100 samples/s per GPU (--gpu-rate)" in res.stdout  # 12 / 100 / 3600
-    assert re.search(r"\$0\.0[01] at \$3\.6 per GPU-hour", res.stdout)
+    argv = ["--input", tmp_path / "in", "--format", "webdataset", "--output", out, "--model", tiny_checkpoint,
+            "--dry-run", "--gpus-per-actor", "0", "--gpu-rate", "100", "--gpu-hour-price", "3.6"]
+    code, stdout, stderr = run_main(main, argv, capsys)
+    assert code == 0, stderr[-2000:]
+    assert not out.exists()  # it wrote nothing, not even the lease
+    assert "3 total · 0 already committed · 3 new" in stdout
+    assert "12 in the new shards (counted)" in stdout
+    assert "0.00 GPU-hours at 100 samples/s per GPU (--gpu-rate)" in stdout  # 12 / 100 / 3600
+    assert re.search(r"\$0\.0[01] at \$3\.6 per GPU-hour", stdout)
     summary = score_dataset(ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out),
-                                        model=tiny_checkpoint), progress=False)
+                                        model=tiny_checkpoint, executor="local"), progress=False)
     assert summary["shards"]["new"] == 3 and summary["records"]["this_run"] == 12  # what the dry run said
     corpus.write_webdataset(str(tmp_path / "in" / "3.tar"), corpus.caption_samples(5, seed=9, prefix="d3-"))
-    res = subprocess.run(cmd, env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=120)
-    assert "4 total · 3 already committed · 1 new" in res.stdout and "5 in the new shards" in res.stdout
+    code, stdout, _ = run_main(main, argv, capsys)
+    assert "4 total · 3 already committed · 1 new" in stdout and "5 in the new shards" in stdout
     # The dry run checks the output's identity as the run would (and still writes nothing).
     identity = (out / "_output.json").read_bytes()
-    res = subprocess.run([*cmd, "--dtype", "float16"], env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 2 and "dtype='float32'" in res.stderr and "dtype='float16'" in res.stderr, res.stderr
+    code, _, stderr = run_main(main, [*argv, "--dtype", "float16"], capsys)
+    assert code == 2 and "dtype='float32'" in stderr and "dtype='float16'" in stderr, stderr
     assert (out / "_output.json").read_bytes() == identity
 
 
@@ -91,16 +93,17 @@ def test_a_dry_run_starts_nothing_and_its_numbers_match_the_run(tmp_path, tiny_c
     ("synth", ["--input", "{in}", "--format", "webdataset", "--output", "{tmp}/pairs"]),
     ("curate", ["--scores", "{tmp}/none", "--output", "{tmp}/cur", "--keep-fraction", "0.5"]),
 ])
-def test_every_job_has_a_dry_run(job, args, tmp_path):
+def test_every_job_has_a_dry_run(job, args, tmp_path, capsys):
+    import importlib
+
     corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(3))
     argv = [a.format(tmp=tmp_path, **{"in": tmp_path / "in"}) for a in args]
-    res = subprocess.run([sys.executable, "-m", f"jobs.{job}", *argv, "--dry-run"], env=job_env(),
-                         capture_output=True, text=True, timeout=120)
+    code, stdout, stderr = run_main(importlib.import_module(f"jobs.{job}").main, [*argv, "--dry-run"], capsys)
     if job == "synth":
-        assert res.returncode == 0 and "3 origins" not in res.stdout and "3 in the new shards" in res.stdout
-        assert "12 pairs" in res.stdout and not (tmp_path / "pairs").exists()
+        assert code == 0 and "3 origins" not in stdout and "3 in the new shards" in stdout
+        assert "12 pairs" in stdout and not (tmp_path / "pairs").exists()
     else:  # nothing scored there: the same error a run would give, before anything starts
-        assert res.returncode == 2 and "error: field 'scores': no committed score records" in res.stderr
+        assert code == 2 and "error: field 'scores': no committed score records" in stderr
 
 
 def test_console_scripts_are_installed():

@@ -71,14 +71,13 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("which", list(REMEDIES))
-def test_score_names_a_corrupt_state_file_and_what_to_do(which, tmp_path, corpus_dir, tiny_checkpoint, capsys,
-                                                          ray_cluster):
-    # ray_cluster: the lease is read only when the run claims the output, after it connected to Ray; connected
-    # already, the job starts no instance of its own (whose start-up line would come first otherwise)
+def test_score_names_a_corrupt_state_file_and_what_to_do(which, tmp_path, corpus_dir, tiny_checkpoint, capsys):
+    # the stages in this process: the lease is read only when the run claims the output, and a job on Ray would
+    # connect first (and print its own instance's start-up line before the error)
     out = tmp_path / "out"
     path = corrupt(out, which)
     status = score.main(["--input", str(corpus_dir), "--format", "webdataset", "--output", str(out),
-                         "--model", tiny_checkpoint])
+                         "--model", tiny_checkpoint, "--executor", "local"])
     err = capsys.readouterr().err
     assert status == 2, err
     assert err.startswith(f"error: field 'output': {path} {REMEDIES[which]}"), err

@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 
 from jobs import sample_corpus as corpus
 from pipeline.io.uris import filesystem_for
-from tests.conftest import REPO_ROOT, job_env
-from tests.jobs.test_score_job import score_cmd
+from tests.conftest import REPO_ROOT
 
 README = Path(REPO_ROOT) / "README.md"
 README_BUCKET = "s3://bucket/"  # the README's examples' bucket; the tests' own takes its place
@@ -61,12 +60,14 @@ def write_img2dataset_folder(uri: str, n_shards: int, per_shard: int) -> dict[st
     return captions
 
 
-def test_the_join_snippet_joins_scores_to_an_img2dataset_folder(s3_bucket, tiny_checkpoint, ray_cluster):
+def test_the_join_snippet_joins_scores_to_an_img2dataset_folder(s3_bucket, tiny_checkpoint):
+    from pipeline.scoring import ScoreConfig, score_dataset
+
     bucket = f"s3://{s3_bucket}/"
     captions = write_img2dataset_folder(f"{bucket}laion/", n_shards=2, per_shard=3)
-    scored = subprocess.run(score_cmd(f"{bucket}laion/", f"{bucket}scores/laion", tiny_checkpoint),
-                            env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=600)
-    assert scored.returncode == 0, scored.stderr[-3000:]
+    scored = score_dataset(ScoreConfig(input=f"{bucket}laion/", format="webdataset", output=f"{bucket}scores/laion",
+                                       model=tiny_checkpoint, executor="local"), progress=False)
+    assert scored["shards"]["committed_this_run"] == 2
 
     snippet = readme_python_block("read_scores(", ".join(")
     assert snippet.count(README_BUCKET) >= 2  # the scores and the corpus, both in the README's bucket

@@ -1,62 +1,57 @@
-"""`python -m jobs.synth` as users run it: configuration errors, and a resume that never pays twice."""
+"""`python -m jobs.synth` as users run it: configuration errors (its command line in this process), and a resume
+on Ray after a kill that never pays twice."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
+from jobs.synth import main
 from pipeline.commit.manifest import read_manifest
 from pipeline.synth import RequestCache, SynthConfig
 from tests.conftest import job_env
-from tests.pipeline.synth.llm_servers import FakeOpenAI
-from tests.pipeline.synth.test_synth import fake_caption_corpus, pairs_of
+from tests.support.jobs import paused_job, run_main, wait_for
+from tests.support.llm_servers import FakeOpenAI
+from tests.support.synth import fake_caption_corpus, pairs_of
 
 
-def synth_cmd(*args):
-    return [sys.executable, "-m", "jobs.synth", *args]
+def test_unknown_generator_fails_fast_naming_the_field(tmp_path, capsys):
+    code, _, err = run_main(main, ["--input", tmp_path, "--format", "webdataset", "--output", tmp_path,
+                                   "--generator", "claude"], capsys)
+    assert code == 2 and "field 'generator'" in err
 
 
-def test_unknown_generator_fails_fast_naming_the_field(tmp_path):
-    res = subprocess.run(synth_cmd("--input", str(tmp_path), "--format", "webdataset", "--output", str(tmp_path),
-                                   "--generator", "claude"), env=job_env(), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "field 'generator'" in res.stderr
+def test_openai_without_endpoint_fails_fast_naming_the_field(tmp_path, capsys):
+    code, _, err = run_main(main, ["--input", tmp_path, "--format", "webdataset", "--output", tmp_path,
+                                   "--generator", "openai", "--llm", "m"], capsys)
+    assert code == 2 and "field 'endpoint' is required" in err
 
 
-def test_openai_without_endpoint_fails_fast_naming_the_field(tmp_path):
-    res = subprocess.run(synth_cmd("--input", str(tmp_path), "--format", "webdataset", "--output", str(tmp_path),
-                                   "--generator", "openai", "--llm", "m"),
-                         env=job_env(), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "field 'endpoint' is required" in res.stderr
-
-
-def test_invalid_level_count_fails_fast_naming_the_field(tmp_path):
+def test_invalid_level_count_fails_fast_naming_the_field(tmp_path, capsys):
     cfg = tmp_path / "synth.yaml"
     cfg.write_text(f"input: {tmp_path}\nformat: webdataset\noutput: {tmp_path}/o\nlevels: [0, 1, 2, 3, 4]\n")
-    res = subprocess.run(synth_cmd("--config", str(cfg)), env=job_env(), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "field 'levels'" in res.stderr
+    code, _, err = run_main(main, ["--config", cfg], capsys)
+    assert code == 2 and "field 'levels'" in err
 
 
-def test_a_killed_run_resumes_without_repeating_cached_requests(tmp_path, ray_cluster):
+def test_a_killed_run_resumes_without_repeating_cached_requests(tmp_path, ray_cluster, capsys):
     origins = fake_caption_corpus(tmp_path / "in", n_shards=6, per_shard=4)
     out = tmp_path / "out"
     with FakeOpenAI(lambda key, attempt, prompt: "ok", delay_s=0.15) as server:
-        args = ["--input", str(tmp_path / "in"), "--format", "webdataset", "--output", str(out),
+        args = ["--input", tmp_path / "in", "--format", "webdataset", "--output", out,
                 "--generator", "openai", "--endpoint", server.url + "/v1", "--llm", "test-vlm",
                 "--concurrency", "1", "--threads-per-actor", "2", "--origins-per-block", "2"]
-        first = subprocess.Popen(synth_cmd(*args), env=job_env(RAY_ADDRESS=ray_cluster),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 180
-        while time.time() < deadline and first.poll() is None:
-            if len(list(out.glob("_cache/**/*.json"))) >= 10:
-                first.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
+        marker = tmp_path / "paused"
+        first = paused_job("jobs.synth", args, marker, job_env(RAY_ADDRESS=ray_cluster), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        wait_for(marker, first)  # its first shard committed; the actor goes on with the next ones meanwhile
+        time.sleep(0.5)
+        first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
-        assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
+        assert first.returncode == -signal.SIGKILL
         time.sleep(2)  # let the killed job's actors go
         config = SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out),
                              generator="openai", endpoint=server.url + "/v1", llm="test-vlm")
@@ -68,9 +63,8 @@ def test_a_killed_run_resumes_without_repeating_cached_requests(tmp_path, ray_cl
         committed = set(read_manifest(str(out)))
         assert 10 <= len(cached_before) < len(keys)
 
-        second = subprocess.run(synth_cmd(*args), env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True,
-                                text=True, timeout=300)
-        assert second.returncode == 0, second.stderr[-3000:]
+        code, _, err = run_main(main, [*args, "--executor", "local"], capsys)  # the same command, resumed
+        assert code == 0, err[-3000:]
         requests_after = Counter(k for k, _ in server.log) - requests_before
     assert not (set(requests_after) & cached_before), "a cached (origin, level) was requested again"
     assert set(requests_after) | cached_before >= set(keys)

@@ -190,6 +190,16 @@ def test_qwen25_tokenizer_is_built_offline_with_qwens_ids():
     assert tok.bos_token_id == tok.eos_token_id == 151643
 
 
+def test_the_qwen25_tokenizer_is_built_once_per_process():
+    from model.checkpoint import config_and_tokenizer
+    from model.tokenization import qwen25_tokenizer
+
+    first = qwen25_tokenizer()
+    built = qwen25_tokenizer.cache_info().misses
+    assert config_and_tokenizer("qwen2.5-0.5b")[1] is first and config_and_tokenizer("qwen2.5-1.5b")[1] is first
+    assert qwen25_tokenizer.cache_info().misses == built
+
+
 def test_llava_select_layer_minus_2_reads_the_penultimate_vision_layer(tiny_checkpoint, tmp_path):
     from model.convert import main
 

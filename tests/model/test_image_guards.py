@@ -1,5 +1,5 @@
-"""Image decoding guards: decompression bombs by pixel count and by aspect ratio (the padded square), high bit
-depths rescaled to 8 bits, EXIF orientation only when the model's config asks for it."""
+"""Image decoding guards: decompression bombs by pixel count, by aspect ratio (the padded square) and by JPEG scans,
+high bit depths rescaled to 8 bits, EXIF orientation only when the model's config asks for it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from model.errors import SampleError
-from model.processing import decode_image, prepare_image
+from model.processing import JPEG_MAX_SCANS, decode_image, jpeg_scan_limit, jpeg_scans, prepare_image
+from tests.support.hostile import scan_bomb_jpeg
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -127,3 +128,45 @@ def test_high_bit_depth_decoding_costs_memory_in_proportion(tmp_path):
         pixels, peak_kib = map(int, line.split())
         assert pixels == side * side
         assert peak_kib * 1024 < 3 * (3 * pixels)  # 3x the 8-bit RGB image
+
+
+# -- progressive JPEG scans (a scan bomb decodes for a time linear in its scans, and is then a valid image) -------
+def _progressive(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", progressive=True)
+    return buf.getvalue()
+
+
+def test_a_jpeg_with_more_scans_than_any_encoder_writes_is_refused_before_decoding():
+    bomb = scan_bomb_jpeg(256, scans=JPEG_MAX_SCANS)  # 10 scans of its own, then 500 copies of the last
+    with pytest.raises(SampleError) as err:
+        decode_image(bomb)
+    assert err.value.reason == (f"decode: JPEG has more than {JPEG_MAX_SCANS} scans at 256x256 (a scan bomb: "
+                                "decoding time grows with scans times pixels)")
+
+
+def test_the_scans_a_jpeg_may_have_shrink_as_its_pixels_grow():
+    """As many scans as `JPEG_SCAN_PIXELS_FACTOR` at the pixel limit: the same decoding work at any size."""
+    side, max_pixels = 200, 100_000  # 40,000 pixels: 32 x 100,000 / 40,000 = 80 scans allowed
+    assert jpeg_scan_limit(side, side, max_pixels) == 80
+    assert decode_image(scan_bomb_jpeg(side, scans=60), max_pixels=max_pixels).size == (side, side)  # 70 scans
+    with pytest.raises(SampleError, match="JPEG has more than 80 scans at 200x200"):
+        decode_image(scan_bomb_jpeg(side, scans=80), max_pixels=max_pixels)  # 90 scans
+
+
+def test_ordinary_progressive_jpegs_decode_at_the_pixel_limit():
+    """Libjpeg's own progressions (10 scans in colour, 18 in CMYK) stay within the limit at the largest size."""
+    rgb = Image.new("RGB", (160, 120), (30, 140, 200))
+    for img, scans in ((rgb, 10), (rgb.convert("L"), 6), (rgb.convert("CMYK"), 18)):
+        data = _progressive(img)
+        assert jpeg_scans(data, stop_after=100) == scans
+        assert decode_image(data, max_pixels=160 * 160).size == (160, 120)
+
+
+def test_scans_inside_metadata_segments_are_not_the_jpegs_own():
+    """A marker segment (here a comment; an EXIF thumbnail alike) holding start-of-scan bytes is skipped whole."""
+    data = _progressive(Image.new("RGB", (64, 48), (200, 100, 0)))
+    comment = b"\xff\xda" * 1000
+    with_comment = data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+    assert jpeg_scans(with_comment, stop_after=JPEG_MAX_SCANS) == 10
+    assert decode_image(with_comment).size == (64, 48)

@@ -1,10 +1,9 @@
-"""The processor: image decoding guards, pad-to-square, the text layout, limits and truncation."""
+"""The processor: image decoding guards, pad-to-square, the text layout, limits and truncation, and the bound on
+what any text costs to tokenise."""
 
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,22 +13,13 @@ import model
 from model.config import IMAGE_TOKEN_ID
 from model.processing import PAD_COLOR, SampleError, decode_image, prepare_image
 from tests.conftest import jpeg_bytes
+from tests.support.hostile import many_segment_document, unspaced_text
+from tests.support.images import huge_png_header
 
 
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
     return model.load(tiny_checkpoint)[1]
-
-
-def huge_png_header(width=20000, height=20000) -> bytes:
-    """A PNG whose header claims width x height pixels (a decompression bomb), made without allocating it."""
-    buf = io.BytesIO()
-    Image.new("L", (8, 8)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
-    return bytes(data)
 
 
 @pytest.mark.parametrize("payload, reason", [
@@ -161,3 +151,128 @@ def test_a_document_whose_images_are_all_cut_is_an_error_not_text_only(processor
     assert f"max_tokens {cfg.max_tokens}" in err.value.reason
     enc = processor.encode(["short", None, long_text], [None, jpeg_bytes(), None], "interleaved")
     assert enc.truncated and enc.n_images == 1  # an image kept, the text after it cut: scored as before
+
+
+# -- the cost of text is bounded, and ordinary text keeps the tokens of the whole text ----------------------------
+@pytest.fixture(scope="module")
+def qwen_processor():
+    """The real Qwen2.5 vocabulary at the released configs' limits (4096 tokens): no weights needed to plan."""
+    from model.config import get_config
+    from model.processing import UniFilterProcessor
+    from model.tokenization import build_tokenizer
+
+    cfg = get_config("qwen2.5-0.5b")
+    tok = build_tokenizer(cfg.tokenizer)
+    cfg = cfg.model_copy(update={"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                                 "pad_token_id": tok.pad_token_id})
+    return UniFilterProcessor(cfg, tok)
+
+
+def _unbounded(monkeypatch, processor, texts, images, kind):
+    """The plan with every text piece tokenised whole (no character bound): the tokens the bounded plan must keep."""
+    from model import processing
+
+    with monkeypatch.context() as patch:
+        patch.setattr(processing, "CHARS_PER_TOKEN_BOUND", 10**12)
+        return processor.plan(texts, images, kind)
+
+
+def _ordinary_long_texts(n_chars: int) -> dict[str, str]:
+    """Long texts of the kinds web corpora hold, `n_chars` each: prose, CJK prose, whitespace-heavy web text, ASCII
+    tables (about 10 characters a Qwen2.5 token: past the first character bound) and URLs."""
+    import random
+
+    from jobs import sample_corpus as corpus
+
+    rng = random.Random(0)
+    n = n_chars // 40 + 1  # more than enough pieces of every kind
+    prose = " ".join(f"{s.caption().capitalize()}, as the {rng.choice(['photo', 'drawing'])} shows."
+                     for s in (corpus.random_scene(rng) for _ in range(n)))
+    cjk = "".join(rng.choice(["今天的天气很好，", "我们在公园里散步。", "图片中有一只红色的猫，", "它坐在蓝色的椅子上。",
+                              "这是一个关于颜色和形状的课程；"]) for _ in range(n))
+    web = "".join(f"  Item {k}\n\n\t\t   {rng.choice(['Home', 'About us', 'Contact'])}   \n \n" for k in range(n))
+    tables = "".join(f"| {k:6d} | {'-' * 60} | {'=' * 40} |\n" for k in range(n))
+    urls = " ".join(f"https://example.com/a/{rng.getrandbits(64):x}/image_{k}.jpg?w=640&h=480" for k in range(n))
+    return {name: text[:n_chars] for name, text in
+            {"prose": prose, "cjk": cjk, "web": web, "tables": tables, "urls": urls}.items()}
+
+
+@pytest.mark.parametrize("vocabulary", ["tiny", "qwen2.5"])
+def test_the_bundled_corpus_keeps_the_tokens_of_the_whole_text(vocabulary, processor, qwen_processor, monkeypatch):
+    """The one preprocessing path of training and scoring: bounding the text changes no id of an ordinary sample."""
+    from jobs import sample_corpus as corpus
+
+    proc = processor if vocabulary == "tiny" else qwen_processor
+    for item in corpus.caption_samples(200, seed=3):
+        sample = ([None, item["caption"]], [item["image"], None], "caption")
+        assert proc.plan(*sample).input_ids.tolist() == _unbounded(monkeypatch, proc, *sample).input_ids.tolist()
+    for doc in corpus.documents(100, seed=3):
+        sample = (doc["texts"], doc["images"], "interleaved")
+        assert proc.plan(*sample).input_ids.tolist() == _unbounded(monkeypatch, proc, *sample).input_ids.tolist()
+
+
+@pytest.mark.parametrize("vocabulary", ["tiny", "qwen2.5"])
+def test_long_ordinary_texts_keep_the_tokens_of_the_whole_text(vocabulary, processor, qwen_processor, monkeypatch):
+    """Each text past the character bound (tiny: 8,192 characters; Qwen2.5: 32,768), as a caption and as a document's
+    text after an image."""
+    proc = processor if vocabulary == "tiny" else qwen_processor
+    for name, text in _ordinary_long_texts(20_000 if vocabulary == "tiny" else 60_000).items():
+        for sample in (([None, text], [jpeg_bytes(), None], "caption"),
+                       ([text[:200], None, text], [None, jpeg_bytes(), None], "interleaved")):
+            planned = proc.plan(*sample)
+            expected = _unbounded(monkeypatch, proc, *sample)
+            assert planned.input_ids.tolist() == expected.input_ids.tolist(), name
+            assert planned.truncated and planned.n_tokens == proc.config.max_tokens
+
+
+def _characters_tokenised(processor, monkeypatch) -> list[int]:
+    """Records how many characters each call of the processor's tokenizer is given, in all."""
+    seen: list[int] = []
+    encode = processor._encode_texts
+
+    def recording(texts, **kw):
+        seen.append(sum(len(t) for t in texts))
+        return encode(texts, **kw)
+
+    monkeypatch.setattr(processor, "_encode_texts", recording)
+    return seen
+
+
+@pytest.mark.parametrize("script", ["latin", "cjk"])
+def test_a_text_without_spaces_is_tokenised_only_up_to_a_character_bound(script, qwen_processor, monkeypatch):
+    """A caption of one 500,000-character word (8 MB once took 2 GB and tens of seconds, all of it tokenised):
+    cut to the token limit like any long caption, its tokenising bounded by the limit, not by the text."""
+    from model.processing import CHARS_PER_TOKEN_BOUND, MAX_CHARS_PER_TOKEN
+
+    proc = qwen_processor
+    seen = _characters_tokenised(proc, monkeypatch)
+    planned = proc.plan([None, unspaced_text(500_000, script)], [jpeg_bytes(), None], "caption")
+    assert planned.truncated and planned.n_tokens == proc.config.max_tokens
+    assert planned.input_ids[-1] == proc.config.eos_token_id
+    assert sum(seen) <= (2 * CHARS_PER_TOKEN_BOUND + MAX_CHARS_PER_TOKEN) * proc.config.max_tokens
+
+
+def test_a_document_of_many_long_pieces_is_tokenised_only_up_to_a_character_bound(processor, monkeypatch):
+    """Pieces past what a sample can keep are never tokenised: 300 images each followed by a long text."""
+    from model.processing import CHARS_PER_TOKEN_BOUND, MAX_CHARS_PER_TOKEN
+
+    seen = _characters_tokenised(processor, monkeypatch)
+    long_text = unspaced_text(30_000)
+    planned = processor.plan([x for _ in range(300) for x in (None, long_text)],
+                             [x for _ in range(300) for x in (jpeg_bytes(), None)], "interleaved")
+    assert planned.truncated and planned.n_images == 1 and planned.n_tokens == processor.config.max_tokens
+    assert sum(seen) <= (2 * CHARS_PER_TOKEN_BOUND + MAX_CHARS_PER_TOKEN) * processor.config.max_tokens
+
+
+def test_a_document_of_many_segments_is_laid_out_as_one_piece(processor, monkeypatch):
+    """20,000 one-word segments after an image join into one text piece (appending them one by one was quadratic:
+    600,000 took minutes), with the tokens of that piece tokenised whole."""
+    cfg = processor.config
+    texts, images = many_segment_document(20_000, jpeg_bytes())
+    planned = processor.plan(texts, images, "interleaved")
+    joined = "\n\n" + "\n\n".join(texts[1:])
+    budget = cfg.max_tokens - 2 - cfg.tokens_per_image
+    assert planned.input_ids.tolist() == [cfg.bos_token_id, *[IMAGE_TOKEN_ID] * cfg.tokens_per_image,
+                                          *_tokens(processor, joined)[:budget], cfg.eos_token_id]
+    unbounded = _unbounded(monkeypatch, processor, texts, images, "interleaved")
+    assert planned.input_ids.tolist() == unbounded.input_ids.tolist()

@@ -1,6 +1,7 @@
 """Nothing lost, nothing mixed: every input sample yields exactly one record, from the model named, under I/O
 faults (reads and writes, a full disk, a failed consolidation), a lost lease, reruns with another model,
-concurrent jobs, odd shard spellings and wrong column settings."""
+concurrent jobs, odd shard spellings and wrong column settings. The driver's logic runs the stages in this process
+(the local executor); the two-jobs test pauses its first job after its first commit."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,12 +22,16 @@ from pipeline.errors import InputError, OutputMismatch
 from pipeline.io.samples import SourceOptions
 from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 from tests.conftest import job_env
-from tests.support.shards import assert_exactly_once, big_caption_shards, write_shards
+from tests.support.jobs import paused_job, release, run_main, wait_for
+from tests.support.shards import assert_exactly_once, write_shards
 
 FAST_RETRIES = SourceOptions(read_attempts=2, read_backoff_s=0.0)
 
 
 def score(input_uri, output, model, fmt="webdataset", **kw):
+    """The scoring job, its stages in this process: what these tests check is the driver's (commits, identity,
+    lease, faults), the same whichever executor runs the stages (tests/pipeline/runner/test_executors.py)."""
+    kw.setdefault("executor", "local")
     return score_dataset(ScoreConfig(input=str(input_uri), format=fmt, output=str(output), model=model, **kw),
                          progress=False)
 
@@ -44,7 +46,7 @@ def files_of(output: Path) -> dict[str, bytes]:
             if p.is_file() and not p.name.startswith("_lease")}
 
 
-def test_a_missing_shard_stays_uncommitted_and_a_rerun_finishes_it(tmp_path, tiny_checkpoint, ray_cluster):
+def test_a_missing_shard_stays_uncommitted_and_a_rerun_finishes_it(tmp_path, tiny_checkpoint):
     expected = caption_shards(tmp_path / "in", 2)
     missing = tmp_path / "in" / "00001.tar"
     held = missing.read_bytes()
@@ -67,7 +69,7 @@ def test_a_missing_shard_stays_uncommitted_and_a_rerun_finishes_it(tmp_path, tin
 
 
 @pytest.fixture(scope="module")
-def scored_once(tmp_path_factory, tiny_checkpoint, ray_cluster) -> tuple[Path, list[str]]:
+def scored_once(tmp_path_factory, tiny_checkpoint) -> tuple[Path, list[str]]:
     """Two shards scored by the tiny model, once for the module (tests that change it take a copy: `scored`)."""
     root = tmp_path_factory.mktemp("scored")
     expected = caption_shards(root / "in", 2)
@@ -111,7 +113,7 @@ def test_read_scores_refuses_an_output_that_mixes_models(tmp_path, scored):
         read_scores(str(out))
 
 
-def test_one_shard_spelled_several_ways_is_scored_once(tmp_path, tiny_checkpoint, ray_cluster):
+def test_one_shard_spelled_several_ways_is_scored_once(tmp_path, tiny_checkpoint):
     expected = caption_shards(tmp_path / "D", 1)
     d = tmp_path / "D"
     listing = tmp_path / "list.txt"
@@ -129,7 +131,7 @@ def _caption_table(n: int, text_column: str, seed: int) -> pa.Table:
                      text_column: [i["caption"] for i in items]})
 
 
-def test_a_wrong_column_setting_fails_before_anything_is_committed(tmp_path, tiny_checkpoint, ray_cluster):
+def test_a_wrong_column_setting_fails_before_anything_is_committed(tmp_path, tiny_checkpoint):
     (tmp_path / "in").mkdir()
     pq.write_table(_caption_table(3, "text", 0), tmp_path / "in" / "a.parquet")
     out = tmp_path / "out"
@@ -144,44 +146,50 @@ def test_a_wrong_column_setting_fails_before_anything_is_committed(tmp_path, tin
     assert summary["records"]["errors"] == 0 and sorted(read_manifest(str(out))) == ["0.parquet"]
 
 
-def test_two_jobs_on_one_output_one_refuses(tmp_path, tiny_checkpoint, ray_cluster):
-    expected = big_caption_shards(str(tmp_path / "in"), n_shards=4, per_shard=6)
+def test_two_jobs_on_one_output_one_refuses(tmp_path, tiny_checkpoint, capsys):
+    """The first job (a process of its own) holds the output, paused after its first commit; a second job on the
+    same output is refused naming the holder and writes nothing; the first then finishes every shard."""
+    from jobs.score import main
+
+    expected = caption_shards(tmp_path / "in", 3)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format", "webdataset",
-           "--output", str(out), "--model", tiny_checkpoint, "--batch-size", "4", "--gpus-per-actor", "0"]
-    env = job_env(RAY_ADDRESS=ray_cluster)
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "_lease.json").exists():
-        time.sleep(0.05)
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    argv = ["--input", tmp_path / "in", "--format", "webdataset", "--output", out, "--model", tiny_checkpoint,
+            "--batch-size", "4", "--executor", "local"]
+    marker = tmp_path / "paused"
+    first = paused_job("jobs.score", argv, marker, job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+    wait_for(marker, first)
+    before = files_of(out)
+    code, _, err = run_main(main, argv, capsys)
+    assert code == 2, err
+    assert "error: field 'output':" in err and "in use by job 'score'" in err and f"pid {first.pid}" in err
+    assert "Traceback" not in err
+    assert files_of(out) == before  # the refused job wrote nothing
+    release(marker)
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-3000:]
-    assert second.returncode == 2, second.stderr[-3000:]
-    assert "error: field 'output':" in second.stderr and "in use by job 'score'" in second.stderr
-    assert f"pid {first.pid}" in second.stderr
-    assert "Traceback" not in second.stderr
     assert_exactly_once(read_scores(str(out)), expected)
     assert not (out / "_lease.json").exists()  # released at the end
 
 
-def test_an_unusable_output_or_model_fails_before_ray_starts(tmp_path, tiny_checkpoint):
+def test_an_unusable_output_or_model_fails_before_ray_starts(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from jobs.score import main
+    from pipeline.runner.executors import RayExecutor
+
+    def no_ray(*args):
+        raise AssertionError("the job connected to Ray before refusing its configuration")
+
+    monkeypatch.setattr(RayExecutor, "connect", no_ray)
     caption_shards(tmp_path / "in", 1)
     (tmp_path / "a-file").write_text("not a folder")
-    env = job_env()
-    env.pop("RAY_ADDRESS", None)
     for output, model, message in (
         (str(tmp_path / "a-file"), tiny_checkpoint, "error: field 'output': "),
         (str(tmp_path / "a-file" / "below"), tiny_checkpoint, "error: field 'output': "),
         (str(tmp_path / "out"), str(tmp_path / "no-model"), "error: field 'model': "),
     ):
-        started = time.time()
-        res = subprocess.run([sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "in"), "--format",
-                              "webdataset", "--output", output, "--model", model],
-                             env=env, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
-        assert "started a local Ray instance" not in res.stderr  # checked before Ray starts
-        assert time.time() - started < 60
+        code, _, err = run_main(main, ["--input", tmp_path / "in", "--format", "webdataset", "--output", output,
+                                       "--model", model], capsys)
+        assert code == 2 and message in err, err[-2000:]
     assert not (tmp_path / "out" / "_manifest").exists()
 
 
@@ -200,8 +208,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path / "x") == []
 
 
-def test_reads_that_fail_are_retried_and_a_shard_that_keeps_failing_stays_uncommitted(s3_bucket, tiny_checkpoint,
-                                                                                       ray_cluster):
+def test_reads_that_fail_are_retried_and_a_shard_that_keeps_failing_stays_uncommitted(s3_bucket, tiny_checkpoint):
     """Through a loopback proxy in front of the S3 server that fails GETs of one shard on purpose."""
     from tests.support.s3_faults import s3_fault_proxy
 
@@ -233,7 +240,7 @@ def _lease_held(output: str) -> bool:
 
 
 def test_a_score_file_that_cannot_be_written_leaves_its_shard_uncommitted_and_the_run_goes_on(
-        s3_bucket, tiny_checkpoint, ray_cluster):
+        s3_bucket, tiny_checkpoint):
     """An S3 server that answers 503 to every upload of one shard's score file, past every retry."""
     from tests.support.s3_faults import s3_fault_proxy
 
@@ -259,7 +266,7 @@ def test_a_score_file_that_cannot_be_written_leaves_its_shard_uncommitted_and_th
 
 
 def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_it(tmp_path, tiny_checkpoint,
-                                                                                   ray_cluster, monkeypatch):
+                                                                                   monkeypatch):
     import errno
 
     import pipeline.commit.committer as sinks
@@ -289,7 +296,7 @@ def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_
     assert_exactly_once(read_scores(str(out)), expected)
 
 
-def test_a_consolidation_that_fails_leaves_every_commit_and_the_summary(s3_bucket, tiny_checkpoint, ray_cluster):
+def test_a_consolidation_that_fails_leaves_every_commit_and_the_summary(s3_bucket, tiny_checkpoint):
     from tests.support.s3_faults import s3_fault_proxy
 
     expected = caption_shards(f"s3://{s3_bucket}/in", 2, prefix="c")
@@ -312,7 +319,7 @@ def test_a_consolidation_that_fails_leaves_every_commit_and_the_summary(s3_bucke
 
 
 def test_a_run_that_loses_its_lease_commits_nothing_more_and_a_rerun_finishes_exactly_once(
-        tmp_path, tiny_checkpoint, ray_cluster, monkeypatch):
+        tmp_path, tiny_checkpoint, monkeypatch):
     """After the first commit another job takes the output over (a holder elsewhere whose clock ran ahead)."""
     import pipeline.commit.committer as sinks
     from pipeline.commit.lease import Lease
@@ -345,10 +352,12 @@ def test_a_run_that_loses_its_lease_commits_nothing_more_and_a_rerun_finishes_ex
     assert_exactly_once(read_scores(str(out)), expected)
 
 
-# `python -m jobs.score` on a disk that is full under the output once the job holds it: every write of a shard's
-# file, of a commit record and of the summary fails with ENOSPC (the write seam, replaced in the job's process).
-FULL_DISK_SCORE = textwrap.dedent("""
-    import errno, sys
+def test_a_full_disk_ends_with_the_summary_on_the_terminal_not_a_traceback(tmp_path, tiny_checkpoint, capsys,
+                                                                             monkeypatch):
+    """A disk that is full under the output once the job holds it: every write of a shard's file, of a commit
+    record and of the summary fails with ENOSPC (the write seam, replaced)."""
+    import errno
+
     import pipeline.commit.committer as committer
     import pipeline.commit.manifest as manifest
     import pipeline.io.publish as publish
@@ -361,22 +370,17 @@ FULL_DISK_SCORE = textwrap.dedent("""
             return real_write(fs, path, data, content_type)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    publish.write_bytes = committer.write_bytes = manifest.write_bytes = full
-    publish.WRITE_BACKOFF_S = 0.0
-    sys.exit(main())
-""")
-
-
-def test_a_full_disk_ends_with_the_summary_on_the_terminal_not_a_traceback(tmp_path, tiny_checkpoint, ray_cluster):
+    for module in (publish, committer, manifest):
+        monkeypatch.setattr(module, "write_bytes", full)
+    monkeypatch.setattr(publish, "WRITE_BACKOFF_S", 0.0)
     caption_shards(tmp_path / "in", 2)
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-c", FULL_DISK_SCORE, "--input", str(tmp_path / "in"), "--format",
-                          "webdataset", "--output", str(out), "--model", tiny_checkpoint, "--gpus-per-actor", "0"],
-                         env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert "INCOMPLETE 2 shards were not committed" in res.stdout
-    assert "00000.tar: io: cannot write" in res.stdout and "No space left on device" in res.stdout
-    assert "NOT SAVED  summary.json was not written: cannot write" in res.stdout
+    code, stdout, stderr = run_main(main, ["--input", tmp_path / "in", "--format", "webdataset", "--output", out,
+                                           "--model", tiny_checkpoint, "--executor", "local"], capsys)
+    assert code == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "INCOMPLETE 2 shards were not committed" in stdout
+    assert "00000.tar: io: cannot write" in stdout and "No space left on device" in stdout
+    assert "NOT SAVED  summary.json was not written: cannot write" in stdout
     assert not (out / "_lease.json").exists()
     assert read_manifest(str(out)) == {}

@@ -160,7 +160,7 @@ def test_a_clock_jump_in_the_holder_does_not_lose_its_lease(tmp_path, monkeypatc
 def test_a_commit_after_another_job_took_the_lease_over_writes_no_record(output):
     from pipeline.commit.committer import ShardCommitter
     from pipeline.commit.manifest import read_manifest
-    from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_table
+    from tests.support.score_like import RECORDS, scores_folder, shard_table
 
     lease = Lease(output, "score", ttl_s=30).acquire()  # renewed every 10 s: no renewal during this test
     try:
@@ -182,7 +182,7 @@ HOLD_AND_COMMIT = textwrap.dedent("""
     import pipeline.commit.committer as sinks
     from pipeline.commit.lease import Lease
     from pipeline.commit.committer import ShardCommitter
-    from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_table
+    from tests.support.score_like import RECORDS, scores_folder, shard_table
 
     real_write = sinks.write_bytes
 

@@ -16,7 +16,7 @@ from pipeline.commit.records import read_committed
 from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.scoring.records import read_scores
 from tests.conftest import REPO_ROOT, job_env
-from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_rows, shard_table
+from tests.support.score_like import RECORDS, scores_folder, shard_rows, shard_table
 from tests.support.shards import assert_exactly_once, write_shards
 
 # Commits shards 0..n-1 of fake score records, consolidating every 10 commits, and SIGKILLs itself inside the
@@ -25,7 +25,7 @@ COMMIT_AND_DIE = textwrap.dedent("""
     import os, signal, sys
     import pipeline.commit.manifest as manifest
     from pipeline.commit.committer import ShardCommitter
-    from tests.pipeline.commit.score_like import RECORDS, scores_folder, shard_table
+    from tests.support.score_like import RECORDS, scores_folder, shard_table
 
     output, n = sys.argv[1], int(sys.argv[2])
     calls = []
@@ -86,11 +86,12 @@ def _as_before_consolidation(out, input_root: str) -> None:
     (out / "_output.json").unlink()
 
 
-def test_an_output_of_the_version_before_still_resumes_and_reads(tmp_path, tiny_checkpoint, ray_cluster):
+def test_an_output_of_the_version_before_still_resumes_and_reads(tmp_path, tiny_checkpoint):
     expected = write_shards(tmp_path / "in", 3, 3, prefix="v", name="{k}")
     (tmp_path / "in" / "2.tar").rename(tmp_path / "later.tar")  # not there for the first run
     out = tmp_path / "out"
-    config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out), model=tiny_checkpoint)
+    config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(out), model=tiny_checkpoint,
+                         executor="local")
     score_dataset(config, progress=False)
     _as_before_consolidation(out, str(tmp_path / "in"))
     assert len(read_scores(str(out))) == 6  # it reads (key and url null: the old version had none)

@@ -3,14 +3,9 @@ materialized shards byte-identical to the input in every format (also on S3), an
 
 from __future__ import annotations
 
-import io
 import json
 import signal
 import subprocess
-import sys
-import tarfile
-import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,42 +14,14 @@ import pytest
 
 import pipeline.curation
 from jobs import sample_corpus as corpus
-from pipeline.commit.committer import ShardCommitter
-from pipeline.commit.identity import check_identity, identity_hash, record_identity
 from pipeline.commit.manifest import read_manifest
-from pipeline.commit.markers import end_marker
 from pipeline.commit.records import read_committed
 from pipeline.curation import CurateConfig
 from pipeline.curation import thresholds as selection
-from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
 from tests.conftest import job_env
+from tests.support.curation import SELECTED, curate, fake_scores, materialized, random_records, selected
+from tests.support.jobs import paused_job, wait_for
 from tests.support.shards import WRITERS, write_shards
-
-SELECTED = pa.schema([("id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("score", pa.float32()),
-                      ("label", pa.int8()), ("key", pa.string()), ("url", pa.string())])
-
-
-def fake_scores(output: str, shards: dict[str, list[dict]]) -> None:
-    """A scoring output with known records, committed through the real manifest (records: id, kind, score,
-    label, error)."""
-    identity = {"model": {"id": "fake@0", "revision": "0"}}
-    record_identity(output, "score", check_identity(output, "score", identity, {}))
-    committer = ShardCommitter(output, SCORE_SCHEMA, identity_hash(identity), scores_folder)
-    for key, records in shards.items():
-        rows = [{"source": key, "ordinal": i, "model": "fake@0", **r} for i, r in enumerate(records)]
-        committer.add(pa.Table.from_pylist([*rows, end_marker(key, len(rows))]))
-    committer.consolidate()
-
-
-def curate(tmp_path, scores, name="cur", **kw) -> dict:
-    """Curate `scores` into `tmp_path/name`; returns the run's summary."""
-    _, summary = pipeline.curation.curate(CurateConfig(scores=str(scores), output=str(tmp_path / name), **kw),
-                                          progress=False)
-    return summary
-
-
-def selected(output) -> pa.Table:
-    return read_committed(str(output), SELECTED)
 
 
 # -- the threshold, without Ray -----------------------------------------------------------------------------------
@@ -85,21 +52,11 @@ def test_keep_count_rounds_in_decimals():
 
 
 # -- the job ------------------------------------------------------------------------------------------------------
-def _records(n: int, kind: str, seed: int, prefix: str) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        score = float(np.float32(np.round(rng.uniform(0, 3), 2)))  # rounded: ties
-        out.append({"id": f"{prefix}{i}", "kind": kind, "score": score, "label": int(min(3, round(score))),
-                    "error": None})
-    return out
-
-
 @pytest.fixture(scope="module")
 def known_scores(tmp_path_factory):
     root = tmp_path_factory.mktemp("known")
-    shards = {"a.tar": _records(40, "caption", 0, "a"), "b.tar": _records(30, "caption", 1, "b"),
-              "c.parquet": _records(30, "interleaved", 2, "c")}
+    shards = {"a.tar": random_records(40, "caption", 0, "a"), "b.tar": random_records(30, "caption", 1, "b"),
+              "c.parquet": random_records(30, "interleaved", 2, "c")}
     shards["a.tar"] += [{"id": "bad1", "kind": "caption", "score": None, "label": None, "error": "decode: corrupt"},
                         {"id": "bad2", "kind": "caption", "score": None, "label": None, "error": "empty: no text"}]
     fake_scores(str(root / "scores"), shards)
@@ -108,9 +65,10 @@ def known_scores(tmp_path_factory):
 
 
 def test_keep_fraction_keeps_the_best_and_every_tie(tmp_path, known_scores, ray_cluster):
+    """On Ray (the threshold passes on Ray Data, the selection stage on its actors)."""
     scores, records = known_scores
     good = [r for r in records if r["error"] is None]
-    summary = curate(tmp_path, scores, keep_fraction=0.3)["curate"]
+    summary = curate(tmp_path, scores, keep_fraction=0.3, executor="ray")["curate"]
     cut = selection.sort_threshold(np.array([r["score"] for r in good]), 0.3)
     assert summary["thresholds"] == {"all": cut}
     expected = sorted(r["id"] for r in good if r["score"] >= cut)
@@ -121,7 +79,7 @@ def test_keep_fraction_keeps_the_best_and_every_tie(tmp_path, known_scores, ray_
     assert summary["scored"] == 100
 
 
-def test_per_kind_and_min_score(tmp_path, known_scores, ray_cluster):
+def test_per_kind_and_min_score(tmp_path, known_scores):
     scores, records = known_scores
     good = [r for r in records if r["error"] is None]
     summary = curate(tmp_path, scores, "perkind", keep_fraction=0.5, per_kind=True)["curate"]
@@ -136,21 +94,8 @@ def test_per_kind_and_min_score(tmp_path, known_scores, ray_cluster):
     assert summary["by_kind"]["caption"]["kept"] + summary["by_kind"]["interleaved"]["kept"] == summary["kept"]
 
 
-def _materialized(path: Path, fmt: str) -> dict[str, bytes]:
-    """Sample id -> its bytes, from a shard of any format (tar: every member; Parquet: the row)."""
-    if fmt in ("webdataset", "interleaved-wds"):
-        out: dict[str, bytes] = {}
-        with tarfile.open(fileobj=io.BytesIO(path.read_bytes())) as tar:
-            for m in tar.getmembers():
-                key = m.name.split(".", 1)[0]
-                out[key] = out.get(key, b"") + m.name.encode() + tar.extractfile(m).read()
-        return out
-    table = pq.read_table(path)
-    return {r["id"]: json.dumps(r, default=str, sort_keys=True).encode() for r in table.to_pylist()}
-
-
 @pytest.mark.parametrize("fmt", list(WRITERS))
-def test_materialized_shards_hold_exactly_the_kept_samples_byte_for_byte(fmt, tmp_path, ray_cluster):
+def test_materialized_shards_hold_exactly_the_kept_samples_byte_for_byte(fmt, tmp_path):
     suffix = WRITERS[fmt][2]
     kind = "caption" if fmt in ("webdataset", "parquet") else "interleaved"
     keys = write_shards(tmp_path / "in", 2, 6, fmt, prefix="m", name="{k}")
@@ -162,17 +107,18 @@ def test_materialized_shards_hold_exactly_the_kept_samples_byte_for_byte(fmt, tm
     assert summary["shards"]["incomplete"] == []
     for key, records in shards.items():
         kept = {r["id"] for r in records if r["score"] >= 2.0}
-        original = _materialized(tmp_path / "in" / key, fmt)
-        written = _materialized(tmp_path / "cur" / "shards" / key, fmt)
+        original = materialized(tmp_path / "in" / key, fmt)
+        written = materialized(tmp_path / "cur" / "shards" / key, fmt)
         assert set(written) == kept
         assert all(written[i] == original[i] for i in kept)
     if fmt in ("parquet", "obelics"):
         assert pq.read_schema(tmp_path / "cur" / "shards" / f"0{suffix}") == pq.read_schema(tmp_path / "in" / f"0{suffix}")
 
 
-def test_parquet_rows_are_matched_by_position_and_nothing_partial_is_published(tmp_path):
-    """Parquet ids may repeat: the kept row, not every row sharing its id, is written. A shard that lacks most of
-    its kept samples (not the corpus that was scored) raises a ShardFault and publishes no file."""
+def test_parquet_rows_are_matched_by_id_and_nothing_partial_is_published(tmp_path):
+    """Rows are matched by the scorer's ids, never by position: an id on two rows (a duplicate, never a kept
+    record) matches neither. A shard that lacks most of its kept samples (not the corpus that was scored) raises a
+    ShardFault and publishes no file."""
     from pipeline.curation.materialize import materialize
     from pipeline.errors import ShardFault
     from pipeline.io.samples import SourceOptions
@@ -182,16 +128,17 @@ def test_parquet_rows_are_matched_by_position_and_nothing_partial_is_published(t
             for i, it in enumerate(items)]
     src = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(rows), src)
-    kept = pa.table({"id": ["same", "r3"], "ordinal": pa.array([1, 3], pa.int64())})
-    assert materialize("parquet", str(src), kept, str(tmp_path / "out.parquet"), SourceOptions()).written == 2
-    assert pq.read_table(tmp_path / "out.parquet").column("caption").to_pylist() == [items[1]["caption"],
+    kept = pa.table({"id": ["r3", "r2", "same"]})
+    done = materialize("parquet", str(src), kept, str(tmp_path / "out.parquet"), SourceOptions())
+    assert done.written == 2 and done.missing == ["same"]
+    assert pq.read_table(tmp_path / "out.parquet").column("caption").to_pylist() == [items[2]["caption"],
                                                                                     items[3]["caption"]]
-    beyond = pa.table({"id": ["r3", "r8", "r9"], "ordinal": pa.array([3, 8, 9], pa.int64())})
+    beyond = pa.table({"id": ["r3", "r8", "r9"]})
     with pytest.raises(ShardFault, match="holds 1 of the 3 kept samples"):
         materialize("parquet", str(src), beyond, str(tmp_path / "partial.parquet"), SourceOptions())
     tar = tmp_path / "in.tar"
     corpus.write_webdataset(str(tar), items)
-    missing = pa.table({"id": [items[0]["key"], "not-there", "nor-this"], "ordinal": pa.array([0, 8, 9], pa.int64())})
+    missing = pa.table({"id": [items[0]["key"], "not-there", "nor-this"]})
     with pytest.raises(ShardFault, match="holds 1 of the 3 kept samples"):
         materialize("webdataset", str(tar), missing, str(tmp_path / "partial.tar"), SourceOptions())
     assert not (tmp_path / "partial.parquet").exists() and not (tmp_path / "partial.tar").exists()
@@ -206,46 +153,41 @@ def test_materialize_through_s3(s3_bucket, tmp_path, ray_cluster):
                                                         "label": min(i, 3), "error": None}
                                                        for i, it in enumerate(items)]})
     config = CurateConfig(scores=f"s3://{s3_bucket}/scores", output=f"s3://{s3_bucket}/cur", keep_fraction=0.4,
-                          input=f"s3://{s3_bucket}/in", format="webdataset", materialize=True)
+                          input=f"s3://{s3_bucket}/in", format="webdataset", materialize=True)  # on Ray
     job, summary = pipeline.curation.curate(config, progress=False)
     assert summary["curate"]["kept"] == 2 and job.thresholds.as_dict() == {"all": 3.0}
     body = boto3.client("s3").get_object(Bucket=s3_bucket, Key="cur/shards/0.tar")["Body"].read()
     local = tmp_path / "got.tar"
     local.write_bytes(body)
-    assert set(_materialized(local, "webdataset")) == {"s3m-000003", "s3m-000004"}
+    assert set(materialized(local, "webdataset")) == {"s3m-000003", "s3m-000004"}
     assert sorted(read_committed(f"s3://{s3_bucket}/cur", SELECTED).column("id").to_pylist()) == \
         ["s3m-000003", "s3m-000004"]
 
 
 def test_a_killed_curation_finishes_exactly_once(tmp_path, ray_cluster):
-    keys = write_shards(tmp_path / "in", 60, 2, prefix="k")
+    """On Ray, killed (SIGKILL) right after its first commit; the rerun finishes the rest exactly once."""
+    keys = write_shards(tmp_path / "in", 4, 2, prefix="k")
     by_shard = {f"{k:03d}.tar": [{"id": key, "kind": "caption", "score": float(k % 3 + i), "label": 1, "error": None}
-                                 for i, key in enumerate(keys[2 * k: 2 * k + 2])] for k in range(60)}
+                                 for i, key in enumerate(keys[2 * k: 2 * k + 2])] for k in range(4)}
     fake_scores(str(tmp_path / "scores"), by_shard)
     out = tmp_path / "cur"
-    cmd = [sys.executable, "-m", "jobs.curate", "--scores", str(tmp_path / "scores"), "--output", str(out),
-           "--min-score", "1", "--input", str(tmp_path / "in"), "--format", "webdataset", "--materialize",
-           "--workers", "1"]
-    env = job_env(RAY_ADDRESS=ray_cluster)
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and first.poll() is None:
-        if (out / "_manifest").is_dir() and list((out / "_manifest").glob("*.json")):
-            first.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
+    argv = ["--scores", tmp_path / "scores", "--output", out, "--min-score", "1", "--input", tmp_path / "in",
+            "--format", "webdataset", "--materialize", "--workers", "1"]
+    marker = tmp_path / "paused"
+    first = paused_job("jobs.curate", argv, marker, job_env(RAY_ADDRESS=ray_cluster), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    wait_for(marker, first)
+    first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
-    assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
-    before = len(read_manifest(str(out)))
-    assert 1 <= before < 60
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["shards"]["already_committed"] == before and summary["shards"]["committed_this_run"] == 60 - before
+    assert first.returncode == -signal.SIGKILL
+    assert len(read_manifest(str(out))) == 1
+    summary = curate(tmp_path, tmp_path / "scores", min_score=1, input=str(tmp_path / "in"), format="webdataset",
+                     materialize=True)  # the same, resumed
+    assert summary["shards"]["already_committed"] == 1 and summary["shards"]["committed_this_run"] == 3
     ids = selected(out).column("id").to_pylist()
     kept = [r["id"] for rs in by_shard.values() for r in rs if r["score"] >= 1]
     assert sorted(ids) == sorted(kept) and len(ids) == len(set(ids))
     assert summary["curate"]["kept"] == len(kept)
     for shard, records in by_shard.items():
-        assert set(_materialized(out / "shards" / shard, "webdataset")) == {r["id"] for r in records
-                                                                           if r["score"] >= 1}
+        assert set(materialized(out / "shards" / shard, "webdataset")) == {r["id"] for r in records
+                                                                          if r["score"] >= 1}

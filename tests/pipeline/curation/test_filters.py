@@ -14,7 +14,8 @@ from jobs import curate as curate_cli
 from pipeline.curation import thresholds as selection
 from pipeline.curation import where
 from pipeline.errors import ConfigFieldError
-from tests.pipeline.curation.test_curation import curate, fake_scores, selected
+from tests.support.curation import curate, fake_scores, selected
+from tests.support.hostile import or_chain
 from tests.support.shards import write_shards
 
 WHERE = "width >= 200 and aspect_ratio <= 3 and similarity >= 0.25"
@@ -52,7 +53,7 @@ def _reference(records: pd.DataFrame, meta: pd.DataFrame, keep: pd.Series, fract
     return set(passing[passing["score"] >= cut]["id"])
 
 
-def test_where_over_metadata_keeps_what_pandas_keeps(tmp_path, corpus_with_metadata, ray_cluster):
+def test_where_over_metadata_keeps_what_pandas_keeps(tmp_path, corpus_with_metadata):
     root, records, meta = corpus_with_metadata
     joined = records.merge(meta, left_on="id", right_on="key", how="left")
     joined["aspect_ratio"] = joined["width"] / joined["height"]
@@ -66,7 +67,7 @@ def test_where_over_metadata_keeps_what_pandas_keeps(tmp_path, corpus_with_metad
     assert summary["filters"]["removed_in_all"] == int((~keep).sum()) and summary["filters"]["no_metadata"] == 1
 
 
-def test_drop_truncated_and_min_images_intersect_with_where(tmp_path, corpus_with_metadata, ray_cluster):
+def test_drop_truncated_and_min_images_intersect_with_where(tmp_path, corpus_with_metadata):
     root, records, meta = corpus_with_metadata
     joined = records.merge(meta, left_on="id", right_on="key", how="left")
     keep = (joined["width"] >= 200) & ~joined["truncated"] & (joined["n_images"] >= 1)
@@ -88,7 +89,12 @@ def test_code_in_where_is_refused_naming_where(expression):
 
 @pytest.mark.parametrize("expression,problem", [("no_such_column >= 200", "unknown column 'no_such_column'"),
                                                 ("__import__('os')", "calls are not allowed"),
-                                                ("width.bit_length() > 3", "attribute access")])
+                                                ("width.bit_length() > 3", "attribute access"),
+                                                (or_chain(9000), "over the limit of 65,536"),
+                                                (or_chain(1001), f"more than {where.MAX_TERMS} comparisons"),
+                                                ("n_images > " + "1" * 401, "does not fit 64 bits"),
+                                                ("n_images > 100000000000000000000", "does not fit 64 bits")],
+                         ids=["unknown-column", "call", "attribute", "9000-ors", "1001-ors", "401-digits", "1e20-int"])
 def test_the_command_exits_2_naming_where(expression, problem, corpus_with_metadata, tmp_path, capsys):
     root, _, _ = corpus_with_metadata
     status = curate_cli.main(["--scores", str(root / "scores"), "--output", str(tmp_path / "cur"),
@@ -99,32 +105,63 @@ def test_the_command_exits_2_naming_where(expression, problem, corpus_with_metad
     assert not (tmp_path / "cur").exists() or not any((tmp_path / "cur").iterdir())
 
 
+def test_the_largest_expression_allowed_evaluates_as_its_terms_say():
+    """1,000 `or` terms (a chain that deep crashed PyArrow's evaluation: 9,000 segfaulted a worker) compile to a
+    balanced tree and evaluate; so do the deepest nesting and 1,000 `and` terms."""
+    table = pa.table({"score": [0.5, 999.0, 1500.0], "n_images": pa.array([1, 2, 3], pa.int32())})
+    any_of = " or ".join(f"score == {k}" for k in range(where.MAX_TERMS))
+    assert table.filter(where.expression(where.parse(any_of))).column("score").to_pylist() == [999.0]
+    all_of = " and ".join(f"score < {k + 1000}" for k in range(where.MAX_TERMS))
+    assert table.filter(where.expression(where.parse(all_of))).column("score").to_pylist() == [0.5, 999.0]
+    nested = "not " * (where.MAX_DEPTH - 1) + "(score > 1 or n_images == 1)"
+    assert table.filter(where.expression(where.parse(nested))).num_rows == 3 - (where.MAX_DEPTH - 1) % 2 * 3
+
+
+@pytest.mark.parametrize("expression,kept", [("n_images > 1e20", []), ("n_images < 9223372036854775807", [1, 2, 3]),
+                                             ("n_images > -9223372036854775808", [1, 2, 3]),
+                                             ("score < 1e308", [1, 2, 3]), ("n_images > " + "0" * 5000 + "1", [2, 3])])
+def test_numbers_at_the_ends_of_their_range_compare(expression, kept):
+    table = pa.table({"score": [0.5, 1.5, 2.5], "n_images": pa.array([1, 2, 3], pa.int32())})
+    assert table.filter(where.expression(where.parse(expression))).column("n_images").to_pylist() == kept
+
+
+@pytest.mark.parametrize("expression,problem", [("score > 1e400", "too large for a 64-bit float"),
+                                                ("n_images > -9223372036854775809", "does not fit 64 bits"),
+                                                ("n_images > " + "9" * 5000, "does not fit 64 bits")])
+def test_numbers_past_their_range_are_refused_naming_where(expression, problem):
+    with pytest.raises(ConfigFieldError, match=f"field 'where': .*{problem}"):
+        where.parse(expression)
+
+
 def test_the_expression_compiles_to_arrow_compute():
     table = pa.table({"width": [100, 300, None, 500], "truncated": [False, False, False, True]})
     tree = where.parse("width >= 200 and not truncated")
     assert table.filter(where.expression(tree)).column("width").to_pylist() == [300]
 
 
-def test_where_reads_a_parquet_shards_own_columns_by_row(tmp_path, ray_cluster):
-    """A Parquet shard is its own metadata: its rows match the score records by position (ids may repeat)."""
+def test_where_reads_a_parquet_shards_own_columns_by_id(tmp_path):
+    """A Parquet shard is its own metadata: its rows join the score records by id (issue 27 finding 7: by row, a
+    shard rewritten in another order gave each record another row's columns)."""
     from jobs import sample_corpus as corpus
+    from tests.support.hostile import reversed_parquet
 
     items = corpus.caption_samples(8, seed=3)
     similarity = [0.1, 0.5, 0.3, 0.2, 0.9, 0.35, 0.05, 0.4]
-    ids = ["same", "same", *[it["key"] for it in items[2:]]]
+    ids = [it["key"] for it in items]
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ids, "image": [it["image"] for it in items],
                              "caption": [it["caption"] for it in items], "similarity": similarity}),
                    tmp_path / "in" / "0.parquet")
     fake_scores(str(tmp_path / "scores"), {"0.parquet": [{"id": i, "kind": "caption", "score": 1.0 + r, "label": 1,
                                                           "error": None} for r, i in enumerate(ids)]})
+    reversed_parquet(tmp_path / "in" / "0.parquet")  # rewritten since it was scored: same rows, reversed
     curate(tmp_path, tmp_path / "scores", min_score=0.0, where="similarity >= 0.3", input=str(tmp_path / "in"),
            format="parquet")
     kept = selected(tmp_path / "cur").to_pylist()
     assert sorted(r["score"] for r in kept) == [1.0 + r for r, s in enumerate(similarity) if s >= 0.3]
 
 
-def test_where_reads_any_score_column_not_only_those_the_selection_keeps(tmp_path, ray_cluster):
+def test_where_reads_any_score_column_not_only_those_the_selection_keeps(tmp_path):
     """`n_tokens` is a score record's column the selection does not carry: a filter on it reads it (it once
     failed in the first pass, after the check had named it among the columns)."""
     records = [{"id": f"t{i}", "kind": "caption", "score": float(i), "label": 0, "error": None, "n_tokens": 10 * i}

@@ -78,9 +78,9 @@ def test_kept_samples_cut_after_scoring_are_reported_and_the_rest_written(tmp_pa
     assert {n.split(b".")[0].decode() for n in _members(tmp_path / "out.tar")} == still_whole
 
 
-def test_a_curation_commits_a_shard_with_samples_it_cannot_materialize_and_names_them(tmp_path, ray_cluster):
+def test_a_curation_commits_a_shard_with_samples_it_cannot_materialize_and_names_them(tmp_path):
     from pipeline.commit.manifest import read_manifest
-    from tests.pipeline.curation.test_curation import curate, fake_scores
+    from tests.support.curation import curate, fake_scores
 
     shard = tmp_path / "in" / "00000.tar"
     corpus.write_webdataset(str(shard), corpus.caption_samples(8))

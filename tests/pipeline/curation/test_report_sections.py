@@ -10,13 +10,13 @@ import re
 import pytest
 
 from pipeline.curation import CurateConfig, curate
-from tests.pipeline.curation.test_curation import fake_scores
 from tests.support.browser import Browser, find_or_install_chromium
+from tests.support.curation import fake_scores
 from tests.support.shards import write_shards
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, ray_cluster):
+def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("sections")
     keys = write_shards(root / "in", 3, 10, prefix="p", name="{k:05d}")
     shards = {f"{k:05d}.tar": [{"id": key, "kind": "caption", "score": 0.1 * i + 0.3 * k, "label": min(3, i // 3),
@@ -27,7 +27,7 @@ def report(tmp_path_factory, ray_cluster):
     fake_scores(str(root / "scores"), shards)
     config = CurateConfig(scores=str(root / "scores"), output=str(root / "cur"), keep_fraction=0.4,
                           drop_truncated=True, input=str(root / "in"), format="webdataset",
-                          report=str(root / "report"), examples=4)
+                          report=str(root / "report"), examples=4, executor="local")
     job, summary = curate(config, progress=False)
     uri = job.write_report(summary)
     return Browser(find_or_install_chromium()).load(uri, window=(1280, 4000)), summary

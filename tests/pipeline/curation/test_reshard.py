@@ -7,13 +7,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from tests.conftest import job_env
-from tests.pipeline.curation.test_curation import _materialized, curate, fake_scores
+from tests.support.curation import curate, fake_scores, materialized
+from tests.support.jobs import paused_job, wait_for
 from tests.support.shards import write_shards
 
 
@@ -33,7 +33,7 @@ def _kept(shards: dict[str, list[dict]]) -> dict[str, dict]:
     return {r["id"]: r for rs in shards.values() for r in rs if r["score"] >= 1}
 
 
-def test_tar_shards_hold_n_samples_with_sidecars_and_scores(tmp_path, ray_cluster):
+def test_tar_shards_hold_n_samples_with_sidecars_and_scores(tmp_path):
     shards = _scored(tmp_path, "webdataset", 3, 8)
     kept = _kept(shards)  # 15 samples: shards of 4, 4, 4, 3
     summary = curate(tmp_path, tmp_path / "scores", min_score=1.0, input=str(tmp_path / "in"), format="webdataset",
@@ -59,13 +59,13 @@ def test_tar_shards_hold_n_samples_with_sidecars_and_scores(tmp_path, ray_cluste
     assert sorted(seen) == sorted(kept)
     original = {}
     for name in shards:
-        original.update(_materialized(tmp_path / "in" / name, "webdataset"))
+        original.update(materialized(tmp_path / "in" / name, "webdataset"))
     for tar in tars:  # every member but the JSON as it was
-        for key, data in _materialized(tar, "webdataset").items():
+        for key, data in materialized(tar, "webdataset").items():
             assert data.split(b".json")[0] == original[key].split(b".json")[0]
 
 
-def test_obelics_shards_hold_n_rows_with_score_and_label(tmp_path, ray_cluster):
+def test_obelics_shards_hold_n_rows_with_score_and_label(tmp_path):
     shards = _scored(tmp_path, "obelics", 2, 6)
     kept = _kept(shards)  # 8 rows: shards of 3, 3, 2
     curate(tmp_path, tmp_path / "scores", min_score=1.0, input=str(tmp_path / "in"), format="obelics",
@@ -79,25 +79,24 @@ def test_obelics_shards_hold_n_rows_with_score_and_label(tmp_path, ray_cluster):
     assert {"texts", "images"} <= set(tables[0].column_names)
 
 
-def test_a_killed_reshard_finishes_exactly_once(tmp_path, ray_cluster):
+def test_a_killed_reshard_finishes_exactly_once(tmp_path):
+    """Killed (SIGKILL) right after its first output shard was written; the rerun writes the others, each sample
+    once, into the shards the plan gave it."""
     shards = _scored(tmp_path, "webdataset", 30, 3)
     kept = _kept(shards)
     out = tmp_path / "cur"
-    cmd = [sys.executable, "-m", "jobs.curate", "--scores", str(tmp_path / "scores"), "--output", str(out),
-           "--min-score", "1", "--input", str(tmp_path / "in"), "--format", "webdataset", "--samples-per-shard", "1"]
-    env = job_env(RAY_ADDRESS=ray_cluster)
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = out / "shards" / "webdataset"
-    deadline = time.time() + 240
-    while time.time() < deadline and first.poll() is None:
-        if folder.is_dir() and list(folder.glob("*_stats.json")):
-            first.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
+    argv = ["--scores", tmp_path / "scores", "--output", out, "--min-score", "1", "--input", tmp_path / "in",
+            "--format", "webdataset", "--samples-per-shard", "1", "--executor", "local"]
+    marker = tmp_path / "paused"
+    first = paused_job("jobs.curate", argv, marker, job_env(), after="1:pipeline.curation.reshard.write_shard",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(marker, first)
+    first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
-    assert first.returncode == -signal.SIGKILL, "the first run ended before it could be killed"
-    assert len(list(folder.glob("*_stats.json"))) < len(kept)
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    folder = out / "shards" / "webdataset"
+    assert len(list(folder.glob("*_stats.json"))) == 1
+    second = subprocess.run([sys.executable, "-m", "jobs.curate", *map(str, argv)], env=job_env(), capture_output=True,
+                            text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     keys = []
     for tar in sorted(folder.glob("*.tar")):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs import sample_corpus as corpus
 from pipeline.errors import InputError, ShardFault
+from pipeline.io import parquet
 from pipeline.io.listing import list_shards, output_name
 from pipeline.io.samples import SAMPLE_SCHEMA, SourceOptions, read_samples
+from tests.support import hostile
 from tests.support.shards import WRITERS, write_shards
 
 
@@ -290,6 +293,86 @@ def test_a_sample_whose_members_are_links_is_an_error_record(tmp_path):
     rows = rows_of(str(shard), "webdataset")
     assert [r["id"] for r in rows] == ["part/a", "part/b"] and rows[0]["error"] is None
     assert rows[1]["error"].startswith("empty: the sample's members are links or special entries, not files")
+
+
+# -- what a shard can make the reader hold: bounded by its own bytes ----------------------------------------------
+def test_a_sparse_member_expanding_past_the_shard_is_its_samples_error(tmp_path):
+    """A 3 KB tar whose sparse member declares 50 MB (500 MB once took the reader 2.2 GB): checked like any other
+    member, before anything is allocated."""
+    hostile.sparse_member_tar(str(tmp_path / "sparse.tar"), 50_000_000)
+    rows = rows_of(str(tmp_path / "sparse.tar"), "webdataset")
+    assert [r["id"] for r in rows] == ["s"]
+    assert rows[0]["error"] == ("decode: tar member s.jpg is sparse and expands to 50000000 bytes, more than the "
+                                "2560 bytes of the shard after it")
+
+
+def test_a_sparse_member_within_the_shard_is_read_like_any_other(tmp_path):
+    hostile.sparse_member_tar(str(tmp_path / "sparse.tar"), 1024)
+    rows = rows_of(str(tmp_path / "sparse.tar"), "webdataset")
+    assert rows[0]["error"] is None and rows[0]["images"][0] == b"\0" * 512 + b"\xff" * 512
+
+
+def test_a_parquet_decompression_bomb_is_an_error_record_per_row(tmp_path, monkeypatch):
+    """100 rows of 10 MB of zeros are a 33 KB shard that once took the reader 4.2 GB; here 20 rows of 200 KB against
+    a 1 MiB slice: refused from the footer, each row its error record, the next row group read."""
+    monkeypatch.setattr(parquet, "SLICE_BYTES", 2**20)
+    shard = tmp_path / "zeros.parquet"
+    hostile.zero_cells_parquet(str(shard), 20, 200_000)
+    good = corpus.caption_samples(4)
+    table = pq.read_table(shard)
+    pq.write_table(pa.concat_tables([table, pa.table({"id": [s["key"] for s in good],
+                                                      "image": [s["image"] for s in good],
+                                                      "caption": [s["caption"] for s in good]})]),
+                   shard, compression="zstd", use_dictionary=False, row_group_size=20)
+    rows = rows_of(str(shard), "parquet")
+    assert [r["id"] for r in rows] == [f"zeros:{i}" for i in range(20)] + [s["key"] for s in good]
+    assert all(r["error"].startswith("decode: Parquet row group 0: column 'image' expands from ") and
+               "(a decompression bomb: over 100x)" in r["error"] for r in rows[:20])
+    assert [r["images"][0] for r in rows[20:]] == [s["image"] for s in good]
+
+
+def test_rows_repeating_one_large_value_are_read_whole(tmp_path, monkeypatch):
+    """One 300 KB value stored once and referenced by 10 rows (a dictionary page): read in spans of rows that hold
+    at most a slice's bytes, every row with its value."""
+    monkeypatch.setattr(parquet, "SLICE_BYTES", 2**20)
+    hostile.repeated_cells_parquet(str(tmp_path / "rep.parquet"), 10, 300_000)
+    rows = rows_of(str(tmp_path / "rep.parquet"), "parquet")
+    assert [(r["id"], r["error"], r["texts"][1]) for r in rows] == [(f"d{i}", None, f"repeated {i}") for i in range(10)]
+    assert all(r["images"][0] == b"\0" * 300_000 for r in rows)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "obelics"])
+def test_a_parquet_value_over_the_limit_is_its_samples_error_and_the_rest_is_read(fmt, tmp_path):
+    write, make, _ = WRITERS[fmt]
+    items = make(3)
+    big = items[1]["image"] + b"\0" * 5000 if fmt == "parquet" else None
+    if fmt == "parquet":
+        items[1]["image"] = big
+    else:
+        position = next(k for k, m in enumerate(items[1]["images"]) if m is not None)
+        big = items[1]["images"][position] + b"\0" * 5000
+        items[1]["images"][position] = big
+    write(str(tmp_path / "s.parquet"), items)
+    rows = rows_of(str(tmp_path / "s.parquet"), fmt, SourceOptions(max_member_bytes=len(big) - 1))
+    assert [(r["id"], r["error"] is None) for r in rows] == [(i["key"], k != 1) for k, i in enumerate(items)]
+    assert rows[1]["error"] == (f"decode: a value of {len(big)} bytes, over the limit of {len(big) - 1} "
+                                "(source.max_member_bytes)")
+    assert rows[1]["key"] is None and rows[1]["images"] is None
+
+
+def test_a_corrupt_row_group_is_one_error_record_per_row_and_the_others_are_read(tmp_path):
+    items = corpus.caption_samples(8)
+    shard = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [i["key"] for i in items], "image": [i["image"] for i in items],
+                             "caption": [i["caption"] for i in items]}), shard, row_group_size=4, use_dictionary=False)
+    chunk = pq.ParquetFile(shard).metadata.row_group(1).column(1)  # the second row group's images
+    data = bytearray(shard.read_bytes())
+    data[chunk.data_page_offset:chunk.data_page_offset + 8] = b"\xa5" * 8  # its page header
+    shard.write_bytes(bytes(data))
+    rows = rows_of(str(shard), "parquet")
+    assert [r["id"] for r in rows] == [i["key"] for i in items[:4]] + [f"c:{k}" for k in range(4, 8)]
+    assert all(r["error"] is None for r in rows[:4])
+    assert all(r["error"].startswith("decode: corrupt Parquet row group 1") for r in rows[4:])
 
 
 # -- input that cannot be listed ----------------------------------------------------------------------------------

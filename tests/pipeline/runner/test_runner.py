@@ -18,6 +18,7 @@ from pipeline.commit.records import read_committed
 from pipeline.io.listing import Shard, list_shards
 from pipeline.io.samples import SourceOptions, read_samples
 from pipeline.runner import Job, JobSpec, Plan, Resources, ShardStage, TableStage, run_job
+from pipeline.runner.executors import LocalExecutor
 from pipeline.runner.stage import shard_rows
 from tests.support.shards import assert_exactly_once
 
@@ -69,6 +70,7 @@ class CaptionLengthJob(Job):
 
     def __init__(self, input_uri: str, output: str, crash_on: str | None = None):
         super().__init__(config=None)
+        self.executor = LocalExecutor()  # its stages in this process: the runner's logic is the same on Ray
         self.input_uri, self.output, self.crash_on = input_uri, output, crash_on
 
     def spec(self) -> JobSpec:
@@ -112,7 +114,7 @@ def caption_shards(root, n: int, per_shard: int = 5, crash_in: int | None = None
     return expected
 
 
-def test_a_job_built_on_the_runner_keeps_every_record_once_and_counts_its_errors(tmp_path, ray_cluster):
+def test_a_job_built_on_the_runner_keeps_every_record_once_and_counts_its_errors(tmp_path):
     expected = caption_shards(tmp_path / "in", 5, crash_in=4)
     listed = tmp_path / "shards.txt"
     listed.write_text("".join(f"in/{k}.tar\n" for k in range(5)))

@@ -1,7 +1,7 @@
 """JPEGs decoded on the scoring actor's device (`image_decoder: nvjpeg`, `pipeline.scoring.gpu_decode`): its pixels
 and scores agree with the Pillow path's; a corrupt JPEG is its sample's error record while the others are scored;
-what the device should not decode (a PNG, a truncated JPEG) takes the Pillow path; the decompression-bomb guard
-holds before anything is decoded; a CUDA error is the device's fault; the setting is part of the output's identity
+what the device should not decode (a PNG, a truncated JPEG) takes the Pillow path; the decompression-bomb guards
+(pixels, JPEG scans) hold before anything is decoded; a CUDA error is the device's fault; the setting is part of the output's identity
 and needs torchvision, which a run without it says at once, naming the field.
 
 The device decoder is torchvision's `decode_jpeg` where a torchvision built for the installed torch loads (its CPU
@@ -26,12 +26,14 @@ from PIL import Image
 import model
 from benchmarks.inputs import photos
 from jobs import sample_corpus as corpus
+from model.processing import JPEG_MAX_SCANS
 from pipeline.commit.markers import end_marker
 from pipeline.errors import DeviceFault
 from pipeline.scoring import ScoreConfig
 from pipeline.scoring.gpu_decode import DeviceImageDecoder, torchvision_decode_jpegs, torchvision_problem
 from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
+from tests.support.hostile import scan_bomb_jpeg
 
 TORCHVISION = torchvision_problem() is None
 
@@ -187,6 +189,19 @@ def test_an_oversized_jpeg_header_is_refused_before_decoding(loaded):
     assert out[0]["error"] == "decode: image too large: 9000x9000 pixels exceeds the limit of 64000000"
     assert out[0]["error"] == processor_error(processor, images[0])
     assert not recording.saw(images[0]) and out[1]["score"] is not None
+
+
+def test_a_scan_bomb_is_refused_before_the_device_decodes_it(loaded):
+    """A progressive JPEG of 510 scans (decoded, a valid image after a time linear in its scans): its sample's error
+    record in the Pillow path's words; the device decoder never sees it."""
+    net, processor = loaded
+    images = good_jpegs(3)
+    images[1] = scan_bomb_jpeg(256, scans=JPEG_MAX_SCANS)
+    scorer, recording = on_device(net, processor)
+    out = records(scorer.score_table(caption_table(images)))
+    assert out[1]["error"].startswith(f"decode: JPEG has more than {JPEG_MAX_SCANS} scans at 256x256")
+    assert out[1]["error"] == processor_error(processor, images[1])
+    assert not recording.saw(images[1]) and out[0]["score"] is not None and out[2]["score"] is not None
 
 
 def test_a_cuda_error_while_decoding_is_a_device_fault_not_a_record(loaded):

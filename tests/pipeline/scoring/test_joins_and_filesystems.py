@@ -34,13 +34,13 @@ def img2dataset_shards(root, n_shards: int, per_shard: int) -> list[dict]:
     return rows
 
 
-def score(input_uri, output, model, **kw):
-    return score_dataset(ScoreConfig(input=str(input_uri), format="webdataset", output=str(output), model=model, **kw),
-                         progress=False)
+def score(input_uri, output, model, executor="local", **kw):
+    config = ScoreConfig(input=str(input_uri), format="webdataset", output=str(output), model=model,
+                         executor=executor, **kw)
+    return score_dataset(config, progress=False)
 
 
-def test_scores_join_back_to_img2dataset_shards_and_a_moved_corpus_is_not_scored_again(tmp_path, tiny_checkpoint,
-                                                                                         ray_cluster):
+def test_scores_join_back_to_img2dataset_shards_and_a_moved_corpus_is_not_scored_again(tmp_path, tiny_checkpoint):
     meta = img2dataset_shards(tmp_path / "laion", 2, 5)
     out = tmp_path / "scores"
     score(tmp_path / "laion", out, tiny_checkpoint)
@@ -61,7 +61,7 @@ def test_scores_join_back_to_img2dataset_shards_and_a_moved_corpus_is_not_scored
     assert again["records"]["this_run"] == 0
 
 
-def test_brace_ranges_and_an_in_memory_output_end_to_end(tmp_path, tiny_checkpoint, ray_cluster):
+def test_brace_ranges_and_an_in_memory_output_end_to_end(tmp_path, tiny_checkpoint):
     expected = write_shards(tmp_path / "in", 4, 3, prefix="b", name="{k:05d}")[:9]  # shards 0-2 of 0-3
     out = "memory://unifilter-test/scores"  # the driver writes every output file; an fsspec in-memory store
     summary = score(f"{tmp_path}/in/{{00000..00002}}.tar", out, tiny_checkpoint)
@@ -74,9 +74,10 @@ def test_brace_ranges_and_an_in_memory_output_end_to_end(tmp_path, tiny_checkpoi
 
 
 def test_inputs_on_any_fsspec_filesystem(tmp_path, tiny_checkpoint, ray_cluster, monkeypatch):
-    monkeypatch.setenv("UNIFILTER_FSSPEC_IMPORTS", "tests.support.testfs")  # the job's workers import it too
+    """On Ray: the job's workers import the module that registers the filesystem too."""
+    monkeypatch.setenv("UNIFILTER_FSSPEC_IMPORTS", "tests.support.testfs")
     items = corpus.caption_samples(4, seed=7, prefix="fs-")
     corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), items)
-    summary = score(f"testdir://{tmp_path}/in", tmp_path / "out", tiny_checkpoint)
+    summary = score(f"testdir://{tmp_path}/in", tmp_path / "out", tiny_checkpoint, executor="ray")
     assert summary["shards"]["committed_this_run"] == 1
     assert_exactly_once(read_scores(str(tmp_path / "out")), [i["key"] for i in items])

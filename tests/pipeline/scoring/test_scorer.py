@@ -1,8 +1,9 @@
 """The scoring stage's device side without Ray: out-of-memory batches are halved (wherever the error is raised)
 and lower the budget, device errors end the actor (never error records, unless a sample faults the device on its
 own after a canary succeeded), only a sample that fails on its own gets an error record, overlapped preparation
-gives the serial scores; and with Ray: a device error restarts the actor and its batch is retried, and a sample
-that faults the device is narrowed down while the rest of its call is scored and committed."""
+gives the serial scores; and with Ray: a device error restarts the actor and its batch is retried, a sample that
+faults the device is narrowed down while the rest of its call is scored and committed, and micro-batches fill
+across Ray's calls."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pipeline.scoring.device_faults import CANARY_FAILURES_BEFORE_GIVING_UP, Fau
 from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
 from pipeline.scoring.stage import ScoreStage
-from tests.support.hostile import score_with
+from tests.support.scoring import score_with
 from tests.support.shards import assert_exactly_once, write_shards
 
 
@@ -312,10 +313,10 @@ class OutOfMemoryAboveTwo(ScoreStage):
                                    when=lambda ids: ids.shape[0] > 2)
 
 
-def test_the_summary_reports_a_token_budget_lowered_after_out_of_memory(tmp_path, tiny_checkpoint, ray_cluster):
+def test_the_summary_reports_a_token_budget_lowered_after_out_of_memory(tmp_path, tiny_checkpoint):
     write_shards(tmp_path / "in", 2, 6, prefix="o", name="{k}")
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
-                         model=tiny_checkpoint, max_batch=8, batch_size=64, token_budget=4096)
+                         model=tiny_checkpoint, max_batch=8, batch_size=64, token_budget=4096, executor="local")
     job, summary = score_with(OutOfMemoryAboveTwo, config)
     assert summary["score"]["scored_this_run"] == 12 and summary["score"]["micro_batch_rows"]["max"] <= 2
     lowered = summary["score"]["token_budget_lowered"]

@@ -1,4 +1,5 @@
-"""Batch scoring end to end on a real local Ray instance: every format, bad input, S3, an actor crash."""
+"""Batch scoring end to end: every format and the S3 path on a real local Ray instance, an actor crash there; bad
+input and incremental reruns with the stages in this process (the local executor: the records are the stages')."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
@@ -13,9 +15,11 @@ import pytest
 from jobs import sample_corpus as corpus
 from pipeline.commit.manifest import read_manifest
 from pipeline.scoring import ScoreConfig, read_scores, score_dataset
+from pipeline.scoring.stage import ScoreStage
 from tests.conftest import jpeg_bytes
-from tests.model.test_processing import huge_png_header
-from tests.support.shards import WRITERS, assert_exactly_once, big_caption_shards, write_shards
+from tests.support.images import huge_png_header
+from tests.support.scoring import score_with
+from tests.support.shards import WRITERS, assert_exactly_once, write_shards
 
 
 def run(tmp_path, fmt, input_uri, model, output=None, **kw):
@@ -38,7 +42,7 @@ def test_every_format_scores_each_sample_exactly_once(fmt, tmp_path, tiny_checkp
     assert summary["records"]["this_run"] == len(expected) and summary["shards"]["committed_this_run"] == 3
 
 
-def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_checkpoint, ray_cluster):
+def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_checkpoint):
     good = corpus.caption_samples(2, prefix="good")
     bad = [
         {"key": "corrupt-jpeg", "image": jpeg_bytes()[:300], "caption": "a red square"},
@@ -52,7 +56,7 @@ def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_c
     cut = tmp_path / "in" / "cut.tar"
     corpus.write_webdataset(str(cut), corpus.caption_samples(5, prefix="cut"))
     cut.write_bytes(cut.read_bytes()[:9000])
-    summary, out = run(tmp_path, "webdataset", str(tmp_path / "in"), tiny_checkpoint)
+    summary, out = run(tmp_path, "webdataset", str(tmp_path / "in"), tiny_checkpoint, executor="local")
     table = read_scores(out).to_pylist()
     by_id = {r["id"]: r for r in table}
     assert len(by_id) == len(table)
@@ -70,7 +74,7 @@ def test_bad_input_becomes_error_records_and_nothing_is_dropped(tmp_path, tiny_c
     assert summary["errors"]["by_category"]["decode"] >= 5 and summary["errors"]["by_category"]["empty"] == 1
 
 
-def test_bad_documents_are_errors_or_truncated(tmp_path, tiny_checkpoint, ray_cluster):
+def test_bad_documents_are_errors_or_truncated(tmp_path, tiny_checkpoint):
     many = {"key": "hundred-images", "texts": [], "images": []}
     for i in range(100):
         many["texts"] += [f"section {i}", None]
@@ -81,7 +85,7 @@ def test_bad_documents_are_errors_or_truncated(tmp_path, tiny_checkpoint, ray_cl
         *corpus.documents(2, prefix="fine"),
     ]
     corpus.write_obelics(str(tmp_path / "in" / "docs.parquet"), docs)
-    summary, out = run(tmp_path, "obelics", str(tmp_path / "in"), tiny_checkpoint)
+    summary, out = run(tmp_path, "obelics", str(tmp_path / "in"), tiny_checkpoint, executor="local")
     by_id = {r["id"]: r for r in read_scores(out).to_pylist()}
     assert set(by_id) == {d["key"] for d in docs}
     assert by_id["no-images"]["error"] == "empty: interleaved document has no images"
@@ -105,40 +109,41 @@ def test_s3_inputs_and_outputs(s3_bucket, tiny_checkpoint, ray_cluster, tmp_path
     assert sum(k.startswith("out/scores/") and k.endswith(".parquet") for k in keys) == 2
 
 
-def _scoring_actor_pids() -> list[int]:
-    """The score stage's actor processes (Ray titles them `ray::MapWorker(MapBatches(ScoreStage))`)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read().decode(errors="replace")
-            except OSError:
-                continue
-            if "MapBatches(ScoreStage)" in cmd and "MapWorker" in cmd:
-                pids.append(int(entry))
-    return pids
+class WaitsInItsFirstCall(ScoreStage):
+    """A scoring stage whose first call, on whichever actor, waits (its batch in flight) until the test opens the
+    gate beside the model; it leaves its pid there first."""
+
+    def process_table(self, table):
+        root = Path(self.model_uri).parent
+        if not (root / "gate").exists():
+            (root / "in-flight").write_text(str(os.getpid()))
+            while not (root / "gate").exists():
+                time.sleep(0.05)
+        return super().process_table(table)
 
 
 def test_a_killed_scoring_actor_is_replaced_and_no_record_is_lost(tmp_path, tiny_checkpoint, ray_cluster):
-    expected = big_caption_shards(str(tmp_path / "in"), n_shards=6, per_shard=12)
+    """A scoring actor is killed with a batch in flight (as ray.kill kills one: its process dies at once); Ray
+    replaces it and retries the batch, and every record is committed once."""
+    import shutil
+
+    shutil.copytree(tiny_checkpoint, tmp_path / "model" / "tiny")
+    expected = write_shards(tmp_path / "in", 3, 4, prefix="k")
+    config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+                         model=str(tmp_path / "model" / "tiny"), batch_size=4)
     result = {}
-    thread = threading.Thread(target=lambda: result.update(
-        summary=run(tmp_path, "webdataset", str(tmp_path / "in"), tiny_checkpoint, batch_size=4)[0]))
+    thread = threading.Thread(target=lambda: result.update(summary=score_with(WaitsInItsFirstCall, config)[1]))
     thread.start()
-    killed = None
-    deadline = time.time() + 120
-    while time.time() < deadline and thread.is_alive():
-        manifest = tmp_path / "out" / "_manifest"
-        pids = _scoring_actor_pids()
-        if pids and manifest.is_dir() and len(list(manifest.iterdir())) >= 1:
-            killed = pids[0]
-            os.kill(killed, signal.SIGKILL)  # what ray.kill does to an actor: its worker process dies at once
-            break
-        time.sleep(0.05)
-    thread.join(timeout=300)
-    assert killed is not None, "the job finished before an actor could be killed"
-    assert len(read_manifest(str(tmp_path / "out"))) == 6
+    in_flight, deadline = tmp_path / "model" / "in-flight", time.time() + 300
+    try:
+        while not in_flight.exists() and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        assert in_flight.exists(), "no batch reached a scoring actor"
+        os.kill(int(in_flight.read_text()), signal.SIGKILL)
+    finally:
+        (tmp_path / "model" / "gate").touch()
+        thread.join(timeout=300)
+    assert len(read_manifest(str(tmp_path / "out"))) == 3
     assert result["summary"]["shards"]["incomplete"] == []
     table = read_scores(str(tmp_path / "out"))
     assert_exactly_once(table, expected)
@@ -146,14 +151,14 @@ def test_a_killed_scoring_actor_is_replaced_and_no_record_is_lost(tmp_path, tiny
     assert pc.min(table.column("score")).as_py() is not None
 
 
-def test_incremental_rerun_scores_only_new_shards(tmp_path, tiny_checkpoint, ray_cluster, s3_bucket):
+def test_incremental_rerun_scores_only_new_shards(tmp_path, tiny_checkpoint, s3_bucket):
     """On S3 (the same runner serves a local output: tests/jobs/test_cli.py's dry run grows a local input)."""
     root, output = f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out"
     expected = write_shards(root, 2, 5, prefix="inc")
-    first, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output)
+    first, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output, executor="local")
     assert first["shards"]["new"] == 2 and first["shards"]["committed_this_run"] == 2
     expected += write_shards(root, 3, 5, prefix="inc", first=2)  # the prefix keeps growing
-    second, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output)
+    second, _ = run(tmp_path, "webdataset", root, tiny_checkpoint, output=output, executor="local")
     assert second["shards"] == {"total": 5, "already_committed": 2, "new": 3, "committed_this_run": 3, "incomplete": [],
                                 "duplicates_in_input": 0, "duplicate_spellings": {}}
     assert second["records"]["this_run"] == 15 and second["records"]["committed_total"] == 25

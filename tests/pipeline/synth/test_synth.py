@@ -1,12 +1,12 @@
 """Synthetic training pairs: offline perturbations per level, the OpenAI and Bedrock wire formats with retries,
-and configuration errors."""
+and configuration errors; the stages in this process (the local executor; tests/jobs/test_synth_job.py runs the
+job on Ray)."""
 
 from __future__ import annotations
 
 import base64
 from collections import Counter
 
-import pyarrow.dataset as pads
 import pytest
 from pydantic import ValidationError
 
@@ -14,18 +14,13 @@ from jobs import sample_corpus as corpus
 from pipeline.runner import format_summary, run_job
 from pipeline.synth import SynthConfig, SynthJob, split_key, split_of, synthesize
 from pipeline.synth.generators.offline import _FALLBACK_UNRELATED
-from tests.pipeline.synth.llm_servers import FakeBedrock, FakeOpenAI
+from tests.support.llm_servers import FakeBedrock, FakeOpenAI
+from tests.support.synth import fake_caption_corpus, pairs_of
 
 
-def read_dir(path) -> list[dict]:
-    try:
-        return pads.dataset(str(path), format="parquet").to_table().to_pylist()
-    except FileNotFoundError:
-        return []
-
-
-def pairs_of(out) -> tuple[list[dict], list[dict]]:
-    return read_dir(out / "train") + read_dir(out / "val"), read_dir(out / "errors")
+def synth_config(**fields) -> SynthConfig:
+    """The job's configuration, its stages in this process."""
+    return SynthConfig(executor="local", **fields)
 
 
 def by_origin(pairs):
@@ -39,11 +34,11 @@ def words(text):
     return text.split()
 
 
-def test_offline_captions_realise_each_level(tmp_path, ray_cluster):
+def test_offline_captions_realise_each_level(tmp_path):
     samples = corpus.caption_samples(24, seed=3)
     for k in range(3):
         corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), samples[k * 8:(k + 1) * 8])
-    summary = synthesize(SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+    summary = synthesize(synth_config(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                                      val_fraction=0.25), progress=False)
     pairs, errors = pairs_of(tmp_path / "out")
     assert not errors and len(pairs) == 96 and summary["synth"]["pairs_this_run"] == 96
@@ -71,12 +66,12 @@ def test_offline_captions_realise_each_level(tmp_path, ray_cluster):
     assert summary["synth"]["requests_sent"] == 0 and summary["synth"]["estimated_cost_usd"] == 0.0
 
 
-def test_split_and_perturbations_do_not_depend_on_where_the_corpus_lives(tmp_path, ray_cluster):
+def test_split_and_perturbations_do_not_depend_on_where_the_corpus_lives(tmp_path):
     samples = corpus.caption_samples(12, seed=5)
     splits = []
     for k, where in enumerate(("here", "elsewhere/nested")):
         corpus.write_webdataset(str(tmp_path / where / "0.tar"), samples)
-        summary = synthesize(SynthConfig(input=str(tmp_path / where), format="webdataset",
+        summary = synthesize(synth_config(input=str(tmp_path / where), format="webdataset",
                                          output=str(tmp_path / f"out{k}"), val_fraction=0.3), progress=False)
         assert not summary["synth"]["warnings"]
         splits.append({(p["origin_id"], p["label"]): (p["split"], p["texts"]) for p in pairs_of(tmp_path / f"out{k}")[0]})
@@ -85,9 +80,9 @@ def test_split_and_perturbations_do_not_depend_on_where_the_corpus_lives(tmp_pat
     assert split_key("s3://bucket/corpus/0.tar", "k1") == split_key(str(tmp_path / "0.tar"), "k1")
 
 
-def test_a_run_that_holds_out_nothing_says_so(tmp_path, ray_cluster):
+def test_a_run_that_holds_out_nothing_says_so(tmp_path):
     corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(2, seed=5))
-    job = SynthJob(SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+    job = SynthJob(synth_config(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                                val_fraction=0.01))
     summary = run_job(job, progress=False)
     assert summary["synth"]["level_balance"]["val"] == {"0": 0, "1": 0, "2": 0, "3": 0}
@@ -95,10 +90,10 @@ def test_a_run_that_holds_out_nothing_says_so(tmp_path, ray_cluster):
     assert "warning    no origin" in format_summary(job, summary)
 
 
-def test_offline_documents_realise_each_level(tmp_path, ray_cluster):
+def test_offline_documents_realise_each_level(tmp_path):
     docs = [d for d in corpus.documents(30, seed=5) if sum(i is not None for i in d["images"]) >= 2][:12]
     corpus.write_obelics(str(tmp_path / "in" / "docs.parquet"), docs)
-    synthesize(SynthConfig(input=str(tmp_path / "in"), format="obelics", output=str(tmp_path / "out"),
+    synthesize(synth_config(input=str(tmp_path / "in"), format="obelics", output=str(tmp_path / "out"),
                            val_fraction=0.0), progress=False)
     pairs, errors = pairs_of(tmp_path / "out")
     assert not errors and len(pairs) == 4 * len(docs)
@@ -120,28 +115,16 @@ def test_offline_documents_realise_each_level(tmp_path, ray_cluster):
         assert texts[0] != original_texts
 
 
-def fake_caption_corpus(root, n_shards=2, per_shard=3, malformed=()):
-    expected = []
-    for k in range(n_shards):
-        samples = corpus.caption_samples(per_shard, seed=k, prefix=f"o{k}-")
-        for s in samples:
-            if s["key"] in malformed:
-                s["caption"] = "MALFORMED " + s["caption"]
-        corpus.write_webdataset(str(root / f"{k}.tar"), samples)
-        expected += [s["key"] for s in samples]
-    return expected
-
-
 def script(key, attempt, prompt):
     if "MALFORMED" in prompt:
         return "malformed"
     return {1: "throttle", 2: "error"}.get(attempt, "ok")
 
 
-def test_openai_generator_retries_and_records_unparseable_replies(tmp_path, ray_cluster):
+def test_openai_generator_retries_and_records_unparseable_replies(tmp_path):
     origins = fake_caption_corpus(tmp_path / "in", malformed={"o1-000001"})
     with FakeOpenAI(script) as server:
-        config = SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+        config = synth_config(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                              generator="openai", endpoint=server.url + "/v1", llm="test-vlm", backoff_base_s=0.01,
                              max_malformed=3, val_fraction=0.0, concurrency=1, threads_per_actor=4)
         summary = synthesize(config, progress=False)
@@ -164,11 +147,11 @@ def test_openai_generator_retries_and_records_unparseable_replies(tmp_path, ray_
     assert summary["errors"]["by_category"] == {"malformed": 4}
 
 
-def test_bedrock_converse_with_throttling(tmp_path, ray_cluster):
+def test_bedrock_converse_with_throttling(tmp_path):
     origins = fake_caption_corpus(tmp_path / "in", n_shards=1, per_shard=3)
     sent_images = {base64.b64encode(s["image"]).decode() for s in corpus.caption_samples(3, seed=0, prefix="o0-")}
     with FakeBedrock(lambda key, attempt, prompt: "throttle" if attempt == 1 else "ok") as server:
-        config = SynthConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
+        config = synth_config(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                              generator="bedrock", endpoint=server.url, llm="anthropic.claude-3-sonnet-20240229-v1:0",
                              region="us-east-1", backoff_base_s=0.01, val_fraction=0.0, concurrency=1)
         summary = synthesize(config, progress=False)
