@@ -24,6 +24,7 @@ from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
 from tests.conftest import job_env
 from tests.support import hostile
+from tests.support.scoring import score_with
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_with_ray_the_sample_that_kills_its_worker_is_its_error_record_and_both_
         corpus.write_webdataset(str(tmp_path / "in" / f"{k}.tar"), shard)
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                          model=str(model_dir), max_batch=4, batch_size=64, no_progress_timeout_s=120)
-    _, summary = hostile.score_with(hostile.KillsItsWorker, config)
+    _, summary = score_with(hostile.KillsItsWorker, config)
     assert summary["shards"]["incomplete"] == [] and summary["shards"]["committed_this_run"] == 2, summary
     by_id = {r["id"]: r for r in read_scores(str(tmp_path / "out")).to_pylist()}
     poisoned = items[0][2]["key"]
