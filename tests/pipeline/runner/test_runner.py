@@ -18,7 +18,7 @@ from pipeline.commit.records import read_committed
 from pipeline.io.listing import Shard, list_shards
 from pipeline.io.samples import SourceOptions, read_samples
 from pipeline.runner import Job, JobSpec, Plan, Resources, ShardStage, TableStage, run_job
-from pipeline.runner.executors import LocalExecutor
+from pipeline.runner.executors import LocalExecutor, RayExecutor
 from pipeline.runner.stage import shard_rows
 from tests.support.shards import assert_exactly_once
 
@@ -96,6 +96,10 @@ class KilledByCaption(CaptionLength):
 
 
 class KilledJob(CaptionLengthJob):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.executor = RayExecutor()  # a process that is killed must be an actor's, not this test's
+
     def stages(self, plan: Plan) -> list:
         return [KilledByCaption(Resources(max_actors=1))]
 
