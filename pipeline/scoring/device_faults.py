@@ -148,6 +148,10 @@ class FaultJournal:
             self._faults.pop(key, None)
             self._phase.pop(key, None)
 
+    def faults_of(self, keys: Iterable[Key]) -> dict[Key, int]:
+        """How many faults each of these samples was in flight for, of those not yet cleared nor blamed."""
+        return {key: self._faults[key] for key in map(tuple, keys) if key in self._faults}
+
     def stats(self) -> dict:
         """For the summary: micro-batches that faulted the device, process deaths with samples in flight, samples
         blamed (by category), canary failures, the first error and the last death."""
