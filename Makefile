@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# Two workers (pytest-xdist; the job-submission tests grouped on one, which starts the job server once); the
+# slowest tests and the total time are printed at the end.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check model pipeline jobs tests benchmarks
