@@ -325,7 +325,8 @@ def test_a_parquet_decompression_bomb_is_an_error_record_per_row(tmp_path, monke
                                                       "caption": [s["caption"] for s in good]})]),
                    shard, compression="zstd", use_dictionary=False, row_group_size=20)
     rows = rows_of(str(shard), "parquet")
-    assert [r["id"] for r in rows] == [f"zeros:{i}" for i in range(20)] + [s["key"] for s in good]
+    # the id column is small and intact: each error record carries its sample's own id
+    assert [r["id"] for r in rows] == [f"z{i}" for i in range(20)] + [s["key"] for s in good]
     assert all(r["error"].startswith("decode: Parquet row group 0: column 'image' expands from ") and
                "(a decompression bomb: over 100x)" in r["error"] for r in rows[:20])
     assert [r["images"][0] for r in rows[20:]] == [s["image"] for s in good]
@@ -370,7 +371,7 @@ def test_a_corrupt_row_group_is_one_error_record_per_row_and_the_others_are_read
     data[chunk.data_page_offset:chunk.data_page_offset + 8] = b"\xa5" * 8  # its page header
     shard.write_bytes(bytes(data))
     rows = rows_of(str(shard), "parquet")
-    assert [r["id"] for r in rows] == [i["key"] for i in items[:4]] + [f"c:{k}" for k in range(4, 8)]
+    assert [r["id"] for r in rows] == [i["key"] for i in items]  # the ids are read apart from the broken images
     assert all(r["error"] is None for r in rows[:4])
     assert all(r["error"].startswith("decode: corrupt Parquet row group 1") for r in rows[4:])
 
