@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 TASK_RETRIES = 3  # Ray Data tasks (not actors) whose worker dies: tried again this many times, then the run ends
+SHARD_DEATHS = 2  # a shard whose reader's process died this often is left uncommitted, named, not read again
 
 
 class WorkInHand:
@@ -88,3 +89,27 @@ def in_hand(name: str, key: str):
             ray.get(ledger.end.remote(key))
 
     return held()
+
+
+_LEDGERS: dict = {}  # a worker's handles on the ledgers it reached, by name
+
+
+def _ledger(name: str):
+    import ray
+
+    if name not in _LEDGERS:
+        _LEDGERS[name] = ray.get_actor(name)
+    return _LEDGERS[name]
+
+
+def begin(name: str, key: str) -> int:
+    """In a worker: `key` is in hand (in the ledger called `name`); how many workers died holding it before."""
+    import ray
+
+    return ray.get(_ledger(name).begin.remote(key))
+
+
+def end(name: str, key: str) -> None:
+    import ray
+
+    ray.get(_ledger(name).end.remote(key))

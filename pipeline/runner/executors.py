@@ -23,7 +23,7 @@ from pipeline.io.uris import storage_env
 from pipeline.runner.deaths import TASK_RETRIES
 from pipeline.runner.ray_compat import retry_bounds_allowed
 from pipeline.runner.resources import ClusterView
-from pipeline.runner.stage import Stage, StageActor, shard_rows
+from pipeline.runner.stage import ShardStage, Stage, StageActor, shard_rows
 
 ExecutorName = Literal["ray", "local"]
 
@@ -78,10 +78,20 @@ class RayExecutor:
     def batches(self, shards: list[Shard], stages: list[Stage], no_progress_timeout_s: float) -> Iterator[pa.Table]:
         import ray
 
+        from pipeline.runner.deaths import WorkLedger
+
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = False
         ctx.execution_no_progress_timeout_s = no_progress_timeout_s
-        yield from dataset(shards, stages).iter_batches(batch_format="pyarrow", batch_size=None)
+        readers = [stage for stage in stages if isinstance(stage, ShardStage)]
+        ledger = WorkLedger() if readers else None  # which shard a reader that died was reading
+        for stage in readers:
+            stage.ledger = ledger.name
+        try:
+            yield from dataset(shards, stages).iter_batches(batch_format="pyarrow", batch_size=None)
+        finally:
+            if ledger is not None:
+                ledger.stop()
 
     def tasks(self, fn: Callable, calls: Iterable[tuple], num_cpus: float = 1.0) -> Iterator[Outcome]:
         """A task whose worker dies (killed for memory, a crash) is tried again `TASK_RETRIES` times; then its

@@ -90,9 +90,16 @@ def shard_rows(groups: list[list[Shard]]) -> list[dict]:
 
 
 class ShardStage(Stage):
-    """Reads whole shards; `rows_per_sample` rows make one of the shard's samples (the end marker counts samples)."""
+    """Reads whole shards; `rows_per_sample` rows make one of the shard's samples (the end marker counts samples).
+
+    On Ray each shard is held in the run's work ledger while it is read (`ledger`, set by the executor;
+    `pipeline.runner.deaths`): a shard whose reader's process dies `SHARD_DEATHS` times (a crash in a native decoder,
+    a memory kill) is not read again but closed with a failed marker naming it, so the run finishes and the rest of
+    its call commits; a rerun tries it again."""
 
     rows_per_sample = 1
+    call_retries = 8  # room for a few shards in one call that kill their reader, each SHARD_DEATHS times
+    ledger: str | None = None
 
     def process_shard(self, shard: Shard) -> Iterator[pa.Table | list[dict]]:
         raise NotImplementedError
@@ -102,6 +109,22 @@ class ShardStage(Stage):
             yield from self._one_shard(shard)
 
     def _one_shard(self, shard: Shard) -> Iterator[pa.Table]:
+        if self.ledger is None:
+            yield from self._read(shard)
+            return
+        from pipeline.runner import deaths
+
+        died = deaths.begin(self.ledger, shard.key)
+        if died >= deaths.SHARD_DEATHS:
+            fault = ShardFault(Category.INTERNAL, f"the process reading {shard.key} died {died} times (killed for "
+                                                  f"memory or crashed; stage {self.name}): left uncommitted, a rerun "
+                                                  "tries it again")
+            yield marker_table([failed_marker(shard.key, fault)], self.schema)
+        else:
+            yield from self._read(shard)
+        deaths.end(self.ledger, shard.key)  # never reached when the process dies: the shard stays in hand
+
+    def _read(self, shard: Shard) -> Iterator[pa.Table]:
         rows, parts = 0, self.process_shard(shard)
         try:
             while True:

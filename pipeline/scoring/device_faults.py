@@ -50,7 +50,7 @@ Key = tuple[str, int]  # (source, ordinal): the same rows come back when Ray ret
 FAULTS_BEFORE_NARROWING = 2  # a sample is tried twice in its batch (once more on a fresh process), then alone
 DEATHS_PER_CULPRIT = FAULTS_BEFORE_NARROWING + 1  # process restarts one culprit costs its call
 CANARY_FAILURES_BEFORE_GIVING_UP = 3  # canary faults or deaths in a run: the workers are broken, the run ends
-CULPRITS_PER_CALL = 2  # culprits one call (and the call beside it on its actor) may hold before Ray's bound ends the run
+CULPRITS_PER_CALL = 5  # culprits one call (and the call beside it on its actor) may hold before Ray's bound ends the run
 
 # How far a sample in flight is, in the words of an error record: a call's rows are planned, then decoded and
 # scored a few micro-batches at a time; a sample tried alone is planned, decoded, then on the device.

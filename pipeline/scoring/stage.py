@@ -69,6 +69,9 @@ class ScoreStage(TableStage):
     # Each culprit costs its call DEATHS_PER_CULPRIT restarts before the journal narrows it down, and the call beside
     # it on the same actor is retried as often: room for CULPRITS_PER_CALL in each, and the canary's failures.
     call_retries = 2 * CULPRITS_PER_CALL * DEATHS_PER_CULPRIT + CANARY_FAILURES_BEFORE_GIVING_UP
+    # Over an actor's life: room for 256 culprits (the journal bounds each call; broken workers end the run after
+    # CANARY_FAILURES_BEFORE_GIVING_UP canary failures, whatever this bound).
+    restarts = 256 * DEATHS_PER_CULPRIT
 
     def __init__(self, resources: Resources, model_uri: str, dtype: str, token_budget: int | None, max_batch: int,
                  decode_threads: int, max_image_pixels: int, jpeg_draft: bool = False, compiled: bool | None = None,

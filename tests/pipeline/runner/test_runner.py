@@ -148,6 +148,27 @@ def test_a_stage_whose_worker_keeps_dying_ends_the_run_in_one_line_naming_it(tmp
     assert "1.tar" in summary["shards"]["incomplete"]
 
 
+class KilledByCaptionOnce(KilledByCaption):
+    """The same reader with the shard stages' own bound on a call's retries."""
+
+    restarts, call_retries = 64, ShardStage.call_retries
+
+
+class KilledOnceJob(KilledJob):
+    def stages(self, plan: Plan) -> list:
+        return [KilledByCaptionOnce(Resources(max_actors=1))]
+
+
+def test_a_shard_that_keeps_killing_its_reader_is_left_uncommitted_by_name_and_the_run_finishes(tmp_path, ray_cluster):
+    expected = caption_shards(tmp_path / "in", 3, crash_in=1)
+    summary = run_job(KilledOnceJob(str(tmp_path / "in"), str(tmp_path / "out")), progress=False)
+    assert "aborted" not in summary, summary
+    assert summary["shards"]["incomplete"] == ["1.tar"] and summary["shards"]["committed_this_run"] == 2
+    assert summary["incomplete_reasons"]["1.tar"].startswith(
+        "internal: the process reading 1.tar died 2 times (killed for memory or crashed; stage caption-length)")
+    assert_exactly_once(read_committed(str(tmp_path / "out"), RECORD), expected[:5] + expected[10:])
+
+
 def test_stages_called_without_ray_close_each_shard_with_its_marker(tmp_path):
     expected = caption_shards(tmp_path, 2, per_shard=3, crash_in=1)
     shards = [Shard(str(tmp_path / "0.tar"), "0.tar"), Shard(str(tmp_path / "gone.tar"), "gone.tar"),
