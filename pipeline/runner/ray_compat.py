@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import sys
 import warnings
 
 _APPLIED = False
@@ -228,8 +229,13 @@ def calls_bounded_in_bytes(max_bytes: int) -> None:
     them, and rows of ordinary size fill `batch_size` as before. The gathering is decided on the driver, by Ray
     Data's `EstimateSize` rebundling strategy: its one method is wrapped (once; inert while no bound is set)."""
     from ray.data import DataContext
-    from ray.data._internal.execution.bundle_queue.bundler import EstimateSize
 
+    try:
+        from ray.data._internal.execution.bundle_queue.bundler import EstimateSize
+    except ImportError:  # another Ray than the pinned one: calls bounded in rows only, as Ray Data bounds them
+        print("[ray_compat] this Ray has no EstimateSize bundler: calls to the stages are bounded in rows only",
+              file=sys.stderr, flush=True)
+        return
     original = EstimateSize.can_build_ready_bundle
     if not hasattr(original, "unbounded"):
         @functools.wraps(original)

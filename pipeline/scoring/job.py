@@ -150,9 +150,9 @@ class ScoringJob(Job):
             if self.executor.name == "ray":  # a named actor the scoring actors reach by its name
                 from pipeline.runner.ray_compat import calls_bounded_in_bytes
 
-                calls_bounded_in_bytes(self.config.call_bytes)
                 self._journal = JournalActor()
                 self._journal_handle = self._journal.name
+                calls_bounded_in_bytes(self.config.call_bytes)  # last: after_execute unbounds it (run_job's finally)
             else:  # the stages run in this process: the journal itself
                 self._journal = self._journal_handle = FaultJournal()
 
