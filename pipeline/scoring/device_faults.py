@@ -25,14 +25,16 @@ The protocol (`pipeline.scoring.narrowing` follows it):
    alone and, when its faults came later than planning, decoded and scored alone; then the rest of the call.
 3. A sample that faults the device alone, on a process whose canary succeeded, is blamed: from then on it gets the
    error record `device: the sample faults the device on its own (<first line of the error>)`. One whose process dies
-   while it is the only sample in flight gets `killed: the sample kills its worker on its own (while <phase>; <what
-   Ray saw>)`. Samples that pass alone are cleared, and so is every sample of a call that completes.
+   while it is the only sample in flight, `KILLS_ALONE_BEFORE_BLAME` times (a kill has no canary to vouch for the
+   node: memory pressure from elsewhere may have picked that moment once), gets `killed: the sample kills its worker
+   on its own (while <phase>; <what Ray saw>)`. Samples that pass alone are cleared, and so is every sample of a call
+   that completes.
 4. A canary that faults, or whose process dies, blames nobody. After `CANARY_FAILURES_BEFORE_GIVING_UP` of them in a
    run the workers are broken whatever the data: every later call raises `BrokenWorker` and the run ends naming the
    first error (nothing is committed as bad data, nothing retried forever).
 
-So one sample that faults the device or kills its worker costs its call `FAULTS_BEFORE_NARROWING + 1` process
-restarts (`DEATHS_PER_CULPRIT`), and then the call completes: its healthy rows, and the shards they belong to, are
+So one sample that faults the device costs its call `FAULTS_BEFORE_NARROWING + 1` process restarts, one that kills
+its worker `FAULTS_BEFORE_NARROWING + KILLS_ALONE_BEFORE_BLAME` (`DEATHS_PER_CULPRIT`), and then the call completes: its healthy rows, and the shards they belong to, are
 committed. (Trying suspects alone costs at most a call's rows in small steps; bisecting instead would cost up to
 log2(rows) more restarts, each a model load.)
 """
@@ -48,7 +50,8 @@ from pipeline.runner.deaths import RunActor
 Key = tuple[str, int]  # (source, ordinal): the same rows come back when Ray retries a block
 
 FAULTS_BEFORE_NARROWING = 2  # a sample is tried twice in its batch (once more on a fresh process), then alone
-DEATHS_PER_CULPRIT = FAULTS_BEFORE_NARROWING + 1  # process restarts one culprit costs its call
+KILLS_ALONE_BEFORE_BLAME = 2  # deaths with a sample alone in flight before it is blamed for them
+DEATHS_PER_CULPRIT = FAULTS_BEFORE_NARROWING + KILLS_ALONE_BEFORE_BLAME  # process restarts one culprit costs, at most
 CANARY_FAILURES_BEFORE_GIVING_UP = 3  # canary faults or deaths in a run: the workers are broken, the run ends
 CULPRITS_PER_CALL = 5  # culprits one call (and the call beside it on its actor) may hold before Ray's bound ends the run
 
@@ -76,6 +79,7 @@ class FaultJournal:
         self._faults: dict[Key, int] = {}
         self._phase: dict[Key, str] = {}
         self._blamed: dict[Key, str] = {}
+        self._alone_deaths: dict[Key, int] = {}  # deaths with the sample alone in flight, before it is blamed
         self._in_flight: dict[Worker, dict[str, dict]] = {}  # per process: its calls, each {"keys", "state"}
         self._counts: Counter = Counter()
         self._first_error: str | None = None
@@ -147,6 +151,7 @@ class FaultJournal:
         for key in map(tuple, keys):
             self._faults.pop(key, None)
             self._phase.pop(key, None)
+            self._alone_deaths.pop(key, None)
 
     def faults_of(self, keys: Iterable[Key]) -> dict[Key, int]:
         """How many faults each of these samples was in flight for, of those not yet cleared nor blamed."""
@@ -178,8 +183,11 @@ class FaultJournal:
             self._first_error = self._first_error or f"the process died on the canary sample: {cause}"
         elif len(flying) == 1 and flying[0][1].startswith(ALONE):
             keys, phase, rows = flying[0]
-            self._blame(keys[rows[0]], f"killed: the sample kills its worker on its own (while "
-                                       f"{PHASES[phase.removeprefix(ALONE)]}; {cause})")
+            key = tuple(keys[rows[0]])
+            self._alone_deaths[key] = self._alone_deaths.get(key, 0) + 1
+            if self._alone_deaths[key] >= KILLS_ALONE_BEFORE_BLAME:  # else tried alone again on the next process
+                self._blame(key, f"killed: the sample kills its worker on its own (while "
+                                 f"{PHASES[phase.removeprefix(ALONE)]}; {cause})")
         else:
             for keys, phase, rows in flying:
                 self._count_faults([keys[j] for j in rows], phase.removeprefix(ALONE))
@@ -192,6 +200,7 @@ class FaultJournal:
     def _blame(self, key: Key, reason: str) -> None:
         self._faults.pop(key, None)
         self._phase.pop(key, None)
+        self._alone_deaths.pop(key, None)
         self._blamed[key] = reason[:500]
 
     def _exit_cause(self, worker: Worker) -> str:

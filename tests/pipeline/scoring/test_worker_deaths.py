@@ -58,7 +58,7 @@ def test_a_sample_that_kills_its_worker_becomes_its_error_record_and_the_call_co
     table = call_rows(hostile.poisoned_captions(8, poisoned=5))
     journal = FaultJournal()
     out, deaths = restarted_until_done(loaded, table, journal, phase)
-    assert deaths == DEATHS_PER_CULPRIT  # twice in its batch, then alone after the canary
+    assert deaths == DEATHS_PER_CULPRIT  # twice in its batch, then twice alone after the canary
     records = out.to_pylist()
     assert records[5]["error"] == (f"killed: the sample kills its worker on its own (while {words}; the process "
                                    "ended without a word (killed: out of memory, a crash, SIGKILL))")
