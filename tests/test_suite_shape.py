@@ -21,13 +21,12 @@ def is_test_module(module: str) -> bool:
 
 @pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(ROOT)) for p in SOURCES])
 def test_no_module_of_the_suite_imports_a_test_module_or_a_conftest(path):
-    name = module_name(path, ROOT)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = {m for m in imported_modules(path, package) if m.startswith("tests.") and is_test_module(m)}
-    assert not found, f"{name} imports {sorted(found)}: share it through tests/support/ or a fixture"
+    found = {m for m in imported_modules(path, ROOT) if m.startswith("tests.") and is_test_module(m)}
+    assert not found, f"{module_name(path, ROOT)} imports {sorted(found)}: share it through tests/support/ or a fixture"
 
 
 def test_a_relative_import_of_a_test_module_is_seen(tmp_path):
-    module = tmp_path / "test_b.py"
-    module.write_text("from . import test_a\nfrom .conftest import helper\n")
-    assert {"tests.io.test_a", "tests.io.conftest"} <= imported_modules(module, "tests.io")
+    module = tmp_path / "tests" / "io" / "test_b.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("from . import test_a\nfrom ..conftest import helper\n")
+    assert {"tests.io.test_a", "tests.conftest"} <= imported_modules(module, tmp_path)

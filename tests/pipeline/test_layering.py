@@ -49,7 +49,7 @@ def test_each_part_imports_only_the_parts_below_it(name, path):
         return
     allowed = ALLOWED[own] | {own, "errors"}
     bad = []
-    for imported in imported_modules(path):
+    for imported in imported_modules(path, ROOT):
         other = part_of(imported)
         if other is None or other in allowed:
             continue
@@ -61,7 +61,7 @@ def test_each_part_imports_only_the_parts_below_it(name, path):
 
 def test_the_model_library_imports_nothing_of_the_pipeline_or_the_jobs():
     for path in (ROOT / "model").rglob("*.py"):
-        found = {i for i in imported_modules(path) if i.split(".")[0] in ("pipeline", "jobs")}
+        found = {i for i in imported_modules(path, ROOT) if i.split(".")[0] in ("pipeline", "jobs")}
         assert not found, f"{path.relative_to(ROOT)} imports {sorted(found)}"
 
 

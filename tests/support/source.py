@@ -12,15 +12,17 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path, package: str = "") -> set[str]:
-    """Every module a file imports, imports inside functions included; `from M import N` counts as both `M` and
-    `M.N` (N may be a module). A relative import is resolved against `package`, the file's own package."""
+def imported_modules(path: Path, root: Path) -> set[str]:
+    """Every module the file at `path` (under `root`) imports, imports inside functions included, relative ones
+    resolved; `from M import N` counts as both `M` and `M.N` (N may be a module)."""
+    name = module_name(path, root)
+    package = (name if path.name == "__init__.py" else name.rpartition(".")[0]).split(".")
     out = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            base = package[: len(package) - node.level + 1] if node.level else []
             module = ".".join([*base, *([node.module] if node.module else [])])
             if module:
                 out.add(module)
