@@ -73,9 +73,10 @@ def test_one_tar_without_its_stats_file_makes_the_count_come_from_reading(tmp_pa
 
 
 def test_more_tar_shards_than_are_read_are_counted_in_a_few_scaled_by_size(tmp_path):
-    shards = copies(tmp_path, "webdataset", counting.TARS_READ * 2, 4)
     n = counting.TARS_READ * 2
-    assert count_samples(shards, "webdataset") == (n * 4, f"counted in {counting.TARS_READ} of {n} shards, scaled by size")
+    shards = copies(tmp_path, "webdataset", n, 4)
+    how = f"counted in {counting.TARS_READ} of {n} shards, scaled by size"
+    assert count_samples(shards, "webdataset") == (n * 4, how)
 
 
 def test_shards_of_unknown_size_are_scaled_by_their_number(tmp_path):

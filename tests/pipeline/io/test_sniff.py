@@ -50,7 +50,7 @@ def test_a_tar_that_reads_as_its_format_has_no_problem(fmt, tmp_path):
 def test_a_tar_that_reads_as_neither_format_says_to_check_the_format(tmp_path):
     texts_alone = shard(tmp_path, corpus.write_webdataset, [{"key": f"t{i}", "caption": "no image"} for i in range(3)])
     problem = format_problem(texts_alone, "webdataset")
-    assert problem.endswith("are all errors (empty: sample has no image file (found ['json', 'txt'])): check the format")
+    assert problem.endswith("(empty: sample has no image file (found ['json', 'txt'])): check the format")
 
 
 def test_one_sample_that_reads_among_broken_ones_is_bad_data_not_a_wrong_format(tmp_path):
