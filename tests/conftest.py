@@ -1,15 +1,17 @@
-"""Shared fixtures: real local services (a moto S3 server on 127.0.0.1), tiny checkpoints, test images."""
+"""Shared fixtures, used by name (never imported): real local services (a moto S3 server and Ray on 127.0.0.1, a
+job server), tiny checkpoints. Helpers the tests share live in tests/support/."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
+import re
 import shutil
-import socket
 import tempfile
 
 import pytest
+
+from tests.support.ports import free_port
 
 # Set before anything imports boto3, pyarrow's S3 or huggingface_hub: nothing may leave this machine.
 os.environ.update({
@@ -39,20 +41,6 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group("job-server"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def jpeg_bytes(color="red", size=(120, 80), fmt="JPEG") -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, fmt)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1; AWS_ENDPOINT_URL points every client at it for the session."""
@@ -80,7 +68,7 @@ def s3_bucket(s3_endpoint, request):
     """A fresh bucket on the moto server; yields its name."""
     import boto3
 
-    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{free_port()}"
+    name = "t-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-") + f"-{free_port()}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
 
@@ -116,19 +104,6 @@ def ray_cluster(s3_endpoint):
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def job_env(**extra) -> dict:
-    """Environment for a job run as a subprocess (the same Python, the repo importable)."""
-    import sys
-
-    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # `python` is this venv's
-    env = dict(os.environ, PATH=path, PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="session")

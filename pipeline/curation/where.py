@@ -9,8 +9,8 @@ recursive-descent parser) and compiled to a PyArrow compute expression. No user 
     operand    := COLUMN | NUMBER | STRING | "true" | "false" | "(" condition ")"
 
 A comparison sets a column against a literal of its type (a number, a quoted string, true/false) or against
-another column. A record whose value is missing (null) fails the comparison. `parse` checks the syntax;
-`Condition.check(columns)` checks names and types against the joined schema; `Condition.expression()` compiles.
+another column. A record whose value is missing (null) fails the comparison. `parse(text)` checks the syntax;
+`check(tree, types, where_from)` checks names and types against the joined schema; `expression(tree)` compiles.
 
 An expression is bounded before it runs anywhere: at most `MAX_LENGTH` characters, `MAX_TERMS` comparisons and
 `MAX_DEPTH` nested parentheses or `not`s, and numbers that fit the columns' types (a 64-bit integer, a finite

@@ -12,8 +12,8 @@ import yaml
 
 from jobs import sample_corpus as corpus
 from pipeline.scoring import read_scores
-from tests.conftest import REPO_ROOT
 from tests.support.cluster import ray_env
+from tests.support.jobs import REPO_ROOT
 from tests.support.shards import assert_exactly_once
 
 README = Path(REPO_ROOT) / "README.md"

@@ -17,8 +17,7 @@ from pipeline.curation import CurateConfig
 from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.synth import SynthConfig
 from pipeline.training import TrainConfig
-from tests.conftest import job_env
-from tests.support.jobs import run_main
+from tests.support.jobs import job_env, run_main
 from tests.support.shards import write_shards
 
 CONFIGS = {"score": ScoreConfig, "synth": SynthConfig, "train": TrainConfig, "curate": CurateConfig}

@@ -11,7 +11,7 @@ import sys
 from pipeline.commit.records import read_committed
 from pipeline.curation import SELECTED_SCHEMA
 from pipeline.scoring import read_scores
-from tests.conftest import job_env
+from tests.support.jobs import job_env
 
 
 def test_demo_runs_the_whole_chain_and_ends_with_the_report_and_what_was_kept(tmp_path, ray_cluster):

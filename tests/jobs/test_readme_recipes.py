@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from jobs import sample_corpus as corpus
 from pipeline.io.uris import filesystem_for
-from tests.conftest import REPO_ROOT
+from tests.support.jobs import REPO_ROOT
 
 README = Path(REPO_ROOT) / "README.md"
 README_BUCKET = "s3://bucket/"  # the README's examples' bucket; the tests' own takes its place

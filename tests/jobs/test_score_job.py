@@ -12,9 +12,8 @@ import sys
 from jobs import sample_corpus as corpus
 from jobs.score import main
 from pipeline.scoring import read_scores
-from tests.conftest import REPO_ROOT, job_env
 from tests.support.cluster import ray_env, submit
-from tests.support.jobs import paused_job, run_main, wait_for
+from tests.support.jobs import REPO_ROOT, job_env, paused_job, run_main, wait_for
 from tests.support.shards import assert_exactly_once, write_shards
 
 

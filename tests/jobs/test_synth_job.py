@@ -12,8 +12,7 @@ from collections import Counter
 from jobs.synth import main
 from pipeline.commit.manifest import read_manifest
 from pipeline.synth import RequestCache, SynthConfig
-from tests.conftest import job_env
-from tests.support.jobs import paused_job, run_main, wait_for
+from tests.support.jobs import job_env, paused_job, run_main, wait_for
 from tests.support.llm_servers import FakeOpenAI
 from tests.support.synth import fake_caption_corpus, pairs_of
 

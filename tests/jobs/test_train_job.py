@@ -12,8 +12,7 @@ import time
 import model
 from jobs import sample_corpus as corpus
 from pipeline.synth import SynthConfig, synthesize
-from tests.conftest import job_env
-from tests.support.jobs import run_main
+from tests.support.jobs import job_env, run_main
 
 
 def test_unknown_model_config_fails_fast_naming_the_field(tmp_path, capsys):
@@ -41,7 +40,7 @@ def test_a_killed_two_worker_run_resumes_from_its_checkpoints_on_s3_and_exports_
     import boto3
     import torch
 
-    from tests.conftest import jpeg_bytes
+    from tests.support.images import jpeg_bytes
 
     corpus.write_webdataset(str(tmp_path / "in" / "caps.tar"), corpus.caption_samples(20, seed=21))
     corpus.write_obelics(str(tmp_path / "docs" / "docs.parquet"), corpus.documents(12, seed=8))

@@ -18,9 +18,8 @@ import pytest
 from jobs import sample_corpus as corpus
 from pipeline.commit.manifest import read_manifest
 from pipeline.scoring import read_scores
-from tests.conftest import job_env, jpeg_bytes
-from tests.support.images import huge_png_header
-from tests.support.jobs import paused_job, run_main, wait_for
+from tests.support.images import huge_png_header, jpeg_bytes
+from tests.support.jobs import job_env, paused_job, run_main, wait_for
 from tests.support.shards import assert_exactly_once, write_shards
 
 

@@ -17,7 +17,7 @@ import torch
 import model
 from model import cache
 from model.checkpoint import load_processor
-from tests.conftest import REPO_ROOT
+from tests.support.jobs import REPO_ROOT
 from tests.support.s3_faults import S3FaultProxy
 
 LOAD_AT_THE_SIGNAL = textwrap.dedent("""

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import model
 from model.checkpoint import CheckpointError
 from model.tokenization import tiny_tokenizer
-from tests.conftest import jpeg_bytes
+from tests.support.images import jpeg_bytes
 
 SAMPLES = [
     {"texts": [None, "a red square at the top"], "images": [jpeg_bytes("red"), None], "kind": "caption"},

@@ -20,7 +20,8 @@ from model import storage, weights
 from model.checkpoint import build, config_and_tokenizer, create, load_state, read_weights
 from model.errors import CheckpointError
 from model.modeling import UniFilter
-from tests.conftest import REPO_ROOT, jpeg_bytes
+from tests.support.images import jpeg_bytes
+from tests.support.jobs import REPO_ROOT
 
 SAMPLES = [{"texts": [None, "a red square"], "images": [jpeg_bytes("red"), None], "kind": "caption"}]
 

@@ -8,7 +8,7 @@ import torch
 
 import model
 from model.config import IMAGE_TOKEN_ID
-from tests.conftest import jpeg_bytes
+from tests.support.images import jpeg_bytes
 
 
 def caption(color="red", text="a red circle in the middle"):

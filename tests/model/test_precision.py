@@ -13,7 +13,7 @@ import model
 from model.checkpoint import build
 from model.config import UniFilterConfig, get_config
 from model.tokenization import tiny_tokenizer
-from tests.conftest import jpeg_bytes
+from tests.support.images import jpeg_bytes
 
 WORDS = "the red circle is next to a blue square in the picture and the text explains why it matters".split()
 # Stated tolerances, bf16 model vs the same weights in fp32, on ~2,050-token documents scoring -0.5 to -1 (observed

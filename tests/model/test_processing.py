@@ -12,9 +12,8 @@ from PIL import Image
 import model
 from model.config import IMAGE_TOKEN_ID
 from model.processing import PAD_COLOR, SampleError, decode_image, prepare_image
-from tests.conftest import jpeg_bytes
 from tests.support.hostile import many_segment_document, unspaced_text
-from tests.support.images import huge_png_header
+from tests.support.images import huge_png_header, jpeg_bytes
 
 
 @pytest.fixture(scope="module")

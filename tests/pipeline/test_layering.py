@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.source import imported_modules, module_name
+
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "pipeline"
 
@@ -36,24 +38,8 @@ def part_of(module: str) -> str | None:
     return parts[1]
 
 
-def imports(path: Path) -> set[str]:
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module)
-            out.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return out
-
-
 def modules() -> list[tuple[str, Path]]:
-    out = []
-    for path in PIPELINE.rglob("*.py"):
-        rel = path.relative_to(ROOT).with_suffix("")
-        name = ".".join(rel.parts[:-1] if rel.parts[-1] == "__init__" else rel.parts)
-        out.append((name, path))
-    return sorted(out)
+    return sorted((module_name(path, ROOT), path) for path in PIPELINE.rglob("*.py"))
 
 
 @pytest.mark.parametrize("name, path", modules(), ids=[m for m, _ in modules()])
@@ -63,7 +49,7 @@ def test_each_part_imports_only_the_parts_below_it(name, path):
         return
     allowed = ALLOWED[own] | {own, "errors"}
     bad = []
-    for imported in imports(path):
+    for imported in imported_modules(path, ROOT):
         other = part_of(imported)
         if other is None or other in allowed:
             continue
@@ -75,7 +61,7 @@ def test_each_part_imports_only_the_parts_below_it(name, path):
 
 def test_the_model_library_imports_nothing_of_the_pipeline_or_the_jobs():
     for path in (ROOT / "model").rglob("*.py"):
-        found = {i for i in imports(path) if i.split(".")[0] in ("pipeline", "jobs")}
+        found = {i for i in imported_modules(path, ROOT) if i.split(".")[0] in ("pipeline", "jobs")}
         assert not found, f"{path.relative_to(ROOT)} imports {sorted(found)}"
 
 

@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.jobs import job_env
+
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
 def ray_env(home: Path, **extra) -> dict:
     """A shell of a user (or pod) whose home is `home`: no Ray auth settings but those given."""
-    from tests.conftest import job_env
-
     env = {k: v for k, v in job_env().items() if not k.startswith("RAY_AUTH")}
     env.update(HOME=str(home), **extra)
     return env

@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support.jobs import REPO_ROOT
+
 DEFAULT_TWIN = "/tmp/gpu-twin/bin/python"
 
 

@@ -1,4 +1,4 @@
-"""Images for tests: plain ones, and a decompression bomb's header."""
+"""Images for tests: plain ones (`jpeg_bytes`), and a decompression bomb's header."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ import io
 import struct
 import zlib
 
+
+def jpeg_bytes(color="red", size=(120, 80), fmt="JPEG") -> bytes:
+    """An encoded image of one colour (JPEG unless `fmt` names another format PIL writes)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, fmt)
+    return buf.getvalue()
 
 def huge_png_header(width=20000, height=20000) -> bytes:
     """A PNG whose header claims width x height pixels (a decompression bomb), made without allocating it."""

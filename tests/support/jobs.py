@@ -1,12 +1,23 @@
-"""Running jobs from tests: a command line in this process (its exit status and what it printed), a command line
-as a subprocess paused at a chosen commit, and waiting for that point."""
+"""Running jobs from tests: a command line in this process (its exit status and what it printed), the environment
+of a job run as a subprocess, a command line as a subprocess paused at a chosen commit, and waiting for that point."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def job_env(**extra) -> dict:
+    """Environment for a job run as a subprocess (the same Python, the repo importable)."""
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # `python` is this venv's
+    env = dict(os.environ, PATH=path, PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
+    env.update(extra)
+    return env
 
 
 def run_main(main, argv: list[str], capsys) -> tuple[int, str, str]:

@@ -21,8 +21,7 @@ from pipeline.commit.manifest import read_manifest
 from pipeline.errors import InputError, OutputMismatch
 from pipeline.io.samples import SourceOptions
 from pipeline.scoring import ScoreConfig, read_scores, score_dataset
-from tests.conftest import job_env
-from tests.support.jobs import paused_job, release, run_main, wait_for
+from tests.support.jobs import job_env, paused_job, release, run_main, wait_for
 from tests.support.shards import assert_exactly_once, write_shards
 
 FAST_RETRIES = SourceOptions(read_attempts=2, read_backoff_s=0.0)

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.commit.lease import LEASE_NAME, Lease
 from pipeline.errors import CorruptState, LeaseLost, OutputBusy
-from tests.conftest import REPO_ROOT, job_env
+from tests.support.jobs import REPO_ROOT, job_env
 
 
 def _elsewhere(payload: dict, **changes) -> dict:

@@ -15,7 +15,7 @@ from pipeline.commit.manifest import read_manifest
 from pipeline.commit.records import read_committed
 from pipeline.scoring import ScoreConfig, score_dataset
 from pipeline.scoring.records import read_scores
-from tests.conftest import REPO_ROOT, job_env
+from tests.support.jobs import REPO_ROOT, job_env
 from tests.support.score_like import RECORDS, scores_folder, shard_rows, shard_table
 from tests.support.shards import assert_exactly_once, write_shards
 

@@ -18,9 +18,8 @@ from pipeline.commit.manifest import read_manifest
 from pipeline.commit.records import read_committed
 from pipeline.curation import CurateConfig
 from pipeline.curation import thresholds as selection
-from tests.conftest import job_env
 from tests.support.curation import SELECTED, curate, fake_scores, materialized, random_records, selected
-from tests.support.jobs import paused_job, wait_for
+from tests.support.jobs import job_env, paused_job, wait_for
 from tests.support.shards import WRITERS, write_shards
 
 

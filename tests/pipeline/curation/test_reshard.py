@@ -11,9 +11,8 @@ import sys
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from tests.conftest import job_env
 from tests.support.curation import curate, fake_scores, materialized
-from tests.support.jobs import paused_job, wait_for
+from tests.support.jobs import job_env, paused_job, wait_for
 from tests.support.shards import write_shards
 
 

@@ -383,7 +383,7 @@ def test_a_missing_bucket_is_named_as_such(s3_endpoint):
 
 
 def test_an_unreachable_endpoint_is_an_input_error_naming_it(s3_endpoint, monkeypatch):
-    from tests.conftest import free_port
+    from tests.support.ports import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
@@ -395,7 +395,8 @@ def test_an_unreachable_endpoint_ends_a_job_with_exit_2_and_no_traceback(tmp_pat
     import subprocess
     import sys
 
-    from tests.conftest import free_port, job_env
+    from tests.support.jobs import job_env
+    from tests.support.ports import free_port
 
     closed = f"http://127.0.0.1:{free_port()}"
     done = subprocess.run([sys.executable, "-m", "jobs.score", "--input", "s3://b-x/corpus", "--format", "webdataset",

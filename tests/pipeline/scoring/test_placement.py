@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT, job_env
+from tests.support.jobs import REPO_ROOT, job_env
 from tests.support.shards import write_shards
 
 

@@ -10,7 +10,7 @@ import pytest
 from jobs import sample_corpus as corpus
 from pipeline.scoring import ScoreConfig, UniFilterScorer, read_scores, score_dataset
 from pipeline.scoring.public import ADDED
-from tests.conftest import jpeg_bytes
+from tests.support.images import jpeg_bytes
 from tests.support.shards import write_shards
 
 CORRUPT = "corrupt-jpeg"

@@ -16,8 +16,7 @@ from jobs import sample_corpus as corpus
 from pipeline.commit.manifest import read_manifest
 from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 from pipeline.scoring.stage import ScoreStage
-from tests.conftest import jpeg_bytes
-from tests.support.images import huge_png_header
+from tests.support.images import huge_png_header, jpeg_bytes
 from tests.support.scoring import score_with
 from tests.support.shards import WRITERS, assert_exactly_once, write_shards
 

@@ -22,8 +22,8 @@ from pipeline.scoring import ScoreConfig, read_scores
 from pipeline.scoring.device_faults import CANARY_FAILURES_BEFORE_GIVING_UP, DEATHS_PER_CULPRIT, FaultJournal
 from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
-from tests.conftest import job_env
 from tests.support import hostile
+from tests.support.jobs import job_env
 from tests.support.scoring import score_with
 
 
