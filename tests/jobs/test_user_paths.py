@@ -1,0 +1,59 @@
+"""The paths a new user takes, as users take them: every place a job writes checked before the first byte, files
+others can read, YAML keys as the flags name them, settings refused at once naming the field, help and messages
+that say what to do. The command lines run in this process (`jobs.X.main`) with their stages (the local executor);
+nothing here starts Ray."""
+
+from __future__ import annotations
+
+from jobs import sample_corpus as corpus
+from tests.support.curation import fake_scores, random_records
+from tests.support.jobs import run_main
+
+
+def scored(tmp_path) -> str:
+    """A scoring output of 20 caption records of the shard `in/00000.tar` (no model, no Ray)."""
+    shard, scores = tmp_path / "in" / "00000.tar", tmp_path / "scores"
+    if not scores.exists():
+        corpus.write_webdataset(str(shard), corpus.caption_samples(20, seed=0, prefix="a"))
+        fake_scores(str(scores), {"00000.tar": random_records(20, "caption", seed=0, prefix="a")},
+                    inputs={"00000.tar": str(shard)}, fmt="webdataset")
+    return str(scores)
+
+
+# -- item 1: every output location checked writable before the first byte -------------------------------------------
+def test_a_report_folder_that_cannot_be_written_is_refused_before_anything_is_committed(tmp_path, capsys):
+    from jobs.curate import main
+
+    (tmp_path / "taken").write_text("a file where the report's folder would go")
+    out = tmp_path / "cur"
+    for report in (tmp_path / "taken", tmp_path / "taken" / "report"):
+        for dry in ([], ["--dry-run"]):
+            code, _, err = run_main(main, ["--scores", scored(tmp_path), "--output", out, "--min-score", "1",
+                                           "--report", report, "--executor", "local", *dry], capsys)
+            assert code == 2 and "field 'report'" in err and len(err.strip().splitlines()) == 1, err
+            assert not out.exists()  # no selected/, no summary.json, no lease
+
+
+def test_a_file_where_curation_writes_its_shards_is_refused_before_anything_is_committed(tmp_path, capsys):
+    from jobs.curate import main
+
+    out = tmp_path / "cur"
+    out.mkdir()
+    (out / "shards").write_text("not a folder")
+    code, _, err = run_main(main, ["--scores", scored(tmp_path), "--output", out, "--min-score", "1",
+                                   "--samples-per-shard", "5", "--executor", "local"], capsys)
+    assert code == 2 and "field 'output'" in err and "shards" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["shards"]
+
+
+def test_a_file_where_synth_writes_its_pairs_is_refused_before_anything_is_written(tmp_path, capsys):
+    from jobs.synth import main
+
+    corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(2, seed=0))
+    out = tmp_path / "pairs"
+    out.mkdir()
+    (out / "val").write_text("not a folder")
+    code, _, err = run_main(main, ["--input", tmp_path / "in", "--format", "webdataset", "--output", out,
+                                   "--executor", "local"], capsys)
+    assert code == 2 and "field 'output'" in err and "val" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["val"]
