@@ -5,18 +5,26 @@ nothing here starts Ray."""
 
 from __future__ import annotations
 
+import os
+import stat
+
+import pytest
+
 from jobs import sample_corpus as corpus
 from tests.support.curation import fake_scores, random_records
 from tests.support.jobs import run_main
 
 
-def scored(tmp_path) -> str:
-    """A scoring output of 20 caption records of the shard `in/00000.tar` (no model, no Ray)."""
-    shard, scores = tmp_path / "in" / "00000.tar", tmp_path / "scores"
+def scored(tmp_path, fmt: str = "webdataset") -> str:
+    """A scoring output of 20 caption records of the shard `in/00000.tar` (or `.parquet`), no model, no Ray."""
+    name = "00000.tar" if fmt == "webdataset" else "00000.parquet"
+    shard, scores = tmp_path / "in" / name, tmp_path / f"scores-{fmt}"
     if not scores.exists():
-        corpus.write_webdataset(str(shard), corpus.caption_samples(20, seed=0, prefix="a"))
-        fake_scores(str(scores), {"00000.tar": random_records(20, "caption", seed=0, prefix="a")},
-                    inputs={"00000.tar": str(shard)}, fmt="webdataset")
+        samples = corpus.caption_samples(20, seed=0, prefix="a")
+        write = corpus.write_webdataset if fmt == "webdataset" else corpus.write_caption_parquet
+        write(str(shard), samples)
+        records = [{**r, "id": s["key"]} for r, s in zip(random_records(20, "caption", seed=0, prefix=""), samples)]
+        fake_scores(str(scores), {name: records}, inputs={name: str(shard)}, fmt=fmt)
     return str(scores)
 
 
@@ -44,6 +52,26 @@ def test_a_file_where_curation_writes_its_shards_is_refused_before_anything_is_c
                                    "--samples-per-shard", "5", "--executor", "local"], capsys)
     assert code == 2 and "field 'output'" in err and "shards" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["shards"]
+
+
+# -- item 3: files others can read ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt, how", [("webdataset", "--materialize"), ("parquet", "--materialize"),
+                                      ("webdataset", "--samples-per-shard")])
+def test_every_file_a_curation_writes_has_the_processs_umask(tmp_path, capsys, fmt, how):
+    from jobs.curate import main
+
+    out = tmp_path / "cur"
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_main(main, ["--scores", scored(tmp_path, fmt), "--output", out, "--min-score", "1", how,
+                                       *(["5"] if how == "--samples-per-shard" else []), "--executor", "local"],
+                                capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    files = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert any(name.startswith("shards/") and name.endswith((".tar", ".parquet")) for name in files), files
+    assert {name: oct(mode) for name, mode in files.items() if mode != 0o644} == {}
 
 
 def test_a_file_where_synth_writes_its_pairs_is_refused_before_anything_is_written(tmp_path, capsys):
