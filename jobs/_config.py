@@ -1,12 +1,14 @@
 """Configuration at the edge and the one way a job's command ends: a YAML file (`--config FILE.yaml`) overlaid with
-flags, validated by a pydantic model. Every field is a flag (`--gpus-per-actor`); nested fields use a dash
-(`--source-image-column`). `--help` shows each field's real default. Unknown or invalid fields fail fast with a
+flags, validated by a pydantic model. Every field is a flag (`--gpus-per-actor`) and a YAML key of the same name
+with underscores (`gpus_per_actor:`); nested fields too (`--source-image-column`, `source_image_column:`; the nested
+form `source: {image_column: ...}` is accepted as well). `--help` shows each field's real default. Unknown or invalid fields fail fast with a
 message naming the field. `entry` prints errors (only here) and maps them to exit statuses: 2 for configuration,
 1 for a run that did not finish."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import traceback
 from collections.abc import Callable
@@ -79,8 +81,10 @@ def _metavar(name: str, annotation, choices) -> str | None:
 
 def build_parser(model: type[BaseModel], prog: str, description: str, dry_run: bool = True):
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the fields below (flags "
-                                                              "override it)")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the fields below, each keyed "
+                                                              "by its flag's name with underscores "
+                                                              "(source_image_column: for --source-image-column); "
+                                                              "flags override it")
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="say what the job would do, take no lease and "
                                                                    "write nothing (scoring: what it would cost, "
@@ -123,8 +127,7 @@ def parse(model: type[BaseModel], argv: list[str] | None, prog: str, description
             raise ConfigError(f"config file {args.config} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {args.config} must hold a mapping of fields")
-        values.update(loaded)
-        sources.update({k: "config file" for k in loaded})
+        values, sources = _config_file_values(args.config, loaded, list(dests.values()))
     for dest, path in dests.items():
         value = getattr(args, dest)
         if value is None:
@@ -138,10 +141,12 @@ def parse(model: type[BaseModel], argv: list[str] | None, prog: str, description
         config = model.model_validate(values)
     except ValidationError as err:
         problems = []
+        flat = {path: "_".join(path) for path in dests.values()}
         for e in err.errors():
-            name = ".".join(str(p) for p in e["loc"]) or "(config)"
+            name = flat.get(tuple(e["loc"])) or ".".join(str(p) for p in e["loc"]) or "(config)"
             if e["type"] == "extra_forbidden":
-                problems.append(f"field '{name}': unknown field")
+                close = difflib.get_close_matches(name, list(flat.values()), n=1)
+                problems.append(f"field '{name}': unknown field" + (f" (did you mean {close[0]}?)" if close else ""))
             elif e["type"] == "missing":
                 problems.append(f"field '{name}': required (set it in the YAML file or as a flag)")
             elif name == "(config)":
@@ -150,6 +155,37 @@ def parse(model: type[BaseModel], argv: list[str] | None, prog: str, description
                 problems.append(f"field '{name}': {e['msg']} (got {e.get('input')!r})")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
     return Invocation(config, sources, getattr(args, "dry_run", False), args.verbose)
+
+
+def _config_file_values(file: str, loaded: dict, paths: list[tuple[str, ...]]) -> tuple[dict, dict[str, str]]:
+    """A config file's keys placed where the model holds them: a flag's name with underscores
+    (`source_image_column:`), or nested (`source: {image_column: ...}`); the same field set both ways is refused
+    naming the flat key. Returns the values and, per field set, "config file"."""
+    flat = {"_".join(path): path for path in paths if len(path) > 1}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    nested = {k: v for k, v in loaded.items() if k not in flat}
+    for key, value in nested.items():
+        values[key] = dict(value) if isinstance(value, dict) else value
+        sources[key] = "config file"
+        if isinstance(value, dict):
+            sources.update({f"{key}.{inner}": "config file" for inner in value})
+    for key, value in loaded.items():
+        path = flat.get(key)
+        if path is None:
+            continue
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"invalid configuration: field '{key}': {file} also sets '{part}' to a value "
+                                  f"that is not a mapping; write {key}: alone")
+        if path[-1] in target:
+            raise ConfigError(f"invalid configuration: field '{key}': {file} sets it twice, as {key}: and nested "
+                              f"under {'.'.join(path[:-1])}:; keep {key}:")
+        target[path[-1]] = value
+        sources[".".join(path)] = "config file"
+    return values, sources
 
 
 def entry(run: Callable[[], int], argv: list[str] | None = None) -> int:

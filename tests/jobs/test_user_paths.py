@@ -85,3 +85,62 @@ def test_a_file_where_synth_writes_its_pairs_is_refused_before_anything_is_writt
                                    "--executor", "local"], capsys)
     assert code == 2 and "field 'output'" in err and "val" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["val"]
+
+
+# -- item 4: YAML keys are the flags' names -------------------------------------------------------------------------
+def renamed_parquet_corpus(tmp_path) -> str:
+    """A caption Parquet shard whose columns are `img` and `cap`, not the defaults."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = corpus.caption_samples(2, seed=0)
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [s["key"] for s in samples], "img": [s["image"] for s in samples],
+                             "cap": [s["caption"] for s in samples]}), tmp_path / "in" / "0.parquet")
+    return str(tmp_path / "in")
+
+
+def synth_dry_run_with(tmp_path, capsys, yaml_text: str) -> tuple[int, str, str]:
+    from jobs.synth import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {renamed_parquet_corpus(tmp_path)}\nformat: parquet\noutput: {tmp_path / 'out'}\n"
+                      + yaml_text)
+    return run_main(main, ["--config", config, "--dry-run"], capsys)
+
+
+def test_a_yaml_key_is_the_flags_name_with_underscores(tmp_path, capsys):
+    code, out, err = synth_dry_run_with(tmp_path, capsys, "source_image_column: img\nsource_text_column: cap\n")
+    assert code == 0, err
+    assert "origins    2 in the new shards" in out, out
+
+
+def test_the_nested_yaml_form_is_accepted_too(tmp_path, capsys):
+    code, _, err = synth_dry_run_with(tmp_path, capsys, "source: {image_column: img, text_column: cap}\n")
+    assert code == 0, err
+
+
+def test_a_field_set_flat_and_nested_is_refused_naming_the_flat_key(tmp_path, capsys):
+    code, _, err = synth_dry_run_with(tmp_path, capsys, "source_image_column: img\nsource: {image_column: x}\n")
+    assert code == 2 and "field 'source_image_column'" in err and "keep source_image_column:" in err, err
+
+
+def test_a_misspelt_yaml_key_is_named_with_the_key_it_resembles(tmp_path, capsys):
+    code, _, err = synth_dry_run_with(tmp_path, capsys, "source_image_colum: img\n")
+    assert code == 2 and "field 'source_image_colum': unknown field (did you mean source_image_column?)" in err, err
+
+
+def test_a_missing_column_names_the_yaml_key_that_sets_it(tmp_path, capsys):
+    code, _, err = synth_dry_run_with(tmp_path, capsys, "source_text_column: cap\n")
+    assert code == 2 and "field 'source_image_column'" in err, err
+
+
+def test_help_says_yaml_keys_are_the_flags_names(capsys):
+    from jobs.score import main
+
+    try:
+        main(["--help"])
+    except SystemExit:
+        pass
+    text = " ".join(capsys.readouterr().out.split())
+    assert "keyed by its flag's name with underscores (source_image_column: for" in text, text
