@@ -57,6 +57,7 @@ class SynthJob(Job):
     def spec(self) -> JobSpec:
         """The shards, the first shard's columns and records, the generator's settings, the output."""
         c = self.config
+        c.check_generator_environment()  # one line naming the field, not botocore's traceback
         for folder in ("", *PAIR_FOLDERS):  # every folder it writes, before the first byte
             check_writable(join(c.output, folder) if folder else c.output, create=False)
         listing = list_shards(c.input, c.format)

@@ -144,3 +144,48 @@ def test_help_says_yaml_keys_are_the_flags_names(capsys):
         pass
     text = " ".join(capsys.readouterr().out.split())
     assert "keyed by its flag's name with underscores (source_image_column: for" in text, text
+
+
+# -- item 5: a generator's missing setting is one line naming the field, before Ray starts ---------------------------
+@pytest.fixture()
+def no_aws_region(monkeypatch, tmp_path):
+    """An AWS chain with no region anywhere (no variable, no config file); the tests' fake credentials stay."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+
+
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]])
+def test_bedrock_without_a_region_is_one_line_naming_the_field_before_ray_starts(tmp_path, capsys, no_aws_region,
+                                                                                 dry):
+    import ray
+
+    from jobs.synth import main
+
+    corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(2, seed=0))
+    code, _, err = run_main(main, ["--input", tmp_path / "in", "--format", "webdataset", "--output", tmp_path / "out",
+                                   "--generator", "bedrock", *dry], capsys)
+    assert code == 2 and err.startswith("error: field 'region'") and len(err.strip().splitlines()) == 1, err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_bedrock_without_credentials_is_one_line_naming_the_generator(tmp_path, capsys, monkeypatch):
+    from jobs.synth import main
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never the cloud's metadata address
+    code, _, err = run_main(main, ["--input", tmp_path, "--format", "webdataset", "--output", tmp_path / "out",
+                                   "--generator", "bedrock", "--region", "us-east-1", "--dry-run"], capsys)
+    assert code == 2 and err.startswith("error: field 'generator'") and "credentials" in err, err
+
+
+@pytest.mark.parametrize("missing, given", [("endpoint", ["--llm", "m"]), ("llm", ["--endpoint", "http://127.0.0.1:9/v1"])])
+def test_openai_without_a_setting_is_one_line_naming_it(tmp_path, capsys, missing, given):
+    from jobs.synth import main
+
+    code, _, err = run_main(main, ["--input", tmp_path, "--format", "webdataset", "--output", tmp_path / "out",
+                                   "--generator", "openai", *given, "--dry-run"], capsys)
+    assert code == 2 and f"field '{missing}' is required" in err and len(err.strip().splitlines()) == 1, err
