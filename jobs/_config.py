@@ -213,14 +213,18 @@ def _report(err: Exception, verbose: bool) -> None:
 
 
 def run_command(config_class: type[BaseModel], make_job: Callable, argv: list[str] | None, prog: str,
-                description: str, report: Callable | None = None) -> int:
+                description: str, report: Callable | None = None,
+                check: Callable[[Invocation], None] | None = None) -> int:
     """A shard job's whole command line: parse its config (before the job's modules load, so a bad flag is said at
-    once), say what a dry run would do, or run it (connecting to Ray only when there is work) and print its
-    summary; the exit status says how it ended. `report(job, summary)` may print more lines after the summary."""
+    once), `check` what the config alone cannot (a setting that only means something in a dry run), say what a dry
+    run would do, or run it (connecting to Ray only when there is work) and print its summary; the exit status
+    says how it ended. `report(job, summary)` may print more lines after the summary."""
     import time
 
     started = time.time()
     invocation = parse(config_class, argv, prog, description)
+    if check is not None:
+        check(invocation)
     from pipeline.runner import dry_run, exit_status, format_summary, run_job
 
     job = make_job(invocation.config, invocation.sources)

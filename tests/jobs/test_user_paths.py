@@ -189,3 +189,22 @@ def test_openai_without_a_setting_is_one_line_naming_it(tmp_path, capsys, missin
     code, _, err = run_main(main, ["--input", tmp_path, "--format", "webdataset", "--output", tmp_path / "out",
                                    "--generator", "openai", *given, "--dry-run"], capsys)
     assert code == 2 and f"field '{missing}' is required" in err and len(err.strip().splitlines()) == 1, err
+
+
+# -- item 6: --sweep is a dry run's, never ignored -------------------------------------------------------------------
+def test_a_sweep_without_a_dry_run_is_refused_naming_both_flags(tmp_path, capsys):
+    from jobs.curate import main
+
+    out = tmp_path / "cur"
+    code, _, err = run_main(main, ["--scores", scored(tmp_path), "--output", out, "--keep-fraction", "0.5",
+                                   "--sweep", "0.1,0.2", "--executor", "local"], capsys)
+    assert code == 2 and "--sweep" in err and "--dry-run" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_sweep_in_a_dry_run_prints_its_table(tmp_path, capsys):
+    from jobs.curate import main
+
+    code, out, err = run_main(main, ["--scores", scored(tmp_path), "--output", tmp_path / "cur", "--keep-fraction",
+                                     "0.5", "--sweep", "0.1,0.2", "--executor", "local", "--dry-run"], capsys)
+    assert code == 0 and "sweep      fraction -> threshold" in out, err
