@@ -22,11 +22,20 @@ def _run(argv: list[str] | None) -> int:
     from pipeline.training import TrainConfig
 
     invocation = parse(TrainConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
-    from pipeline.training import dry_run_plan, format_summary, train_classifier
+    from pipeline.training.preflight import check_before_start
 
     config = invocation.config
     if invocation.dry_run:
+        from pipeline.training import dry_run_plan
+
         print(dry_run_plan(config))
+        return 0
+    checked = check_before_start(config)  # every path and setting, before Ray (or torch) loads
+    from pipeline.training import format_summary, train_classifier
+    from pipeline.training.summary import finished_lines
+
+    if checked.finished:
+        print(finished_lines(checked.finished))
         return 0
     from pipeline.runner.cluster import connect
 

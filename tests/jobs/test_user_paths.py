@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -208,3 +209,74 @@ def test_a_sweep_in_a_dry_run_prints_its_table(tmp_path, capsys):
     code, out, err = run_main(main, ["--scores", scored(tmp_path), "--output", tmp_path / "cur", "--keep-fraction",
                                      "0.5", "--sweep", "0.1,0.2", "--executor", "local", "--dry-run"], capsys)
     assert code == 0 and "sweep      fraction -> threshold" in out, err
+
+
+# -- item 9: training checks every path before Ray starts; a finished run says so at once ---------------------------
+@pytest.fixture()
+def pairs(tmp_path) -> Path:
+    """jobs.synth's output for 6 captions, half held out: OUTPUT/train and OUTPUT/val."""
+    from pipeline.synth import SynthConfig, synthesize
+
+    corpus.write_webdataset(str(tmp_path / "real" / "0.tar"), corpus.caption_samples(6, seed=3))
+    synthesize(SynthConfig(input=str(tmp_path / "real"), format="webdataset", output=str(tmp_path / "pairs"),
+                           val_fraction=0.5, executor="local"), progress=False)
+    return tmp_path / "pairs"
+
+
+def train(capsys, pairs: Path, out: Path, *extra) -> tuple[int, str, str]:
+    from jobs.train import main
+
+    return run_main(main, ["--train", pairs / "train", "--val", pairs / "val", "--output", out, *extra], capsys)
+
+
+@pytest.mark.parametrize("field", ["val", "train", "output", "storage", "init"])
+def test_training_refuses_a_bad_path_before_ray_starts_naming_the_field(tmp_path, capsys, pairs, field):
+    import ray
+
+    (tmp_path / "a-file").write_text("not a folder")
+    bad = {"val": ["--val", tmp_path / "no-such-val"], "train": ["--train", tmp_path / "empty"],
+           "output": ["--output", tmp_path / "a-file"], "storage": ["--storage", tmp_path / "a-file" / "ray"],
+           "init": ["--init", tmp_path / "no-such-checkpoint"]}[field]
+    (tmp_path / "empty").mkdir()
+    code, _, err = train(capsys, pairs, tmp_path / "run", *bad)
+    assert code == 2 and err.startswith(f"error: field '{field}'") and len(err.strip().splitlines()) == 1, err
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
+def finish_a_run(pairs: Path, out: Path, epochs: int) -> None:
+    """What a run of `epochs` epochs leaves (checkpoint model, optimizer state and train state through the real
+    writers; the summary written after the export), without training it."""
+    import torch
+
+    from model.create import create
+    from pipeline.io.publish import write_json
+    from pipeline.training.state import save_train_state
+
+    checkpoint = out / "ray_train" / "unifilter" / "checkpoint_000000"
+    create("tiny", str(checkpoint), num_labels=1, seed=0)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_train_state(checkpoint, optimizer, scheduler, {"epoch": epochs, "step": 3, "batches_into_epoch": 0,
+                                                        "history": []})
+    write_json(str(out / "train_summary.json"), {
+        "train": str(pairs / "train"), "best": str(out / "best"), "name": "unifilter",
+        "storage": str(out / "ray_train"), "train_pairs": 12, "epochs": epochs, "total_steps": 3, "elapsed_s": 9.0,
+        "best_metrics": {"epoch": epochs, "val_accuracy": 0.5}})
+
+
+def test_a_finished_run_says_so_and_exits_at_once(tmp_path, capsys, pairs):
+    import ray
+
+    finish_a_run(pairs, tmp_path / "run", epochs=1)
+    code, out, err = train(capsys, pairs, tmp_path / "run", "--epochs", "1")
+    assert code == 0, err
+    assert "run 'unifilter' in " in out and "already finished (1 epoch); nothing to do" in out, out
+    assert not ray.is_initialized()
+    code, out, err = train(capsys, pairs, tmp_path / "run", "--epochs", "1", "--dry-run")
+    assert code == 0 and "resume     finished: a run does nothing" in out, err
+
+
+def test_a_finished_run_asked_for_more_epochs_resumes(tmp_path, capsys, pairs):
+    finish_a_run(pairs, tmp_path / "run", epochs=1)
+    code, out, err = train(capsys, pairs, tmp_path / "run", "--epochs", "2", "--dry-run")
+    assert code == 0 and "resume     from step 3" in out, err
