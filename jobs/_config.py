@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -30,6 +31,39 @@ class Invocation:
     sources: dict[str, str] = field(default_factory=dict)  # "gpus_per_actor" -> "flag" | "config file" | "default"
     dry_run: bool = False
     verbose: bool = False
+
+
+@dataclass(frozen=True)
+class Command:
+    """How a job's command line names and describes itself: `module` (jobs.score), its docstring (the first
+    paragraph is the description) and what its `--dry-run` does."""
+
+    module: str
+    doc: str
+    dry_run: str
+
+    @property
+    def prog(self) -> str:
+        """The name the user typed: a console script's own (unifilter-score), else `python -m jobs.score`."""
+        script = os.path.basename(sys.argv[0] if sys.argv else "")
+        return script if script.startswith("unifilter-") else f"python -m {self.module}"
+
+    @property
+    def description(self) -> str:
+        return " ".join(self.doc.split("\n\n")[0].split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refuses a bad command line in two lines, with the flag an unknown one resembles, not the whole usage."""
+
+    def error(self, message: str):
+        unknown = message.removeprefix("unrecognized arguments: ").split() if message.startswith("unrecognized") \
+            else []
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        hints = [f"{word} -> {close[0]}" for word in unknown
+                 if (close := difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.6))]
+        hint = f" (did you mean: {', '.join(hints)}?)" if hints else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n{self.prog} --help lists every flag\n")
 
 
 def _flag_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()):
@@ -79,17 +113,19 @@ def _metavar(name: str, annotation, choices) -> str | None:
     return "VALUE"
 
 
-def build_parser(model: type[BaseModel], prog: str, description: str, dry_run: bool = True):
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+def build_parser(model: type[BaseModel], prog: str, description: str, dry_run: str | None = None):
+    """The job's parser: `--config`, `--dry-run` (when the job has one: `dry_run` says what it does), `--verbose` and
+    one flag per field."""
+    parser = _Parser(prog=prog, description=description)
+    paths = [path for path, _ in _flag_fields(model)]
+    example = next((p for p in paths if len(p) > 1), None) or next(p for p in paths if "_" in p[-1])
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the fields below, each keyed "
                                                               "by its flag's name with underscores "
-                                                              "(source_image_column: for --source-image-column); "
-                                                              "flags override it")
+                                                              f"({'_'.join(example)}: for --"
+                                                              f"{'-'.join(example).replace('_', '-')}); flags "
+                                                              "override it")
     if dry_run:
-        parser.add_argument("--dry-run", action="store_true", help="say what the job would do, take no lease and "
-                                                                   "write nothing (scoring: what it would cost, "
-                                                                   "starting nothing; curation: its exact thresholds, "
-                                                                   "counted on Ray)")
+        parser.add_argument("--dry-run", action="store_true", help=dry_run)
     parser.add_argument("--verbose", action="store_true", help="show Ray's own progress and logs")
     dests = {}
     for path, info in _flag_fields(model):
@@ -111,9 +147,8 @@ def build_parser(model: type[BaseModel], prog: str, description: str, dry_run: b
     return parser, dests
 
 
-def parse(model: type[BaseModel], argv: list[str] | None, prog: str, description: str,
-          dry_run: bool = True) -> Invocation:
-    parser, dests = build_parser(model, prog, description, dry_run)
+def parse(model: type[BaseModel], argv: list[str] | None, command: Command) -> Invocation:
+    parser, dests = build_parser(model, command.prog, command.description, command.dry_run)
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -201,8 +236,10 @@ def entry(run: Callable[[], int], argv: list[str] | None = None) -> int:
     except UniFilterError as err:
         _report(err, verbose)
         return 1
-    except KeyboardInterrupt:  # before the run started, or while it was ending: nothing half-committed
-        print("interrupted (Ctrl-C)", file=sys.stderr)
+    except KeyboardInterrupt as err:  # before the run started, or while it was ending: nothing half-committed
+        # on a line of its own (the terminal shows ^C where the cursor was), with what it means for the output
+        print("\n" + (str(err) or "interrupted (Ctrl-C) before the run started or while it ended: nothing "
+                                   "half-written; the same command starts again"), file=sys.stderr)
         return 130
 
 
@@ -212,9 +249,8 @@ def _report(err: Exception, verbose: bool) -> None:
     print(f"error: {err}", file=sys.stderr)
 
 
-def run_command(config_class: type[BaseModel], make_job: Callable, argv: list[str] | None, prog: str,
-                description: str, report: Callable | None = None,
-                check: Callable[[Invocation], None] | None = None) -> int:
+def run_command(config_class: type[BaseModel], make_job: Callable, argv: list[str] | None, command: Command,
+                report: Callable | None = None, check: Callable[[Invocation], None] | None = None) -> int:
     """A shard job's whole command line: parse its config (before the job's modules load, so a bad flag is said at
     once), `check` what the config alone cannot (a setting that only means something in a dry run), say what a dry
     run would do, or run it (connecting to Ray only when there is work) and print its summary; the exit status
@@ -222,7 +258,7 @@ def run_command(config_class: type[BaseModel], make_job: Callable, argv: list[st
     import time
 
     started = time.time()
-    invocation = parse(config_class, argv, prog, description)
+    invocation = parse(config_class, argv, command)
     if check is not None:
         check(invocation)
     from pipeline.runner import dry_run, exit_status, format_summary, run_job

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import Invocation, entry, run_command
+from jobs._config import Command, Invocation, entry, run_command
 from pipeline.errors import ConfigError
+
+COMMAND = Command("jobs.curate", __doc__, dry_run=(
+    "compute the rule's exact thresholds (and --sweep's table) on Ray, taking no lease and "
+    "writing nothing"))
 
 
 def _job(config, sources):
@@ -41,7 +45,7 @@ def _check(invocation: Invocation) -> None:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.curation.config import CurateConfig
 
-    return entry(lambda: run_command(CurateConfig, _job, argv, "python -m jobs.curate", __doc__.split("\n")[0],
+    return entry(lambda: run_command(CurateConfig, _job, argv, COMMAND,
                                      _report, _check), argv)
 
 

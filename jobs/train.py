@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import entry, parse
+from jobs._config import Command, entry, parse
+
+COMMAND = Command("jobs.train", __doc__, dry_run=(
+    "say what a run would do (pairs, steps, the model, workers, the resume point), starting "
+    "nothing and writing nothing"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     from pipeline.training import TrainConfig
 
-    invocation = parse(TrainConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
+    invocation = parse(TrainConfig, argv, COMMAND)
     from pipeline.training.preflight import check_before_start
 
     config = invocation.config

@@ -280,3 +280,66 @@ def test_a_finished_run_asked_for_more_epochs_resumes(tmp_path, capsys, pairs):
     finish_a_run(pairs, tmp_path / "run", epochs=1)
     code, out, err = train(capsys, pairs, tmp_path / "run", "--epochs", "2", "--dry-run")
     assert code == 0 and "resume     from step 3" in out, err
+
+
+# -- item 10: help, usage and messages ------------------------------------------------------------------------------
+JOBS = ["score", "synth", "curate", "train"]
+
+
+def help_of(job: str, capsys) -> str:
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"jobs.{job}").main(["--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_help_closes_every_backtick_and_says_what_this_jobs_dry_run_does(job, capsys):
+    usage, description, options = help_of(job, capsys).split("\n\n", 2)
+    assert description.count("`") % 2 == 0 and description.count("`") >= 2, description
+    dry_run = " ".join(options.split("--dry-run", 1)[1].split("--verbose", 1)[0].split())
+    says = {"score": "GPU-hours", "synth": "pairs", "curate": "thresholds", "train": "resume point"}[job]
+    assert says in dry_run and "scoring:" not in dry_run, dry_run
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_a_console_script_names_itself_in_its_usage(job, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", [f"/venv/bin/unifilter-{job}", "--help"])
+    assert help_of(job, capsys).startswith(f"usage: unifilter-{job} ")
+    monkeypatch.setattr("sys.argv", [f"/repo/jobs/{job}.py", "--help"])
+    assert help_of(job, capsys).startswith(f"usage: python -m jobs.{job} ")
+
+
+def test_an_unknown_flag_is_two_lines_with_the_flag_it_resembles(tmp_path, capsys):
+    from jobs.curate import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["--scores", str(tmp_path), "--output", str(tmp_path / "c"), "--min-socre", "1"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and len(err.strip().splitlines()) == 2, err
+    assert "unrecognized arguments: --min-socre 1 (did you mean: --min-socre -> --min-score?)" in err, err
+
+
+def test_ctrl_c_while_a_run_starts_is_a_line_of_its_own_saying_what_the_output_holds(tmp_path, capsys,
+                                                                                    monkeypatch):
+    from jobs.curate import main
+    from pipeline.runner.executors import LocalExecutor
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises while Ray starts
+
+    monkeypatch.setattr(LocalExecutor, "connect", interrupted)
+    code, _, err = run_main(main, ["--scores", scored(tmp_path), "--output", tmp_path / "cur", "--keep-fraction",
+                                   "0.5", "--executor", "local"], capsys)
+    assert code == 130 and err.startswith("\ninterrupted (Ctrl-C) while the run started"), err
+    assert "0 of 1 shards were committed before it, 1 were left: the same command goes on" in err, err
+
+
+def test_a_report_made_from_the_repository_root_is_ignored_by_git():
+    import subprocess
+
+    from tests.conftest import REPO_ROOT
+
+    ignored = subprocess.run(["git", "check-ignore", "-q", "report/index.html"], cwd=REPO_ROOT)
+    assert ignored.returncode == 0
