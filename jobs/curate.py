@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import entry, run_command
+from jobs._config import Command, Invocation, entry, run_command
+from pipeline.errors import ConfigError
+
+COMMAND = Command("jobs.curate", __doc__, dry_run=(
+    "compute the rule's exact thresholds (and --sweep's table) on Ray, taking no lease and "
+    "writing nothing"))
 
 
 def _job(config, sources):
@@ -29,11 +34,19 @@ def _report(job, summary: dict) -> None:
         print(f"  report     {job.write_report(summary)}")
 
 
+def _check(invocation: Invocation) -> None:
+    """A sweep is a dry run's table (and the report's comparison): a run with neither would ignore it."""
+    c = invocation.config
+    if c.sweep is not None and not invocation.dry_run and not c.report:
+        raise ConfigError("field 'sweep': --sweep is printed by --dry-run (and compared in --report), and this run "
+                          "has neither: add --dry-run to see its table first (nothing is written), or drop --sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.curation.config import CurateConfig
 
-    return entry(lambda: run_command(CurateConfig, _job, argv, "python -m jobs.curate", __doc__.split("\n")[0],
-                                     _report), argv)
+    return entry(lambda: run_command(CurateConfig, _job, argv, COMMAND,
+                                     _report, _check), argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import entry, run_command
+from jobs._config import Command, entry, run_command
+
+COMMAND = Command("jobs.score", __doc__, dry_run=(
+    "say what a run would do and cost (shards new and committed, samples, GPU-hours at "
+    "--gpu-rate and --gpu-hour-price), starting nothing and writing nothing"))
 
 
 def _job(config, sources):
@@ -21,7 +25,7 @@ def _job(config, sources):
 def main(argv: list[str] | None = None) -> int:
     from pipeline.scoring.config import ScoreConfig
 
-    return entry(lambda: run_command(ScoreConfig, _job, argv, "python -m jobs.score", __doc__.split("\n")[0]), argv)
+    return entry(lambda: run_command(ScoreConfig, _job, argv, COMMAND), argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import entry, run_command
+from jobs._config import Command, entry, run_command
+
+COMMAND = Command("jobs.synth", __doc__, dry_run=(
+    "say what a run would do (shards, origins, pairs, requests and their estimated cost), "
+    "starting nothing and writing nothing"))
 
 
 def _job(config, sources):
@@ -22,7 +26,7 @@ def _job(config, sources):
 def main(argv: list[str] | None = None) -> int:
     from pipeline.synth.config import SynthConfig
 
-    return entry(lambda: run_command(SynthConfig, _job, argv, "python -m jobs.synth", __doc__.split("\n")[0]), argv)
+    return entry(lambda: run_command(SynthConfig, _job, argv, COMMAND), argv)
 
 
 if __name__ == "__main__":

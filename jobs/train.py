@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from jobs._config import entry, parse
+from jobs._config import Command, entry, parse
+
+COMMAND = Command("jobs.train", __doc__, dry_run=(
+    "say what a run would do (pairs, steps, the model, workers, the resume point), starting "
+    "nothing and writing nothing"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +25,21 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     from pipeline.training import TrainConfig
 
-    invocation = parse(TrainConfig, argv, "python -m jobs.train", __doc__.split("\n")[0])
-    from pipeline.training import dry_run_plan, format_summary, train_classifier
+    invocation = parse(TrainConfig, argv, COMMAND)
+    from pipeline.training.preflight import check_before_start
 
     config = invocation.config
     if invocation.dry_run:
+        from pipeline.training import dry_run_plan
+
         print(dry_run_plan(config))
+        return 0
+    checked = check_before_start(config)  # every path and setting, before Ray (or torch) loads
+    from pipeline.training import format_summary, train_classifier
+    from pipeline.training.summary import finished_lines
+
+    if checked.finished:
+        print(finished_lines(checked.finished))
         return 0
     from pipeline.runner.cluster import connect
 

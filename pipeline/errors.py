@@ -7,7 +7,7 @@ import re
 
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
-__all__ = ["BrokenWorker", "Category", "CheckpointError", "CompileFailed", "ConfigError", "ConfigFieldError",
+__all__ = ["BrokenWorker", "Category", "CheckpointError", "CompileFailed", "ConfigError", "ConfigFieldError", "Interrupted",
            "CorruptState", "DeviceFault", "InputError", "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError",
            "ShardFault", "TrainingStalled", "UniFilterError", "reason_key"]
 
@@ -97,6 +97,11 @@ class CompileFailed(UniFilterError):
 
 class TrainingStalled(UniFilterError):
     """No training step for `no_progress_timeout_s`: the run was stopped."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C outside a run's commits (while it started, or ended): says what the output held before the run, for
+    the line the entry point prints (still a KeyboardInterrupt: exit status 130)."""
 
 
 class ConfigError(UniFilterError):

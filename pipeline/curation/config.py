@@ -37,7 +37,8 @@ class CurateConfig(BaseModel):
     min_images: int | None = Field(None, ge=0, description="drop records with fewer images (as where "
                                                            "\"n_images >= N\")")
     sweep: list[float] | None = Field(None, description="with --dry-run: the fractions (or, with min_score, the "
-                                                        "minimum scores) to tabulate (default: a standard set)")
+                                                        "minimum scores) to tabulate, also compared in --report; "
+                                                        "refused in a run with neither (default: a standard set)")
     materialize: bool = Field(False, description="also write the kept samples as shards in the input's format")
     samples_per_shard: int | None = Field(None, ge=1, description="write the kept samples as balanced shards of N "
                                                                   "samples per format in shards/<format>/ (with "

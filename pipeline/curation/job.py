@@ -15,7 +15,7 @@ from pipeline.commit.records import damaged_file
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters, check_filters
 from pipeline.curation.passes import compute_thresholds
-from pipeline.curation.select import SELECTED_SCHEMA, SelectStage, selected_folder
+from pipeline.curation.select import SELECTED_DIR, SELECTED_SCHEMA, SHARDS_DIR, SelectStage, selected_folder
 from pipeline.curation.thresholds import ALL, KINDS, Thresholds
 from pipeline.errors import InputError
 from pipeline.io.listing import Shard, ShardListing, list_shards
@@ -90,7 +90,8 @@ class CurationJob(Job):
         c = self.config
         self.listing, scores_identity = score_shards(c)
         self.filters = check_filters(self.filters, self.listing.shards)  # exit 2 naming `where`, nothing written
-        check_writable(c.output, create=False)
+        for field, uri in written_locations(c):  # every one before the first byte, the report's too
+            check_writable(uri, create=False, field=field)
         self._scores_identity = scores_identity
         later = ("thresholds",) if c.keep_fraction is not None else ()
         return JobSpec(job=self.name, output=c.output, listing=self.listing,
@@ -251,6 +252,17 @@ def _by_source(entries: list[dict], shown: int = 20) -> list[dict]:
         out.append({"source": entry.get("shard"), "scored": sum(levels.values()),
                     "kept": sum((stats.get("kept") or {}).values()), "levels": dict(levels)})
     return sorted(out, key=lambda s: (-s["scored"], str(s["source"])))[:shown]
+
+
+def written_locations(c: CurateConfig) -> list[tuple[str, str]]:
+    """Every folder a run writes, with the setting that names it: the output, its selected/ and shards/ (a file
+    there would fail the first commit) and the report's folder (written last, after everything is committed)."""
+    locations = [("output", c.output), ("output", join(c.output, SELECTED_DIR))]
+    if c.materialize or c.samples_per_shard:
+        locations.append(("output", join(c.output, SHARDS_DIR)))
+    if c.report:
+        locations.append(("report", c.report))
+    return locations
 
 
 def _shards_written(c: CurateConfig) -> str:

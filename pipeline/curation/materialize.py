@@ -51,22 +51,21 @@ def _check_found(input_uri: str, found: int, expected: int) -> None:
 def materialize_tar(input_uri: str, keep: set[str], output_uri: str, options: SourceOptions) -> Materialized:
     """Copy the members of each kept sample with their headers, samples in the order their keys first appear."""
     found: set[str] = set()
+    # Written in a private folder, not as a NamedTemporaryFile: that file is created 0600, and the shard keeps the
+    # mode it was written with, so a reader running as another user could not open it.
     with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src, \
-            tempfile.NamedTemporaryFile(prefix="unifilter-kept-", suffix=".tar", delete=False) as tmp:
-        try:
-            with tarfile.open(fileobj=tmp, mode="w", format=tarfile.PAX_FORMAT) as tar_out:
-                for sample_id, sample in tar_samples_by_id(src, input_uri, options):
-                    if sample_id in keep and sample.members is not None and sample_id not in found:
-                        for member, data in sample.members:
-                            tar_out.addfile(member, io.BytesIO(data))
-                        found.add(sample_id)
-            src.check_unchanged()
-            tmp.close()
-            _check_found(input_uri, len(found), len(keep))
-            if found:
-                publish_file(Path(tmp.name), output_uri)
-        finally:
-            Path(tmp.name).unlink(missing_ok=True)
+            tempfile.TemporaryDirectory(prefix="unifilter-kept-") as tmp:
+        local = Path(tmp) / "kept.tar"
+        with tarfile.open(local, mode="w", format=tarfile.PAX_FORMAT) as tar_out:
+            for sample_id, sample in tar_samples_by_id(src, input_uri, options):
+                if sample_id in keep and sample.members is not None and sample_id not in found:
+                    for member, data in sample.members:
+                        tar_out.addfile(member, io.BytesIO(data))
+                    found.add(sample_id)
+        src.check_unchanged()
+        _check_found(input_uri, len(found), len(keep))
+        if found:
+            publish_file(local, output_uri)
     return Materialized(len(found), sorted(keep - found))
 
 
@@ -75,19 +74,16 @@ def materialize_parquet(input_uri: str, keep: set[str], output_uri: str, options
     found: list[str] = []
     with open_shard(input_uri, options.read_attempts, options.read_backoff_s) as src:
         pf = pq.ParquetFile(src)
-        with tempfile.NamedTemporaryFile(prefix="unifilter-kept-", suffix=".parquet", delete=False) as tmp:
-            pass
-        try:
-            with pq.ParquetWriter(tmp.name, pf.schema_arrow, compression="zstd") as writer:
+        with tempfile.TemporaryDirectory(prefix="unifilter-kept-") as tmp:  # the process's umask, as above
+            local = Path(tmp) / "kept.parquet"
+            with pq.ParquetWriter(local, pf.schema_arrow, compression="zstd") as writer:
                 for rows, ids in kept_rows(pf, input_uri, keep, options):
                     writer.write_table(rows)
                     found += ids
             src.check_unchanged()
             _check_found(input_uri, len(found), len(keep))
             if found:
-                publish_file(Path(tmp.name), output_uri)
-        finally:
-            Path(tmp.name).unlink(missing_ok=True)
+                publish_file(local, output_uri)
     return Materialized(len(found), sorted(keep - set(found)))
 
 

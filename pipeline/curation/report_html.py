@@ -316,7 +316,8 @@ def _errors_table(errors: dict[str, int], examples: dict[str, dict]) -> str:
 
 
 def _flags(ex: Example) -> str:
-    flags = ([f"{ex.n_images} images"] if ex.n_images is not None else []) + (["truncated"] if ex.truncated else [])
+    images = [f"{ex.n_images} image{'' if ex.n_images == 1 else 's'}"] if ex.n_images is not None else []
+    flags = images + (["truncated"] if ex.truncated else [])
     return '<div class="flags">' + _esc(" \u00b7 ".join(flags)) + "</div>" if flags else ""
 
 

@@ -52,10 +52,10 @@ def _is_list_of(t: pa.DataType, check) -> bool:
 def required_columns(fmt: str, options) -> dict[str, tuple[str, str, object]]:
     """{column: (config field, expected type in words, type check)} for a Parquet format."""
     if fmt == "parquet":
-        return {options.image_column: ("source.image_column", "binary image bytes", _is_binary),
-                options.text_column: ("source.text_column", "string", _is_text)}
-    return {options.texts_column: ("source.texts_column", "list<string>", lambda t: _is_list_of(t, _is_text)),
-            options.images_column: ("source.images_column", "list<binary>", lambda t: _is_list_of(t, _is_binary))}
+        return {options.image_column: ("source_image_column", "binary image bytes", _is_binary),
+                options.text_column: ("source_text_column", "string", _is_text)}
+    return {options.texts_column: ("source_texts_column", "list<string>", lambda t: _is_list_of(t, _is_text)),
+            options.images_column: ("source_images_column", "list<binary>", lambda t: _is_list_of(t, _is_binary))}
 
 
 def schema_problem(schema: pa.Schema, fmt: str, options) -> tuple[str, str] | None:

@@ -21,35 +21,36 @@ from pipeline.io.uris import filesystem_for, is_remote, join, normalize_uri
 from pipeline.runner.job import JobSpec, PreparedJob
 
 
-def check_writable(output: str, create: bool = True) -> None:
-    """The output can be created and written (a file where a folder should be, a read-only mount, a missing
-    bucket: fail now). Without `create` nothing is written: only what can be seen without writing is checked."""
+def check_writable(output: str, create: bool = True, field: str = "output") -> None:
+    """The output (or another folder a job writes, named as the setting `field`) can be created and written (a file
+    where a folder should be, a read-only mount, a missing bucket: fail now). Without `create` nothing is written:
+    only what can be seen without writing is checked."""
     fs, path = filesystem_for(output)
     try:
         info = fs.get_file_info(path)
     except OSError as err:
-        raise InputError("output", f"cannot reach {output}: {err}") from None
+        raise InputError(field, f"cannot reach {output}: {err}") from None
     if info.type == pafs.FileType.File:
-        raise InputError("output", f"{output} is a file, not a folder or prefix")
+        raise InputError(field, f"{output} is a file, not a folder or prefix")
     if create:
         try:
             fs.create_dir(path, recursive=True)
         except OSError as err:
-            raise InputError("output", f"cannot create {output}: {err}") from None
+            raise InputError(field, f"cannot create {output}: {err}") from None
     elif isinstance(fs, pafs.LocalFileSystem):
         existing = os.path.abspath(path)
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            raise InputError("output", f"cannot create {output}: {existing} is not a writable folder")
+            raise InputError(field, f"cannot create {output}: {existing} is not a writable folder")
     elif is_remote(output):
         bucket = path.split("/", 1)[0]
         try:
             missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
         except OSError as err:
-            raise InputError("output", f"cannot reach {output}: {err}") from None
+            raise InputError(field, f"cannot reach {output}: {err}") from None
         if missing:
-            raise InputError("output", f"bucket {bucket!r} of {output} does not exist")
+            raise InputError(field, f"bucket {bucket!r} of {output} does not exist")
 
 
 def survey(spec: JobSpec, started: float | None = None) -> PreparedJob:

@@ -116,3 +116,13 @@ def use_gpu(set_value: bool | None, source: str, view: ClusterView) -> Choice:
         return Choice(True, "default for a cluster job: one GPU per training worker")
     raise InputError("use_gpu", "the cluster at RAY_ADDRESS has no GPU now and no GPU worker type the autoscaler "
                                 "can start; set use_gpu: false to train on CPUs, or add GPU workers")
+
+
+def gpus_the_cluster_can_give(num_gpus: float, field: str, view: ClusterView) -> float:
+    """`num_gpus` per actor when the cluster has GPUs or an autoscaler that can start some; else InputError naming
+    `field` (Ray would wait for them forever, saying only "No available node types can fulfill")."""
+    if num_gpus <= 0 or view.gpus > 0 or view.max_gpus:
+        return num_gpus
+    where = "the cluster at RAY_ADDRESS" if view.remote else "this machine's Ray instance"
+    raise InputError(field, f"{where} has no GPU and no GPU worker type an autoscaler can start: actors asking for "
+                            f"{num_gpus:g} would wait forever; set {field}=0 to score on CPUs")

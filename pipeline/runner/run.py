@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 
+from pipeline.errors import Interrupted
 from pipeline.runner.execute import execute
 from pipeline.runner.job import Job, Plan, RunResult
 from pipeline.runner.prepare import claim, survey
@@ -25,6 +26,19 @@ def run_job(job: Job, progress: bool = True, verbose: bool = False, started: flo
     started = started or time.time()
     spec = job.spec()
     surveyed = survey(spec, started)
+    try:
+        return _run(job, surveyed, progress, verbose, started)
+    except KeyboardInterrupt as err:  # during the stages it ends with the run's summary (execute); elsewhere here
+        if isinstance(err, Interrupted):
+            raise
+        done, total = len(surveyed.committed), len(surveyed.spec.listing.shards)
+        raise Interrupted(f"interrupted (Ctrl-C) while the run started or ended: nothing half-written; {done} of "
+                          f"{total} shards were committed before it, {len(surveyed.todo)} were left: the same "
+                          "command goes on from there") from None
+
+
+def _run(job: Job, surveyed, progress: bool, verbose: bool, started: float) -> dict:
+    spec = surveyed.spec
     plan = Plan()
     if job.needs_ray(surveyed):
         job.executor.connect(verbose, job.name)

@@ -4,8 +4,8 @@ pipeline (`UniFilterScorer`). Nothing here imports torch until a model stage is 
 
 from pipeline.scoring.config import ScoreConfig
 from pipeline.scoring.job import ScoringJob, score_dataset
-from pipeline.scoring.public import UniFilterScorer
+from pipeline.scoring.public import UniFilterScorer, checked_num_gpus
 from pipeline.scoring.records import SCORE_SCHEMA, SCORES_DIR, read_scores
 
-__all__ = ["SCORES_DIR", "SCORE_SCHEMA", "ScoreConfig", "ScoringJob", "UniFilterScorer", "read_scores",
-           "score_dataset"]
+__all__ = ["SCORES_DIR", "SCORE_SCHEMA", "ScoreConfig", "ScoringJob", "UniFilterScorer", "checked_num_gpus",
+           "read_scores", "score_dataset"]

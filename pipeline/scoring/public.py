@@ -3,11 +3,12 @@ on a dataset you already have.
 
 ```python
 import ray
-from pipeline.scoring import UniFilterScorer
+from pipeline.scoring import UniFilterScorer, checked_num_gpus
 
-ds = ray.data.read_webdataset("s3://bucket/laion/", decoder=None)      # raw bytes: jpg, txt, json columns
+# raw bytes (jpg, txt, json columns) of the tars alone, not img2dataset's .parquet and _stats.json beside them
+ds = ray.data.read_webdataset("s3://bucket/laion/", decoder=None, file_extensions=["tar"])
 scored = ds.map_batches(UniFilterScorer, fn_constructor_kwargs={"model": "s3://bucket/models/unifilter-1.5b"},
-                        num_gpus=1, concurrency=4, batch_size=1024, batch_format="pyarrow")
+                        num_gpus=checked_num_gpus(1), concurrency=4, batch_size=1024, batch_format="pyarrow")
 ```
 
 Rows come in as captions (image bytes and a text: `image_columns`, the first of which a row has, webdataset's
@@ -16,6 +17,7 @@ reads them). They go out with every input column kept and `score`, `label`, `pro
 `truncated`, `error` and `model` added: a sample that cannot be scored keeps its row, with `error` saying why (no
 row is ever dropped). A device fault ends the actor, which Ray restarts and whose batch it retries (the job's
 fault journal, which narrows such a fault down to the sample, is the job's: `python -m jobs.score`).
+`checked_num_gpus(n)` refuses at once a GPU count the cluster can never give (Ray would wait forever).
 """
 
 from __future__ import annotations
@@ -91,3 +93,16 @@ class UniFilterScorer:
         for name in ADDED:
             kept = kept.append_column(scored.schema.field(name), scored.column(name))
         return kept
+
+
+def checked_num_gpus(num_gpus: float) -> float:
+    """`num_gpus` for `map_batches(UniFilterScorer, num_gpus=...)`, refused at once (`InputError` naming `num_gpus`)
+    on a Ray cluster that has no GPU and can start none, as `jobs.score` refuses such a cluster, instead of the
+    pipeline waiting forever for actors that cannot be placed. Connects to Ray as Ray Data would."""
+    import ray
+
+    from pipeline.runner.resources import current_view, gpus_the_cluster_can_give
+
+    if not ray.is_initialized():
+        ray.init()
+    return gpus_the_cluster_can_give(num_gpus, "num_gpus", current_view())

@@ -9,6 +9,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.errors import InputError
 from pipeline.io.samples import SAMPLE_SCHEMA, SourceOptions
 from pipeline.runner.executors import ExecutorName, executor_field
 from pipeline.synth.generators import BedrockGenerator, OfflineGenerator, OpenAIGenerator
@@ -85,6 +86,23 @@ class SynthConfig(BaseModel):
             if not self.llm:
                 raise ValueError("field 'llm' is required with generator 'openai' (the served model's name)")
         return self
+
+    def check_generator_environment(self) -> None:
+        """What a generator needs from the environment rather than the config (Bedrock: a region and credentials from
+        the AWS chain), refused naming the field to set, before anything starts: botocore would otherwise fail
+        with a traceback (no region) or every request would (no credentials)."""
+        if self.generator != "bedrock":
+            return
+        import boto3
+
+        session = boto3.session.Session()
+        if not (self.region or session.region_name):
+            raise InputError("region", "generator 'bedrock' needs an AWS region and the AWS chain has none: set "
+                                       "region (e.g. us-east-1), or AWS_REGION, or a region in ~/.aws/config")
+        if session.get_credentials() is None:
+            raise InputError("generator", "generator 'bedrock' needs AWS credentials and the AWS chain has none "
+                                          "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an "
+                                          "instance role)")
 
     def make_generator(self):
         if self.generator == "offline":

@@ -19,6 +19,7 @@ from pipeline.commit.markers import is_marker
 from pipeline.io.counting import count_samples
 from pipeline.io.listing import list_shards
 from pipeline.io.sniff import check_first_shard
+from pipeline.io.uris import join
 from pipeline.runner.job import Job, JobSpec, Plan, PreparedJob, RunResult
 from pipeline.runner.prepare import check_writable
 from pipeline.runner.resources import ClusterView
@@ -26,6 +27,8 @@ from pipeline.runner.run import run_job
 from pipeline.runner.stage import Resources, Stage
 from pipeline.synth.config import DEFAULT_BEDROCK_MODEL, KNOWN_PRICES, PAIR_SCHEMA, SynthConfig
 from pipeline.synth.prompts import PROMPT_VERSION
+
+PAIR_FOLDERS = ("train", "val", "errors")
 
 
 def pair_folders(pairs: pa.Table) -> list[str]:
@@ -54,7 +57,9 @@ class SynthJob(Job):
     def spec(self) -> JobSpec:
         """The shards, the first shard's columns and records, the generator's settings, the output."""
         c = self.config
-        check_writable(c.output, create=False)
+        c.check_generator_environment()  # one line naming the field, not botocore's traceback
+        for folder in ("", *PAIR_FOLDERS):  # every folder it writes, before the first byte
+            check_writable(join(c.output, folder) if folder else c.output, create=False)
         listing = list_shards(c.input, c.format)
         check_first_shard(listing, c.format, c.source)
         c.make_generator()  # fail fast on an unusable generator configuration (e.g. no AWS region)

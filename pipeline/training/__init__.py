@@ -8,8 +8,8 @@ stage 1). Each epoch validates (accuracy per kind and level, MAE, Spearman, conf
 checkpoint; the best by validation accuracy is exported to `OUTPUT/best/`, a checkpoint `jobs.score --model` loads
 directly. Rerunning with the same `name` and storage resumes from the furthest checkpoint.
 
-Modules: `config` (TrainConfig), `data` (pairs -> encoded datasets), `metrics`, `state` (optimizer state, finding
-checkpoints), `loop` (one worker's TrainLoop, no Ray), `worker` (the Ray Train worker function), `driver`.
+Modules: `config` (TrainConfig), `preflight` (checks before Ray starts), `data` (pairs -> encoded datasets), `metrics`,
+`state` (optimizer state, finding checkpoints), `loop` (one worker's TrainLoop, no Ray), `worker` (the Ray Train worker function), `driver`.
 """
 
 import importlib

@@ -23,6 +23,7 @@ from pipeline.io.uris import filesystem_for, join, storage_env
 from pipeline.runner.resources import current_view, use_gpu
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import ENCODE_TASK_CPUS, encoded, read_pairs
+from pipeline.training.preflight import SUMMARY_NAME
 from pipeline.training.state import STATE_NAME
 from pipeline.training.worker import train_loop
 
@@ -210,5 +211,5 @@ def train_classifier(config: TrainConfig, sources: dict[str, str] | None = None)
         "last_metrics": {k: v for k, v in result.metrics.items() if not k.startswith("_")},
         "history": history, "elapsed_s": round(time.time() - start, 2),
     }
-    write_json(join(config.output, "train_summary.json"), summary)
+    write_json(join(config.output, SUMMARY_NAME), summary)
     return summary

@@ -12,7 +12,8 @@ def format_summary(summary: dict) -> str:
     m = summary["best_metrics"]
     lines = [
         f"UniFilter training: {summary['train']} -> {summary['best']}",
-        f"  pairs      {summary['train_pairs']} training · {summary['epochs']} epochs · {summary['total_steps']} steps"
+        f"  pairs      {summary['train_pairs']} training · {plural(summary['epochs'], 'epoch')} · "
+        f"{plural(summary['total_steps'], 'step')}"
         f" · {summary['elapsed_s']} s",
         f"  best       epoch {m.get('epoch')} · val acc {m.get('val_accuracy'):.3f} · MAE {m.get('val_mae', float('nan')):.3f}"
         f" · Spearman {m.get('val_spearman', float('nan')):.3f}",
@@ -30,34 +31,42 @@ def format_summary(summary: dict) -> str:
 
 
 def dry_run_plan(config: TrainConfig) -> str:
-    """What a run would do: pairs, steps, the base model, resources, the resume point. Starts nothing."""
+    """What a run would do: pairs, steps, the base model, resources, the resume point. Starts nothing; refuses what
+    the run would refuse before Ray starts (`preflight`)."""
     import math
     import os
 
-    from pipeline.io.counting import count_samples
-    from pipeline.io.listing import list_shards
     from pipeline.training.driver import fit_workers
-    from pipeline.training.state import latest_checkpoint
+    from pipeline.training.preflight import check_before_start
 
-    counts = {}
-    for split, uri in (("train", config.train), ("val", config.val)):
-        listing = list_shards(uri, "parquet", field=split)
-        counts[split], _ = count_samples(listing.shards, "parquet")
+    checked = check_before_start(config)
+    counts, found = checked.pairs, checked.resume
     per_step = config.batch_size * config.workers * config.grad_accum
     steps = config.epochs * math.ceil((counts["train"] or 0) / per_step)
     if config.max_steps:
         steps = min(steps, config.max_steps)
     local = not os.environ.get("RAY_ADDRESS")
     cpus = fit_workers(config, float(os.cpu_count() or 1), local) if local else config.cpus_per_worker or 1.0
-    found = latest_checkpoint(config.storage_uri, config.name)
     base = config.init or f"a new {config.architecture} model (written to OUTPUT/_base)"
+    resume = ("finished: a run does nothing (another --name trains again)" if checked.finished else
+              f"from step {found[1]['step']} ({found[0]})" if found else "nothing to resume")
     return "\n".join([
         f"UniFilter training, dry run (nothing started, nothing written): {config.train} -> {config.output}",
         f"  pairs      {counts['train']} training · {counts['val']} validation",
-        f"  steps      {steps} ({config.epochs} epochs of {per_step} pairs a step)",
+        f"  steps      {steps} ({plural(config.epochs, 'epoch')} of {per_step} pairs a step)",
         f"  model      {base} · head of {config.num_labels or 1} output(s)",
         f"  workers    {config.workers} x {cpus:g} CPUs{' (fitted to this machine)' if local else ''}"
         f"{' + GPU' if config.use_gpu else ''}",
-        f"  resume     {'from step ' + str(found[1]['step']) + ' (' + found[0] + ')' if found else 'nothing to resume'}"
-        f" · storage {config.storage_uri}, run name {config.name!r}",
+        f"  resume     {resume} · storage {config.storage_uri}, run name {config.name!r}",
     ])
+
+
+def finished_lines(summary: dict) -> str:
+    """What a rerun of a finished run says, at once: that it finished, and its summary."""
+    return "\n".join([f"UniFilter training: run {summary['name']!r} in {summary['storage']} already finished "
+                      f"({plural(summary['epochs'], 'epoch')}); nothing to do (another --name, or more --epochs, "
+                      "trains again)", format_summary(summary)])
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -81,6 +81,43 @@ def test_the_join_snippet_joins_scores_to_an_img2dataset_folder(s3_bucket, tiny_
         assert row["url_meta"] == row["url"] and row["score"] is not None
 
 
+# -- UniFilter as a stage of a Ray Data pipeline: the README's recipe on the folder layout it describes ----------------
+README_MODEL = '"s3://bucket/models/unifilter-1.5b"'
+
+
+def scorer_snippet(bucket: str, model: str) -> str:
+    snippet = readme_python_block("UniFilterScorer", "map_batches")
+    assert README_MODEL in snippet and 'file_extensions=["tar"]' in snippet
+    return snippet.replace(README_MODEL, repr(model)).replace(README_BUCKET, bucket)
+
+
+def test_the_scorer_recipe_asking_for_a_gpu_the_cluster_cannot_give_is_refused_at_once(s3_bucket, tiny_checkpoint,
+                                                                                       ray_cluster):
+    import pytest
+
+    from pipeline.errors import InputError
+
+    bucket = f"s3://{s3_bucket}/"
+    write_img2dataset_folder(f"{bucket}laion/", n_shards=1, per_shard=2)
+    with pytest.raises(InputError, match=r"field 'num_gpus': this machine's Ray instance has no GPU"):
+        exec(compile(scorer_snippet(bucket, tiny_checkpoint), "README.md", "exec"), {})  # as printed: num_gpus=1
+
+
+def test_the_scorer_recipe_scores_an_img2dataset_folder_reading_only_its_tars(s3_bucket, tiny_checkpoint,
+                                                                            ray_cluster):
+    bucket = f"s3://{s3_bucket}/"
+    captions = write_img2dataset_folder(f"{bucket}laion/", n_shards=2, per_shard=3)
+    snippet = scorer_snippet(bucket, tiny_checkpoint)
+    assert "checked_num_gpus(1), concurrency=4" in snippet
+    namespace: dict = {}
+    exec(compile(snippet.replace("checked_num_gpus(1), concurrency=4", "checked_num_gpus(0), concurrency=1"),
+                 "README.md", "exec"), namespace)  # as printed but on CPUs: this machine has no GPU
+    rows = namespace["scored"].select_columns(["__key__", "txt", "score", "error"]).take_all()
+    assert sorted(r["__key__"] for r in rows) == sorted(captions)  # every sample of the tars, nothing of the sidecars
+    assert all(r["error"] is None and r["score"] is not None for r in rows), rows
+    assert namespace["kept"].count() == sum(r["score"] >= 2.5 for r in rows)
+
+
 # -- globs and brace ranges: quoted, or the shell expands them before the job sees them -------------------------------
 EXPANDED_BY_THE_SHELL = re.compile(r"[*?]|\{[^{}\s]*(\.\.|,)[^{}\s]*\}")
 

@@ -134,7 +134,7 @@ def test_a_wrong_column_setting_fails_before_anything_is_committed(tmp_path, tin
     (tmp_path / "in").mkdir()
     pq.write_table(_caption_table(3, "text", 0), tmp_path / "in" / "a.parquet")
     out = tmp_path / "out"
-    with pytest.raises(InputError, match=r"field 'source.text_column': the shard has no column 'caption'"):
+    with pytest.raises(InputError, match=r"field 'source_text_column': the shard has no column 'caption'"):
         score(tmp_path / "in", out, tiny_checkpoint, fmt="parquet")
     assert not (out / "_manifest").exists() and not (out / "scores").exists()
     # A later shard that lacks the column stays uncommitted with that reason, never committed as row errors.
