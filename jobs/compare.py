@@ -12,7 +12,9 @@ import sys
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs._config import entry, parse
+from jobs._config import Command, entry, parse
+
+COMMAND = Command("jobs.compare", __doc__, dry_run="match the two outputs and print the summary lines; write nothing")
 
 
 class CompareConfig(BaseModel):
@@ -61,7 +63,7 @@ def run(argv: list[str] | None = None) -> int:
     from pipeline.errors import ConfigError
 
     argv = _flags(sys.argv[1:] if argv is None else list(argv))
-    invocation = parse(CompareConfig, argv, "python -m jobs.compare", __doc__.split("\n")[0])
+    invocation = parse(CompareConfig, argv, COMMAND)
     config = invocation.config
     from pipeline.curation import compare
 
