@@ -2,7 +2,7 @@
 scores' committed score files; once the output's lease is held and its identity checked, two exact distributed
 passes find the thresholds (`pipeline.curation.thresholds`); then per score shard the selected records and, with
 `materialize`, the kept samples as shards in the input's format are committed through the manifest; with `report`,
-an HTML report (`pipeline.curation.report_data`). Its summary and the lines it prints are
+an HTML report (`pipeline.curation.report_data`), written by the run itself. Its summary and the lines it prints are
 `pipeline.curation.summary`'s. `python -m jobs.curate` runs it; `curate` does the same for code already connected
 to Ray."""
 
@@ -81,6 +81,7 @@ class CurationJob(Job):
         self.listing: ShardListing | None = None
         self.filters = Filters.of(config)
         self.resharded: dict | None = None
+        self.report_uri: str | None = None  # where this run's report went (with `report`)
 
     def identity(self, scores_identity: str, thresholds: Thresholds | None) -> dict:
         c = self.config
@@ -165,9 +166,13 @@ class CurationJob(Job):
         return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group, self.filters)]
 
     def summary_fields(self, prepared: PreparedJob, result: RunResult) -> dict:
-        """The summary's `curate` part, over every curated shard (`pipeline.curation.summary`)."""
+        """The summary's `curate` part, over every curated shard (`pipeline.curation.summary`); with `report`, the
+        run's last step, under the lease: the HTML report drawn from it."""
         entries = [*prepared.committed.values(), *(result.committer.entries if result.committer else [])]
-        return curation_fields(self.config, self.thresholds, entries, self.filters.terms, self.resharded)
+        own = curation_fields(self.config, self.thresholds, entries, self.filters.terms, self.resharded)
+        if self.config.report:
+            self.report_uri = self.write_report(own)
+        return own
 
     def every_sample_failed(self, summary: dict) -> bool:
         return False  # score errors are never selected; a curation whose every record is one fails nothing
@@ -175,19 +180,18 @@ class CurationJob(Job):
     def summary_lines(self, summary: dict) -> list[str]:
         return curation_lines(summary[self.name])
 
-    def write_report(self, summary: dict) -> str:
-        """The HTML report of this run (`report`: its folder); returns its URI."""
+    def write_report(self, own: dict) -> str:
+        """The HTML report of this run (`report`: its folder), from the summary's `curate` part; returns its URI."""
         from pipeline.curation.report_data import write_curation_report
 
-        return write_curation_report(self.config, self.listing.shards, self.thresholds, summary, self.filters,
+        return write_curation_report(self.config, self.listing.shards, self.thresholds, own, self.filters,
                                      self.executor)
 
 
-def curate(config: CurateConfig, progress: bool = True) -> tuple[CurationJob, dict]:
-    """Select (and materialize) every committed score shard not yet curated; returns the job (for its report) and
-    the summary."""
-    job = CurationJob(config)
-    return job, run_job(job, progress)
+def curate(config: CurateConfig, progress: bool = True) -> dict:
+    """Select (and materialize) every committed score shard not yet curated, and with `report` write the report;
+    returns the summary (as `pipeline.scoring.score_dataset` does)."""
+    return run_job(CurationJob(config), progress)
 
 
 __all__ = ["ALL", "CurationJob", "curate"]

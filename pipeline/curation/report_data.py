@@ -108,9 +108,9 @@ def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict
     return found
 
 
-def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,
+def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, own: dict,
                       filters: Filters | None = None, executor=None) -> ReportData:
-    own = summary["curate"]
+    """The report's data, from the passes' counts, the summary's `curate` part (`own`) and examples read back."""
     rows = _candidates(config, shards, filters or Filters(), thresholds)
     sections = _sections(config, thresholds, rows)
     needed: dict[str, set[str]] = {}
@@ -153,6 +153,7 @@ def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thr
         generated_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), extras=_extras(config, thresholds, own))
 
 
-def write_curation_report(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,
+def write_curation_report(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, own: dict,
                           filters: Filters | None = None, executor=None) -> str:
-    return write_report(config.report, build_report_data(config, shards, thresholds, summary, filters, executor))
+    """Write the report to `config.report` (`index.html`); returns its URI."""
+    return write_report(config.report, build_report_data(config, shards, thresholds, own, filters, executor))
