@@ -10,6 +10,7 @@ from pipeline.curation.passes import compute_thresholds
 from pipeline.errors import BrokenWorker
 from pipeline.io.listing import Shard
 from pipeline.runner.deaths import TASK_RETRIES
+from pipeline.runner.executors import executor_named
 from tests.support import hostile
 
 
@@ -18,4 +19,4 @@ def test_a_score_file_that_keeps_killing_its_worker_ends_the_run_naming_it(tmp_p
                     f"{name}.tar") for k, name in enumerate(["a", "b", "c"])]
     config = CurateConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "cur"), keep_fraction=0.5)
     with pytest.raises(BrokenWorker, match=f"died {TASK_RETRIES + 1} times on the score file b.tar"):
-        compute_thresholds(config, shards, hostile.KillsOnShard(source="b.tar"))
+        compute_thresholds(config, shards, hostile.KillsOnShard(source="b.tar"), executor_named(config.executor))
