@@ -5,10 +5,11 @@
 Selects the best-scored records that pass the filters (error records never), writes them per input shard to
 OUTPUT/selected/ (and, with --materialize, the kept samples as shards in the input's format to OUTPUT/shards/; with
 --samples-per-shard, as balanced shards of N with img2dataset sidecars to OUTPUT/shards/<format>/), and with
---report an HTML report to judge the threshold by. Rerunning after a kill finishes the job exactly once; with
---min-score a rerun curates only the score shards committed since the last run. `--dry-run` computes the exact
-thresholds of the rule and of a sweep (no lease taken, nothing written). Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad configuration, 130
-after Ctrl-C.
+--report an HTML report to judge the threshold by (written by the run itself, as `pipeline.curation.curate` does).
+Rerunning after a kill finishes the job exactly once; with --min-score a rerun curates only the score shards
+committed since the last run. `--dry-run` computes the exact thresholds of the rule and of a sweep (no lease taken,
+nothing written). Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad
+configuration, 130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def _job(config, sources):
 
 
 def _report(job, summary: dict) -> None:
-    if job.config.report:
-        print(f"  report     {job.write_report(summary)}")
+    if job.report_uri:  # the run wrote it (`report`)
+        print(f"  report     {job.report_uri}")
 
 
 def _check(invocation: Invocation) -> None:

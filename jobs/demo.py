@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     curated = summary["curate"]
     print(format_summary(job, summary))
     print("[demo] 5/5 the report")
-    report = job.write_report(summary)
+    report = job.report_uri  # the curation run wrote it (`report`)
     (work / "demo_summary.json").write_text(json.dumps({
         "held_out_mean_score_by_level": means, "kept": curated["kept"], "scored": curated["scored"],
         "thresholds": curated["thresholds"], "report": report, "elapsed_s": round(time.time() - started, 1)},

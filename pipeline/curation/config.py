@@ -7,12 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.curation import where
+from pipeline.curation.rule import Rule
 from pipeline.io.samples import SourceOptions
 from pipeline.io.uris import normalize_uri
 from pipeline.runner.executors import ExecutorName, executor_field
-
-DEFAULT_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
-DEFAULT_MIN_SCORES = (0.5, 1.0, 1.5, 2.0, 2.5)
 
 
 class CurateConfig(BaseModel):
@@ -65,20 +63,12 @@ class CurateConfig(BaseModel):
         if self.where is not None:
             where.parse(self.where)  # the syntax, before anything runs; the columns once the corpus is known
         if self.sweep is not None:
-            if not self.sweep:
-                raise ValueError("field 'sweep': give at least one value")
-            if self.keep_fraction is not None and not all(0 < v <= 1 for v in self.sweep):
-                raise ValueError("field 'sweep': fractions lie in (0, 1]")
+            self.rule.check_sweep(self.sweep)
         return self
 
     @property
-    def sweep_values(self) -> list[float]:
-        """What a dry run tabulates: the rule's own value first, then the sweep's (or the standard set)."""
-        own = self.keep_fraction if self.keep_fraction is not None else self.min_score
-        default = DEFAULT_FRACTIONS if self.keep_fraction is not None else DEFAULT_MIN_SCORES
-        return sorted({own, *(self.sweep or default)})
-
-    @property
-    def rule(self) -> str:
-        rule = f"min-score {self.min_score:g}" if self.min_score is not None else f"keep-fraction {self.keep_fraction:g}"
-        return rule + (" per kind" if self.per_kind else "")
+    def rule(self) -> Rule:
+        """The rule, the one place that tells a minimum score from a fraction (`pipeline.curation.rule`)."""
+        if self.keep_fraction is not None:
+            return Rule("keep_fraction", self.keep_fraction, self.per_kind)
+        return Rule("min_score", self.min_score, self.per_kind)

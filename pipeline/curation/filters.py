@@ -57,40 +57,38 @@ SCORE_TYPES = {f.name: kind_of(f.type) for f in SCORE_SCHEMA}
 
 @dataclass(frozen=True)
 class Filters:
-    """The conditions a record must pass, besides its score. `types`: the metadata columns they read and their
-    types, known once checked against the corpus (`check_filters`)."""
+    """The conditions a record must pass, besides its score, parsed once (`Filters.of`): each term of `--where`
+    joined by `and`, then `not truncated` and `n_images >= N` from their flags, a term given twice kept once.
+    `types`: the metadata columns they read and their types, known once checked against the corpus
+    (`check_filters`)."""
 
-    where: str | None = None
-    drop_truncated: bool = False
-    min_images: int | None = None
+    conditions: tuple[where.Condition, ...] = ()
     types: dict[str, str] = field(default_factory=dict)
     id_column: str = "id"  # how a Parquet shard names its rows (`source.id_column`): its columns are joined by id
 
     @classmethod
     def of(cls, config) -> Filters:
-        return cls(config.where, config.drop_truncated, config.min_images, id_column=config.source.id_column)
-
-    def conditions(self) -> list[where.Condition]:
-        out = where.conjuncts(where.parse(self.where)) if self.where else []
-        if self.drop_truncated:
-            out.append(where.parse("not truncated"))
-        if self.min_images is not None:
-            out.append(where.parse(f"n_images >= {self.min_images}"))
-        return list({str(c): c for c in out}.values())  # a term given twice is one term
+        terms = where.conjuncts(where.parse(config.where)) if config.where else []
+        if config.drop_truncated:
+            terms.append(where.parse("not truncated"))
+        if config.min_images is not None:
+            terms.append(where.parse(f"n_images >= {config.min_images}"))
+        return cls(tuple({str(c): c for c in terms}.values()), id_column=config.source.id_column)
 
     @property
     def terms(self) -> list[str]:
-        return [str(c) for c in self.conditions()]
+        """Each condition as written back (the summary's and the identity's names for them)."""
+        return [str(c) for c in self.conditions]
 
     def columns(self) -> set[str]:
-        return set().union(*(where.columns_of(c) for c in self.conditions()))
+        return set().union(*(where.columns_of(c) for c in self.conditions))
 
     def metadata_columns(self) -> set[str]:
         return self.columns() - set(SCORE_TYPES)
 
     def evaluate(self, table: pa.Table) -> tuple[np.ndarray, list[np.ndarray]]:
         """(passes every term, [fails term i]) per record: a null value fails."""
-        conditions = self.conditions()
+        conditions = self.conditions
         n = table.num_rows
         if not conditions:
             return np.ones(n, dtype=bool), []
@@ -145,8 +143,7 @@ def metadata_types(shards: list[Shard]) -> tuple[dict[str, str], list[str]]:
 def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
     """Names and types of every condition checked against the score records' columns and the first input shards'
     metadata (exit 2 naming `where` before anything is written); returns the filters knowing their columns' types."""
-    conditions = filters.conditions()
-    if not conditions:
+    if not filters.conditions:
         return filters
     types = {k: v for k, v in SCORE_TYPES.items()}
     seen: list[str] = []
@@ -158,7 +155,7 @@ def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
         types = {**meta, **types}
     where_from = "the score records'" + (f" and the metadata of {', '.join(seen)}" if seen else
                                          "; no metadata beside the first input shard")
-    for condition in conditions:
+    for condition in filters.conditions:
         where.check(condition, types, where_from)
     return replace(filters, types={c: types[c] for c in sorted(filters.metadata_columns())})
 

@@ -4,7 +4,8 @@ the selection stage will), and counts what passes. Pass one: counts per kind in 
 and what each filter removed; pass two: the low 16 bits inside the bins every asked-for threshold falls in, and
 the plotting histograms. Any number of thresholds (the rule's and a sweep's) cost the same two passes.
 
-A `min_score` rule with no report and no sweep needs neither pass: the cut is the number given.
+A rule whose cut is the number given (a minimum score: `Rule.fixed_cut`) with no report and no sweep needs neither
+pass.
 
 A shard that cannot be evaluated fails its pass by name, never with a traceback nor with Ray's retries: a score
 file that is not what was committed (`CorruptState` naming it and what to do: exit 2), metadata that is not
@@ -32,9 +33,7 @@ from pipeline.curation.thresholds import (
     KindCounts,
     Plot,
     Thresholds,
-    cut_bin,
     dense,
-    keep_count,
     kept_at,
     merge_pass_one,
     pass_one,
@@ -179,41 +178,30 @@ def _filter_totals(rows: list[dict], filters: Filters) -> dict:
     return {"terms": filters.terms, "removed": dict(removed), **dict(totals), "mistyped": dict(mistyped)}
 
 
-def _cut(counts: KindCounts, rule: str, value: float) -> tuple[int, int] | int | None:
-    """Where a rule's cut lies: (high bin, rank inside it) for a fraction, the score's key for a minimum score,
-    None when nothing is kept."""
-    if rule == "min_score":
-        return score_key(float(np.float32(value)))
-    k = keep_count(value, counts.scored)
-    return cut_bin(counts, k) if k else None
-
-
 def _cut_bin(cut) -> int | None:
     return None if cut is None else cut[0] if isinstance(cut, tuple) else cut >> 16
 
 
 def compute_thresholds(config, shards: list[Shard], filters: Filters, executor, sweep: list[float] | None = None
                        ) -> Thresholds:
-    """Two passes over the score files (on Ray Data, or in this process with the local executor): the exact thresholds of the rule (and of every value of
-    `sweep`, in the rule's unit), how many records each keeps per kind, and the histograms on the way."""
-    rule = "min_score" if config.min_score is not None else "keep_fraction"
-    value = config.min_score if rule == "min_score" else config.keep_fraction
-    groups = list(KINDS) if config.per_kind else [ALL]
-    if rule == "min_score" and not config.report and sweep is None:
-        cut = float(np.float32(config.min_score))
-        return Thresholds({name: cut for name in groups}, {}, Counter())
+    """Two passes over the score files (on Ray Data, or in this process with the local executor): the exact
+    thresholds of the rule (and of every value of `sweep`, in the rule's unit), how many records each keeps per kind,
+    and the histograms on the way."""
+    rule = config.rule
+    if rule.fixed_cut is not None and not config.report and sweep is None:
+        return Thresholds({name: rule.fixed_cut for name in rule.groups}, {}, Counter())
     rows = _run(shards, executor, _pass_one, filters=filters)
     counts, errors = merge_pass_one(rows)
-    values = list(dict.fromkeys([value, *(sweep or [])]))
-    cuts = {v: {g: _cut(counts.get(g, KindCounts()), rule, v) for g in groups} for v in values}
+    values = list(dict.fromkeys([rule.value, *(sweep or [])]))
+    cuts = {v: {g: rule.cut(counts.get(g, KindCounts()), v) for g in rule.groups} for v in values}
     wanted = sorted({b for by_group in cuts.values() for c in by_group.values() if (b := _cut_bin(c)) is not None})
     edges = {kind: plot_edges(counts[kind], config.histogram_bins) for kind in KINDS
              if kind in counts and counts[kind].scored}
     low, plots = _resolve(_run(shards, executor, _pass_two, filters=filters, bins={g: wanted for g in (*KINDS, ALL)},
                                edges=edges), edges)
     resolved = {v: {g: _threshold(c, low.get(g, {})) for g, c in by_group.items()} for v, by_group in cuts.items()}
-    table = [_sweep_row(v, resolved[v], counts, low, config.per_kind) for v in values]
-    return Thresholds(resolved[value], counts, errors, plots, sweep=sorted(table, key=lambda r: r["value"]),
+    table = [_sweep_row(v, resolved[v], counts, low, rule.per_kind) for v in values]
+    return Thresholds(resolved[rule.value], counts, errors, plots, sweep=sorted(table, key=lambda r: r["value"]),
                       filters=_filter_totals(rows, filters))
 
 

@@ -1,6 +1,6 @@
-"""The data behind a curation run's HTML report (`pipeline.curation.report_html` draws it): histograms and counts from the
-curation's own passes and commits, and example records with their images and text read back from a few input
-shards (chosen evenly across the corpus, so the report never reads the whole of it).
+"""The data behind a curation run's HTML report (`pipeline.curation.report_html` draws it): histograms and counts
+from the curation's own passes and commits, and example records with their images and text read back from a few
+input shards (chosen evenly across the corpus, so the report never reads the whole of it).
 
 Sections: for each predicted level, and for each kind just above and just below its threshold, `examples`
 records; within a section, records are picked deterministically (by a hash of their id), so a rerun shows the
@@ -78,9 +78,9 @@ def _sections(config: CurateConfig, thresholds: Thresholds, rows: list[dict]) ->
 
 def _extras(config: CurateConfig, thresholds: Thresholds, own: dict) -> Extras:
     """The sections for choosing a rule, from the passes' counts and the summary."""
-    extras = Extras(sweep=thresholds.sweep or [], rule_value=config.keep_fraction if config.keep_fraction
-                    is not None else config.min_score, filters=own.get("filters"), sources=own.get("top_sources", []),
-                    sweep_unit="fraction" if config.keep_fraction is not None else "min-score")
+    rule = config.rule
+    extras = Extras(sweep=thresholds.sweep or [], rule_value=rule.value, filters=own.get("filters"),
+                    sources=own.get("top_sources", []), sweep_unit=rule.unit)
     for kind in KINDS:
         counts = thresholds.counts.get(kind)
         if counts is None or not counts.scored:
@@ -108,9 +108,9 @@ def fetch_examples(shard: dict, fmt: str, ids: list[str], options: dict) -> dict
     return found
 
 
-def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,
+def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, own: dict,
                       filters: Filters | None = None, executor=None) -> ReportData:
-    own = summary["curate"]
+    """The report's data, from the passes' counts, the summary's `curate` part (`own`) and examples read back."""
     rows = _candidates(config, shards, filters or Filters(), thresholds)
     sections = _sections(config, thresholds, rows)
     needed: dict[str, set[str]] = {}
@@ -145,13 +145,15 @@ def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thr
             shown.append(Example(r["id"], r["source"], r["kind"], float(r["score"]), r["label"], data["text"],
                                  data["images"], r["truncated"], r["n_images"]))
         examples.append((heading, shown))
+    rule = config.rule.label
     return ReportData(
-        title=f"UniFilter curation: {config.rule}", scores_uri=config.scores, rule=config.rule, kinds=kinds,
+        title=f"UniFilter curation: {rule}", scores_uri=config.scores, rule=rule, kinds=kinds,
         errors_by_reason=own["score_errors"]["by_reason"],
         error_examples=own["score_errors"]["examples"], sections=examples,
         generated_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), extras=_extras(config, thresholds, own))
 
 
-def write_curation_report(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, summary: dict,
+def write_curation_report(config: CurateConfig, shards: list[Shard], thresholds: Thresholds, own: dict,
                           filters: Filters | None = None, executor=None) -> str:
-    return write_report(config.report, build_report_data(config, shards, thresholds, summary, filters, executor))
+    """Write the report to `config.report` (`index.html`); returns its URI."""
+    return write_report(config.report, build_report_data(config, shards, thresholds, own, filters, executor))

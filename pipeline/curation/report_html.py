@@ -3,8 +3,9 @@
 The page needs no network and no JavaScript: CSS is inline (allowed by its hash in a Content-Security-Policy that
 forbids scripts and every fetch), the score histograms are matplotlib PNGs (Agg) and the example thumbnails are
 JPEGs, all embedded as `data:` URIs. Every text that came from the data (captions, document excerpts, ids, shard
-names, error reasons) is untrusted and goes through `html.escape`. Images are untrusted too: each is decoded with
-the model's bomb-guarded decoder and an image that does not decode becomes a placeholder box, never a failure.
+names, error reasons) is untrusted and goes through `html.escape` (`report_markup.esc`). Images are untrusted too:
+each is decoded with the model's bomb-guarded decoder and an image that does not decode becomes a placeholder box,
+never a failure.
 Where the images are read (a curation's report tasks) they are made into `Thumbnail`s there, so the process that
 draws the page never decodes a full image.
 
@@ -19,15 +20,23 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import io
 import math
-import re
 from dataclasses import dataclass, field
 
 from model.errors import Category, SampleError
 from model.limits import DEFAULT_MAX_IMAGE_PIXELS
 from model.processing import decode_image
+from pipeline.curation.report_markup import (
+    DROPPED_COLOR,
+    KEPT_COLOR,
+    THRESHOLD_COLOR,
+    data_uri,
+    esc,
+    num,
+    pct,
+)
+from pipeline.curation.report_sections import extras_html
 from pipeline.io.publish import write_bytes
 from pipeline.io.uris import filesystem_for, join, normalize_uri, to_uri
 
@@ -41,11 +50,6 @@ EXCERPT_CHARS = 320  # a document's excerpt
 ID_CHARS = 120
 REASON_CHARS = 300
 THUMB_MAX_PIXELS = DEFAULT_MAX_IMAGE_PIXELS  # what the scorer accepts, the report can show
-
-# Histogram colours (distinct from the corpus' drawn shapes, so a screenshot can tell them apart).
-KEPT_COLOR = "#1b9e77"  # bins at or above the threshold
-DROPPED_COLOR = "#9aa4b1"  # bins below it
-THRESHOLD_COLOR = "#d1006f"
 
 
 @dataclass(frozen=True)
@@ -97,33 +101,8 @@ class ReportData:
 
 
 # -- text ----------------------------------------------------------------------------------------------------------
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-def _esc(value: object, limit: int | None = None) -> str:
-    """Untrusted value -> HTML text: cut to `limit` characters (with an ellipsis), control characters dropped,
-    lone surrogates replaced, then `html.escape` (quotes too, so it is safe in attributes as well)."""
-    text = "" if value is None else str(value)
-    text = _CONTROL.sub("", text).encode("utf-8", "replace").decode("utf-8")
-    if limit is not None and len(text) > limit:
-        text = text[:limit].rstrip() + "\u2026"
-    return html.escape(text, quote=True)
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "\u2014"
-    return f"{value:.{digits}f}" if math.isfinite(value) else "\u2014"
-
-
-def _pct(part: int, whole: int) -> str:
-    return f"{100.0 * part / whole:.1f}%" if whole else "\u2014"
-
-
 def _level(label: int | None) -> str:
-    return "\u2014" if label is None else _esc(label)
+    return "\u2014" if label is None else esc(label)
 
 
 # -- images --------------------------------------------------------------------------------------------------------
@@ -148,16 +127,12 @@ def make_thumbnail(data: bytes) -> Thumbnail:
         return Thumbnail(None, str(err) if isinstance(err, SampleError) else f"{type(err).__name__}: {err}")
 
 
-def _data_uri(mime: str, data: bytes) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
 def _image_html(image: bytes | Thumbnail, alt: str) -> str:
     thumb = image if isinstance(image, Thumbnail) else make_thumbnail(image)
     if thumb.jpeg is None:
         return (f'<div class="placeholder" role="img" aria-label="image could not be decoded">'
-                f'<span>image could not be decoded</span><small>{_esc(thumb.reason, 120)}</small></div>')
-    return f'<img class="thumb" src="{_data_uri("image/jpeg", thumb.jpeg)}" alt="{alt}">'
+                f'<span>image could not be decoded</span><small>{esc(thumb.reason, 120)}</small></div>')
+    return f'<img class="thumb" src="{data_uri("image/jpeg", thumb.jpeg)}" alt="{alt}">'
 
 
 # -- histograms ----------------------------------------------------------------------------------------------------
@@ -273,12 +248,12 @@ def _counts_tables(kinds: list[KindStats]) -> str:
     rows = []
     for s in kinds:
         total = s.kept + s.dropped
-        cut = "no cut" if s.threshold is None else _num(s.threshold)
-        rows.append(f'<tr><td class="l">{_esc(s.kind)}</td><td>{cut}</td><td>{s.kept:,}</td><td>{s.dropped:,}</td>'
-                    f'<td>{total:,}</td><td>{_pct(s.kept, total)}</td></tr>')
+        cut = "no cut" if s.threshold is None else num(s.threshold)
+        rows.append(f'<tr><td class="l">{esc(s.kind)}</td><td>{cut}</td><td>{s.kept:,}</td><td>{s.dropped:,}</td>'
+                    f'<td>{total:,}</td><td>{pct(s.kept, total)}</td></tr>')
     kept, dropped = sum(s.kept for s in kinds), sum(s.dropped for s in kinds)
     rows.append(f'<tr class="total"><td class="l">total</td><td></td><td>{kept:,}</td><td>{dropped:,}</td>'
-                f'<td>{kept + dropped:,}</td><td>{_pct(kept, kept + dropped)}</td></tr>')
+                f'<td>{kept + dropped:,}</td><td>{pct(kept, kept + dropped)}</td></tr>')
     parts = ['<div class="scroll"><table class="counts"><caption>Kept and dropped per kind</caption>'
              '<tr><th class="l">kind</th><th>threshold</th><th>kept</th><th>dropped</th><th>scored</th>'
              '<th>kept %</th></tr>' + "".join(rows) + "</table></div>"]
@@ -286,12 +261,12 @@ def _counts_tables(kinds: list[KindStats]) -> str:
         body, kept_by, dropped_by = [], s.kept_by_level or {}, s.dropped_by_level or {}
         for level in _level_keys(s):
             k, d = int(kept_by.get(level, 0)), int(dropped_by.get(level, 0))
-            body.append(f'<tr><td class="l">{_esc(level)}</td><td>{k:,}</td><td>{d:,}</td><td>{k + d:,}</td>'
-                        f'<td>{_pct(k, k + d)}</td></tr>')
+            body.append(f'<tr><td class="l">{esc(level)}</td><td>{k:,}</td><td>{d:,}</td><td>{k + d:,}</td>'
+                        f'<td>{pct(k, k + d)}</td></tr>')
         k, d = sum(int(v) for v in kept_by.values()), sum(int(v) for v in dropped_by.values())
         body.append(f'<tr class="total"><td class="l">total</td><td>{k:,}</td><td>{d:,}</td><td>{k + d:,}</td>'
-                    f'<td>{_pct(k, k + d)}</td></tr>')
-        parts.append(f'<div class="scroll"><table class="levels"><caption>{_esc(s.kind)}: per predicted level'
+                    f'<td>{pct(k, k + d)}</td></tr>')
+        parts.append(f'<div class="scroll"><table class="levels"><caption>{esc(s.kind)}: per predicted level'
                      '</caption><tr><th class="l">level</th><th>kept</th><th>dropped</th><th>total</th>'
                      '<th>kept %</th></tr>' + "".join(body) + "</table></div>")
     return '<div class="tables">' + "".join(parts) + "</div>"
@@ -305,10 +280,10 @@ def _errors_table(errors: dict[str, int], examples: dict[str, dict]) -> str:
         example = examples.get(reason) or {}
         if isinstance(example, str):  # a report of an earlier version: the reason only
             example = {"error": example}
-        where = (f'<div class="id">{_esc(example.get("id"), ID_CHARS)} in {_esc(example.get("shard"), ID_CHARS)}'
+        where = (f'<div class="id">{esc(example.get("id"), ID_CHARS)} in {esc(example.get("shard"), ID_CHARS)}'
                  "</div>" if example.get("id") else "")
-        rows.append(f'<tr><td class="l reason">{_esc(reason, REASON_CHARS)}</td><td>{int(n):,}</td>'
-                    f'<td class="reason">{where}{_esc(example.get("error", ""), REASON_CHARS)}</td></tr>')
+        rows.append(f'<tr><td class="l reason">{esc(reason, REASON_CHARS)}</td><td>{int(n):,}</td>'
+                    f'<td class="reason">{where}{esc(example.get("error", ""), REASON_CHARS)}</td></tr>')
     rows.append(f'<tr class="total"><td class="l">total</td><td>{sum(int(n) for n in errors.values()):,}</td>'
                 "<td></td></tr>")
     return ('<div class="scroll"><table class="errors"><tr><th class="l">reason</th><th>records</th>'
@@ -318,12 +293,12 @@ def _errors_table(errors: dict[str, int], examples: dict[str, dict]) -> str:
 def _flags(ex: Example) -> str:
     images = [f"{ex.n_images} image{'' if ex.n_images == 1 else 's'}"] if ex.n_images is not None else []
     flags = images + (["truncated"] if ex.truncated else [])
-    return '<div class="flags">' + _esc(" \u00b7 ".join(flags)) + "</div>" if flags else ""
+    return '<div class="flags">' + esc(" \u00b7 ".join(flags)) + "</div>" if flags else ""
 
 
 def _example_html(ex: Example) -> str:
     images = list(ex.images or [])[:MAX_IMAGES]
-    alt = _esc(f"{ex.kind} {ex.id}", ID_CHARS)
+    alt = esc(f"{ex.kind} {ex.id}", ID_CHARS)
     if images:
         thumbs = '<div class="thumbs">' + "".join(_image_html(img, alt) for img in images) + "</div>"
     else:
@@ -331,10 +306,10 @@ def _example_html(ex: Example) -> str:
     limit = CAPTION_CHARS if ex.kind == "caption" else EXCERPT_CHARS
     kind_class = "interleaved" if ex.kind != "caption" else "caption"
     return (f'<article class="example {kind_class}">{thumbs}'
-            f'<div><span class="score">score {_num(ex.score)}</span><span class="lvl">level {_level(ex.label)}'
-            f'</span></div><div class="id">{_esc(ex.id, ID_CHARS)}</div>'
-            f'<div class="src">{_esc(ex.kind)} \u00b7 {_esc(ex.source, ID_CHARS)}</div>{_flags(ex)}'
-            f'<p class="text">{_esc(ex.text, limit)}</p></article>')
+            f'<div><span class="score">score {num(ex.score)}</span><span class="lvl">level {_level(ex.label)}'
+            f'</span></div><div class="id">{esc(ex.id, ID_CHARS)}</div>'
+            f'<div class="src">{esc(ex.kind)} \u00b7 {esc(ex.source, ID_CHARS)}</div>{_flags(ex)}'
+            f'<p class="text">{esc(ex.text, limit)}</p></article>')
 
 
 def render_html(data: ReportData) -> str:
@@ -343,17 +318,17 @@ def render_html(data: ReportData) -> str:
     dropped = sum(s.dropped for s in data.kinds)
     n_errors = sum(int(n) for n in data.errors_by_reason.values())
     cuts = "".join(
-        f'<li><b>{_esc(s.kind)}</b>: {"no cut" if s.threshold is None else "threshold " + _num(s.threshold)}'
-        f" \u2014 kept {s.kept:,} / {s.kept + s.dropped:,} ({_pct(s.kept, s.kept + s.dropped)})</li>"
+        f'<li><b>{esc(s.kind)}</b>: {"no cut" if s.threshold is None else "threshold " + num(s.threshold)}'
+        f" \u2014 kept {s.kept:,} / {s.kept + s.dropped:,} ({pct(s.kept, s.kept + s.dropped)})</li>"
         for s in data.kinds)
     figures = "".join(
-        f'<figure><img class="hist" src="{_data_uri("image/png", histogram_png(s))}" '
-        f'alt="score histogram of {_esc(s.kind)}, threshold {"none" if s.threshold is None else _num(s.threshold)}">'
+        f'<figure><img class="hist" src="{data_uri("image/png", histogram_png(s))}" '
+        f'alt="score histogram of {esc(s.kind)}, threshold {"none" if s.threshold is None else num(s.threshold)}">'
         "</figure>" for s in data.kinds)
     sections = []
     for i, (heading, examples) in enumerate(data.sections):
         cards = "".join(_example_html(ex) for ex in examples) or '<p class="empty">No examples.</p>'
-        sections.append(f'<section class="examples" id="section-{i}"><h2>{_esc(heading)} '
+        sections.append(f'<section class="examples" id="section-{i}"><h2>{esc(heading)} '
                         f'<small>({len(examples)})</small></h2><div class="grid">{cards}</div></section>')
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -362,16 +337,16 @@ def render_html(data: ReportData) -> str:
 <meta http-equiv="Content-Security-Policy" content="{_csp(CSS)}">
 <meta name="referrer" content="no-referrer">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_esc(data.title)}</title>
+<title>{esc(data.title)}</title>
 <style>{CSS}</style>
 </head>
 <body>
 <header>
-<h1>{_esc(data.title)}</h1>
-<p class="meta">Rule: <b>{_esc(data.rule)}</b> \u00b7 kept <b>{kept:,}</b>, dropped <b>{dropped:,}</b>
-({_pct(kept, kept + dropped)} kept) \u00b7 error records <b>{n_errors:,}</b></p>
+<h1>{esc(data.title)}</h1>
+<p class="meta">Rule: <b>{esc(data.rule)}</b> \u00b7 kept <b>{kept:,}</b>, dropped <b>{dropped:,}</b>
+({pct(kept, kept + dropped)} kept) \u00b7 error records <b>{n_errors:,}</b></p>
 <ul class="cuts">{cuts}</ul>
-<p class="meta">Scores: {_esc(data.scores_uri)} \u00b7 generated {_esc(data.generated_at)}</p>
+<p class="meta">Scores: {esc(data.scores_uri)} \u00b7 generated {esc(data.generated_at)}</p>
 </header>
 <main>
 <section id="histograms"><h2>Score distribution</h2>
@@ -388,7 +363,6 @@ def render_html(data: ReportData) -> str:
 
 
 def _extras(data: ReportData) -> str:
-    from pipeline.curation.report_sections import extras_html  # it draws with this module's helpers
     return extras_html(data.extras) if data.extras is not None else ""
 
 

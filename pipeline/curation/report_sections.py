@@ -1,7 +1,7 @@
 """The curation report's sections for choosing a rule (drawn into the page by `report_html.render_html`): kept
 fraction against threshold per kind with the chosen point marked, the chosen rule beside the swept ones, what each
 filter removed, the scores outside the levels the head was trained toward, and the input shards by volume with
-their level distribution and kept share. Same rules as the rest of the page: every data text through `_esc`,
+their level distribution and kept share. Same rules as the rest of the page: every data text through `esc`,
 figures as inline PNGs, no script."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import io
 import math
 from dataclasses import dataclass, field
 
-from pipeline.curation.report_html import KEPT_COLOR, THRESHOLD_COLOR, _data_uri, _esc, _num, _pct
+from pipeline.curation.report_markup import KEPT_COLOR, THRESHOLD_COLOR, data_uri, esc, num, pct
 
 SOURCES_SHOWN = 20
 
@@ -65,8 +65,8 @@ def _curves(x: Extras) -> str:
                        / max(1, row["scored"].get(kind, 1))) for row in x.sweep]
         png = curve_png(kind, cuts, kept, x.chosen.get(kind, (None, 0.0)),
                         [(c, k) for c, k in group_cuts if c is not None])
-        figures.append(f'<figure><img class="curve" src="{_data_uri("image/png", png)}" '
-                       f'alt="kept share against threshold, {_esc(kind)}"></figure>')
+        figures.append(f'<figure><img class="curve" src="{data_uri("image/png", png)}" '
+                       f'alt="kept share against threshold, {esc(kind)}"></figure>')
     return ('<section id="curves"><h2>Kept share against threshold</h2><div class="hists">' + "".join(figures)
             + "</div>" + _sweep_table(x) + "</section>")
 
@@ -76,26 +76,26 @@ def _sweep_table(x: Extras) -> str:
         return ""
     kinds = sorted({k for row in x.sweep for k in row["scored"]})
     groups = list(x.sweep[0]["thresholds"])
-    head = "".join(f"<th>threshold {_esc(g)}</th>" for g in groups) + "".join(f"<th>kept {_esc(k)}</th>"
+    head = "".join(f"<th>threshold {esc(g)}</th>" for g in groups) + "".join(f"<th>kept {esc(k)}</th>"
                                                                                 for k in kinds)
     rows = []
     for row in x.sweep:
         mark = ' class="chosen"' if row["value"] == x.rule_value else ""
-        cuts = "".join(f"<td>{'none kept' if row['thresholds'][g] is None else _num(row['thresholds'][g], 4)}</td>"
+        cuts = "".join(f"<td>{'none kept' if row['thresholds'][g] is None else num(row['thresholds'][g], 4)}</td>"
                        for g in groups)
-        kept = "".join(f"<td>{row['kept'].get(k, 0):,} ({_pct(row['kept'].get(k, 0), row['scored'].get(k, 0))})"
+        kept = "".join(f"<td>{row['kept'].get(k, 0):,} ({pct(row['kept'].get(k, 0), row['scored'].get(k, 0))})"
                        "</td>" for k in kinds)
-        value = _esc(format(row["value"], "g")) + (" (chosen)" if mark else "")
+        value = esc(format(row["value"], "g")) + (" (chosen)" if mark else "")
         rows.append(f"<tr{mark}><td>{value}</td>{cuts}{kept}</tr>")
     return ('<div class="scroll"><table class="sweep"><caption>The chosen rule beside the swept ones</caption>'
-            f"<tr><th>{_esc(x.sweep_unit)}</th>{head}</tr>" + "".join(rows) + "</table></div>")
+            f"<tr><th>{esc(x.sweep_unit)}</th>{head}</tr>" + "".join(rows) + "</table></div>")
 
 
 def _filters(x: Extras) -> str:
     f = x.filters
     if not f:
         return ""
-    rows = "".join(f'<tr><td class="l reason">{_esc(term)}</td><td>{int(n):,}</td></tr>'
+    rows = "".join(f'<tr><td class="l reason">{esc(term)}</td><td>{int(n):,}</td></tr>'
                    for term, n in f["removed"].items())
     return ('<section id="filters"><h2>Filters</h2><div class="scroll"><table class="filters">'
             '<tr><th class="l">term</th><th>scored records failing it</th></tr>' + rows
@@ -108,7 +108,7 @@ def _filters(x: Extras) -> str:
 def _outliers(x: Extras) -> str:
     items = []
     for kind, o in x.outliers.items():
-        items.append(f"<li><b>{_esc(kind)}</b>: scores from {_num(o.get('low'))} to {_num(o.get('high'))}; "
+        items.append(f"<li><b>{esc(kind)}</b>: scores from {num(o.get('low'))} to {num(o.get('high'))}; "
                      f"{int(o.get('below0', 0)):,} below 0 and {int(o.get('above3', 0)):,} above 3; "
                      f"{int(o.get('left_out', 0)):,} outside the histogram's range (counted, not drawn)</li>")
     return ('<section id="outliers"><h2>Scores outside the levels</h2><p class="meta">The score is a regression '
@@ -124,8 +124,8 @@ def _sources(x: Extras) -> str:
     rows = []
     for s in x.sources[:SOURCES_SHOWN]:
         levels = " \u00b7 ".join(f"L{lv} {int(s['levels'].get(str(lv), 0)):,}" for lv in range(4))
-        rows.append(f'<tr><td class="l reason">{_esc(s["source"], 120)}</td><td>{int(s["scored"]):,}</td>'
-                    f'<td>{int(s["kept"]):,}</td><td>{_pct(int(s["kept"]), int(s["scored"]))}</td>'
+        rows.append(f'<tr><td class="l reason">{esc(s["source"], 120)}</td><td>{int(s["scored"]):,}</td>'
+                    f'<td>{int(s["kept"]):,}</td><td>{pct(int(s["kept"]), int(s["scored"]))}</td>'
                     f'<td class="l">{levels}</td></tr>')
     return (f'<section id="sources"><h2>Input shards by volume (top {min(len(x.sources), SOURCES_SHOWN)})</h2>'
             '<div class="scroll"><table class="sources"><tr><th class="l">input shard</th><th>scored</th>'

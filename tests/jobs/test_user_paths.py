@@ -149,6 +149,18 @@ def test_help_says_yaml_keys_are_the_flags_names(capsys):
 
 # -- item 5: a generator's missing setting is one line naming the field, before Ray starts ---------------------------
 @pytest.fixture()
+def ray_must_not_start(monkeypatch):
+    """A tripwire: a job that connects to Ray fails the test (Ray may already run in this test process for other
+    tests, so `ray.is_initialized()` cannot tell)."""
+    import pipeline.runner.cluster
+
+    def connect(*args, **kwargs):
+        raise AssertionError("the job connected to Ray")
+
+    monkeypatch.setattr(pipeline.runner.cluster, "connect", connect)
+
+
+@pytest.fixture()
 def no_aws_region(monkeypatch, tmp_path):
     """An AWS chain with no region anywhere (no variable, no config file); the tests' fake credentials stay."""
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
@@ -158,16 +170,14 @@ def no_aws_region(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("dry", [[], ["--dry-run"]])
 def test_bedrock_without_a_region_is_one_line_naming_the_field_before_ray_starts(tmp_path, capsys, no_aws_region,
-                                                                                 dry):
-    import ray
-
+                                                                                 dry, ray_must_not_start):
     from jobs.synth import main
 
     corpus.write_webdataset(str(tmp_path / "in" / "0.tar"), corpus.caption_samples(2, seed=0))
     code, _, err = run_main(main, ["--input", tmp_path / "in", "--format", "webdataset", "--output", tmp_path / "out",
                                    "--generator", "bedrock", *dry], capsys)
     assert code == 2 and err.startswith("error: field 'region'") and len(err.strip().splitlines()) == 1, err
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_bedrock_without_credentials_is_one_line_naming_the_generator(tmp_path, capsys, monkeypatch):
@@ -230,9 +240,8 @@ def train(capsys, pairs: Path, out: Path, *extra) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("field", ["val", "train", "output", "storage", "init"])
-def test_training_refuses_a_bad_path_before_ray_starts_naming_the_field(tmp_path, capsys, pairs, field):
-    import ray
-
+def test_training_refuses_a_bad_path_before_ray_starts_naming_the_field(tmp_path, capsys, pairs, field,
+                                                                       ray_must_not_start):
     (tmp_path / "a-file").write_text("not a folder")
     bad = {"val": ["--val", tmp_path / "no-such-val"], "train": ["--train", tmp_path / "empty"],
            "output": ["--output", tmp_path / "a-file"], "storage": ["--storage", tmp_path / "a-file" / "ray"],
@@ -240,7 +249,7 @@ def test_training_refuses_a_bad_path_before_ray_starts_naming_the_field(tmp_path
     (tmp_path / "empty").mkdir()
     code, _, err = train(capsys, pairs, tmp_path / "run", *bad)
     assert code == 2 and err.startswith(f"error: field '{field}'") and len(err.strip().splitlines()) == 1, err
-    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def finish_a_run(pairs: Path, out: Path, epochs: int) -> None:
@@ -264,14 +273,11 @@ def finish_a_run(pairs: Path, out: Path, epochs: int) -> None:
         "best_metrics": {"epoch": epochs, "val_accuracy": 0.5}})
 
 
-def test_a_finished_run_says_so_and_exits_at_once(tmp_path, capsys, pairs):
-    import ray
-
+def test_a_finished_run_says_so_and_exits_at_once(tmp_path, capsys, pairs, ray_must_not_start):
     finish_a_run(pairs, tmp_path / "run", epochs=1)
     code, out, err = train(capsys, pairs, tmp_path / "run", "--epochs", "1")
     assert code == 0, err
     assert "run 'unifilter' in " in out and "already finished (1 epoch); nothing to do" in out, out
-    assert not ray.is_initialized()
     code, out, err = train(capsys, pairs, tmp_path / "run", "--epochs", "1", "--dry-run")
     assert code == 0 and "resume     finished: a run does nothing" in out, err
 
@@ -339,7 +345,7 @@ def test_ctrl_c_while_a_run_starts_is_a_line_of_its_own_saying_what_the_output_h
 def test_a_report_made_from_the_repository_root_is_ignored_by_git():
     import subprocess
 
-    from tests.conftest import REPO_ROOT
+    from tests.support.jobs import REPO_ROOT
 
     ignored = subprocess.run(["git", "check-ignore", "-q", "report/index.html"], cwd=REPO_ROOT)
     assert ignored.returncode == 0

@@ -3,7 +3,8 @@
     io  <-  commit  <-  runner  <-  scoring, synth, curation      (no job imports another)
     encoded  <-  scoring, training                                 (training never imports scoring)
 
-and `model/` imports none of the pipeline; `pipeline/` holds few modules directly, none over 400 lines, no
+and `model/` imports none of the pipeline; no module of model/, pipeline/ or jobs/ imports itself back through
+others (no import cycle, deferred imports included); `pipeline/` holds few modules directly, none over 400 lines, no
 function over 80."""
 
 from __future__ import annotations
@@ -81,3 +82,82 @@ def test_no_function_is_over_80_lines():
                 if length > 80:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of model/, pipeline/ and jobs/ by its dotted name (a package by its own name)."""
+    out = {}
+    for package in ("model", "pipeline", "jobs"):
+        for path in (ROOT / package).rglob("*.py"):
+            rel = path.relative_to(ROOT).with_suffix("")
+            out[".".join(rel.parts[:-1] if rel.parts[-1] == "__init__" else rel.parts)] = path
+    return out
+
+
+def project_imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The project's modules that `name` imports, at module level or inside a function: `from a.b import c` is
+    module `a.b.c` where that is one, else `a.b` (its `__init__`); relative imports resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names if alias.name in known)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                out.add(full if full in known else base)
+    return {m for m in out if m in known and m != name}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_itself_back_through_others():
+    known = project_modules()
+    graph = {name: project_imports(name, path, known) for name, path in known.items()}
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_sees_a_deferred_import(tmp_path):
+    """The check itself: an import inside a function closes a cycle as surely as one at the top."""
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def late():\n    from a import x\n")
+    known = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
+    graph = {name: project_imports(name, path, known) for name, path in known.items()}
+    assert cycles(graph) == [["a", "b"]]

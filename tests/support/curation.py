@@ -54,8 +54,7 @@ def random_records(n: int, kind: str, seed: int, prefix: str) -> list[dict]:
 def curate(tmp_path, scores, name="cur", executor="local", **kw) -> dict:
     """Curate `scores` into `tmp_path/name`; returns the run's summary."""
     config = CurateConfig(scores=str(scores), output=str(tmp_path / name), executor=executor, **kw)
-    _, summary = pipeline.curation.curate(config, progress=False)
-    return summary
+    return pipeline.curation.curate(config, progress=False)
 
 
 def selected(output) -> pa.Table:

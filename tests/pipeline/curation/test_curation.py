@@ -93,6 +93,15 @@ def test_per_kind_and_min_score(tmp_path, known_scores):
     assert summary["by_kind"]["caption"]["kept"] + summary["by_kind"]["interleaved"]["kept"] == summary["kept"]
 
 
+def test_curate_writes_the_report_its_config_names_and_returns_the_summary(tmp_path, known_scores):
+    scores, _ = known_scores
+    summary = curate(tmp_path, scores, keep_fraction=0.3, per_kind=True, report=str(tmp_path / "report"))
+    assert summary["job"] == "curate" and summary["curate"]["rule"] == "keep-fraction 0.3 per kind"
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<title>UniFilter curation: keep-fraction 0.3 per kind</title>" in page
+    assert f"threshold {summary['curate']['thresholds']['caption']:.3f}" in page
+
+
 @pytest.mark.parametrize("fmt", list(WRITERS))
 def test_materialized_shards_hold_exactly_the_kept_samples_byte_for_byte(fmt, tmp_path):
     suffix = WRITERS[fmt][2]
@@ -153,8 +162,8 @@ def test_materialize_through_s3(s3_bucket, tmp_path, ray_cluster):
                                                        for i, it in enumerate(items)]})
     config = CurateConfig(scores=f"s3://{s3_bucket}/scores", output=f"s3://{s3_bucket}/cur", keep_fraction=0.4,
                           input=f"s3://{s3_bucket}/in", format="webdataset", materialize=True)  # on Ray
-    job, summary = pipeline.curation.curate(config, progress=False)
-    assert summary["curate"]["kept"] == 2 and job.thresholds.as_dict() == {"all": 3.0}
+    summary = pipeline.curation.curate(config, progress=False)
+    assert summary["curate"]["kept"] == 2 and summary["curate"]["thresholds"] == {"all": 3.0}
     body = boto3.client("s3").get_object(Bucket=s3_bucket, Key="cur/shards/0.tar")["Body"].read()
     local = tmp_path / "got.tar"
     local.write_bytes(body)

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import curate as curate_cli
+from pipeline.curation import CurateConfig, where
 from pipeline.curation import thresholds as selection
-from pipeline.curation import where
+from pipeline.curation.filters import Filters, check_filters, filter_shard
+from pipeline.curation.job import score_shards
 from pipeline.errors import ConfigFieldError
 from tests.support.curation import curate, fake_scores, selected
 from tests.support.hostile import or_chain
@@ -170,3 +172,24 @@ def test_where_reads_any_score_column_not_only_those_the_selection_keeps(tmp_pat
     summary = curate(tmp_path, tmp_path / "scores", keep_fraction=1.0, where="n_tokens >= 30")["curate"]
     assert sorted(selected(tmp_path / "cur").column("id").to_pylist()) == [f"t{i}" for i in range(3, 8)]
     assert summary["filters"]["removed"] == {"n_tokens >= 30": 3}
+
+
+def test_the_filters_are_parsed_once_and_evaluated_on_a_shard_without_parsing_again(tmp_path, monkeypatch):
+    records = [{"id": "a0", "kind": "caption", "score": 1.0, "label": 1, "error": None, "n_images": 2,
+                "truncated": False},
+               {"id": "a1", "kind": "caption", "score": 2.0, "label": 2, "error": None, "n_images": 1,
+                "truncated": True}]
+    fake_scores(str(tmp_path / "scores"), {"a.tar": records})
+    config = CurateConfig(scores=str(tmp_path / "scores"), output=str(tmp_path / "cur"), min_score=0.0,
+                          where="score >= 0.5 and not truncated", drop_truncated=True, min_images=1)
+    shards = score_shards(config)[0].shards
+    filters = check_filters(Filters.of(config), shards)
+
+    def parsed_again(text):
+        raise AssertionError(f"--where parsed again: {text}")
+
+    monkeypatch.setattr(where, "parse", parsed_again)
+    filtered = filter_shard(shards[0], filters)
+    assert filters.terms == ["score >= 0.5", "not truncated", "n_images >= 1"]  # a term given twice is one
+    assert filtered.passes.tolist() == [True, False] and filtered.removed == {
+        "score >= 0.5": 0, "not truncated": 1, "n_images >= 1": 0}
