@@ -43,7 +43,7 @@ from pipeline.curation.thresholds import (
     score_of_key,
     threshold_in_bin,
 )
-from pipeline.errors import BrokenWorker, ConfigFieldError, CorruptState, InputError, ShardFault
+from pipeline.errors import BrokenWorker, Category, ConfigFieldError, CorruptState, InputError, ShardFault
 from pipeline.io.listing import Shard
 from pipeline.runner.deaths import TASK_RETRIES, WorkLedger, in_hand
 from pipeline.runner.ray_compat import retry_bounds_allowed
@@ -61,14 +61,20 @@ def _passing(shard: Shard, filters: Filters) -> tuple[pa.Table, dict]:
     return filtered.table.select(_COUNTED).filter(pa.array(keep)), stats
 
 
-def _failure(shard: Shard, err: Exception) -> str:
-    """Why a shard's pass failed, as the driver raises it again (`_raise_failures`)."""
+def _failure(shard: Shard, err: Exception, filters: Filters) -> str:
+    """Why a shard's pass failed, as the driver raises it again (`_raise_failures`). Only a failure of the filters'
+    own terms is the user's to look at (`where`); memory, the ledger, or any failure without a term to blame is
+    ours: a fault, exit 1."""
     out = {"shard": shard.key, "input": shard.aux, "format": shard.aux_format}
+    ours = isinstance(err, (MemoryError, pa.ArrowMemoryError)) or type(err).__module__.startswith("ray.")
     if isinstance(err, ConfigFieldError):  # a damaged score file, unreadable metadata: named with what to do
         out.update(kind="corrupt" if isinstance(err, CorruptState) else "refused", field=err.field,
                    message=err.problem)
     elif isinstance(err, ShardFault):
         out.update(kind="fault", category=err.category.value, message=err.detail)
+    elif ours or not filters.conditions:
+        out.update(kind="fault", category=Category.INTERNAL.value,
+                   message=f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}")
     else:
         out.update(kind="evaluation", message=f"{type(err).__name__}: "
                                               f"{(str(err).strip().splitlines() or [''])[0][:300]}")
@@ -91,7 +97,7 @@ def _pass_one(batch: pa.Table, filters: Filters, ledger: str | None = None) -> p
             out["counts"].append(None)
             out["errors"].append(None)
             out["filters"].append(None)
-            out["failed"].append(_failure(shard, err))
+            out["failed"].append(_failure(shard, err, filters))
             continue
         one = pass_one(table).to_pylist()[0]
         out["counts"].append(one["counts"])
@@ -112,7 +118,7 @@ def _pass_two(batch: pa.Table, filters: Filters, bins: dict[str, list[int]], edg
             failed.append(None)
         except Exception as err:  # noqa: BLE001 - named by the driver, never a traceback nor a retry
             counts.append(None)
-            failed.append(_failure(shard, err))
+            failed.append(_failure(shard, err, filters))
     return pa.table({"counts": pa.array(counts, pa.string()), "failed": pa.array(failed, pa.string())})
 
 
@@ -158,6 +164,9 @@ def _raise_failures(failed: list[dict]) -> None:
         raise CorruptState(first["message"] + more, first["field"])
     if first["kind"] == "refused":
         raise InputError(first["field"], first["message"] + more)
+    if first["kind"] == "fault" and first["category"] == Category.INTERNAL.value:
+        raise ShardFault(first["category"], f"the threshold passes failed on shard {first['shard']}: "
+                                            f"{first['message']}{more} (not the data's nor the filters' fault)")
     if first["kind"] == "fault":
         raise ShardFault(first["category"], f"the threshold passes could not read what shard {first['shard']} "
                                             f"needs: {first['message']}{more}; rerun when it can be read")

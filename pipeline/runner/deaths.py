@@ -33,9 +33,10 @@ class WorkInHand:
         self._in_hand.discard(key)
 
     def dying(self) -> dict[str, int]:
-        """The pieces whose workers died, most deaths first (one still in hand counts its last worker too: when the
-        run gives up on it, that worker died as well)."""
-        deaths = Counter({key: n + (key in self._in_hand) for key, n in self._deaths.items()})
+        """The pieces still in hand whose workers died, most deaths first, counting the last worker too (when the run
+        gives up on a piece, that worker died as well). A piece that recovered is not among them; an error is never
+        a death (the piece left the worker's hand)."""
+        deaths = Counter({key: n + 1 for key, n in self._deaths.items() if key in self._in_hand})
         return dict(deaths.most_common())
 
 
