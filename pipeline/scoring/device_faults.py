@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from model.errors import Category, SampleFailure
 from pipeline.runner.deaths import RunActor
 
 Key = tuple[str, int]  # (source, ordinal): the same rows come back when Ray retries a block
@@ -75,7 +76,7 @@ class FaultJournal:
     def __init__(self, exit_causes: bool = False):
         self._faults: dict[Key, int] = {}
         self._phase: dict[Key, str] = {}
-        self._blamed: dict[Key, str] = {}
+        self._blamed: dict[Key, SampleFailure] = {}
         self._in_flight: dict[Worker, dict[str, dict]] = {}  # per process: its calls, each {"keys", "state"}
         self._counts: Counter = Counter()
         self._first_error: str | None = None
@@ -90,8 +91,9 @@ class FaultJournal:
             self._died(earlier)
         self._in_flight[worker] = {}
 
-    def begin(self, worker: Worker, call: str, keys: list[Key]) -> tuple[dict[int, str], dict[int, str], str | None]:
-        """A call of these samples starts: the error reasons of those blamed, the phase of those to narrow down (by
+    def begin(self, worker: Worker, call: str, keys: list[Key]
+              ) -> tuple[dict[int, SampleFailure], dict[int, str], str | None]:
+        """A call of these samples starts: the failures of those blamed, the phase of those to narrow down (by
         position in `keys`), and why the workers are broken, if they are."""
         self._in_flight.setdefault(Worker(*worker), {})[call] = {"keys": [tuple(k) for k in keys], "state": None}
         blamed, narrowed = {}, {}
@@ -130,11 +132,11 @@ class FaultJournal:
         self._counts["micro_batches"] += 1
         self._first_error = self._first_error or detail
 
-    def blame(self, worker: Worker, key: Key, reason: str, cleared: Iterable[Key] = ()) -> None:
+    def blame(self, worker: Worker, key: Key, failure: SampleFailure, cleared: Iterable[Key] = ()) -> None:
         """This sample faulted the device on its own, after the canary succeeded on the same process."""
         self._in_flight.pop(Worker(*worker), None)
         self.clear(cleared)
-        self._blame(tuple(key), reason)
+        self._blame(tuple(key), failure)
         self._counts["micro_batches"] += 1
 
     def record_canary_failure(self, worker: Worker, detail: str) -> None:
@@ -151,7 +153,7 @@ class FaultJournal:
     def stats(self) -> dict:
         """For the summary: micro-batches that faulted the device, process deaths with samples in flight, samples
         blamed (by category), canary failures, the first error and the last death."""
-        by_category = Counter(reason.split(":", 1)[0] for reason in self._blamed.values())
+        by_category = Counter(failure.category.value for failure in self._blamed.values())
         return {"micro_batches": self._counts["micro_batches"], "deaths": self._counts["deaths"],
                 "samples_blamed": len(self._blamed), "blamed_by_category": dict(by_category),
                 "canary_faults": self._counts["canary_failures"], "first_error": self._first_error,
@@ -174,8 +176,8 @@ class FaultJournal:
             self._first_error = self._first_error or f"the process died on the canary sample: {cause}"
         elif len(flying) == 1 and flying[0][1].startswith(ALONE):
             keys, phase, rows = flying[0]
-            self._blame(keys[rows[0]], f"killed: the sample kills its worker on its own (while "
-                                       f"{PHASES[phase.removeprefix(ALONE)]}; {cause})")
+            self._blame(keys[rows[0]], SampleFailure.bounded(Category.KILLED, (
+                f"the sample kills its worker on its own (while {PHASES[phase.removeprefix(ALONE)]}; {cause})")))
         else:
             for keys, phase, rows in flying:
                 self._count_faults([keys[j] for j in rows], phase.removeprefix(ALONE))
@@ -185,10 +187,10 @@ class FaultJournal:
             self._faults[key] = self._faults.get(key, 0) + 1
             self._phase[key] = phase
 
-    def _blame(self, key: Key, reason: str) -> None:
+    def _blame(self, key: Key, failure: SampleFailure) -> None:
         self._faults.pop(key, None)
         self._phase.pop(key, None)
-        self._blamed[key] = reason[:500]
+        self._blamed[key] = failure
 
     def _exit_cause(self, worker: Worker) -> str:
         if self._exit_causes:
@@ -229,8 +231,8 @@ class RemoteJournal:
     def record_fault(self, worker, keys, detail, cleared=()):
         self._call("record_fault", worker, list(keys), detail, list(cleared))
 
-    def blame(self, worker, key, reason, cleared=()):
-        self._call("blame", worker, key, reason, list(cleared))
+    def blame(self, worker, key, failure, cleared=()):
+        self._call("blame", worker, key, failure, list(cleared))
 
     def record_canary_failure(self, worker, detail):
         self._call("record_canary_failure", worker, detail)
