@@ -10,6 +10,10 @@ scored = ds.map_batches(UniFilterScorer, fn_constructor_kwargs={"model": "s3://b
                         num_gpus=1, concurrency=4, batch_size=1024, batch_format="pyarrow")
 ```
 
+`model` is a checkpoint URI, or the scoring settings whole (`pipeline.scoring.ScoringSettings(model=...,
+jpeg_draft=True, decode_threads=6)`: precision, token budget, decoding, compiling; what is unset decided for the
+actor's device).
+
 Rows come in as captions (image bytes and a text: `image_columns`, the first of which a row has, webdataset's
 `jpg`, `jpeg`, `png`, `webp` by default, and `text_column`, `txt`) or in the sample schema (`texts`, `images`, `kind` list columns, as `pipeline.io`
 reads them). They go out with every input column kept and `score`, `label`, `probs`, `n_images`, `n_tokens`,
@@ -25,8 +29,8 @@ import sys
 
 import pyarrow as pa
 
-from model.limits import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.errors import DeviceFault
+from pipeline.scoring.settings import ScoringSettings
 
 ADDED = ("score", "label", "probs", "n_images", "n_tokens", "truncated", "error", "model")
 
@@ -40,17 +44,20 @@ def _text(value) -> str | None:
 class UniFilterScorer:
     """A callable class for `Dataset.map_batches` (`batch_format="pyarrow"`): the model loads once per actor."""
 
-    def __init__(self, model: str, image_columns: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
-                 text_column: str = "txt", id_column: str = "__key__",
-                 dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256, decode_threads: int = 4,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False,
-                 compiled: bool | None = None, image_decoder: str = "pillow"):
+    def __init__(self, model: str | ScoringSettings, image_columns: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
+                 text_column: str = "txt", id_column: str = "__key__"):
         from pipeline.scoring.stage import load_scorer
 
         self.image_columns, self.text_column, self.id_column = tuple(image_columns), text_column, id_column
-        self.scorer = load_scorer(model, dtype, token_budget, max_batch, decode_threads=decode_threads,
-                                  max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft, compiled=compiled,
-                                  image_decoder=image_decoder)
+        # a checkpoint URI alone: the defaults, with 4 decode threads per actor
+        settings = model if isinstance(model, ScoringSettings) else ScoringSettings(model=model, decode_threads=4)
+        self.scorer = load_scorer(settings)
+
+    def __del__(self):
+        # Ray Data drops a callable class's instance as its actor exits gracefully: the scorer's threads end with it
+        scorer = getattr(self, "scorer", None)
+        if scorer is not None:
+            scorer.close()
 
     def _samples(self, batch: pa.Table) -> list[dict]:
         n, names = batch.num_rows, batch.column_names
