@@ -70,8 +70,9 @@ class Worker(NamedTuple):
 
 class FaultJournal:
     """What faults and process deaths have shown about samples: how often each was in flight when one happened,
-    which ones fault the device or kill their worker on their own. Every method takes and returns plain values (it
-    also serves as a Ray actor); `exit_causes`: ask Ray how a dead process ended (on a cluster)."""
+    which ones fault the device or kill their worker on their own (their `SampleFailure`s). Every method takes and
+    returns plain values (it also serves as a Ray actor); `exit_causes`: ask Ray how a dead process ended (on a
+    cluster)."""
 
     def __init__(self, exit_causes: bool = False):
         self._faults: dict[Key, int] = {}

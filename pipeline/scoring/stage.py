@@ -1,5 +1,6 @@
-"""Scoring's model stage: a pool of actors, one model replica each (loaded in `setup`), each scoring the samples it
-receives with its own decode threads beside the device (`pipeline.scoring.scorer`). Two calls run at once on an
+"""Scoring's model stage: a pool of actors, one model replica each (loaded in `setup` with the run's
+`ScoringSettings`, its threads ended in `teardown`), each scoring the samples it receives with its own decode threads
+beside the device (`pipeline.scoring.scorer`). Two calls run at once on an
 actor, so one call's decoding overlaps the other's last micro-batches. A device fault ends the actor's process
 (`pipeline.runner.stage.StageActor`), and so does a kill (out of memory, a crash): Ray restarts it and retries the
 batch, and the run's fault journal (`pipeline.scoring.device_faults`: a named actor on Ray, in memory with the local
