@@ -151,6 +151,10 @@ class FaultJournal:
             self._faults.pop(key, None)
             self._phase.pop(key, None)
 
+    def suspects(self, keys: Iterable[Key]) -> list[Key]:
+        """Those of `keys` that were in flight when a fault or a death happened, neither blamed nor cleared since."""
+        return [key for key in map(tuple, keys) if key in self._faults]
+
     def stats(self) -> dict:
         """For the summary: micro-batches that faulted the device, process deaths with samples in flight, samples
         blamed (by category), canary failures, the first error and the last death."""
