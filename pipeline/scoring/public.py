@@ -29,6 +29,7 @@ import sys
 
 import pyarrow as pa
 
+from model.errors import Category, SampleFailure
 from pipeline.errors import DeviceFault
 from pipeline.scoring.settings import ScoringSettings
 
@@ -72,22 +73,24 @@ class UniFilterScorer:
         rows = []
         for i, image, text in zip(ids, images, texts):
             row = {"id": i, "kind": "caption", "texts": [None, None], "images": [image, None]}
+            failure = None
             try:
                 row["texts"][1] = _text(text)
             except UnicodeDecodeError as err:
-                row["error"] = f"decode: caption is not valid UTF-8 ({err.reason} at byte {err.start})"
-            if image is None or row["texts"][1] is None:
-                row["error"] = row.get("error") or ("empty: sample has no image" if image is None else
-                                                    "empty: sample has no caption")
+                failure = SampleFailure(Category.DECODE,
+                                        f"caption is not valid UTF-8 ({err.reason} at byte {err.start})")
+            if failure is None and (image is None or row["texts"][1] is None):
+                failure = SampleFailure(Category.EMPTY,
+                                        "sample has no image" if image is None else "sample has no caption")
+            if failure is not None:
+                row["error"], row["error_category"] = failure.reason, failure.category.value
             rows.append(row)
         return rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.scoring.reading import sample_rows
 
-        samples = [{**sample, "source": "", "ordinal": k,
-                    "error_category": sample["error"].split(":", 1)[0] if sample.get("error") else None}
-                   for k, sample in enumerate(self._samples(batch))]
+        samples = [{**sample, "source": "", "ordinal": k} for k, sample in enumerate(self._samples(batch))]
         try:
             scored = self.scorer.score_table(sample_rows(samples))
         except DeviceFault as fault:
