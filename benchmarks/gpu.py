@@ -299,22 +299,25 @@ def decode_rows(report: Report, seconds: float, device: str, photos: int, thread
     from concurrent.futures import ThreadPoolExecutor
 
     from model.checkpoint import config_and_tokenizer
+    from model.limits import ImageDecoding
     from model.processing import UniFilterProcessor
 
-    processor = UniFilterProcessor(*config_and_tokenizer("qwen2.5-0.5b"))  # 384 px, as the released models
+    config, tokenizer = config_and_tokenizer("qwen2.5-0.5b")  # 384 px, as the released models
+    processors = {draft: UniFilterProcessor(config, tokenizer, ImageDecoding(jpeg_draft=draft))
+                  for draft in (False, True)}
+    processor = processors[False]
     for size in ("512", "1mp"):
         images = inputs.photos(photos, size, seed=7)
         planned = [processor.plan([None, "x"], [image, None], "caption") for image in images]
         for draft in (False, True) if size == "1mp" else (False,):
-            processor.jpeg_draft = draft
+            decode = processors[draft].decode
             for threads in threads_tried:
                 with ThreadPoolExecutor(threads) as pool:
-                    n, elapsed = timed(lambda pool=pool, planned=planned: len(list(pool.map(processor.decode,
-                                                                                            planned))), seconds)
+                    n, elapsed = timed(lambda pool=pool, planned=planned, decode=decode: len(list(pool.map(
+                        decode, planned))), seconds)
                 report.add(part="decode", kind=f"photo {size}", settings=f"{threads} threads"
                            + (", jpeg draft" if draft else ""), samples_per_s=round(n / elapsed, 1),
                            kb_per_image=round(sum(map(len, images)) / len(images) / 1024, 1))
-        processor.jpeg_draft = False
         device_decode_row(report, processor, planned, size, device, seconds)
 
 

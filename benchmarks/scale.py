@@ -227,7 +227,7 @@ def rerun_startup(bucket_root: str, model_dir: str, sizes: tuple[int, int] = (40
 
 # -- 2. committer ------------------------------------------------------------------------------------------------
 def committer_rate(shards: int = 400, per_shard: int = 500) -> None:
-    from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.committer import RecordLayout, ShardCommitter
     from pipeline.commit.markers import end_marker
     from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
     from pipeline.scoring.scorer import SCORED_SCHEMA
@@ -244,7 +244,7 @@ def committer_rate(shards: int = 400, per_shard: int = 500) -> None:
         marker = {k: end_marker(key, per_shard).get(k) for k in SCORED_SCHEMA.names}
         batches.append(pa.concat_tables([pa.table(rows, schema=SCORED_SCHEMA),
                                          pa.Table.from_pylist([marker], schema=SCORED_SCHEMA)]))
-    committer = ShardCommitter(out, SCORE_SCHEMA, "bench", scores_folder)
+    committer = ShardCommitter(out, RecordLayout(SCORE_SCHEMA, scores_folder), "bench")
     t = time.perf_counter()
     for b in batches:
         committer.add(b)

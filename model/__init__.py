@@ -11,7 +11,7 @@ _EXPORTS = {
     "load": "model.checkpoint", "save": "model.checkpoint",
     "IMAGE_TOKEN_ID": "model.config", "UniFilterConfig": "model.config", "get_config": "model.config",
     "named_configs": "model.config",
-    "CheckpointError": "model.errors", "SampleError": "model.errors",
+    "CheckpointError": "model.errors", "SampleError": "model.errors", "ImageDecoding": "model.limits",
     "UniFilter": "model.modeling", "scores_from_logits": "model.modeling",
     "EncodedSample": "model.processing", "UniFilterProcessor": "model.processing", "decode_image": "model.processing",
     "prepare_image": "model.processing",

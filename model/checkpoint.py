@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from model import cache, llava, locate, storage
 from model.config import CHECKPOINT_FORMAT, UniFilterConfig, get_config
 from model.errors import CheckpointError
+from model.limits import ImageDecoding
 from model.modeling import UniFilter
 from model.processing import UniFilterProcessor
 from model.tokenization import build_tokenizer
@@ -71,9 +72,10 @@ _is_hub_id, _hub_repo = locate.is_hub_id, locate.hub_repo
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
-def load(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-         ) -> tuple[UniFilter, UniFilterProcessor]:
-    """The model and its processor from a checkpoint URI (local dir, `s3://` prefix or hub id).
+def load(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         decoding: ImageDecoding | None = None) -> tuple[UniFilter, UniFilterProcessor]:
+    """The model and its processor from a checkpoint URI (local dir, `s3://` prefix or hub id), the processor
+    decoding images as `decoding` says (default: `ImageDecoding()`).
 
     The model is built on the meta device and each tensor is read straight into `dtype` (None: float32) on
     `device`: no random initialisation, and at most one copy of the weights in host memory. The score head
@@ -89,7 +91,7 @@ def load(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None
     load_weights(model, headers, uri, device=device, dtype=dtype or torch.float32, rename=rename)
     model.eval()
     model.model_id = _model_id(uri, source_revision or config.revision)
-    return model, UniFilterProcessor(config, tokenizer)
+    return model, UniFilterProcessor(config, tokenizer, decoding)
 
 
 def load_processor(uri: str) -> tuple[UniFilterProcessor, str]:

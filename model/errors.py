@@ -7,6 +7,7 @@ line each, and nothing below them prints.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -49,12 +50,33 @@ class SampleError(UniFilterError, ValueError):
         return f"{self.category.value}: {self.detail}"
 
 
-def sample_reason(err: Exception) -> str:
-    """A failure preparing one sample as its error record: a `SampleError`'s own reason, anything unforeseen as a
-    preprocessing error naming its type (a sample is never lost to a failure nobody expected)."""
-    if isinstance(err, SampleError):
-        return err.reason
-    return f"{Category.PREPROCESS.value}: {type(err).__name__}: {err}"
+REASON_CHARS = 500  # an error record's reason is cut to this many characters where its detail can run long
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """Why one sample has no result, as a value: its category and what happened. Its error record's `error` is
+    `reason` ("<category>: <detail>") and its `error_category` the category's value, never parsed back."""
+
+    category: Category
+    detail: str
+
+    @property
+    def reason(self) -> str:
+        return f"{self.category.value}: {self.detail}"
+
+    @classmethod
+    def of(cls, err: Exception) -> SampleFailure:
+        """A failure preparing one sample: a `SampleError`'s own category and detail, anything unforeseen as a
+        preprocessing error naming its type (a sample is never lost to a failure nobody expected)."""
+        if isinstance(err, SampleError):
+            return cls(err.category, err.detail)
+        return cls(Category.PREPROCESS, f"{type(err).__name__}: {err}")
+
+    @classmethod
+    def bounded(cls, category: Category, detail: str) -> SampleFailure:
+        """One whose detail is cut so that its reason holds at most `REASON_CHARS` characters."""
+        return cls(category, detail[:max(0, REASON_CHARS - len(category.value) - 2)])
 
 
 class CheckpointError(UniFilterError):

@@ -3,8 +3,21 @@ the scoring job's shard readers apply `drop_unseen_images` without loading the m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: checked from the header, before decoding
 DEFAULT_DECODE_MEMORY = 2**30  # decoded-pixel bytes a process's decode threads hold at once (processing.DecodeBudget)
+
+
+@dataclass(frozen=True)
+class ImageDecoding:
+    """How a processor decodes images, given to it when it is built: the decompression-bomb bound, JPEGs at reduced
+    scale or not (off: bit-identical to SigLIP's own preprocessing), and the decoded-pixel bytes its decode threads
+    hold at once."""
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    jpeg_draft: bool = False
+    decode_memory: int = DEFAULT_DECODE_MEMORY
 
 
 def images_seen(max_images: int, max_tokens: int, tokens_per_image: int) -> int:

@@ -20,7 +20,12 @@ from PIL import Image, ImageOps
 
 from model.config import IMAGE_TOKEN_ID, UniFilterConfig
 from model.errors import Category, SampleError
-from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS, images_seen  # noqa: F401 - re-exported
+from model.limits import (  # noqa: F401 - re-exported
+    DEFAULT_DECODE_MEMORY,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageDecoding,
+    images_seen,
+)
 
 PAD_COLOR = (127, 127, 127)  # int(255 * image_mean) for SigLIP's mean of 0.5, as LLaVA's expand2square
 
@@ -373,17 +378,17 @@ class UniFilterProcessor:
     with "\\n\\n", one image slot per image, then EOS. Text between two slots is tokenised as its own piece.
     """
 
-    def __init__(self, config: UniFilterConfig, tokenizer, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 jpeg_draft: bool = False):
+    def __init__(self, config: UniFilterConfig, tokenizer, decoding: ImageDecoding | None = None):
         for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(config, field) is None:
                 raise ValueError(f"model config field {field!r} is not set (the tokenizer's special tokens)")
         self.config = config
         self.tokenizer = tokenizer
         self._encode_texts = tokenizer.backend_tokenizer.encode_batch
-        self.max_image_pixels = max_image_pixels
-        self.jpeg_draft = jpeg_draft  # off by default: bit-identical to SigLIP's own preprocessing
-        self.decode_budget = DecodeBudget()  # what this process's decode threads hold at once
+        decoding = decoding or ImageDecoding()
+        self.max_image_pixels = decoding.max_image_pixels
+        self.jpeg_draft = decoding.jpeg_draft  # off by default: bit-identical to SigLIP's own preprocessing
+        self.decode_budget = DecodeBudget(decoding.decode_memory)  # what this process's decode threads hold at once
         if Image.core.get_block_size() < PILLOW_BLOCK_BYTES:
             Image.core.set_block_size(PILLOW_BLOCK_BYTES)
 

@@ -14,6 +14,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import pyarrow as pa
@@ -72,6 +73,37 @@ class ErrorCounts:
                 "examples": {k: self.examples[k] for k in reasons if k in self.examples}}
 
 
+@dataclass(frozen=True)
+class RecordLayout:
+    """What a job's records are and where they go: their schema, the folder of each (`partition`: records -> a
+    folder per record, `scores`, `train`, ...), how many make one sample, and what tells a shard's records apart."""
+
+    schema: pa.Schema
+    partition: Callable[[pa.Table], list[str]]
+    rows_per_sample: int = 1
+    key_columns: tuple[str, ...] = ("ordinal",)
+
+
+@dataclass(frozen=True)
+class CommitHooks:
+    """What the job hears and adds as shards commit: `on_records` each shard's committed records, `on_commit` the
+    committer after each commit (progress), `describe` a shard's key -> what its commit record says of its input."""
+
+    on_records: Callable[[pa.Table], None] | None = None
+    on_commit: Callable | None = None
+    describe: Callable[[str], dict] | None = None
+
+
+@dataclass(frozen=True)
+class WritePolicy:
+    """How writes are retried (`attempts`, `backoff_s`: `pipeline.io.publish.write_with_retries`'s defaults when
+    None) and how many commit records are folded into a manifest part at once."""
+
+    attempts: int | None = None
+    backoff_s: float | None = None
+    consolidate_every: int = CONSOLIDATE_EVERY
+
+
 class ShardCommitter:
     """Collects records as they stream in, in any order, and commits each shard once all its records are present
     (its SHARD_END marker carries the sample count; each sample yields `rows_per_sample` records, told apart by the
@@ -79,21 +111,22 @@ class ShardCommitter:
     lost its lease raises LeaseLost and commits nothing more). A shard whose reader reported a fault (SHARD_FAILED),
     or whose files or record could not be written after `write_attempts`, is never committed; its rows are dropped
     and its reason kept for the summary, and the run goes on. Records stay in Arrow all along (a driver commits for
-    hundreds of GPUs: see benchmarks/scale.py)."""
+    hundreds of GPUs: see benchmarks/scale.py). `committed`: the output's commit records so far."""
 
-    def __init__(self, output: str, schema: pa.Schema, identity: str, partition: Callable[[pa.Table], list[str]],
-                 lease=None, on_commit: Callable | None = None, rows_per_sample: int = 1,
-                 key_columns: tuple[str, ...] = ("ordinal",), consolidate_every: int = CONSOLIDATE_EVERY, on_records: Callable[[pa.Table], None] | None = None,
-                 describe: Callable[[str], dict] | None = None, committed: dict[str, dict] | None = None,
-                 write_attempts: int | None = None, write_backoff_s: float | None = None):
+    def __init__(self, output: str, layout: RecordLayout, identity: str, lease=None,
+                 committed: dict[str, dict] | None = None, hooks: CommitHooks | None = None,
+                 writes: WritePolicy | None = None):
         self.output = output
         self.fs, self.root = filesystem_for(output)
-        self.schema, self.identity, self.lease = schema, identity, lease
-        self.rows_per_sample, self.key_columns = rows_per_sample, key_columns
-        self.partition = partition  # records -> the folder of each
-        self.on_commit, self.on_records, self.consolidate_every = on_commit, on_records, consolidate_every
-        self.describe = describe  # shard -> what its commit record says about it (its input URI and format)
-        self.write_attempts, self.write_backoff_s = write_attempts, write_backoff_s
+        self.identity, self.lease = identity, lease
+        self.schema, self.partition = layout.schema, layout.partition  # partition: records -> the folder of each
+        self.rows_per_sample, self.key_columns = layout.rows_per_sample, layout.key_columns
+        hooks = hooks or CommitHooks()
+        self.on_commit, self.on_records = hooks.on_commit, hooks.on_records
+        self.describe = hooks.describe  # shard -> what its commit record says about it (its input URI and format)
+        writes = writes or WritePolicy()
+        self.write_attempts, self.write_backoff_s = writes.attempts, writes.backoff_s
+        self.consolidate_every = writes.consolidate_every
         # file stems already taken in the output, by shard: a second corpus' `00000.parquet` beside the first's
         # `00000.tar` gets `00000.parquet.parquet`, never the other's file
         self._names = {f.split("/", 1)[-1].removesuffix(".parquet"): key
@@ -104,7 +137,7 @@ class ShardCommitter:
         self._extra: dict[str, dict] = {}  # shard -> files the stage wrote itself, and its own counts
         # per-shard commit records to fold into a manifest part: this run's, and any an earlier run left behind
         self._unconsolidated: list[dict] = [e for e in (committed or {}).values() if e.get("_path")]
-        self._consolidate_at = consolidate_every
+        self._consolidate_at = self.consolidate_every
         self.consolidation: str | None = None  # why the last consolidation failed, if it did
         self._done: set[str] = set()  # committed in this run: a re-executed task's late rows are dropped
         self.entries: list[dict] = []  # commit records of this run

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from pipeline.commit.committer import ShardCommitter
+from pipeline.commit.committer import CommitHooks, RecordLayout, ShardCommitter
 from pipeline.io.listing import Shard
 from pipeline.runner.executors import LocalExecutor, RayExecutor
 from pipeline.runner.job import PreparedJob, RunResult
@@ -30,11 +30,10 @@ def execute(prepared: PreparedJob, stages: list[Stage], executor: RayExecutor | 
         pass_actor_arguments_by_value()  # restartable actors need nothing from the object store (ray_compat)
     bar = Progress(spec.job, len(prepared.todo), unit=spec.unit, enabled=progress, note=progress_note)
     listed = {s.key: s for s in prepared.todo}
-    committer = ShardCommitter(
-        spec.output, spec.schema, prepared.identity, spec.partition, lease=prepared.lease,
-        rows_per_sample=spec.rows_per_sample, key_columns=spec.key_columns, on_records=on_records,
-        describe=lambda key: describe_input(listed.get(key), spec.format), committed=prepared.entries,
-        on_commit=lambda c: bar.update(len(c.committed), c.samples, c.errors.total()))
+    layout = RecordLayout(spec.schema, spec.partition, spec.rows_per_sample, spec.key_columns)
+    hooks = CommitHooks(on_records=on_records, describe=lambda key: describe_input(listed.get(key), spec.format),
+                        on_commit=lambda c: bar.update(len(c.committed), c.samples, c.errors.total()))
+    committer = ShardCommitter(spec.output, layout, prepared.identity, prepared.lease, prepared.entries, hooks)
     result = RunResult(committer)
     if prepared.todo:
         try:

@@ -1,7 +1,7 @@
 """Where a job's stages run: on Ray (`RayExecutor`, the default: Ray Data actor pools on the cluster in RAY_ADDRESS
 or a local instance), or in this process (`LocalExecutor`: each stage set up once, the shards streamed through the
-stages in order, nothing started; for a handful of shards, debugging, and the tests). Both run the same stage
-objects and hand the driver the same batches: the runner commits them alike.
+stages in order, each stage torn down at the end, nothing started; for a handful of shards, debugging, and the
+tests). Both run the same stage objects and hand the driver the same batches: the runner commits them alike.
 
 An executor also runs a job's independent tasks (curation's counting passes, resharding's writes, the report's
 thumbnails): `tasks(fn, calls)` calls `fn(*call)` for each call and yields each outcome in order, a value or the
@@ -127,13 +127,21 @@ class LocalExecutor:
         return ClusterView(remote=False, cpus=float(os.cpu_count() or 1), gpus=gpus, max_gpus=gpus)
 
     def batches(self, shards: list[Shard], stages: list[Stage], no_progress_timeout_s: float) -> Iterator[pa.Table]:
-        for stage in stages:
-            stage.setup()
-        groups = shard_groups(shards, stages[0].resources.max_actors)
-        flow: Iterator[pa.Table] = (pa.Table.from_pylist(shard_rows([group])) for group in groups)
-        for k, stage in enumerate(stages):
-            flow = _called(stage, flow if k == 0 else rebatched(flow, stage.resources.batch_size))
-        yield from flow
+        """The stages' output batches; each stage torn down at the end, however the run ends (its batches read, an
+        error, the reader stopping early)."""
+        ready: list[Stage] = []
+        try:
+            for stage in stages:
+                stage.setup()
+                ready.append(stage)
+            groups = shard_groups(shards, stages[0].resources.max_actors)
+            flow: Iterator[pa.Table] = (pa.Table.from_pylist(shard_rows([group])) for group in groups)
+            for k, stage in enumerate(stages):
+                flow = _called(stage, flow if k == 0 else rebatched(flow, stage.resources.batch_size))
+            yield from flow
+        finally:
+            for stage in reversed(ready):
+                stage.teardown()
 
     def tasks(self, fn: Callable, calls: Iterable[tuple], num_cpus: float = 1.0) -> Iterator[Outcome]:
         for call in calls:

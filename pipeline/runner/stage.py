@@ -46,7 +46,9 @@ class Resources:
 
 
 class Stage:
-    """A stage's lifecycle: built on the driver, `setup()` once per actor, then called with batches.
+    """A stage's lifecycle: built on the driver, `setup()` once per actor, then called with batches, then
+    `teardown()` once as the actor ends (the local executor's run ends; on Ray, the actor exits gracefully: not
+    after a kill or a crash, where the process takes its threads with it).
 
     Ray restarts an actor whose process dies (a node lost, a process killed) and retries the call it was on, a
     bounded number of times (Ray Data's own default is without end): `restarts` over the actor's life (a long run's
@@ -63,6 +65,9 @@ class Stage:
 
     def setup(self) -> None:
         """Heavy set-up, once per actor: load a model, open a client."""
+
+    def teardown(self) -> None:
+        """Release what `setup` took (threads, clients), once, at the actor's end."""
 
     def __call__(self, batch: pa.Table):
         raise NotImplementedError
@@ -167,11 +172,17 @@ class StageActor:
     hands it each batch (`map_batches(StageActor, fn_constructor_kwargs={"stage": stage}, ...)`). A device fault
     leaves the actor's process unusable (a CUDA context cannot be recovered): the process ends, Ray restarts the
     actor and retries the batch (the scoring job's fault journal bounds those retries). In this process (the
-    local executor) the same fault ends the run instead."""
+    local executor) the same fault ends the run instead. The stage is torn down as the actor exits gracefully: Ray
+    Data then drops its callable class's instance (`_MapWorker.__ray_shutdown__`), whose `__del__` runs."""
 
     def __init__(self, stage: Stage):
         self.stage = stage
         stage.setup()
+
+    def __del__(self):
+        stage = getattr(self, "stage", None)  # None when the constructor failed before the stage was kept
+        if stage is not None:
+            stage.teardown()
 
     def __call__(self, batch: pa.Table):
         try:

@@ -184,10 +184,7 @@ def compile_scorer(scorer, backend: str = "inductor", compiled: CompiledForward 
     compiled = compiled or CompiledForward(scorer.model, backend)
     scorer.forward = compiled
     for samples in warm_up_samples(scorer.processor):
-        prepared = scorer.prepare(samples, list(range(len(samples))))
-        if "error" in prepared:
-            raise prepared["error"]
-        scorer._forward(prepared)
+        scorer.run_through(samples)
     compiled.warm_graphs = compiled.graphs
     scorer.duty.reset()
     scorer.images = scorer.tower_images = 0

@@ -1,5 +1,5 @@
-"""`python -m jobs.score`'s configuration: every field is a YAML key and a `--flag`; defaults are resolved here,
-once (the precision, the decompression-bomb bound)."""
+"""`python -m jobs.score`'s configuration: every field is a YAML key and a `--flag`; it builds the scoring actors'
+settings (`pipeline.scoring.settings.ScoringSettings`, where the precision and compiling defaults are decided)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,7 @@ from model.limits import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.io.samples import SourceOptions
 from pipeline.runner.executors import ExecutorName, executor_field
 from pipeline.runner.resources import expects_gpu
-
-
-def resolve_dtype(dtype: str, on_gpu: bool) -> str:
-    """`auto`: bfloat16 on a GPU, float32 on CPUs (the one place `auto` is decided)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if on_gpu else "float32"
-
+from pipeline.scoring.settings import ImageDecoder, Precision, ScoringSettings
 
 # Images are decoded beside the GPU now, by the scoring actor's own threads: the CPU workers that decoded them
 # before are gone, and the stage before the model only reads shards.
@@ -72,7 +65,7 @@ class ScoreConfig(BaseModel):
                     "image larger than this is decoded alone, max_image_pixels bounding it)")
     jpeg_draft: bool = Field(
         False, description="decode large JPEGs at reduced scale (1.4x faster preprocessing, <1 grey level mean diff)")
-    image_decoder: Literal["pillow", "nvjpeg"] = Field(
+    image_decoder: ImageDecoder = Field(
         "pillow", description="what decodes JPEGs: pillow (the actors' decode threads) or nvjpeg (a batched "
                               "torchvision decode_jpeg on the actor's device, then pad and resize there; needs "
                               "torchvision; on CPU actors torchvision's CPU decoder; other formats stay Pillow's); "
@@ -88,7 +81,7 @@ class ScoreConfig(BaseModel):
     token_budget: int | None = Field(
         None, ge=64, description="padded tokens per forward pass (rows x longest); default 32768 on GPU, 8192 on CPU")
     max_batch: int = Field(256, ge=1, description="most samples per forward pass")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    dtype: Precision = Field(
         "auto", description="model precision; auto: bfloat16 on GPU, float32 on CPU")
     source: SourceOptions = Field(default_factory=SourceOptions, description="how inputs are read")
     moved_from: str | None = Field(
@@ -121,28 +114,33 @@ class ScoreConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _one_jpeg_decoder(self) -> ScoreConfig:
-        if self.image_decoder == "nvjpeg" and self.jpeg_draft:
-            raise ValueError("field 'image_decoder': nvjpeg decodes JPEGs at full size on the device, so jpeg_draft "
-                             "(reduced-scale decoding by Pillow) cannot apply: set one of them")
+    def _valid_settings(self) -> ScoreConfig:
+        """The scoring settings' own checks (nvjpeg with jpeg_draft, say), made as the configuration is read."""
+        self._settings(None, 1.0)
         return self
 
-    def resolved_dtype(self) -> str:
-        """The precision the actors will use, `auto` made definite before the job starts (the output's identity
-        names it): bfloat16 where the actors hold GPUs, float32 on CPUs."""
-        return resolve_dtype(self.dtype, expects_gpu(self.gpus_per_actor, self.executor == "ray"))
+    def _settings(self, weights: str | None, actor_cpus: float) -> ScoringSettings:
+        return ScoringSettings(
+            model=self.model, dtype=self.dtype, token_budget=self.token_budget, max_batch=self.max_batch,
+            decode_threads=self.decode_threads or max(1, int(actor_cpus)), max_image_pixels=self.max_image_pixels,
+            jpeg_draft=self.jpeg_draft, decode_memory=self.decode_memory, image_decoder=self.image_decoder,
+            compile=self.compile, weights=weights)
 
-    def resolved_compile(self) -> bool:
-        """Whether the scoring actors compile the model: on by default where they hold GPUs."""
-        return expects_gpu(self.gpus_per_actor, self.executor == "ray") if self.compile is None else self.compile
+    def settings(self, weights: str | None = None, actor_cpus: float = 1.0) -> ScoringSettings:
+        """What each scoring actor loads and runs the model with: `weights` the digest its identity names, decode
+        threads one per CPU of the actor unless set; the precision and compiling decided (`ScoringSettings.decided`)
+        for the device the actors are expected to hold (the output's identity names both); the token budget left
+        to the device they get."""
+        on_gpu = expects_gpu(self.gpus_per_actor, self.executor == "ray")
+        return self._settings(weights, actor_cpus).decided(on_gpu)
 
     def identity(self, model_id: str, weights: str | None = None) -> dict:
         """What the output's records depend on: the model (its weights' digest) and the settings that change
         scores."""
         revision = model_id.rsplit("@", 1)[1] if "@" in model_id else None
-        s = self.source
-        return {"model": {"id": model_id, "revision": revision, "weights": weights}, "dtype": self.resolved_dtype(),
-                "jpeg_draft": self.jpeg_draft, **({"compiled": True} if self.resolved_compile() else {}),
+        s, settings = self.source, self.settings(weights)
+        return {"model": {"id": model_id, "revision": revision, "weights": weights}, "dtype": settings.dtype,
+                "jpeg_draft": self.jpeg_draft, **({"compiled": True} if settings.compile else {}),
                 **({"image_decoder": self.image_decoder} if self.image_decoder != "pillow" else {}),
                 "max_image_pixels": self.max_image_pixels,
                 "columns": [s.image_column, s.text_column, s.texts_column, s.images_column, s.id_column]}

@@ -45,6 +45,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from model.errors import Category, SampleFailure
 from pipeline.runner.deaths import RunActor
 
 Key = tuple[str, int]  # (source, ordinal): the same rows come back when Ray retries a block
@@ -72,13 +73,14 @@ class Worker(NamedTuple):
 
 class FaultJournal:
     """What faults and process deaths have shown about samples: how often each was in flight when one happened,
-    which ones fault the device or kill their worker on their own. Every method takes and returns plain values (it
-    also serves as a Ray actor); `exit_causes`: ask Ray how a dead process ended (on a cluster)."""
+    which ones fault the device or kill their worker on their own (their `SampleFailure`s). Every method takes and
+    returns plain values (it also serves as a Ray actor); `exit_causes`: ask Ray how a dead process ended (on a
+    cluster)."""
 
     def __init__(self, exit_causes: bool = False):
         self._faults: dict[Key, int] = {}
         self._phase: dict[Key, str] = {}
-        self._blamed: dict[Key, str] = {}
+        self._blamed: dict[Key, SampleFailure] = {}
         self._alone_deaths: dict[Key, int] = {}  # deaths with the sample alone in flight, before it is blamed
         self._in_flight: dict[Worker, dict[str, dict]] = {}  # per process: its calls, each {"keys", "state"}
         self._counts: Counter = Counter()
@@ -94,8 +96,9 @@ class FaultJournal:
             self._died(earlier)
         self._in_flight[worker] = {}
 
-    def begin(self, worker: Worker, call: str, keys: list[Key]) -> tuple[dict[int, str], dict[int, str], str | None]:
-        """A call of these samples starts: the error reasons of those blamed, the phase of those to narrow down (by
+    def begin(self, worker: Worker, call: str, keys: list[Key]
+              ) -> tuple[dict[int, SampleFailure], dict[int, str], str | None]:
+        """A call of these samples starts: the failures of those blamed, the phase of those to narrow down (by
         position in `keys`), and why the workers are broken, if they are."""
         self._in_flight.setdefault(Worker(*worker), {})[call] = {"keys": [tuple(k) for k in keys], "state": None}
         blamed, narrowed = {}, {}
@@ -134,11 +137,11 @@ class FaultJournal:
         self._counts["micro_batches"] += 1
         self._first_error = self._first_error or detail
 
-    def blame(self, worker: Worker, key: Key, reason: str, cleared: Iterable[Key] = ()) -> None:
+    def blame(self, worker: Worker, key: Key, failure: SampleFailure, cleared: Iterable[Key] = ()) -> None:
         """This sample faulted the device on its own, after the canary succeeded on the same process."""
         self._in_flight.pop(Worker(*worker), None)
         self.clear(cleared)
-        self._blame(tuple(key), reason)
+        self._blame(tuple(key), failure)
         self._counts["micro_batches"] += 1
 
     def record_canary_failure(self, worker: Worker, detail: str) -> None:
@@ -153,14 +156,14 @@ class FaultJournal:
             self._phase.pop(key, None)
             self._alone_deaths.pop(key, None)
 
-    def faults_of(self, keys: Iterable[Key]) -> dict[Key, int]:
-        """How many faults each of these samples was in flight for, of those not yet cleared nor blamed."""
-        return {key: self._faults[key] for key in map(tuple, keys) if key in self._faults}
+    def suspects(self, keys: Iterable[Key]) -> list[Key]:
+        """Those of `keys` that were in flight when a fault or a death happened, neither blamed nor cleared since."""
+        return [key for key in map(tuple, keys) if key in self._faults]
 
     def stats(self) -> dict:
         """For the summary: micro-batches that faulted the device, process deaths with samples in flight, samples
         blamed (by category), canary failures, the first error and the last death."""
-        by_category = Counter(reason.split(":", 1)[0] for reason in self._blamed.values())
+        by_category = Counter(failure.category.value for failure in self._blamed.values())
         return {"micro_batches": self._counts["micro_batches"], "deaths": self._counts["deaths"],
                 "samples_blamed": len(self._blamed), "blamed_by_category": dict(by_category),
                 "canary_faults": self._counts["canary_failures"], "first_error": self._first_error,
@@ -186,8 +189,8 @@ class FaultJournal:
             key = tuple(keys[rows[0]])
             self._alone_deaths[key] = self._alone_deaths.get(key, 0) + 1
             if self._alone_deaths[key] >= KILLS_ALONE_BEFORE_BLAME:  # else tried alone again on the next process
-                self._blame(key, f"killed: the sample kills its worker on its own (while "
-                                 f"{PHASES[phase.removeprefix(ALONE)]}; {cause})")
+                self._blame(key, SampleFailure.bounded(Category.KILLED, (
+                    f"the sample kills its worker on its own (while {PHASES[phase.removeprefix(ALONE)]}; {cause})")))
         else:
             for keys, phase, rows in flying:
                 self._count_faults([keys[j] for j in rows], phase.removeprefix(ALONE))
@@ -197,11 +200,11 @@ class FaultJournal:
             self._faults[key] = self._faults.get(key, 0) + 1
             self._phase[key] = phase
 
-    def _blame(self, key: Key, reason: str) -> None:
+    def _blame(self, key: Key, failure: SampleFailure) -> None:
         self._faults.pop(key, None)
         self._phase.pop(key, None)
         self._alone_deaths.pop(key, None)
-        self._blamed[key] = reason[:500]
+        self._blamed[key] = failure
 
     def _exit_cause(self, worker: Worker) -> str:
         if self._exit_causes:
@@ -242,8 +245,8 @@ class RemoteJournal:
     def record_fault(self, worker, keys, detail, cleared=()):
         self._call("record_fault", worker, list(keys), detail, list(cleared))
 
-    def blame(self, worker, key, reason, cleared=()):
-        self._call("blame", worker, key, reason, list(cleared))
+    def blame(self, worker, key, failure, cleared=()):
+        self._call("blame", worker, key, failure, list(cleared))
 
     def record_canary_failure(self, worker, detail):
         self._call("record_canary_failure", worker, detail)

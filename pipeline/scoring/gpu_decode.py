@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.errors import SampleError, sample_reason
+from model.errors import SampleError, SampleFailure
 from model.processing import (
     PAD_COLOR,
     EncodedSample,
@@ -95,18 +95,18 @@ class DeviceImageDecoder:
         self.decode_jpegs = decode_jpegs or torchvision_decode_jpegs
         self._decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def decode(self, samples: list[PlannedSample]) -> list[EncodedSample | str]:
-        """Each sample with its images at model size on the device ((n, 3, S, S) uint8), or its error reason
+    def decode(self, samples: list[PlannedSample]) -> list[EncodedSample | SampleFailure]:
+        """Each sample with its images at model size on the device ((n, 3, S, S) uint8), or its failure
         (the first failing image's, as the Pillow path gives it)."""
         images = [image for sample in samples for image in sample.images]
         on_device: list[int] = []  # indices into `images` of the JPEGs the device decodes
-        out: list = [None] * len(images)  # per image: pixels (a tensor or an array), a Future of them, or a reason
+        out: list = [None] * len(images)  # per image: pixels (a tensor or an array), a Future of them, or a failure
         for k, image in enumerate(images):
             admitted = self._admit(image)
             if admitted is True:
                 on_device.append(k)
             else:
-                out[k] = admitted if isinstance(admitted, str) else self._on_host(image)
+                out[k] = admitted if isinstance(admitted, SampleFailure) else self._on_host(image)
         decoded, rejected = self._decode_jpegs([images[k] for k in on_device])
         for k, pixels in zip(on_device, decoded):
             out[k] = pixels
@@ -115,8 +115,8 @@ class DeviceImageDecoder:
         return self._samples(samples, [self._resolved(o) for o in out])
 
     # -- which decoder ---------------------------------------------------------------------------------------
-    def _admit(self, image) -> bool | str | None:
-        """True: the device decodes it; a reason: refused by the bomb guard; None: the Pillow path's."""
+    def _admit(self, image) -> bool | SampleFailure | None:
+        """True: the device decodes it; a failure: refused by the bomb guard; None: the Pillow path's."""
         if not isinstance(image, (bytes, bytearray, memoryview)):
             return None
         data = bytes(image)
@@ -135,12 +135,12 @@ class DeviceImageDecoder:
             if self.processor.config.exif_transpose and header.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 return None
         except SampleError as err:
-            return err.reason
+            return SampleFailure.of(err)
         except Exception:  # noqa: BLE001 - a header Pillow refuses: the Pillow path, which refuses it before
             return None  # decoding too, words why
         return True
 
-    def _on_host(self, image) -> Future | np.ndarray | str:
+    def _on_host(self, image) -> Future | np.ndarray | SampleFailure:
         if self.pool is None:
             return _host_pixels(self.processor, image)
         return self.pool.submit(_host_pixels, self.processor, image)
@@ -180,7 +180,7 @@ class DeviceImageDecoder:
             return None
 
     # -- per sample ------------------------------------------------------------------------------------------
-    def _resolved(self, pixels) -> torch.Tensor | str:
+    def _resolved(self, pixels) -> torch.Tensor | SampleFailure:
         if isinstance(pixels, Future):
             pixels = pixels.result()
         if isinstance(pixels, np.ndarray):
@@ -190,15 +190,15 @@ class DeviceImageDecoder:
             return host.to(self.device)
         return pixels
 
-    def _samples(self, samples: list[PlannedSample], pixels: list) -> list[EncodedSample | str]:
-        out: list[EncodedSample | str] = []
+    def _samples(self, samples: list[PlannedSample], pixels: list) -> list[EncodedSample | SampleFailure]:
+        out: list[EncodedSample | SampleFailure] = []
         start = 0
         size = self.processor.config.image_size
         for sample in samples:
             mine, start = pixels[start:start + sample.n_images], start + sample.n_images
-            reason = next((p for p in mine if isinstance(p, str)), None)
-            if reason is not None:
-                out.append(reason)
+            failure = next((p for p in mine if isinstance(p, SampleFailure)), None)
+            if failure is not None:
+                out.append(failure)
                 continue
             stacked = torch.stack(mine) if mine else torch.zeros((0, 3, size, size), dtype=torch.uint8,
                                                                  device=self.device)
@@ -239,9 +239,9 @@ def _raise_if_device(err: Exception) -> None:
         raise torch.OutOfMemoryError(str(err)) from err
 
 
-def _host_pixels(processor, image) -> np.ndarray | str:
-    """The Pillow path for one image (on a decode thread): its pixels, or its reason."""
+def _host_pixels(processor, image) -> np.ndarray | SampleFailure:
+    """The Pillow path for one image (on a decode thread): its pixels, or its failure."""
     try:
         return processor.image_pixels(image)
     except Exception as err:  # noqa: BLE001 - never lose a sample to an unforeseen failure: record it
-        return sample_reason(err)
+        return SampleFailure.of(err)

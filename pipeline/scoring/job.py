@@ -1,6 +1,7 @@
-"""Batch scoring as a shard job (`pipeline.runner`): shards -> the encode stage (CPU actors: read, decode, resize,
-tokenize) -> the score stage (model actors) -> committed Parquet score records. `python -m jobs.score` runs it;
-`score_dataset` does the same for code already connected to Ray."""
+"""Batch scoring as a shard job (`pipeline.runner`): shards -> the read stage (CPU actors: the shards' samples as
+read, encoded images and text) -> the score stage (model actors that decode, resize and tokenise beside the device,
+then score) -> committed Parquet score records. `python -m jobs.score` runs it; `score_dataset` does the same for
+code already connected to Ray."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class ScoringJob(Job):
             f"{len(prepared.todo)} new",
             *(f"  note       {note}" for note in prepared.notes),
             f"  samples    {'unknown' if samples is None else f'{samples:,}'} in the new shards ({how})",
-            f"  model      {self.model_id} · {human(params)} parameters · {c.resolved_dtype()}"
+            f"  model      {self.model_id} · {human(params)} parameters · {c.settings().dtype}"
             + (" (auto: bfloat16 on GPU, float32 on CPU)" if c.dtype == "auto" else ""),
         ]
         if samples is not None:
@@ -135,11 +136,7 @@ class ScoringJob(Job):
     def model_stage(self, resources: Resources) -> Stage:
         from pipeline.scoring.stage import ScoreStage
 
-        c = self.config
-        threads = c.decode_threads or max(1, int(resources.num_cpus))
-        return ScoreStage(resources, c.model, c.resolved_dtype(), c.token_budget, c.max_batch, threads,
-                          c.max_image_pixels, c.jpeg_draft, c.resolved_compile(), self._weights,
-                          self._journal_handle, c.image_decoder, c.decode_memory)
+        return ScoreStage(resources, self.config.settings(self._weights, resources.num_cpus), self._journal_handle)
 
     # -- the run -----------------------------------------------------------------------------------------------
     def before_execute(self, prepared: PreparedJob) -> None:

@@ -11,6 +11,10 @@ scored = ds.map_batches(UniFilterScorer, fn_constructor_kwargs={"model": "s3://b
                         num_gpus=checked_num_gpus(1), concurrency=4, batch_size=1024, batch_format="pyarrow")
 ```
 
+`model` is a checkpoint URI, or the scoring settings whole (`pipeline.scoring.ScoringSettings(model=...,
+jpeg_draft=True, decode_threads=6)`: precision, token budget, decoding, compiling; what is unset decided for the
+actor's device).
+
 Rows come in as captions (image bytes and a text: `image_columns`, the first of which a row has, webdataset's
 `jpg`, `jpeg`, `png`, `webp` by default, and `text_column`, `txt`) or in the sample schema (`texts`, `images`, `kind` list columns, as `pipeline.io`
 reads them). They go out with every input column kept and `score`, `label`, `probs`, `n_images`, `n_tokens`,
@@ -27,8 +31,9 @@ import sys
 
 import pyarrow as pa
 
-from model.limits import DEFAULT_MAX_IMAGE_PIXELS
+from model.errors import Category, SampleFailure
 from pipeline.errors import DeviceFault
+from pipeline.scoring.settings import ScoringSettings
 
 ADDED = ("score", "label", "probs", "n_images", "n_tokens", "truncated", "error", "model")
 
@@ -42,17 +47,20 @@ def _text(value) -> str | None:
 class UniFilterScorer:
     """A callable class for `Dataset.map_batches` (`batch_format="pyarrow"`): the model loads once per actor."""
 
-    def __init__(self, model: str, image_columns: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
-                 text_column: str = "txt", id_column: str = "__key__",
-                 dtype: str = "auto", token_budget: int | None = None, max_batch: int = 256, decode_threads: int = 4,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, jpeg_draft: bool = False,
-                 compiled: bool | None = None, image_decoder: str = "pillow"):
+    def __init__(self, model: str | ScoringSettings, image_columns: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
+                 text_column: str = "txt", id_column: str = "__key__"):
         from pipeline.scoring.stage import load_scorer
 
         self.image_columns, self.text_column, self.id_column = tuple(image_columns), text_column, id_column
-        self.scorer = load_scorer(model, dtype, token_budget, max_batch, decode_threads=decode_threads,
-                                  max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft, compiled=compiled,
-                                  image_decoder=image_decoder)
+        # a checkpoint URI alone: the defaults, with 4 decode threads per actor
+        settings = model if isinstance(model, ScoringSettings) else ScoringSettings(model=model, decode_threads=4)
+        self.scorer = load_scorer(settings)
+
+    def __del__(self):
+        # Ray Data drops a callable class's instance as its actor exits gracefully: the scorer's threads end with it
+        scorer = getattr(self, "scorer", None)
+        if scorer is not None:
+            scorer.close()
 
     def _samples(self, batch: pa.Table) -> list[dict]:
         n, names = batch.num_rows, batch.column_names
@@ -67,22 +75,24 @@ class UniFilterScorer:
         rows = []
         for i, image, text in zip(ids, images, texts):
             row = {"id": i, "kind": "caption", "texts": [None, None], "images": [image, None]}
+            failure = None
             try:
                 row["texts"][1] = _text(text)
             except UnicodeDecodeError as err:
-                row["error"] = f"decode: caption is not valid UTF-8 ({err.reason} at byte {err.start})"
-            if image is None or row["texts"][1] is None:
-                row["error"] = row.get("error") or ("empty: sample has no image" if image is None else
-                                                    "empty: sample has no caption")
+                failure = SampleFailure(Category.DECODE,
+                                        f"caption is not valid UTF-8 ({err.reason} at byte {err.start})")
+            if failure is None and (image is None or row["texts"][1] is None):
+                failure = SampleFailure(Category.EMPTY,
+                                        "sample has no image" if image is None else "sample has no caption")
+            if failure is not None:
+                row["error"], row["error_category"] = failure.reason, failure.category.value
             rows.append(row)
         return rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.scoring.reading import sample_rows
 
-        samples = [{**sample, "source": "", "ordinal": k,
-                    "error_category": sample["error"].split(":", 1)[0] if sample.get("error") else None}
-                   for k, sample in enumerate(self._samples(batch))]
+        samples = [{**sample, "source": "", "ordinal": k} for k, sample in enumerate(self._samples(batch))]
         try:
             scored = self.scorer.score_table(sample_rows(samples))
         except DeviceFault as fault:

@@ -37,23 +37,24 @@ import os
 import socket
 import sys
 import threading
-import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from model.errors import Category, sample_reason
+from model.errors import Category, SampleFailure
 from model.modeling import check_image_slots
 from pipeline.commit.markers import MARKERS, wire_schema
 from pipeline.encoded import token_budget_batches
 from pipeline.errors import CompileFailed, DeviceFault
-from pipeline.scoring import narrowing
-from pipeline.scoring.device_faults import FaultJournal, RemoteJournal, Worker
+from pipeline.scoring.device_faults import FaultJournal, RemoteJournal
 from pipeline.scoring.duty_cycle import SNAPSHOT_FIELDS, DutyCycle
+from pipeline.scoring.narrowing import Narrowing, is_device_error
 from pipeline.scoring.records import SCORE_SCHEMA
+from pipeline.scoring.results import PreparedBatch, Result, Scored, ScoreFailure
 
 # Besides the score record, on the wire back to the driver: the size of the micro-batch it was scored in (the
 # summary reports how full the device's batches were); on the first row of each call, the call's own account (the
@@ -82,9 +83,6 @@ class BatchScorer:
         self.model, self.processor = model, processor
         self.token_budget, self.max_batch = token_budget, max_batch
         self.configured_budget = token_budget  # what it started with; out-of-memory errors lower token_budget
-        self.journal = journal if journal is not None else FaultJournal()
-        self.worker = getattr(self.journal, "worker", None) or Worker("local", uuid.uuid4().hex)
-        self.gate = narrowing.ExclusiveGate()  # samples tried alone have the process to themselves
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one process: a restart starts at the configured budget
         self.healthy = False  # a forward pass succeeded in this process: the device works
         self.cuda = model.device.type == "cuda"
@@ -103,7 +101,8 @@ class BatchScorer:
             from pipeline.scoring.gpu_decode import DeviceImageDecoder
 
             self.device_images = DeviceImageDecoder(processor, model.device, self._decode)
-        self.journal.started(self.worker)  # what an earlier process of this worker left in flight died with it
+        # the run's fault journal, and samples narrowed down when they keep ending their process
+        self.narrowing = Narrowing(self, journal)
 
     @property
     def forward(self):
@@ -124,7 +123,7 @@ class BatchScorer:
             rows = [i for i in range(n) if columns["kind"][i] not in MARKERS and not columns["error"][i]]
             keys = [(columns["source"][i], columns["ordinal"][i]) for i in rows]
             try:
-                planned, results = narrowing.score_call(self, batch, rows, keys)
+                planned, results = self.narrowing.score_call(batch, rows, keys)
             except DeviceFault as fault:
                 self._before_the_process_ends(fault)
                 raise
@@ -139,28 +138,33 @@ class BatchScorer:
             print("[score] a device error met while preparing a micro-batch: no forward recorded its fault in "
                   "60 s", file=sys.stderr, flush=True)
 
-    def plan_rows(self, batch: pa.Table, rows: list[int], planned: list) -> dict[int, str]:
-        """Each row's layout and tokens into `planned` (its images not decoded yet); the errors of those that fail.
+    def close(self) -> None:
+        """The decode and prepare threads ended (the stage's teardown): nothing is scored after this."""
+        self._decode.shutdown(cancel_futures=True)
+        if self._prepare_pool is not None:
+            self._prepare_pool.shutdown(cancel_futures=True)
+
+    def plan_rows(self, batch: pa.Table, rows: list[int], planned: list) -> dict[int, SampleFailure]:
+        """Each row's layout and tokens into `planned` (its images not decoded yet); the failures of those that fail.
         Each row is taken out of Arrow as it is planned, not the whole call before anything of it is in flight."""
         texts, images, kinds = (batch.column(name) for name in ("texts", "images", "kind"))
-        errors: dict[int, str] = {}
+        failures: dict[int, SampleFailure] = {}
         for i in rows:
             try:
                 planned[i] = self.processor.plan(texts[i].as_py(), images[i].as_py(), kinds[i].as_py())
             except Exception as err:  # noqa: BLE001 - never lose a sample to an unforeseen failure: record it
-                errors[i] = sample_reason(err)
-        return errors
+                failures[i] = SampleFailure.of(err)
+        return failures
 
-    def _output(self, columns: dict, n: int, planned: list, results: dict[int, dict | str], received_bytes: int,
+    def _output(self, columns: dict, n: int, planned: list, results: dict[int, Result], received_bytes: int,
                 samples: int) -> pa.Table:
         score, label, probs, micro_batch = [None] * n, [None] * n, [None] * n, [None] * n
         n_images, n_tokens, truncated = [None] * n, [None] * n, [None] * n
         for i, result in results.items():
-            if isinstance(result, str):  # "<category>: <detail>"
-                columns["error"][i], columns["error_category"][i] = result, result.split(":", 1)[0]
+            if isinstance(result, SampleFailure):
+                columns["error"][i], columns["error_category"][i] = result.reason, result.category.value
                 continue
-            score[i], label[i], probs[i] = result["score"], result["label"], result["probs"]
-            micro_batch[i] = result["micro_batch"]
+            score[i], label[i], probs[i], micro_batch[i] = result.score, result.label, result.probs, result.micro_batch
             n_images[i], n_tokens[i], truncated[i] = planned[i].n_images, planned[i].n_tokens, planned[i].truncated
         first = [None] * n  # per call, on its first row (the driver reads every row the actors return)
         lowered, call = list(first), list(first)
@@ -177,16 +181,17 @@ class BatchScorer:
         return pa.table({name: out[name] for name in SCORED_SCHEMA.names}, schema=SCORED_SCHEMA)
 
     # -- micro-batches -----------------------------------------------------------------------------------------
-    def score_planned(self, planned: list, rows: list[int], call=None) -> dict[int, dict | str]:
+    def score_planned(self, planned: list, rows: list[int],
+                      in_flight: Callable[[str, list[int]], None] | None = None) -> dict[int, Result]:
         """Micro-batches of similar length within the token budget; each micro-batch's images decoded and copied
-        ahead while the ones before it run (`call`, a `narrowing.CallInFlight`, hears what is in flight)."""
+        ahead while the ones before it run (`in_flight(phase, rows)` hears what is in flight)."""
         plan = [[rows[k] for k in micro] for micro in
                 token_budget_batches([planned[j].n_tokens for j in rows], self.token_budget, self.max_batch)]
-        results: dict[int, dict | str] = {}
+        results: dict[int, Result] = {}
         ahead: deque = deque()
         for k, micro in enumerate(plan):
-            if call is not None:  # this micro-batch and those decoded ahead of it
-                call.now("score", [row for group in plan[k:k + PREFETCH + 1] for row in group])
+            if in_flight is not None:  # this micro-batch and those decoded ahead of it
+                in_flight("score", [row for group in plan[k:k + PREFETCH + 1] for row in group])
             while len(ahead) < PREFETCH + 1 and k + len(ahead) < len(plan):
                 ahead.append(self._submit(planned, plan[k + len(ahead)]))
             pending = ahead.popleft()
@@ -201,9 +206,9 @@ class BatchScorer:
             return self.prepare(planned, group)
         return self._prepare_pool.submit(self.prepare, planned, group)
 
-    def prepare(self, planned: list, group: list[int]) -> dict:
+    def prepare(self, planned: list, group: list[int]) -> PreparedBatch:
         """A micro-batch's host side: its samples' images decoded by the decode threads, or their JPEGs on the
-        device (a sample that does not decode is its error), gathered into a batch, pinned, its copy to the device
+        device (a sample that does not decode is its failure), gathered into a batch, pinned, its copy to the device
         started; device work on the side stream. An error keeps the count of forwards that had met a device error
         when this began (`_blamed` tells whose a device error is)."""
         forward_errors = self._forward_device_errors
@@ -211,25 +216,24 @@ class BatchScorer:
             try:
                 decoded = self._decoded_group([planned[j] for j in group])
             except Exception as err:  # noqa: BLE001 - the device's error decoding JPEGs: told apart below
-                return {"failed": {}, "group": list(group), "error": err, "forward_errors": forward_errors}
-            prepared: dict = {"failed": {j: d for j, d in zip(group, decoded) if isinstance(d, str)}}
-            samples = {j: d for j, d in zip(group, decoded) if not isinstance(d, str)}
-            prepared["group"] = list(samples)
+                return PreparedBatch(list(group), error=err, forward_errors=forward_errors)
+            failed = {j: d for j, d in zip(group, decoded) if isinstance(d, SampleFailure)}
+            samples = {j: d for j, d in zip(group, decoded) if not isinstance(d, SampleFailure)}
             if not samples:
-                return prepared
+                return PreparedBatch([], failed, forward_errors=forward_errors)
             try:
                 batch = self.processor.collate(list(samples.values()))
                 check_image_slots(batch["input_ids"], batch["pixel_values"], self.model.config.tokens_per_image)
-                prepared.update(self._to_device(batch))
+                tensors, ready = self._to_device(batch)
             except Exception as err:  # noqa: BLE001 - out of memory, the device's or a sample's: told apart below
-                prepared["error"], prepared["forward_errors"] = err, forward_errors
-        return prepared
+                return PreparedBatch(list(samples), failed, error=err, forward_errors=forward_errors)
+        return PreparedBatch(list(samples), failed, tensors, ready, forward_errors=forward_errors)
 
-    def _blamed(self, prepared: dict, group: list[int]) -> list[int] | None:
+    def _blamed(self, prepared: PreparedBatch, group: list[int]) -> list[int] | None:
         """The micro-batch a device error met while preparing `group` belongs to: `group`, unless a forward (of
         either call) met a device error meanwhile; then that forward's, which its own call records (None here)."""
         with self._device:  # a forward on the device now has ended, and counted its device error
-            met = self._forward_device_errors != prepared["forward_errors"]
+            met = self._forward_device_errors != prepared.forward_errors
         return None if met else group
 
     def _decoded_group(self, samples: list) -> list:
@@ -237,42 +241,43 @@ class BatchScorer:
             return self.device_images.decode(samples)
         return list(self._decode.map(_decoded, [self.processor] * len(samples), samples))
 
-    def _to_device(self, batch: dict) -> dict:
-        """Pin the batch and start its copy on the side stream (the forward pass waits for its event); pixels
-        decoded on the device are there already."""
+    def _to_device(self, batch: dict) -> tuple[dict, torch.cuda.Event | None]:
+        """Pin the batch and start its copy on the side stream (the forward pass waits for the event returned);
+        pixels decoded on the device are there already."""
         if not self.cuda:
-            return batch
+            return batch, None
         with torch.cuda.stream(self._stream):
             moved = {k: v if v.is_cuda else v.pin_memory().to(self.model.device, non_blocking=True)
                      for k, v in batch.items()}
             event = torch.cuda.Event()
             event.record(self._stream)
-        return {**moved, "ready": event}
+        return moved, event
 
-    def score_group(self, planned: list, group: list[int], prepared: dict | None = None) -> dict[int, dict | str]:
-        """{index: record fields or error reason} for one micro-batch, halving it on failure."""
+    def score_group(self, planned: list, group: list[int], prepared: PreparedBatch | None = None
+                    ) -> dict[int, Result]:
+        """{row: its result} for one micro-batch, halving it on failure."""
         if prepared is None:
             with self.duty.waiting_for_decode():
                 prepared = self.prepare(planned, group)
-        results: dict[int, dict | str] = dict(prepared["failed"])
-        group = prepared["group"]
+        results: dict[int, Result] = dict(prepared.failed)
+        group = prepared.group
         if not group:
             return results
         padded = len(group) * max(planned[j].n_tokens for j in group)
         if len(group) > 1 and padded > self.token_budget:  # planned before an out-of-memory error lowered it
             return {**results, **self._halves(planned, group)}
         failure = None
-        unprepared = "error" in prepared
+        unprepared = prepared.error is not None
         try:
             if unprepared:
-                raise prepared["error"]
+                raise prepared.error
             out = self._forward(prepared)
         except torch.OutOfMemoryError:
             failure = "out of memory"
         except CompileFailed:
             raise
         except Exception as err:
-            if narrowing.is_device_error(err):
+            if is_device_error(err):
                 blamed = self._blamed(prepared, group) if unprepared else group
                 raise DeviceFault(f"{type(err).__name__}: {err}", samples=blamed, unattributed=blamed is None) from err
             failure = f"{type(err).__name__}: {err}"
@@ -282,37 +287,46 @@ class BatchScorer:
         prepared = None
         release_memory(self.model.device)
         if len(group) == 1:
-            if failure == "out of memory":
-                failure = f"out of memory on this sample alone ({padded} tokens)"
-            return {**results, group[0]: f"{Category.SCORE.value}: {failure}"[:500]}
+            return {**results, group[0]: _failed_alone(failure, padded)}
         if failure == "out of memory":  # later micro-batches of this size would fail first too
             self.token_budget = min(self.token_budget, max(1, padded // 2))
         return {**results, **self._halves(planned, group)}
 
-    def _halves(self, planned: list, group: list[int]) -> dict[int, dict | str]:
+    def _halves(self, planned: list, group: list[int]) -> dict[int, Result]:
         half = len(group) // 2
         return {**self.score_group(planned, group[:half]), **self.score_group(planned, group[half:])}
 
-    def _forward(self, batch: dict) -> np.ndarray:
+    def run_through(self, samples: list) -> None:
+        """Planned samples prepared and through the model as one micro-batch, whatever fails raised as it is (no
+        failure recorded, no halving): the canary (`pipeline.scoring.narrowing`), the compiled graphs' warm-up."""
+        prepared = self.prepare(samples, list(range(len(samples))))
+        if prepared.error is not None:
+            raise prepared.error
+        if prepared.failed:
+            raise RuntimeError(str({j: failure.reason for j, failure in prepared.failed.items()}))
+        self._forward(prepared)
+
+    def _forward(self, prepared: PreparedBatch) -> np.ndarray:
         """One micro-batch through the model, one copy back: rows of (score, label, probs...) as float32."""
         with self._device:
             try:
-                rows = self._on_device(batch)
+                rows = self._on_device(prepared)
             except Exception as err:
-                if narrowing.is_device_error(err):
+                if is_device_error(err):
                     self._forward_device_errors += 1
                 raise
-        images = int(batch["pixel_values"].shape[0])
+        images = int(prepared.tensors["pixel_values"].shape[0])
         self.images += images
         self.tower_images += getattr(self.forward, "tower_images", lambda n: n)(images)
         self.healthy = True
         return rows
 
-    def _on_device(self, batch: dict) -> np.ndarray:
+    def _on_device(self, prepared: PreparedBatch) -> np.ndarray:
+        batch = prepared.tensors
         with self.duty.forward():
-            if "ready" in batch:
+            if prepared.ready is not None:
                 stream = torch.cuda.current_stream()
-                stream.wait_event(batch["ready"])
+                stream.wait_event(prepared.ready)
                 for name in ("input_ids", "attention_mask", "pixel_values"):
                     batch[name].record_stream(stream)
             out = self.forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], check_slots=False)
@@ -323,22 +337,30 @@ class BatchScorer:
 
 
 def _decoded(processor, planned):
-    """A planned sample's images decoded, or the reason it cannot be (runs on a decode thread)."""
+    """A planned sample's images decoded, or why it cannot be (runs on a decode thread)."""
     try:
         return processor.decode(planned)
     except Exception as err:  # noqa: BLE001 - never lose a sample to an unforeseen failure: record it
-        return sample_reason(err)
+        return SampleFailure.of(err)
 
 
-def _records(group: list[int], rows: np.ndarray) -> dict[int, dict | str]:
-    out: dict[int, dict | str] = {}
+def _failed_alone(failure: str, padded: int) -> ScoreFailure:
+    """A sample the model failed on alone: out of memory names its size, which its cause leaves out."""
+    detail = f"out of memory on this sample alone ({padded} tokens)" if failure == "out of memory" else failure
+    bounded = SampleFailure.bounded(Category.SCORE, detail)
+    cause = "out of memory on this sample alone" if failure == "out of memory" else bounded.detail
+    return ScoreFailure(Category.SCORE, bounded.detail, cause)
+
+
+def _records(group: list[int], rows: np.ndarray) -> dict[int, Result]:
+    out: dict[int, Result] = {}
     for k, j in enumerate(group):
         score = float(rows[k, 0])
         if not np.isfinite(score):  # float16 overflow, say: reproducible for this sample, never a score
-            out[j] = f"{Category.SCORE.value}: non-finite score ({score}); float16 overflows, use bfloat16"
+            detail = f"non-finite score ({score}); float16 overflows, use bfloat16"
+            out[j] = ScoreFailure(Category.SCORE, detail, detail)
             continue
-        out[j] = {"score": score, "label": int(rows[k, 1]), "micro_batch": len(group),
-                  "probs": rows[k, 2:].tolist() if rows.shape[1] > 2 else None}
+        out[j] = Scored(score, int(rows[k, 1]), rows[k, 2:].tolist() if rows.shape[1] > 2 else None, len(group))
     return out
 
 

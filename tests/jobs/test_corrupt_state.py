@@ -11,7 +11,7 @@ import pytest
 
 from jobs import curate, score, synth
 from jobs import sample_corpus as corpus
-from pipeline.commit.committer import ShardCommitter
+from pipeline.commit.committer import RecordLayout, ShardCommitter
 from pipeline.commit.lease import Lease
 from pipeline.commit.markers import end_marker
 from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
@@ -19,7 +19,7 @@ from pipeline.scoring.records import SCORE_SCHEMA, scores_folder
 
 def _commit_one_shard(output: Path, consolidate: bool) -> None:
     """A real commit of shard `00000.tar` (a record, or a consolidated manifest part)."""
-    committer = ShardCommitter(str(output), SCORE_SCHEMA, "id", scores_folder)
+    committer = ShardCommitter(str(output), RecordLayout(SCORE_SCHEMA, scores_folder), "id")
     rows = [{"id": f"k{i}", "source": "00000.tar", "kind": "caption", "ordinal": i, "score": 1.0, "label": 1,
              "model": "tiny"} for i in range(2)]
     committer.add(pa.Table.from_pylist([*rows, end_marker("00000.tar", 2)]))

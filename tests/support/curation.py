@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline.curation
-from pipeline.commit.committer import ShardCommitter
+from pipeline.commit.committer import CommitHooks, RecordLayout, ShardCommitter
 from pipeline.commit.identity import check_identity, identity_hash, record_identity
 from pipeline.commit.markers import end_marker
 from pipeline.commit.records import read_committed
@@ -33,7 +33,8 @@ def fake_scores(output: str, shards: dict[str, list[dict]], inputs: dict[str, st
     identity = {"model": {"id": "fake@0", "revision": "0"}}
     record_identity(output, "score", check_identity(output, "score", identity, {}))
     describe = (lambda key: {"input": inputs.get(key), "format": fmt}) if inputs else None
-    committer = ShardCommitter(output, SCORE_SCHEMA, identity_hash(identity), scores_folder, describe=describe)
+    committer = ShardCommitter(output, RecordLayout(SCORE_SCHEMA, scores_folder), identity_hash(identity),
+                               hooks=CommitHooks(describe=describe))
     for key, records in shards.items():
         rows = [{"source": key, "ordinal": i, "model": "fake@0", **r} for i, r in enumerate(records)]
         committer.add(pa.Table.from_pylist([*rows, end_marker(key, len(rows))]))

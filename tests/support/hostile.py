@@ -255,7 +255,7 @@ class KillsItsWorker(ScoreStage):
 
     def setup(self):
         super().setup()
-        root = Path(self.model_uri).parent
+        root = Path(self.settings.model).parent
         (root / "actors").mkdir(exist_ok=True)
         (root / "actors" / str(os.getpid())).touch()
         phase = (root / "kill-phase").read_text().strip()

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from jobs import sample_corpus as corpus
-from pipeline.commit.committer import ShardCommitter
+from pipeline.commit.committer import RecordLayout, ShardCommitter, WritePolicy
 from pipeline.commit.manifest import read_manifest, write_entry
 from pipeline.commit.markers import end_marker
 from pipeline.commit.records import read_committed
@@ -26,7 +26,7 @@ from tests.support.score_like import RECORDS, scores_folder, shard_rows, shard_t
 
 
 def _committed(out, keys=("a.tar", "b.tar"), n=40) -> None:
-    committer = ShardCommitter(str(out), RECORDS, "id", scores_folder)
+    committer = ShardCommitter(str(out), RecordLayout(RECORDS, scores_folder), "id")
     for key in keys:
         committer.add(shard_table(key, n))
     committer.consolidate()
@@ -61,8 +61,8 @@ def test_a_shard_done_again_reads_as_its_newer_commit(tmp_path):
     _committed(out)
     cut_in_half(out / "scores" / "a.parquet")
     prepared = survey(_spec(out, _keys_listing()))
-    committer = ShardCommitter(str(out), RECORDS, "id", scores_folder, committed=prepared.entries,
-                               consolidate_every=10**6)
+    committer = ShardCommitter(str(out), RecordLayout(RECORDS, scores_folder), "id", committed=prepared.entries,
+                               writes=WritePolicy(consolidate_every=10**6))
     committer.add(pa.Table.from_pylist([*shard_rows("a.tar", 40, score=2.0), end_marker("a.tar", 40)],
                                        schema=RECORDS))  # other records: other bytes than the first commit's
     assert read_committed(str(out), RECORDS).num_rows == 80  # the new per-shard record, beside the old part

@@ -158,13 +158,13 @@ def test_a_clock_jump_in_the_holder_does_not_lose_its_lease(tmp_path, monkeypatc
 
 
 def test_a_commit_after_another_job_took_the_lease_over_writes_no_record(output):
-    from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.committer import RecordLayout, ShardCommitter
     from pipeline.commit.manifest import read_manifest
     from tests.support.score_like import RECORDS, scores_folder, shard_table
 
     lease = Lease(output, "score", ttl_s=30).acquire()  # renewed every 10 s: no renewal during this test
     try:
-        committer = ShardCommitter(output, RECORDS, "id", scores_folder, lease=lease)
+        committer = ShardCommitter(output, RecordLayout(RECORDS, scores_folder), "id", lease=lease)
         committer.add(shard_table("a.tar", 2))
         _write(output, _elsewhere(_read(output), token="someone-else", expires_at=time.time() + 60))
         with pytest.raises(LeaseLost, match="another job took over"):
@@ -181,7 +181,7 @@ HOLD_AND_COMMIT = textwrap.dedent("""
     import sys
     import pipeline.commit.committer as sinks
     from pipeline.commit.lease import Lease
-    from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.committer import RecordLayout, ShardCommitter
     from tests.support.score_like import RECORDS, scores_folder, shard_table
 
     real_write = sinks.write_bytes
@@ -194,7 +194,7 @@ HOLD_AND_COMMIT = textwrap.dedent("""
 
     sinks.write_bytes = write_bytes
     lease = Lease(sys.argv[1], "score", ttl_s=2).acquire()
-    committer = ShardCommitter(sys.argv[1], RECORDS, "id", scores_folder, lease=lease)
+    committer = ShardCommitter(sys.argv[1], RecordLayout(RECORDS, scores_folder), "id", lease=lease)
     try:
         for key in ("a.tar", "b.tar", "c.tar"):
             committer.add(shard_table(key, 2))

@@ -24,7 +24,7 @@ from tests.support.shards import assert_exactly_once, write_shards
 COMMIT_AND_DIE = textwrap.dedent("""
     import os, signal, sys
     import pipeline.commit.manifest as manifest
-    from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.committer import RecordLayout, ShardCommitter, WritePolicy
     from tests.support.score_like import RECORDS, scores_folder, shard_table
 
     output, n = sys.argv[1], int(sys.argv[2])
@@ -39,7 +39,8 @@ COMMIT_AND_DIE = textwrap.dedent("""
         real_delete(fs, paths)
 
     manifest._delete_all = delete_then_die
-    committer = ShardCommitter(output, RECORDS, "id", scores_folder, consolidate_every=10)
+    committer = ShardCommitter(output, RecordLayout(RECORDS, scores_folder), "id",
+                               writes=WritePolicy(consolidate_every=10))
     for k in range(n):
         committer.add(shard_table(f"{k:03d}.tar", 3))
     committer.consolidate()
@@ -107,11 +108,11 @@ def test_a_re_executed_task_after_its_commit_writes_nothing_twice(tmp_path):
     already committed in this run are dropped, never committed a second time."""
     import pyarrow as pa
 
-    from pipeline.commit.committer import ShardCommitter
+    from pipeline.commit.committer import RecordLayout, ShardCommitter
     from pipeline.commit.markers import end_marker
 
     out = str(tmp_path / "out")
-    committer = ShardCommitter(out, RECORDS, "id", scores_folder)
+    committer = ShardCommitter(out, RecordLayout(RECORDS, scores_folder), "id")
     committer.add(shard_table("a.tar", 2))
     again = shard_rows("a.tar", 2, score=2.0)
     committer.add(pa.Table.from_pylist(again[:1], schema=RECORDS))

@@ -10,6 +10,7 @@ from pipeline.commit.markers import SHARD_END, end_marker, wire_schema
 from pipeline.io.listing import list_shards
 from pipeline.runner import Resources, ShardStage, TableStage
 from pipeline.runner.executors import LocalExecutor, rebatched
+from pipeline.runner.stage import StageActor
 from pipeline.scoring import ScoreConfig, read_scores, score_dataset
 from tests.support.shards import write_shards
 
@@ -75,6 +76,55 @@ def test_the_local_executor_streams_shards_through_the_stages_batched_across_sha
     ends = [r for r in rows if r["kind"] == SHARD_END]
     assert [r["source"] for r in ends] == [s.key for s in shards]
     assert ends[0]["id"] == "3" and ends[0] == {**dict.fromkeys(ROWS.names), **end_marker(shards[0].key, 3)}
+
+
+class TornDown(Doubling):
+    """Says when it is set up and torn down; fails on a batch holding `fails_on` when told to."""
+
+    def __init__(self, resources, log: list[str], fails_on: int | None = None):
+        super().__init__(resources)
+        self.log, self.fails_on = log, fails_on
+
+    def setup(self) -> None:
+        self.log.append(f"setup {self.name}")
+
+    def teardown(self) -> None:
+        self.log.append(f"teardown {self.name}")
+
+    def process_table(self, table: pa.Table) -> pa.Table:
+        if self.fails_on in table.column("n").to_pylist():
+            raise RuntimeError("this stage fails")
+        return super().process_table(table)
+
+
+def test_the_local_executor_tears_each_stage_down_once_its_batches_are_read(tmp_path):
+    write_shards(tmp_path, 2, 1)
+    shards = list_shards(str(tmp_path), "webdataset").shards
+    log: list[str] = []
+    reader, model = Counting(Resources()), TornDown(Resources(batch_size=4), log)
+    batches = LocalExecutor().batches(shards, [reader, model], no_progress_timeout_s=60)
+    first = next(batches)
+    assert first.num_rows == 4 and log == ["setup doubling"]  # still running: nothing torn down
+    list(batches)
+    assert log == ["setup doubling", "teardown doubling"]
+
+
+def test_the_local_executor_tears_its_stages_down_when_a_stage_fails(tmp_path):
+    write_shards(tmp_path, 1, 1)
+    shards = list_shards(str(tmp_path), "webdataset").shards
+    log: list[str] = []
+    with pytest.raises(RuntimeError, match="this stage fails"):
+        list(LocalExecutor().batches(shards, [Counting(Resources()), TornDown(Resources(), log, fails_on=0)],
+                                     no_progress_timeout_s=60))
+    assert log == ["setup doubling", "teardown doubling"]
+
+
+def test_a_stage_is_torn_down_when_its_ray_actor_object_is_dropped():
+    """Ray Data drops its callable class's instance as the actor exits gracefully (`__ray_shutdown__`)."""
+    log: list[str] = []
+    actor = StageActor(TornDown(Resources(), log))
+    del actor
+    assert log == ["setup doubling", "teardown doubling"]
 
 
 def test_a_failure_that_ends_an_actor_on_ray_ends_the_local_run(tmp_path, tiny_checkpoint):

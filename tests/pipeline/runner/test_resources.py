@@ -76,4 +76,4 @@ def test_auto_precision_is_made_definite_before_the_job_so_the_identity_names_it
     config = ScoreConfig(**base)
     assert config.identity("m@1")["dtype"] == "bfloat16"
     plan = Plan(stages={"read": Resources(max_actors=1), "score": Resources(num_gpus=1.0)})
-    assert ScoringJob(config).stages(plan)[1].dtype == "bfloat16"
+    assert ScoringJob(config).stages(plan)[1].settings.dtype == "bfloat16"

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 
 from jobs import sample_corpus as corpus
-from pipeline.scoring import ScoreConfig, read_scores, score_dataset
+from pipeline.scoring import ScoreConfig, ScoringSettings, read_scores, score_dataset
 from pipeline.scoring.local import score_shards
-from pipeline.scoring.stage import load_scorer
 
 BUNDLED = {  # the bundled sample corpus (what the demo draws), as the two kinds of shards the job reads
     "caption": ("webdataset", lambda k: corpus.caption_samples(24, seed=k, prefix=f"c{k}-"), corpus.write_webdataset,
@@ -37,7 +36,7 @@ def scored_by_the_job(tmp_path_factory, tiny_checkpoint):
 @pytest.mark.parametrize("kind", list(BUNDLED))
 def test_the_ray_free_path_scores_the_bundled_shards_as_the_job_does(kind, scored_by_the_job, tiny_checkpoint):
     input_uri, _, by_job = scored_by_the_job[kind]
-    local = [r for table in score_shards(input_uri, BUNDLED[kind][0], load_scorer(tiny_checkpoint))
+    local = [r for table in score_shards(input_uri, BUNDLED[kind][0], ScoringSettings(model=tiny_checkpoint))
              for r in table.to_pylist()]
     job = {(r["source"], r["id"]): r for r in by_job.to_pylist()}
     assert len(local) == len(job) == len({(r["source"], r["id"]) for r in local}) > 0

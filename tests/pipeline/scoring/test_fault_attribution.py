@@ -88,7 +88,7 @@ def test_an_error_met_preparing_one_calls_micro_batch_is_counted_against_the_for
         thread.join(60)
     assert set(raised) == {"a", "b"}
     assert raised["a"].samples is not None and raised["b"].unattributed  # B's is left to A's forward
-    suspects = journal.faults_of([("a.tar", k) for k in range(4)] + [("b.tar", k) for k in range(4)])
+    suspects = journal.suspects([("a.tar", k) for k in range(4)] + [("b.tar", k) for k in range(4)])
     assert len(suspects) == 2 and {source for source, _ in suspects} == {"a.tar"}  # A's first micro-batch only
     assert journal.stats()["micro_batches"] == 1
 
@@ -107,5 +107,5 @@ def test_an_error_met_preparing_a_micro_batch_with_no_forward_failing_is_that_mi
         Scorer(net, processor, token_budget=10**6, max_batch=2, journal=journal).score_table(call_rows("c.tar", 5))
     assert raised.value.samples is not None and len(raised.value.samples) == 1
     assert not raised.value.unattributed
-    suspects = journal.faults_of([("c.tar", k) for k in range(5)])
+    suspects = journal.suspects([("c.tar", k) for k in range(5)])
     assert len(suspects) == 1

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from jobs import sample_corpus as corpus
-from pipeline.scoring import ScoreConfig, UniFilterScorer, read_scores, score_dataset
+from pipeline.scoring import ScoreConfig, ScoringSettings, UniFilterScorer, read_scores, score_dataset
 from pipeline.scoring.public import ADDED
 from tests.support.images import jpeg_bytes
 from tests.support.shards import write_shards
@@ -73,3 +73,21 @@ def test_the_scores_are_the_scoring_jobs(shards, scored, tiny_checkpoint, tmp_pa
         assert (row["score"] is None) == (job[key]["score"] is None), key
         if row["score"] is not None:
             assert row["score"] == pytest.approx(job[key]["score"], abs=1e-6), key
+
+
+def test_a_caption_that_does_not_decode_or_a_row_without_an_image_keeps_its_row_with_its_error(tiny_checkpoint):
+    """Called in this process, as Ray's actor would call it."""
+    stage = UniFilterScorer(tiny_checkpoint)
+    batch = pa.table({"__key__": ["good", "latin1", "no-image"], "jpg": [jpeg_bytes(), jpeg_bytes(), None],
+                      "txt": [b"a red square", "caf\xe9".encode("latin-1"), b"a red square"]})
+    rows = {row["__key__"]: row for row in stage(batch).to_pylist()}
+    assert rows["good"]["error"] is None and rows["good"]["score"] is not None
+    assert rows["latin1"]["error"] == "decode: caption is not valid UTF-8 (unexpected end of data at byte 3)"
+    assert rows["no-image"]["error"] == "empty: sample has no image"
+    assert rows["latin1"]["score"] is None and rows["no-image"]["score"] is None
+
+
+def test_the_stage_takes_the_scoring_settings_whole(tiny_checkpoint):
+    stage = UniFilterScorer(ScoringSettings(model=tiny_checkpoint, jpeg_draft=True, max_batch=3, token_budget=512))
+    scorer = stage.scorer
+    assert (scorer.processor.jpeg_draft, scorer.max_batch, scorer.token_budget) == (True, 3, 512)

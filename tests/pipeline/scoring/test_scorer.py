@@ -19,8 +19,8 @@ import model
 from jobs import sample_corpus as corpus
 from pipeline.commit.markers import end_marker
 from pipeline.errors import BrokenWorker, DeviceFault
-from pipeline.runner import format_summary
-from pipeline.scoring import ScoreConfig, read_scores, score_dataset
+from pipeline.runner import Resources, format_summary
+from pipeline.scoring import ScoreConfig, ScoringSettings, read_scores, score_dataset
 from pipeline.scoring.device_faults import CANARY_FAILURES_BEFORE_GIVING_UP, FaultJournal
 from pipeline.scoring.reading import sample_rows
 from pipeline.scoring.scorer import BatchScorer
@@ -212,12 +212,21 @@ def test_overlapped_preparation_gives_the_serial_scores_in_any_order(loaded):
     assert max(micro_batch_max(out) for out in outputs) == 4
 
 
+def test_a_scoring_stage_torn_down_has_shut_its_decode_threads(tiny_checkpoint):
+    stage = ScoreStage(Resources(), ScoringSettings(model=tiny_checkpoint))
+    stage.setup()
+    assert len(records(stage(sample_table(2)))) == 2
+    stage.teardown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        stage(sample_table(2))
+
+
 class DeviceFaultOnce(ScoreStage):
     """A scoring stage whose first call meets a device error (a CUDA device-side assert, injected): it must end,
     be restarted by Ray, and its batch retried. The marker beside the model makes it happen once per test."""
 
     def process_table(self, table):
-        marker = Path(self.model_uri).parent / "device-fault-injected"
+        marker = Path(self.settings.model).parent / "device-fault-injected"
         if not marker.exists():
             marker.write_text(str(os.getpid()))
             self.scorer.model = Faulty(self.scorer.model, RuntimeError("CUDA error: device-side assert triggered"),
@@ -260,7 +269,7 @@ class FaultsWithOneSample(ScoreStage):
 
     def setup(self):
         super().setup()
-        root = Path(self.model_uri).parent
+        root = Path(self.settings.model).parent
         (root / "actors").mkdir(exist_ok=True)
         (root / "actors" / str(os.getpid())).touch()
         bad, pad = int((root / "faulting-sample-tokens").read_text()), self.scorer.processor.config.pad_token_id

@@ -113,7 +113,7 @@ class WaitsInItsFirstCall(ScoreStage):
     gate beside the model; it leaves its pid there first."""
 
     def process_table(self, table):
-        root = Path(self.model_uri).parent
+        root = Path(self.settings.model).parent
         if not (root / "gate").exists():
             (root / "in-flight").write_text(str(os.getpid()))
             while not (root / "gate").exists():
