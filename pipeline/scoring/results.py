@@ -39,12 +39,10 @@ class PreparedBatch:
     """A micro-batch's host side, done ahead of the device: the rows whose images decoded (`group`, in order), the
     failures of those that did not, the collated tensors (`input_ids`, `attention_mask`, `pixel_values`: on the
     device, or their copy to it started on the side stream, `ready` its end), or the error that preparing them
-    raised, told apart when the micro-batch is scored (`forward_errors`: the forwards that had met a device error
-    when its preparation began)."""
+    raised, told apart when the micro-batch is scored."""
 
     group: list[int]
     failed: dict[int, SampleFailure] = field(default_factory=dict)
     tensors: dict[str, Any] | None = None
     ready: Any = None  # a torch.cuda.Event on a GPU
     error: Exception | None = None
-    forward_errors: int = 0

@@ -20,8 +20,8 @@ micro-batches of this one; the device runs one micro-batch at a time. Failures a
   a fault that follows one sample down to that sample (`pipeline.scoring.narrowing`); what each call has in flight
   is in the journal too, so a process that is killed (out of memory, a crash) is narrowed down the same way. A CUDA
   error surfaces wherever the next call into the device happens to be: one met while preparing a micro-batch
-  (pinning, nvJPEG) is that micro-batch's, unless a forward met a device error meanwhile (another call's
-  micro-batch, on the device as this one was prepared): then it is that forward's, recorded by its own call, and
+  (pinning, nvJPEG) is that micro-batch's, unless a forward of this process has met a device error (another call's
+  micro-batch, on the device as this one was prepared, or any before: a CUDA error is sticky): then it is that forward's, recorded by its own call, and
   this one is left unattributed; the process ends once the forward's fault is in the journal;
 - a compilation that fails (`CompileFailed`) is no sample's: it ends the call, never halved into error records;
 - any other error is narrowed down by halving too: only a sample that fails on its own becomes its error record.
@@ -209,31 +209,30 @@ class BatchScorer:
     def prepare(self, planned: list, group: list[int]) -> PreparedBatch:
         """A micro-batch's host side: its samples' images decoded by the decode threads, or their JPEGs on the
         device (a sample that does not decode is its failure), gathered into a batch, pinned, its copy to the device
-        started; device work on the side stream. An error keeps the count of forwards that had met a device error
-        when this began (`_blamed` tells whose a device error is)."""
-        forward_errors = self._forward_device_errors
+        started; device work on the side stream (`_blamed` tells whose a device error met here is)."""
         with torch.cuda.stream(self._stream) if self.cuda else contextlib.nullcontext():
             try:
                 decoded = self._decoded_group([planned[j] for j in group])
             except Exception as err:  # noqa: BLE001 - the device's error decoding JPEGs: told apart below
-                return PreparedBatch(list(group), error=err, forward_errors=forward_errors)
+                return PreparedBatch(list(group), error=err)
             failed = {j: d for j, d in zip(group, decoded) if isinstance(d, SampleFailure)}
             samples = {j: d for j, d in zip(group, decoded) if not isinstance(d, SampleFailure)}
             if not samples:
-                return PreparedBatch([], failed, forward_errors=forward_errors)
+                return PreparedBatch([], failed)
             try:
                 batch = self.processor.collate(list(samples.values()))
                 check_image_slots(batch["input_ids"], batch["pixel_values"], self.model.config.tokens_per_image)
                 tensors, ready = self._to_device(batch)
             except Exception as err:  # noqa: BLE001 - out of memory, the device's or a sample's: told apart below
-                return PreparedBatch(list(samples), failed, error=err, forward_errors=forward_errors)
-        return PreparedBatch(list(samples), failed, tensors, ready, forward_errors=forward_errors)
+                return PreparedBatch(list(samples), failed, error=err)
+        return PreparedBatch(list(samples), failed, tensors, ready)
 
     def _blamed(self, prepared: PreparedBatch, group: list[int]) -> list[int] | None:
         """The micro-batch a device error met while preparing `group` belongs to: `group`, unless a forward (of
-        either call) met a device error meanwhile; then that forward's, which its own call records (None here)."""
+        either call) met a device error meanwhile, or before (a CUDA error is sticky: the process is ending); then
+        that forward's, which its own call records (None here)."""
         with self._device:  # a forward on the device now has ended, and counted its device error
-            met = self._forward_device_errors != prepared.forward_errors
+            met = self._forward_device_errors > 0
         return None if met else group
 
     def _decoded_group(self, samples: list) -> list:
@@ -314,6 +313,7 @@ class BatchScorer:
             except Exception as err:
                 if is_device_error(err):
                     self._forward_device_errors += 1
+                    self.healthy = False  # the device is not to be trusted again in this process: canary first
                 raise
         images = int(prepared.tensors["pixel_values"].shape[0])
         self.images += images
