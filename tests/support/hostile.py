@@ -293,10 +293,12 @@ def score_file(path: Path, source: str, n: int, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """`python -m tests.support.hostile ...`: `python -m jobs.score ...` with its model stage swapped for
     `KillsItsWorker` (a test runs it as a subprocess to interrupt it)."""
-    from jobs._config import entry, run_command
+    from jobs._config import Command, entry, run_command
+    from jobs.score import COMMAND
 
+    command = Command("tests.support.hostile", "Scoring whose worker is killed.", COMMAND.dry_run)
     return entry(lambda: run_command(ScoreConfig, lambda config, sources: ScoringWith(config, KillsItsWorker, sources),
-                                     argv, "python -m tests.support.hostile", "scoring whose worker is killed"), argv)
+                                     argv, command), argv)
 
 
 def rgba_png(side: int) -> bytes:
