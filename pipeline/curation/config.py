@@ -34,6 +34,18 @@ class CurateConfig(BaseModel):
                                                     "truncated\")")
     min_images: int | None = Field(None, ge=0, description="drop records with fewer images (as where "
                                                            "\"n_images >= N\")")
+    exclude: list[str] | None = Field(None, description="drop the samples a list names, whatever their score: a "
+                                                        "Parquet or text file of ids, keys, URLs or image sha256 "
+                                                        "values (repeatable; the column from its header or "
+                                                        "exclude_column)")
+    exclude_column: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                       description="the column every exclude list matches (id, key, url, sha256, "
+                                                   "...); a text list then has no header line")
+    write_dropped: bool = Field(False, description="also write the dropped records to dropped/, each with the "
+                                                   "first rule that removed it (dropped_by)")
+    export_ids: bool = Field(False, description="once every shard is committed, write the kept ids to "
+                                                "kept_ids.parquet (id, key, url, score) and, where the metadata has "
+                                                "DataComp's uid column, uids.npy as DataComp's training reads it")
     sweep: list[float] | None = Field(None, description="with --dry-run: the fractions (or, with min_score, the "
                                                         "minimum scores) to tabulate, also compared in --report; "
                                                         "refused in a run with neither (default: a standard set)")
@@ -62,6 +74,11 @@ class CurateConfig(BaseModel):
                              "records, shards and summary elsewhere (choose another output)")
         if self.where is not None:
             where.parse(self.where)  # the syntax, before anything runs; the columns once the corpus is known
+        if self.exclude_column is not None and not self.exclude:
+            raise ValueError("field 'exclude_column': it names the column of the exclude lists, and none is given "
+                             "(add --exclude FILE)")
+        if self.exclude is not None and (not self.exclude or not all(f.strip() for f in self.exclude)):
+            raise ValueError("field 'exclude': give a list's file (a Parquet or text file)")
         if self.sweep is not None:
             self.rule.check_sweep(self.sweep)
         return self
