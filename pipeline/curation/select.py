@@ -28,9 +28,29 @@ SELECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("kin
                              ("url", pa.string())])
 
 
+DROPPED_DIR = "dropped"
+DROPPED_SCHEMA = SELECTED_SCHEMA.append(pa.field("dropped_by", pa.string()))  # with `write_dropped`
+SCORE_ERROR = "error"  # a dropped record's rule when it is a score error record (never selectable)
+
+
 def selected_folder(table: pa.Table) -> list[str]:
     """Every selected record goes to `OUTPUT/selected/`."""
     return [SELECTED_DIR] * table.num_rows
+
+
+def selected_or_dropped(table: pa.Table) -> list[str]:
+    """With `write_dropped`: a record that names the rule that dropped it goes to `OUTPUT/dropped/`."""
+    return [SELECTED_DIR if rule is None else DROPPED_DIR for rule in table.column("dropped_by").to_pylist()]
+
+
+def dropped_by(filtered: FilteredShard, keep: np.ndarray) -> np.ndarray:
+    """Per record, the first rule that removed it: a score error, a filter's setting (`where`, `exclude:<file>`,
+    `min_images`, `truncated`, in that order), else the threshold; None for a kept record."""
+    out = np.where(keep, None, "threshold").astype(object)
+    failed = filtered.first_rule != None  # noqa: E711 - an object array compared elementwise
+    out[failed & ~keep] = filtered.first_rule[failed & ~keep]
+    out[~filtered.scored] = SCORE_ERROR
+    return out
 
 
 def kept_records(shard: Shard, filters: Filters, thresholds: dict[str, float | None], per_kind: bool
@@ -53,6 +73,8 @@ class SelectStage(ShardStage):
                  filters: Filters):
         super().__init__(resources)
         self.config, self.thresholds, self.filters = config, thresholds, filters
+        if config.write_dropped:
+            self.schema = wire_schema(*DROPPED_SCHEMA)
 
     def process_shard(self, shard: Shard) -> Iterator[list[dict]]:
         try:
@@ -73,6 +95,10 @@ class SelectStage(ShardStage):
         one_to_one = self.config.materialize and self.config.samples_per_shard is None  # else resharded after
         files = self._materialize(shard, kept, stats) if one_to_one and kept.num_rows else []
         rows = kept.select(SELECTED_SCHEMA.names).to_pylist()
+        if self.config.write_dropped:
+            rules = dropped_by(filtered, keep)
+            dropped = table.filter(pa.array(~keep)).select(SELECTED_SCHEMA.names)
+            rows += dropped.append_column("dropped_by", pa.array(rules[~keep], pa.string())).to_pylist()
         for i, row in enumerate(rows):
             row["ordinal"] = i
         yield rows

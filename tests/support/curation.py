@@ -58,7 +58,12 @@ def curate(tmp_path, scores, name="cur", executor="local", **kw) -> dict:
 
 
 def selected(output) -> pa.Table:
-    return read_committed(str(output), SELECTED)
+    return read_committed(str(output), SELECTED, folder="selected")
+
+
+def dropped(output) -> pa.Table:
+    """The dropped records a curation wrote with `write_dropped`, each with the rule that removed it."""
+    return read_committed(str(output), SELECTED.append(pa.field("dropped_by", pa.string())), folder="dropped")
 
 
 def materialized(path: Path, fmt: str) -> dict[str, bytes]:
