@@ -14,11 +14,22 @@ from pipeline.commit.records import damaged_file
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters, check_filters
 from pipeline.curation.passes import compute_thresholds
-from pipeline.curation.select import SELECTED_DIR, SELECTED_SCHEMA, SHARDS_DIR, SelectStage, selected_folder
+from pipeline.curation.select import (
+    DROPPED_DIR,
+    DROPPED_SCHEMA,
+    SELECTED_DIR,
+    SELECTED_SCHEMA,
+    SHARDS_DIR,
+    SelectStage,
+    selected_folder,
+    selected_or_dropped,
+)
 from pipeline.curation.summary import (
     curation_fields,
     curation_lines,
     cuts_text,
+    dropped_written,
+    exports_written,
     filter_lines,
     shards_written,
     sweep_lines,
@@ -81,6 +92,7 @@ class CurationJob(Job):
         self.listing: ShardListing | None = None
         self.filters = Filters.of(config)
         self.resharded: dict | None = None
+        self.exported: dict | None = None  # what `export_ids` wrote (or why not yet)
         self.report_uri: str | None = None  # where this run's report went (with `report`)
 
     def identity(self, scores_identity: str, thresholds: Thresholds | None) -> dict:
@@ -92,6 +104,10 @@ class CurationJob(Job):
             own["samples_per_shard"] = c.samples_per_shard
         if self.filters.terms:  # only when set: outputs curated before filters existed keep their identity
             own["filters"] = self.filters.terms
+        if self.filters.exclusions:  # by content: a list changed under the same name is another curation
+            own["exclude"] = self.filters.exclusions
+        if c.write_dropped:
+            own["write_dropped"] = True
         return own
 
     def spec(self) -> JobSpec:
@@ -103,8 +119,9 @@ class CurationJob(Job):
         self._scores_identity = scores_identity
         later = ("thresholds",) if self.rule.fixed_cut is None else ()
         return JobSpec(job=self.name, output=c.output, listing=self.listing,
-                       identity=self.identity(scores_identity, None), schema=SELECTED_SCHEMA,
-                       partition=selected_folder, no_progress_timeout_s=c.no_progress_timeout_s, unit="kept",
+                       identity=self.identity(scores_identity, None),
+                       schema=DROPPED_SCHEMA if c.write_dropped else SELECTED_SCHEMA,
+                       partition=selected_or_dropped if c.write_dropped else selected_folder, no_progress_timeout_s=c.no_progress_timeout_s, unit="kept",
                        input=c.scores, identity_later=later)
 
     def dry_run_lines(self, prepared: PreparedJob) -> list[str]:
@@ -126,7 +143,7 @@ class CurationJob(Job):
             f"  shards     {scored} scored · {scored - len(keys)} already curated · {len(keys)} new",
             *(f"  note       {note}" for note in prepared.notes),
             f"  records    {records:,} score records in the new shards",
-            f"  writes     selected/ per shard{shards_written(c)}"
+            f"  writes     selected/ per shard{dropped_written(c)}{shards_written(c)}{exports_written(c)}"
             f"{', an HTML report to ' + c.report if c.report else ''}",
             *sweep_lines(self.rule, self.thresholds.sweep or []),
         ]
@@ -152,9 +169,13 @@ class CurationJob(Job):
     def after_execute(self, prepared: PreparedJob, result: RunResult) -> None:
         """With samples_per_shard, once every score shard is committed: the kept samples resharded (exactly once,
         `pipeline.curation.reshard`); a shard it could not write is named with the incomplete ones."""
+        unfinished = result.incomplete or result.aborted or result.interrupted or result.lease_lost
+        if self.config.export_ids:
+            self.exported = ({"waiting": "every score shard must be committed first: rerun to export"} if unfinished
+                             else self._export(prepared, result))
         if not self.config.samples_per_shard:
             return
-        if result.incomplete or result.aborted or result.interrupted or result.lease_lost:
+        if unfinished:
             self.resharded = {"waiting": "every score shard must be committed first: rerun to reshard"}
             return
         from pipeline.curation.reshard import reshard
@@ -162,6 +183,12 @@ class CurationJob(Job):
         self.resharded = reshard(self.config, prepared.shards, self.filters, self.thresholds.by_group, self.executor)
         for name, reason in self.resharded["incomplete"].items():
             result.incomplete[f"shards/{name}"] = reason
+
+    def _export(self, prepared: PreparedJob, result: RunResult) -> dict:
+        from pipeline.curation.exports import export_ids
+
+        entries = [*prepared.committed.values(), *(result.committer.entries if result.committer else [])]
+        return export_ids(self.config.output, entries, prepared.shards, self.config.source.id_column)
 
     def stages(self, plan: Plan) -> list[Stage]:
         return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group, self.filters)]
@@ -171,6 +198,8 @@ class CurationJob(Job):
         run's last step, under the lease: the HTML report drawn from it."""
         entries = [*prepared.committed.values(), *(result.committer.entries if result.committer else [])]
         own = curation_fields(self.config, self.thresholds, entries, self.filters.terms, self.resharded)
+        if self.exported:
+            own["exported"] = self.exported
         if self.config.report:
             self.report_uri = self.write_report(own)
         return own
@@ -193,6 +222,8 @@ def written_locations(c: CurateConfig) -> list[tuple[str, str]]:
     """Every folder a run writes, with the setting that names it: the output, its selected/ and shards/ (a file
     there would fail the first commit) and the report's folder (written last, after everything is committed)."""
     locations = [("output", c.output), ("output", join(c.output, SELECTED_DIR))]
+    if c.write_dropped:
+        locations.append(("output", join(c.output, DROPPED_DIR)))
     if c.materialize or c.samples_per_shard:
         locations.append(("output", join(c.output, SHARDS_DIR)))
     if c.report:

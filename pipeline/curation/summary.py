@@ -57,6 +57,12 @@ def curation_lines(own: dict) -> list[str]:
         lines.append(f"  reshard    {r['waiting']}" if "waiting" in r else
                      f"  reshard    {', '.join(f'{n} {fmt} shards' for fmt, n in r['shards'].items())} of "
                      f"{r['samples_per_shard']} samples in shards/<format>/ · {r['written_now']} written now")
+    if own.get("exported"):
+        e = own["exported"]
+        lines.append(f"  exported   {e['waiting']}" if "waiting" in e else
+                     f"  exported   {e['kept']} kept ids to {e['kept_ids']}" +
+                     (f" · {e['uids']} uids to {e['uids_npy']} ({e['without_uid']} kept records without one)"
+                      if "uids_npy" in e else " · no uid column in the metadata: no uids.npy"))
     if own.get("not_materializable"):
         lines.append(f"  unwritten  {own['not_materializable']} kept samples are no longer whole in the input "
                      "(their ids: each shard's commit record, stats.not_materializable)")
@@ -77,6 +83,15 @@ def shards_written(config: CurateConfig) -> str:
     if config.samples_per_shard:
         return f", the kept samples as shards of {config.samples_per_shard} in shards/<format>/ with sidecars"
     return ", the kept samples as shards in shards/" if config.materialize else ""
+
+
+def dropped_written(config: CurateConfig) -> str:
+    return ", the dropped records with the rule that removed each in dropped/" if config.write_dropped else ""
+
+
+def exports_written(config: CurateConfig) -> str:
+    return (", kept_ids.parquet (and uids.npy where the metadata has DataComp's uid) once every shard is committed"
+            if config.export_ids else "")
 
 
 def filter_lines(filters: dict) -> list[str]:
