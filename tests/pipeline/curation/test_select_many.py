@@ -1,0 +1,200 @@
+"""Selecting many times from one scoring: exclusion lists (`--exclude`, by id, key, URL or img2dataset's image
+sha256), the dropped records written with the first rule that removed each (`--write-dropped`), and the exports of
+what was kept (`--export-ids`: kept_ids.parquet, and DataComp's uids.npy where the metadata has `uid`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import curate as curate_cli
+from pipeline.commit.manifest import read_manifest
+from pipeline.curation import thresholds as selection
+from tests.support.curation import curate, dropped, fake_scores, selected
+from tests.support.jobs import run_main
+from tests.support.shards import write_shards
+
+SHARDS, PER_SHARD = 3, 10
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three webdataset shards with img2dataset sidecars holding `sha256` and DataComp's `uid` (one key missing
+    from the last sidecar), and score records (one error record per shard, some truncated)."""
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(11)
+    keys = write_shards(root / "in", SHARDS, PER_SHARD, prefix="m", name="{k:05d}")
+    scores, meta = {}, []
+    for k in range(SHARDS):
+        shard_keys = keys[PER_SHARD * k: PER_SHARD * (k + 1)]
+        rows = pd.DataFrame({"key": shard_keys, "url": [f"http://img.example/{x}.jpg" for x in shard_keys],
+                             "sha256": [hashlib.sha256(x.encode()).hexdigest() for x in shard_keys],
+                             "uid": [f"{int(rng.integers(0, 2**62)):016x}{int(rng.integers(0, 2**62)):016x}"
+                                     for _ in shard_keys]})
+        rows = rows.iloc[:-1] if k == SHARDS - 1 else rows  # a key the sidecar lacks: no sha256, no uid
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), root / "in" / f"{k:05d}.parquet")
+        meta.append(rows)
+        scores[f"{k:05d}.tar"] = [{"id": x, "kind": "caption", "key": x, "url": f"http://img.example/{x}.jpg",
+                                   "score": float(np.float32(round(rng.uniform(0, 3), 2))), "label": 1,
+                                   "error": "decode: broken" if i == 0 else None, "truncated": i % 4 == 1}
+                                  for i, x in enumerate(shard_keys)]
+    fake_scores(str(root / "scores"), scores)
+    records = pd.DataFrame([r for rs in scores.values() for r in rs])
+    joined = records.merge(pd.concat(meta).drop(columns="url"), on="key", how="left")
+    return root, joined
+
+
+def _curate(tmp_path, root, name="cur", **kw) -> dict:
+    return curate(tmp_path, root / "scores", name, input=str(root / "in"), format="webdataset", **kw)
+
+
+def _best(records: pd.DataFrame, fraction: float) -> set[str]:
+    """What a person would compute with pandas: the best `fraction` of the scored records given, and ties."""
+    scored = records[records["error"].isna()]
+    cut = selection.sort_threshold(scored["score"].to_numpy(), fraction)
+    return set(scored[scored["score"] >= cut]["id"])
+
+
+def _text_list(path, header: str | None, values) -> str:
+    path.write_text("\n".join(([header] if header else []) + list(values)) + "\n")
+    return str(path)
+
+
+def test_exclude_by_sha256_from_the_img2dataset_metadata_removes_exactly_those_samples(tmp_path, corpus):
+    root, joined = corpus
+    listed = joined.sample(8, random_state=1)["sha256"].dropna()
+    hashes = _text_list(tmp_path / "takedown.txt", "sha256", [*listed, "0" * 64])  # and one the corpus lacks
+    summary = _curate(tmp_path, root, keep_fraction=0.5, exclude=[hashes])["curate"]
+    remaining = joined[~joined["sha256"].isin(set(listed))]
+    assert set(selected(tmp_path / "cur").column("id").to_pylist()) == _best(remaining, 0.5)
+    scored_listed = joined[joined["sha256"].isin(set(listed)) & joined["error"].isna()]
+    assert summary["filters"]["removed"] == {f"exclude:{hashes}": len(scored_listed)}
+
+
+def test_each_exclude_list_is_counted_on_its_own_whatever_it_matches(tmp_path, corpus):
+    """A Parquet list of ids and a text list of URLs (its column given by --exclude-column, no header)."""
+    root, joined = corpus
+    ids = joined["id"].iloc[[1, 2, 3]].tolist()
+    pq.write_table(pa.table({"id": ids}), tmp_path / "ids.parquet")
+    urls = _text_list(tmp_path / "urls.txt", None, joined["url"].iloc[[3, 4, 11]])
+    summary = _curate(tmp_path, root, keep_fraction=1.0, exclude=[str(tmp_path / "ids.parquet")])["curate"]
+    assert summary["filters"]["removed"][f"exclude:{tmp_path / 'ids.parquet'}"] == 3
+    summary = _curate(tmp_path, root, name="by-url", keep_fraction=1.0, exclude=[urls], exclude_column="url")["curate"]
+    assert summary["filters"]["removed"] == {f"exclude:{urls}": 3}
+    kept = set(selected(tmp_path / "by-url").column("id").to_pylist())
+    assert kept == set(joined[joined["error"].isna()]["id"]) - set(joined["id"].iloc[[3, 4, 11]])
+
+
+def test_a_rerun_with_another_exclude_list_under_the_same_name_is_refused(tmp_path, corpus, capsys):
+    root, joined = corpus
+    listed = _text_list(tmp_path / "list.txt", "id", joined["id"].iloc[[1]])
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "0.5", "--executor",
+            "local", "--exclude", listed]
+    assert run_main(curate_cli.main, argv, capsys)[0] == 0
+    _text_list(tmp_path / "list.txt", "id", joined["id"].iloc[[1, 2]])
+    code, _, err = run_main(curate_cli.main, argv, capsys)
+    assert code == 2 and "exclude" in err, err
+
+
+@pytest.mark.parametrize("problem,flags,message", [
+    ("missing", ["--exclude", "{tmp}/nowhere.txt"], "field 'exclude': no list at"),
+    ("no header", ["--exclude", "{tmp}/headless.txt"], "field 'exclude': "),
+    ("two columns", ["--exclude", "{tmp}/two.parquet"], "field 'exclude_column': "),
+    ("unknown column", ["--exclude", "{tmp}/headless.txt", "--exclude-column", "nope"], "field 'exclude': "),
+    ("numbers", ["--exclude", "{tmp}/numbers.parquet"], "field 'exclude': "),
+    ("column alone", ["--exclude-column", "sha256"], "field 'exclude_column': "),
+    ("bad column name", ["--exclude", "{tmp}/headless.txt", "--exclude-column", "a b"], "field 'exclude_column'"),
+], ids=["missing", "no-header", "two-columns", "unknown-column", "numbers", "column-alone", "bad-column-name"])
+def test_a_bad_exclude_exits_2_naming_the_flag_before_anything_is_written(tmp_path, corpus, capsys, problem, flags,
+                                                                            message):
+    root, _ = corpus
+    (tmp_path / "headless.txt").write_text("0a1b2c3d\n")
+    pq.write_table(pa.table({"id": ["a"], "url": ["b"]}), tmp_path / "two.parquet")
+    pq.write_table(pa.table({"id": [1, 2]}), tmp_path / "numbers.parquet")
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "0.5", "--executor",
+            "local", "--input", root / "in", "--format", "webdataset",
+            *(f.format(tmp=tmp_path) for f in flags)]
+    code, _, err = run_main(curate_cli.main, argv, capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "cur").exists()
+
+
+def test_the_dry_run_says_how_many_each_list_would_remove(tmp_path, corpus, capsys):
+    root, joined = corpus
+    listed = _text_list(tmp_path / "list.txt", "key", joined["key"].iloc[[1, 2, 5]])
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "0.5", "--executor",
+            "local", "--exclude", listed, "--dry-run"]
+    code, out, err = run_main(curate_cli.main, argv, capsys)
+    assert code == 0 and f"'exclude:{listed}' 3" in out + err, out + err
+    assert not (tmp_path / "cur").exists()
+
+
+def test_every_record_is_selected_or_dropped_once_with_the_first_rule_that_removed_it(tmp_path, corpus):
+    root, joined = corpus
+    listed = _text_list(tmp_path / "list.txt", "id", joined["id"].iloc[[2, 5, 6]])
+    _curate(tmp_path, root, keep_fraction=0.5, where="score >= 0.3", drop_truncated=True, exclude=[listed],
+            write_dropped=True)
+    kept = selected(tmp_path / "cur").to_pandas()
+    gone = dropped(tmp_path / "cur").to_pandas()
+    assert sorted([*kept["id"], *gone["id"]]) == sorted(joined["id"])
+    rule = pd.Series("", index=joined.index)
+    rule[joined["truncated"]] = "truncated"
+    rule[joined["id"].isin(joined["id"].iloc[[2, 5, 6]])] = f"exclude:{listed}"
+    rule[joined["score"] < 0.3] = "where"
+    rule[joined["error"].notna()] = "error"
+    passing = joined[rule == ""]
+    best = _best(passing, 0.5)
+    rule[(rule == "") & ~joined["id"].isin(best)] = "threshold"
+    expected = dict(zip(joined["id"], rule))
+    assert set(kept["id"]) == best
+    assert dict(zip(gone["id"], gone["dropped_by"])) == {i: r for i, r in expected.items() if r}
+
+
+def test_the_dropped_records_are_committed_with_their_shard(tmp_path, corpus):
+    root, _ = corpus
+    _curate(tmp_path, root, keep_fraction=0.5, write_dropped=True)
+    files = sorted(f for e in read_manifest(str(tmp_path / "cur")).values() for f in e["files"])
+    assert [f for f in files if f.startswith("dropped/")] == [f"dropped/{k:05d}.parquet" for k in range(SHARDS)]
+    before = dropped(tmp_path / "cur")
+    summary = _curate(tmp_path, root, keep_fraction=0.5, write_dropped=True)  # a rerun: nothing left, nothing new
+    assert summary["records"]["this_run"] == 0 and dropped(tmp_path / "cur").equals(before)
+
+
+def test_export_ids_writes_the_kept_ids_and_datacomps_uids(tmp_path, corpus):
+    root, joined = corpus
+    summary = _curate(tmp_path, root, keep_fraction=0.5, export_ids=True)["curate"]
+    kept = selected(tmp_path / "cur").to_pandas()
+    ids = pq.read_table(tmp_path / "cur" / "kept_ids.parquet")
+    assert ids.column_names == ["id", "key", "url", "score"]
+    assert sorted(ids.column("id").to_pylist()) == sorted(kept["id"])
+    uids = np.load(tmp_path / "cur" / "uids.npy", allow_pickle=False)
+    with_uid = joined[joined["id"].isin(kept["id"]) & joined["uid"].notna()]
+    expected = np.array([(int(u[:16], 16), int(u[16:], 16)) for u in with_uid["uid"]], np.dtype("u8,u8"))
+    expected.sort()  # DataComp's subset file: sorted, one-dimensional, (high, low) 64-bit halves
+    assert uids.dtype == np.dtype("u8,u8") and uids.ndim == 1 and np.array_equal(uids, expected)
+    assert summary["exported"]["without_uid"] == len(kept) - len(with_uid)
+
+
+def test_without_a_uid_column_only_the_kept_ids_are_exported(tmp_path):
+    fake_scores(str(tmp_path / "scores"), {"a.tar": [{"id": "x", "kind": "caption", "score": 1.0, "label": 1,
+                                                      "error": None}]})
+    summary = curate(tmp_path, tmp_path / "scores", keep_fraction=1.0, export_ids=True)["curate"]
+    assert (tmp_path / "cur" / "kept_ids.parquet").exists() and not (tmp_path / "cur" / "uids.npy").exists()
+    assert summary["exported"]["kept"] == 1
+
+
+def test_a_list_flag_may_be_repeated(tmp_path, corpus, capsys):
+    root, joined = corpus
+    first = _text_list(tmp_path / "a.txt", "id", joined["id"].iloc[[1]])
+    second = _text_list(tmp_path / "b.txt", "id", joined["id"].iloc[[2]])
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "1", "--executor",
+            "local", "--exclude", first, "--exclude", second]
+    assert run_main(curate_cli.main, argv, capsys)[0] == 0
+    summary = json.loads((tmp_path / "cur" / "summary.json").read_text())["curate"]
+    assert summary["filters"]["removed"] == {f"exclude:{first}": 1, f"exclude:{second}": 1}
