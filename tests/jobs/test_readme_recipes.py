@@ -12,9 +12,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs import curate
 from jobs import sample_corpus as corpus
 from pipeline.io.uris import filesystem_for
-from tests.support.jobs import REPO_ROOT
+from tests.support.curation import dropped, fake_scores, selected
+from tests.support.jobs import REPO_ROOT, run_main
 
 README = Path(REPO_ROOT) / "README.md"
 README_BUCKET = "s3://bucket/"  # the README's examples' bucket; the tests' own takes its place
@@ -147,3 +149,29 @@ def test_every_glob_and_brace_example_in_the_readme_reaches_the_job_as_one_argum
                                capture_output=True, text=True, timeout=30)
         assert shell.returncode == 0 and len(shell.stdout.splitlines()) == 1, (
             f"README's {word} is expanded by the shell: {shell.stderr.strip() or shell.stdout[:200]}")
+
+
+# -- selecting many times from one scoring: the section's command as printed, on scores and lists it names ----------
+def readme_section_command(section: str) -> list[str]:
+    """The words of the one shell command in a README section's fenced block."""
+    body = README.read_text().split(section, 1)[1].split("\n### ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def test_the_select_many_recipe_runs_as_printed(tmp_path, capsys):
+    words = readme_section_command("### Selecting many times from one scoring")
+    assert words[:3] == ["python", "-m", "jobs.curate"]
+    records = [{"id": f"s{i}", "kind": "caption", "key": f"s{i}", "score": i / 10, "label": 1, "error": None}
+               for i in range(20)]
+    fake_scores(str(tmp_path / "runs" / "scores"), {"00000.tar": records})
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "takedown-sha256.txt").write_text("id\ns19\n")  # no metadata here: a list of ids
+    pq.write_table(pa.table({"id": ["s18", "s0"]}), tmp_path / "lists" / "benchmark-ids.parquet")
+    argv = [w.replace("runs/", f"{tmp_path}/runs/").replace("lists/", f"{tmp_path}/lists/") for w in words[3:]]
+    code, out, err = run_main(curate.main, [*argv, "--executor", "local"], capsys)
+    assert code == 0, err
+    kept = selected(tmp_path / "runs" / "curated-clean").column("id").to_pylist()
+    assert sorted(kept) == sorted(f"s{i}" for i in range(13, 18))  # 30% of the 17 left: the best 5
+    assert len(dropped(tmp_path / "runs" / "curated-clean")) == 20 - 5
+    assert (tmp_path / "runs" / "curated-clean" / "kept_ids.parquet").exists()

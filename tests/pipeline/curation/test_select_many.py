@@ -198,3 +198,11 @@ def test_a_list_flag_may_be_repeated(tmp_path, corpus, capsys):
     assert run_main(curate_cli.main, argv, capsys)[0] == 0
     summary = json.loads((tmp_path / "cur" / "summary.json").read_text())["curate"]
     assert summary["filters"]["removed"] == {f"exclude:{first}": 1, f"exclude:{second}": 1}
+
+
+def test_the_report_says_how_many_each_list_removed(tmp_path, corpus):
+    root, joined = corpus
+    listed = _text_list(tmp_path / "list.txt", "id", joined["id"].iloc[[1, 2, 3, 4]])
+    _curate(tmp_path, root, keep_fraction=0.5, exclude=[listed], report=str(tmp_path / "report"))
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert f"exclude:{listed}</td><td>4</td>" in html.replace("\n", "")
