@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.curation import where
+from pipeline.curation import rank, where
 from pipeline.curation.rule import Rule
 from pipeline.io.samples import SourceOptions
 from pipeline.io.uris import normalize_uri
@@ -34,6 +34,10 @@ class CurateConfig(BaseModel):
                                                     "truncated\")")
     min_images: int | None = Field(None, ge=0, description="drop records with fewer images (as where "
                                                            "\"n_images >= N\")")
+    rank_by: str | None = Field(None, description="rank by this numeric expression of score and metadata columns "
+                                                   "instead of the score, with pct(column) the record's percentile "
+                                                   "in its kind, e.g. \"0.7*pct(score) + 0.3*pct(similarity)\" "
+                                                   "(with keep_fraction; records carry it as rank_value)")
     exclude: list[str] | None = Field(None, description="drop the samples a list names, whatever their score: a "
                                                         "Parquet or text file of ids, keys, URLs or image sha256 "
                                                         "values (repeatable; the column from its header or "
@@ -74,6 +78,11 @@ class CurateConfig(BaseModel):
                              "records, shards and summary elsewhere (choose another output)")
         if self.where is not None:
             where.parse(self.where)  # the syntax, before anything runs; the columns once the corpus is known
+        if self.rank_by is not None:
+            if self.keep_fraction is None:
+                raise ValueError("field 'rank_by': it ranks the records for keep_fraction (a minimum score is a "
+                                 "cut on the score itself): use --keep-fraction with --rank-by")
+            rank.parse(self.rank_by)  # the syntax, before anything runs; the columns once the corpus is known
         if self.exclude_column is not None and not self.exclude:
             raise ValueError("field 'exclude_column': it names the column of the exclude lists, and none is given "
                              "(add --exclude FILE)")
@@ -87,5 +96,5 @@ class CurateConfig(BaseModel):
     def rule(self) -> Rule:
         """The rule, the one place that tells a minimum score from a fraction (`pipeline.curation.rule`)."""
         if self.keep_fraction is not None:
-            return Rule("keep_fraction", self.keep_fraction, self.per_kind)
+            return Rule("keep_fraction", self.keep_fraction, self.per_kind, self.rank_by)
         return Rule("min_score", self.min_score, self.per_kind)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.commit.records import read_committed_file
 from pipeline.curation import where
+from pipeline.curation.rank import RANK_VALUE, Ranking
 from pipeline.errors import Category, InputError, ShardFault
 from pipeline.io.listing import Shard
 from pipeline.io.samples import parquet_ids
@@ -66,6 +67,7 @@ class Filters:
     types: dict[str, str] = field(default_factory=dict)
     id_column: str = "id"  # how a Parquet shard names its rows (`source.id_column`): its columns are joined by id
     rules: tuple[str, ...] = ()  # the setting each condition came from (`where`, `truncated`, `exclude:<file>`, ...)
+    ranking: Ranking | None = None  # `--rank-by`: its fused value is computed where the records are seen (`RANK_VALUE`)
 
     @classmethod
     def of(cls, config) -> Filters:
@@ -84,7 +86,8 @@ class Filters:
         for rule, condition in terms:  # a term given twice is kept once, with the setting that gave it first
             unique.setdefault(str(condition), (rule, condition))
         return cls(tuple(c for _, c in unique.values()), id_column=config.source.id_column,
-                   rules=tuple(r for r, _ in unique.values()))
+                   rules=tuple(r for r, _ in unique.values()),
+                   ranking=Ranking.of(config.rank_by) if config.rank_by else None)
 
     @property
     def terms(self) -> list[str]:
@@ -106,7 +109,9 @@ class Filters:
         return out
 
     def columns(self) -> set[str]:
-        return set().union(*(where.columns_of(c) for c in self.conditions))
+        """The columns the conditions (and the ranking) read."""
+        ranked = self.ranking.columns() if self.ranking else set()
+        return ranked.union(*(where.columns_of(c) for c in self.conditions))
 
     def metadata_columns(self) -> set[str]:
         return self.columns() - set(SCORE_TYPES)
@@ -175,7 +180,7 @@ def metadata_types(shards: list[Shard]) -> tuple[dict[str, str], list[str]]:
 def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
     """Names and types of every condition checked against the score records' columns and the first input shards'
     metadata (exit 2 naming `where` before anything is written); returns the filters knowing their columns' types."""
-    if not filters.conditions:
+    if not filters.conditions and not filters.ranking:
         return filters
     types = {k: v for k, v in SCORE_TYPES.items()}
     seen: list[str] = []
@@ -189,6 +194,8 @@ def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
                                          "; no metadata beside the first input shard")
     for condition in filters.conditions:
         where.check(condition, types, where_from)
+    if filters.ranking:
+        filters.ranking.check(types, where_from)
     return replace(filters, types={c: types[c] for c in sorted(filters.metadata_columns())})
 
 
@@ -314,6 +321,12 @@ class FilteredShard:
     first_rule: np.ndarray | None = None  # per record, the first setting whose term it fails (None: it passes)
 
     @property
+    def ranked_by(self) -> np.ndarray:
+        """The value each record is ranked by: its fused value with `--rank-by` (NaN: never kept), else its score."""
+        name = RANK_VALUE if RANK_VALUE in self.table.column_names else "score"
+        return self.table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    @property
     def removed_in_all(self) -> int:
         return int((self.scored & ~self.passes).sum())
 
@@ -329,4 +342,6 @@ def filter_shard(shard: Shard, filters: Filters) -> FilteredShard:
     passes, fails = filters.evaluate(table)
     removed = {term: int((fail & scored).sum()) for term, fail in zip(filters.terms, fails)}
     first_rule = filters.first_rule(fails) if fails else np.full(table.num_rows, None, dtype=object)
+    if filters.ranking and filters.ranking.ready:
+        table = table.append_column(RANK_VALUE, pa.array(filters.ranking.values(table), pa.float32()))
     return FilteredShard(table, scored, passes, removed, joined.no_metadata, joined.mistyped, first_rule)

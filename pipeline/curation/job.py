@@ -13,14 +13,13 @@ from pipeline.commit.manifest import damaged_files, read_manifest
 from pipeline.commit.records import damaged_file
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters, check_filters
-from pipeline.curation.passes import compute_thresholds
+from pipeline.curation.passes import compute_thresholds, rank_distributions
 from pipeline.curation.select import (
     DROPPED_DIR,
-    DROPPED_SCHEMA,
     SELECTED_DIR,
-    SELECTED_SCHEMA,
     SHARDS_DIR,
     SelectStage,
+    record_schema,
     selected_folder,
     selected_or_dropped,
 )
@@ -120,7 +119,7 @@ class CurationJob(Job):
         later = ("thresholds",) if self.rule.fixed_cut is None else ()
         return JobSpec(job=self.name, output=c.output, listing=self.listing,
                        identity=self.identity(scores_identity, None),
-                       schema=DROPPED_SCHEMA if c.write_dropped else SELECTED_SCHEMA,
+                       schema=record_schema(c),
                        partition=selected_or_dropped if c.write_dropped else selected_folder, no_progress_timeout_s=c.no_progress_timeout_s, unit="kept",
                        input=c.scores, identity_later=later)
 
@@ -133,6 +132,7 @@ class CurationJob(Job):
         records = sum(entries[k].get("records", 0) for k in keys if k in entries)
         scored = len(dict.fromkeys(s.key for s in prepared.shards))
         self.executor.connect(False, self.name)
+        self.filters = rank_distributions(prepared.shards, self.filters, self.executor)
         self.thresholds = compute_thresholds(c, prepared.shards, self.filters, self.executor,
                                              sweep=self.rule.sweep_values(c.sweep))
         return [
@@ -162,6 +162,7 @@ class CurationJob(Job):
         """The threshold passes, under the lease: two jobs on one output never both make them."""
         c = self.config
         sweep = self.rule.sweep_values(c.sweep) if c.report else None  # the report compares the rule with them
+        self.filters = rank_distributions(prepared.shards, self.filters, self.executor)  # with pct(column)
         self.thresholds = compute_thresholds(c, prepared.shards, self.filters, self.executor, sweep=sweep)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))

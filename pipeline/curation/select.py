@@ -15,6 +15,7 @@ from pipeline.commit.markers import wire_schema
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import FilteredShard, Filters, filter_shard
 from pipeline.curation.materialize import MISSING_IDS_SHOWN, materialize
+from pipeline.curation.rank import RANK_VALUE
 from pipeline.curation.thresholds import ALL, KINDS
 from pipeline.errors import Category, ConfigFieldError, ShardFault
 from pipeline.io.listing import Shard, output_name
@@ -29,8 +30,17 @@ SELECTED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("kin
 
 
 DROPPED_DIR = "dropped"
-DROPPED_SCHEMA = SELECTED_SCHEMA.append(pa.field("dropped_by", pa.string()))  # with `write_dropped`
+DROPPED_BY = pa.field("dropped_by", pa.string())  # with `write_dropped`
 SCORE_ERROR = "error"  # a dropped record's rule when it is a score error record (never selectable)
+
+
+def record_schema(config: CurateConfig) -> pa.Schema:
+    """The records a curation writes: SELECTED_SCHEMA, with `rank_value` (`rank_by`) and `dropped_by`
+    (`write_dropped`, null in selected/) where set."""
+    schema = SELECTED_SCHEMA
+    if config.rank_by:
+        schema = schema.append(pa.field(RANK_VALUE, pa.float32()))
+    return schema.append(DROPPED_BY) if config.write_dropped else schema
 
 
 def selected_folder(table: pa.Table) -> list[str]:
@@ -61,20 +71,20 @@ def kept_records(shard: Shard, filters: Filters, thresholds: dict[str, float | N
     cuts = {kind: thresholds.get(kind if per_kind else ALL) for kind in (*KINDS, None)}
     kinds = filtered.table.column("kind").to_pylist()
     cut = np.array([np.inf if cuts.get(k) is None else cuts[k] for k in kinds], dtype=np.float64)
-    scores = filtered.table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-    return filtered, filtered.scored & filtered.passes & (np.nan_to_num(scores, nan=-np.inf) >= cut)
+    ranked = filtered.ranked_by
+    return filtered, filtered.scored & filtered.passes & (np.nan_to_num(ranked, nan=-np.inf) >= cut)
 
 
 class SelectStage(ShardStage):
     name = "select"
-    schema = wire_schema(*SELECTED_SCHEMA)
+    schema = wire_schema(*SELECTED_SCHEMA)  # the record_schema of the run's config, once built
 
     def __init__(self, resources: Resources, config: CurateConfig, thresholds: dict[str, float | None],
                  filters: Filters):
         super().__init__(resources)
         self.config, self.thresholds, self.filters = config, thresholds, filters
-        if config.write_dropped:
-            self.schema = wire_schema(*DROPPED_SCHEMA)
+        self.columns = [f.name for f in record_schema(config) if f.name != DROPPED_BY.name]
+        self.schema = wire_schema(*record_schema(config))
 
     def process_shard(self, shard: Shard) -> Iterator[list[dict]]:
         try:
@@ -94,10 +104,10 @@ class SelectStage(ShardStage):
         kept = table.filter(pa.array(keep))
         one_to_one = self.config.materialize and self.config.samples_per_shard is None  # else resharded after
         files = self._materialize(shard, kept, stats) if one_to_one and kept.num_rows else []
-        rows = kept.select(SELECTED_SCHEMA.names).to_pylist()
+        rows = kept.select(self.columns).to_pylist()
         if self.config.write_dropped:
             rules = dropped_by(filtered, keep)
-            dropped = table.filter(pa.array(~keep)).select(SELECTED_SCHEMA.names)
+            dropped = table.filter(pa.array(~keep)).select(self.columns)
             rows += dropped.append_column("dropped_by", pa.array(rules[~keep], pa.string())).to_pylist()
         for i, row in enumerate(rows):
             row["ordinal"] = i
