@@ -57,8 +57,10 @@ def curate(tmp_path, scores, name="cur", executor="local", **kw) -> dict:
     return pipeline.curation.curate(config, progress=False)
 
 
-def selected(output) -> pa.Table:
-    return read_committed(str(output), SELECTED, folder="selected")
+def selected(output, ranked: bool = False) -> pa.Table:
+    """The selected records; `ranked`: with the fused value they were ranked by (`rank_value`, with rank_by)."""
+    schema = SELECTED.append(pa.field("rank_value", pa.float32())) if ranked else SELECTED
+    return read_committed(str(output), schema, folder="selected")
 
 
 def dropped(output) -> pa.Table:

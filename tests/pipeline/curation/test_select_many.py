@@ -206,3 +206,89 @@ def test_the_report_says_how_many_each_list_removed(tmp_path, corpus):
     _curate(tmp_path, root, keep_fraction=0.5, exclude=[listed], report=str(tmp_path / "report"))
     html = (tmp_path / "report" / "index.html").read_text()
     assert f"exclude:{listed}</td><td>4</td>" in html.replace("\n", "")
+
+
+# -- --rank-by: a fused value, ranked with the exact two-pass threshold -----------------------------------------------
+FUSED = "0.7*pct(score) + 0.3*pct(similarity)"
+
+
+@pytest.fixture(scope="module")
+def ranked_corpus(tmp_path_factory):
+    """Two webdataset shards of captions and documents with a `similarity` in their sidecars; scores and
+    similarities rounded so that many tie."""
+    root = tmp_path_factory.mktemp("ranked")
+    rng = np.random.default_rng(5)
+    keys = write_shards(root / "in", 2, 40, prefix="r", name="{k:05d}")
+    scores, meta = {}, []
+    for k in range(2):
+        shard_keys = keys[40 * k: 40 * (k + 1)]
+        rows = pd.DataFrame({"key": shard_keys, "similarity": np.round(rng.uniform(0, 0.4, 40), 1)})
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), root / "in" / f"{k:05d}.parquet")
+        meta.append(rows)
+        scores[f"{k:05d}.tar"] = [{"id": x, "key": x, "kind": "caption" if i % 3 else "interleaved",
+                                   "score": float(np.float32(round(rng.uniform(0, 3), 1))), "label": 1,
+                                   "error": "decode: broken" if i == 7 else None} for i, x in enumerate(shard_keys)]
+    fake_scores(str(root / "scores"), scores)
+    records = pd.DataFrame([r for rs in scores.values() for r in rs])
+    return root, records.merge(pd.concat(meta), on="key", how="left")
+
+
+def _fused(records: pd.DataFrame) -> pd.Series:
+    """The fused value as pandas computes it: each column's rank within its kind's scored records, ties sharing the
+    highest (method="max"), as a fraction of them; then as float32, as it is ranked."""
+    scored = records[records["error"].isna()].copy()
+    pct = {c: scored.groupby("kind")[c].rank(method="max", pct=True) for c in ("score", "similarity")}
+    return (0.7 * pct["score"] + 0.3 * pct["similarity"]).astype(np.float32)
+
+
+@pytest.mark.parametrize("per_kind", [False, True], ids=["over-all", "per-kind"])
+def test_rank_by_keeps_exactly_the_top_fraction_of_the_fused_value(tmp_path, ranked_corpus, per_kind):
+    root, records = ranked_corpus
+    summary = _curate(tmp_path, root, keep_fraction=0.3, rank_by=FUSED, per_kind=per_kind)["curate"]
+    fused = _fused(records)
+    scored = records[records["error"].isna()].assign(rank_value=fused)
+    groups = [g for _, g in scored.groupby("kind")] if per_kind else [scored]
+    expected = set()
+    for group in groups:  # the score's own rule, ties at the threshold kept, over the fused value
+        cut = selection.sort_threshold(group["rank_value"].to_numpy(), 0.3)
+        expected |= set(group[group["rank_value"] >= cut]["id"])
+    kept = selected(tmp_path / "cur", ranked=True)
+    assert set(kept.column("id").to_pylist()) == expected
+    assert summary["rule"] == f"keep-fraction 0.3{' per kind' if per_kind else ''} by {FUSED}"
+    written = dict(zip(kept.column("id").to_pylist(), kept.column("rank_value").to_pylist()))
+    assert written == {i: pytest.approx(float(v)) for i, v in zip(scored["id"], scored["rank_value"]) if i in written}
+
+
+def test_the_dry_run_sweeps_over_the_fused_value(tmp_path, ranked_corpus, capsys):
+    root, records = ranked_corpus
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "0.3", "--executor",
+            "local", "--input", root / "in", "--format", "webdataset", "--rank-by", FUSED, "--dry-run",
+            "--sweep", "0.5"]
+    code, out, err = run_main(curate_cli.main, argv, capsys)
+    fused = _fused(records).to_numpy()
+    cut = selection.sort_threshold(fused, 0.5)
+    assert code == 0 and f"{(fused >= cut).sum()} of {len(fused)}" in out + err, out + err
+    assert not (tmp_path / "cur").exists()
+
+
+@pytest.mark.parametrize("expression,problem", [
+    ("__import__('os')", "unexpected"), ("pct(score", "expected ')'"), ("len(score)", "the only function is pct"),
+    ("score +", "unexpected"), ("pct(caption) + 1", "unknown column 'caption'"), ("pct(kind)", "not a number"),
+    ("+".join(["score"] * 65), "more than 64 columns"), ("", "empty"),
+], ids=["call", "unclosed", "other-function", "dangling", "unknown-column", "string-column", "too-long", "empty"])
+def test_a_bad_rank_by_exits_2_naming_it_before_anything_is_written(tmp_path, ranked_corpus, capsys, expression,
+                                                                     problem):
+    root, _ = ranked_corpus
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "0.3", "--executor",
+            "local", "--input", root / "in", "--format", "webdataset", "--rank-by", expression]
+    code, _, err = run_main(curate_cli.main, argv, capsys)
+    assert code == 2 and "field 'rank_by'" in err and problem in err, err
+    assert not (tmp_path / "cur").exists()
+
+
+def test_rank_by_with_a_minimum_score_is_refused_naming_it(tmp_path, ranked_corpus, capsys):
+    root, _ = ranked_corpus
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--min-score", "1", "--executor", "local",
+            "--rank-by", "pct(score)"]
+    code, _, err = run_main(curate_cli.main, argv, capsys)
+    assert code == 2 and "field 'rank_by'" in err, err
