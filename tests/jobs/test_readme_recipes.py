@@ -151,27 +151,36 @@ def test_every_glob_and_brace_example_in_the_readme_reaches_the_job_as_one_argum
             f"README's {word} is expanded by the shell: {shell.stderr.strip() or shell.stdout[:200]}")
 
 
-# -- selecting many times from one scoring: the section's command as printed, on scores and lists it names ----------
-def readme_section_command(section: str) -> list[str]:
-    """The words of the one shell command in a README section's fenced block."""
+# -- selecting many times from one scoring: the section's commands as printed, on scores and lists they name ----------
+def readme_section_commands(section: str) -> list[list[str]]:
+    """The words of each shell command in a README section's fenced block (comment lines left out)."""
     body = README.read_text().split(section, 1)[1].split("\n### ", 1)[0]
     (block,) = re.findall(r"```bash\n(.*?)```", body, flags=re.S)
-    return shlex.split(block.replace("\\\n", " "))
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+    return [shlex.split(line) for line in lines]
 
 
-def test_the_select_many_recipe_runs_as_printed(tmp_path, capsys):
-    words = readme_section_command("### Selecting many times from one scoring")
-    assert words[:3] == ["python", "-m", "jobs.curate"]
+def test_the_select_many_recipes_run_as_printed(tmp_path, capsys):
+    explore, select = readme_section_commands("### Selecting many times from one scoring")
+    assert explore[:3] == select[:3] == ["python", "-m", "jobs.curate"]
     records = [{"id": f"s{i}", "kind": "caption", "key": f"s{i}", "score": i / 10, "label": 1, "error": None}
                for i in range(20)]
-    fake_scores(str(tmp_path / "runs" / "scores"), {"00000.tar": records})
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"key": [f"s{i}" for i in range(20)], "similarity": [(i % 5) / 10 for i in range(20)],
+                             "sha256": [f"{i:064x}" for i in range(20)]}), corpus / "00000.parquet")
+    fake_scores(str(tmp_path / "runs" / "scores"), {"00000.tar": records}, {"00000.tar": str(corpus / "00000.tar")},
+                "webdataset")
     (tmp_path / "lists").mkdir()
-    (tmp_path / "lists" / "takedown-sha256.txt").write_text("id\ns19\n")  # no metadata here: a list of ids
+    (tmp_path / "lists" / "takedown-sha256.txt").write_text(f"sha256\n{19:064x}\n")
     pq.write_table(pa.table({"id": ["s18", "s0"]}), tmp_path / "lists" / "benchmark-ids.parquet")
-    argv = [w.replace("runs/", f"{tmp_path}/runs/").replace("lists/", f"{tmp_path}/lists/") for w in words[3:]]
-    code, out, err = run_main(curate.main, [*argv, "--executor", "local"], capsys)
-    assert code == 0, err
-    kept = selected(tmp_path / "runs" / "curated-clean").column("id").to_pylist()
-    assert sorted(kept) == sorted(f"s{i}" for i in range(13, 18))  # 30% of the 17 left: the best 5
-    assert len(dropped(tmp_path / "runs" / "curated-clean")) == 20 - 5
-    assert (tmp_path / "runs" / "curated-clean" / "kept_ids.parquet").exists()
+    for words in (explore, select):
+        argv = [w.replace("runs/", f"{tmp_path}/runs/").replace("lists/", f"{tmp_path}/lists/") for w in words[3:]]
+        code, out, err = run_main(curate.main, [*argv, "--executor", "local"], capsys)
+        assert code == 0, err
+        assert "sweep" in out + err if words is explore else "kept" in out + err
+    output = tmp_path / "runs" / "curated-fused"
+    kept = selected(output, ranked=True)
+    assert kept.num_rows == 5 and min(kept.column("rank_value").to_pylist()) > 0.5  # 30% of the 17 left
+    assert not {"s0", "s18", "s19"} & set(kept.column("id").to_pylist())
+    assert len(dropped(output)) == 20 - 5 and (output / "kept_ids.parquet").exists()
