@@ -38,6 +38,11 @@ class CurateConfig(BaseModel):
                                                    "instead of the score, with pct(column) the record's percentile "
                                                    "in its kind, e.g. \"0.7*pct(score) + 0.3*pct(similarity)\" "
                                                    "(with keep_fraction; records carry it as rank_value)")
+    balance_by: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                   description="cap what each value of this column (of the score records or the "
+                                               "metadata) contributes: at most max_per_group kept records each, the "
+                                               "best by the ranking")
+    max_per_group: int | None = Field(None, ge=1, description="with balance_by: the most kept records per value")
     exclude: list[str] | None = Field(None, description="drop the samples a list names, whatever their score: a "
                                                         "Parquet or text file of ids, keys, URLs or image sha256 "
                                                         "values (repeatable; the column from its header or "
@@ -83,6 +88,10 @@ class CurateConfig(BaseModel):
                 raise ValueError("field 'rank_by': it ranks the records for keep_fraction (a minimum score is a "
                                  "cut on the score itself): use --keep-fraction with --rank-by")
             rank.parse(self.rank_by)  # the syntax, before anything runs; the columns once the corpus is known
+        if (self.balance_by is None) != (self.max_per_group is None):
+            missing = "max_per_group" if self.max_per_group is None else "balance_by"
+            raise ValueError(f"field '{missing}': balance_by and max_per_group go together (at most N kept records "
+                             "per value of the column)")
         if self.exclude_column is not None and not self.exclude:
             raise ValueError("field 'exclude_column': it names the column of the exclude lists, and none is given "
                              "(add --exclude FILE)")

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.commit.records import read_committed_file
 from pipeline.curation import where
+from pipeline.curation.balance import Balance
 from pipeline.curation.rank import RANK_VALUE, Ranking
 from pipeline.errors import Category, InputError, ShardFault
 from pipeline.io.listing import Shard
@@ -68,6 +69,7 @@ class Filters:
     id_column: str = "id"  # how a Parquet shard names its rows (`source.id_column`): its columns are joined by id
     rules: tuple[str, ...] = ()  # the setting each condition came from (`where`, `truncated`, `exclude:<file>`, ...)
     ranking: Ranking | None = None  # `--rank-by`: its fused value is computed where the records are seen (`RANK_VALUE`)
+    balance: Balance | None = None  # `--balance-by`: the caps applied after the rule (`select.kept_records`)
 
     @classmethod
     def of(cls, config) -> Filters:
@@ -87,7 +89,8 @@ class Filters:
             unique.setdefault(str(condition), (rule, condition))
         return cls(tuple(c for _, c in unique.values()), id_column=config.source.id_column,
                    rules=tuple(r for r, _ in unique.values()),
-                   ranking=Ranking.of(config.rank_by) if config.rank_by else None)
+                   ranking=Ranking.of(config.rank_by) if config.rank_by else None,
+                   balance=Balance(config.balance_by, config.max_per_group) if config.balance_by else None)
 
     @property
     def terms(self) -> list[str]:
@@ -111,7 +114,8 @@ class Filters:
     def columns(self) -> set[str]:
         """The columns the conditions (and the ranking) read."""
         ranked = self.ranking.columns() if self.ranking else set()
-        return ranked.union(*(where.columns_of(c) for c in self.conditions))
+        grouped = {self.balance.column} if self.balance else set()
+        return ranked.union(grouped, *(where.columns_of(c) for c in self.conditions))
 
     def metadata_columns(self) -> set[str]:
         return self.columns() - set(SCORE_TYPES)
@@ -180,7 +184,7 @@ def metadata_types(shards: list[Shard]) -> tuple[dict[str, str], list[str]]:
 def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
     """Names and types of every condition checked against the score records' columns and the first input shards'
     metadata (exit 2 naming `where` before anything is written); returns the filters knowing their columns' types."""
-    if not filters.conditions and not filters.ranking:
+    if not filters.conditions and not filters.ranking and not filters.balance:
         return filters
     types = {k: v for k, v in SCORE_TYPES.items()}
     seen: list[str] = []
@@ -196,6 +200,9 @@ def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
         where.check(condition, types, where_from)
     if filters.ranking:
         filters.ranking.check(types, where_from)
+    if filters.balance and filters.balance.column not in types:
+        raise InputError("balance_by", f"unknown column {filters.balance.column!r}: the columns are "
+                                       f"{', '.join(sorted(types))} ({where_from})")
     return replace(filters, types={c: types[c] for c in sorted(filters.metadata_columns())})
 
 
@@ -319,6 +326,7 @@ class FilteredShard:
     no_metadata: int
     mistyped: dict[str, int] = field(default_factory=dict)  # metadata column -> records it was absent for (its type)
     first_rule: np.ndarray | None = None  # per record, the first setting whose term it fails (None: it passes)
+    capped: np.ndarray | None = None  # kept by the rule, dropped by `--balance-by`'s cap (`select.kept_records`)
 
     @property
     def ranked_by(self) -> np.ndarray:

@@ -13,7 +13,7 @@ from pipeline.commit.manifest import damaged_files, read_manifest
 from pipeline.commit.records import damaged_file
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters, check_filters
-from pipeline.curation.passes import compute_thresholds, rank_distributions
+from pipeline.curation.passes import balance_caps, compute_thresholds, rank_distributions
 from pipeline.curation.select import (
     DROPPED_DIR,
     SELECTED_DIR,
@@ -24,6 +24,8 @@ from pipeline.curation.select import (
     selected_or_dropped,
 )
 from pipeline.curation.summary import (
+    balance_fields,
+    balance_line,
     curation_fields,
     curation_lines,
     cuts_text,
@@ -107,6 +109,9 @@ class CurationJob(Job):
             own["exclude"] = self.filters.exclusions
         if c.write_dropped:
             own["write_dropped"] = True
+        if self.filters.balance:  # the caps, once counted under the lease (as the thresholds are)
+            b = self.filters.balance
+            own["balance"] = {"column": b.column, "max_per_group": b.most, "caps": b.digest if b.counted else None}
         return own
 
     def spec(self) -> JobSpec:
@@ -116,11 +121,12 @@ class CurationJob(Job):
         for field, uri in written_locations(c):  # every one before the first byte, the report's too
             check_writable(uri, create=False, field=field)
         self._scores_identity = scores_identity
-        later = ("thresholds",) if self.rule.fixed_cut is None else ()
+        later = (("thresholds",) if self.rule.fixed_cut is None else ()) + (("balance",) if c.balance_by else ())
         return JobSpec(job=self.name, output=c.output, listing=self.listing,
                        identity=self.identity(scores_identity, None),
                        schema=record_schema(c),
-                       partition=selected_or_dropped if c.write_dropped else selected_folder, no_progress_timeout_s=c.no_progress_timeout_s, unit="kept",
+                       partition=selected_or_dropped if c.write_dropped else selected_folder,
+                       no_progress_timeout_s=c.no_progress_timeout_s, unit="kept",
                        input=c.scores, identity_later=later)
 
     def dry_run_lines(self, prepared: PreparedJob) -> list[str]:
@@ -135,10 +141,13 @@ class CurationJob(Job):
         self.filters = rank_distributions(prepared.shards, self.filters, self.executor)
         self.thresholds = compute_thresholds(c, prepared.shards, self.filters, self.executor,
                                              sweep=self.rule.sweep_values(c.sweep))
+        self.filters = balance_caps(prepared.shards, self.filters, self.thresholds, c.per_kind, self.executor)
         return [
             f"UniFilter curation, dry run (no lease taken, nothing written): {c.scores} -> {c.output}",
             f"  rule       {self.rule.label} · threshold {cuts_text(self.thresholds.as_dict())} (over every "
             "committed score shard)",
+            *([f"  balance    {balance_line(balance_fields(self.filters.balance, None))}"]
+              if self.filters.balance else []),
             *(f"  filters    {line}" for line in filter_lines(self.thresholds.filters)),
             f"  shards     {scored} scored · {scored - len(keys)} already curated · {len(keys)} new",
             *(f"  note       {note}" for note in prepared.notes),
@@ -149,10 +158,11 @@ class CurationJob(Job):
         ]
 
     def needs_ray(self, surveyed: PreparedJob) -> bool:
-        """The threshold passes need Ray even with nothing new to select (a report, a keep-fraction's check)."""
+        """The threshold passes need Ray even with nothing new to select (a report, a keep-fraction's check, the
+        balance's caps)."""
         c = self.config
         return (bool(surveyed.todo) or self.rule.fixed_cut is None or bool(c.report)
-                or bool(c.samples_per_shard))
+                or bool(c.samples_per_shard) or bool(c.balance_by))
 
     def resources(self, view: ClusterView) -> Plan:
         return Plan({"select": Resources(num_cpus=1, max_actors=self.config.workers)},
@@ -164,6 +174,7 @@ class CurationJob(Job):
         sweep = self.rule.sweep_values(c.sweep) if c.report else None  # the report compares the rule with them
         self.filters = rank_distributions(prepared.shards, self.filters, self.executor)  # with pct(column)
         self.thresholds = compute_thresholds(c, prepared.shards, self.filters, self.executor, sweep=sweep)
+        self.filters = balance_caps(prepared.shards, self.filters, self.thresholds, c.per_kind, self.executor)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))
 
@@ -201,6 +212,8 @@ class CurationJob(Job):
         own = curation_fields(self.config, self.thresholds, entries, self.filters.terms, self.resharded)
         if self.exported:
             own["exported"] = self.exported
+        if self.filters.balance:
+            own["balance"] = balance_fields(self.filters.balance, entries)
         if self.config.report:
             self.report_uri = self.write_report(own)
         return own

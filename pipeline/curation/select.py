@@ -57,6 +57,8 @@ def dropped_by(filtered: FilteredShard, keep: np.ndarray) -> np.ndarray:
     """Per record, the first rule that removed it: a score error, a filter's setting (`where`, `exclude:<file>`,
     `min_images`, `truncated`, in that order), else the threshold; None for a kept record."""
     out = np.where(keep, None, "threshold").astype(object)
+    if filtered.capped is not None:
+        out[filtered.capped] = "balance"
     failed = filtered.first_rule != None  # noqa: E711 - an object array compared elementwise
     out[failed & ~keep] = filtered.first_rule[failed & ~keep]
     out[~filtered.scored] = SCORE_ERROR
@@ -66,13 +68,18 @@ def dropped_by(filtered: FilteredShard, keep: np.ndarray) -> np.ndarray:
 def kept_records(shard: Shard, filters: Filters, thresholds: dict[str, float | None], per_kind: bool
                  ) -> tuple[FilteredShard, np.ndarray]:
     """A score shard's records seen through the filters, and which are kept: scored, passing every filter, at or
-    above their group's cut (the selection stage and the resharder decide the same)."""
+    above their group's cut, and with `--balance-by` within their group's cap once the caps are counted (those it
+    drops: `filtered.capped`). The selection stage, the resharder and the report decide the same."""
     filtered = filter_shard(shard, filters)
     cuts = {kind: thresholds.get(kind if per_kind else ALL) for kind in (*KINDS, None)}
     kinds = filtered.table.column("kind").to_pylist()
     cut = np.array([np.inf if cuts.get(k) is None else cuts[k] for k in kinds], dtype=np.float64)
     ranked = filtered.ranked_by
-    return filtered, filtered.scored & filtered.passes & (np.nan_to_num(ranked, nan=-np.inf) >= cut)
+    keep = filtered.scored & filtered.passes & (np.nan_to_num(ranked, nan=-np.inf) >= cut)
+    if filters.balance and filters.balance.counted:
+        balanced = filters.balance.within(filtered.table, keep, ranked)
+        filtered.capped, keep = keep & ~balanced, balanced
+    return filtered, keep
 
 
 class SelectStage(ShardStage):
@@ -115,7 +122,9 @@ class SelectStage(ShardStage):
         if self.filters.terms:  # dropped by the filters, whatever their score
             stats["filtered"] = {"removed": filtered.removed, "removed_in_all": filtered.removed_in_all,
                                  "no_metadata": filtered.no_metadata, "mistyped": filtered.mistyped}
-        return {"artifacts": files, "stats": {**{k: dict(v) for k, v in stats.items()}, **errors.as_summary()}}
+        balanced = {"balanced": int(filtered.capped.sum())} if filtered.capped is not None else {}
+        return {"artifacts": files, "stats": {**{k: dict(v) for k, v in stats.items()}, **errors.as_summary(),
+                                              **balanced}}
 
     def _materialize(self, shard: Shard, kept: pa.Table, stats: dict) -> list[str]:
         if not shard.aux:
