@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,7 @@ from jobs import curate as curate_cli
 from pipeline.commit.manifest import read_manifest
 from pipeline.curation import thresholds as selection
 from tests.support.curation import curate, dropped, fake_scores, selected
-from tests.support.jobs import run_main
+from tests.support.jobs import job_env, paused_job, run_main, wait_for
 from tests.support.shards import write_shards
 
 SHARDS, PER_SHARD = 3, 10
@@ -229,7 +231,7 @@ def ranked_corpus(tmp_path_factory):
                                    "score": float(np.float32(round(rng.uniform(0, 3), 1))), "label": 1,
                                    "error": "decode: broken" if i == 7 else None} for i, x in enumerate(shard_keys)]
     fake_scores(str(root / "scores"), scores)
-    records = pd.DataFrame([r for rs in scores.values() for r in rs])
+    records = pd.DataFrame([{**r, "source": shard} for shard, rs in scores.items() for r in rs])
     return root, records.merge(pd.concat(meta), on="key", how="left")
 
 
@@ -265,9 +267,11 @@ def test_the_dry_run_sweeps_over_the_fused_value(tmp_path, ranked_corpus, capsys
             "local", "--input", root / "in", "--format", "webdataset", "--rank-by", FUSED, "--dry-run",
             "--sweep", "0.5"]
     code, out, err = run_main(curate_cli.main, argv, capsys)
-    fused = _fused(records).to_numpy()
-    cut = selection.sort_threshold(fused, 0.5)
-    assert code == 0 and f"{(fused >= cut).sum()} of {len(fused)}" in out + err, out + err
+    scored = records[records["error"].isna()].assign(fused=_fused(records))
+    cut = selection.sort_threshold(scored["fused"].to_numpy(), 0.5)
+    assert code == 0 and f"{cut:.4f}" in out, out + err
+    for _, group in scored.groupby("kind"):  # the sweep's row: what the cut keeps of each kind
+        assert f"{(group['fused'] >= cut).sum()} of {len(group)}" in out, out
     assert not (tmp_path / "cur").exists()
 
 
@@ -292,3 +296,76 @@ def test_rank_by_with_a_minimum_score_is_refused_naming_it(tmp_path, ranked_corp
             "--rank-by", "pct(score)"]
     code, _, err = run_main(curate_cli.main, argv, capsys)
     assert code == 2 and "field 'rank_by'" in err, err
+
+
+# -- --balance-by COLUMN --max-per-group N: a cap per value, the best of each group kept ------------------------------
+def _balanced_reference(records: pd.DataFrame, fraction: float, column: str, most: int) -> set[str]:
+    """With pandas: the rule's kept records, then per value of `column` the best `most` by score (ties broken by
+    id, then source, as the job documents)."""
+    kept = records[records["id"].isin(_best(records, fraction))]
+    ordered = kept.assign(neg=-kept["score"]).sort_values(["neg", "id", "source"])
+    return set(ordered.groupby(column, dropna=False).head(most)["id"])
+
+
+@pytest.mark.parametrize("column,most", [("similarity", 2), ("source", 3)])
+def test_balance_by_keeps_at_most_n_per_group_the_best_of_each(tmp_path, ranked_corpus, column, most):
+    root, records = ranked_corpus
+    summary = _curate(tmp_path, root, keep_fraction=0.6, balance_by=column, max_per_group=most)["curate"]
+    kept = set(selected(tmp_path / "cur").column("id").to_pylist())
+    assert kept == _balanced_reference(records, 0.6, column, most)
+    assert records[records["id"].isin(kept)].groupby(column).size().max() <= most
+    assert summary["balance"]["removed"] == len(_best(records, 0.6)) - len(kept)
+
+
+def test_the_dropped_records_name_balance_when_the_cap_removed_them(tmp_path, ranked_corpus):
+    root, records = ranked_corpus
+    _curate(tmp_path, root, keep_fraction=0.6, balance_by="similarity", max_per_group=2, write_dropped=True)
+    gone = dropped(tmp_path / "cur").to_pandas()
+    capped = _best(records, 0.6) - set(selected(tmp_path / "cur").column("id").to_pylist())
+    assert set(gone[gone["dropped_by"] == "balance"]["id"]) == capped and capped
+
+
+def test_the_dry_run_says_what_the_cap_would_drop(tmp_path, ranked_corpus, capsys):
+    root, records = ranked_corpus
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "0.6", "--executor",
+            "local", "--input", root / "in", "--format", "webdataset", "--balance-by", "similarity",
+            "--max-per-group", "2", "--dry-run"]
+    code, out, err = run_main(curate_cli.main, argv, capsys)
+    removed = len(_best(records, 0.6)) - len(_balanced_reference(records, 0.6, "similarity", 2))
+    assert code == 0 and f"{removed} records kept by the rule dropped by the cap" in out + err, out + err
+    assert not (tmp_path / "cur").exists()
+
+
+@pytest.mark.parametrize("flags,field", [(["--balance-by", "similarity"], "max_per_group"),
+                                         (["--max-per-group", "2"], "balance_by"),
+                                         (["--balance-by", "similarity", "--max-per-group", "0"], "max_per_group"),
+                                         (["--balance-by", "nope", "--max-per-group", "2"], "balance_by")],
+                         ids=["no-max", "no-column", "zero", "unknown-column"])
+def test_a_bad_balance_exits_2_naming_the_flag_before_anything_is_written(tmp_path, ranked_corpus, capsys, flags,
+                                                                          field):
+    root, _ = ranked_corpus
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "0.6", "--executor",
+            "local", "--input", root / "in", "--format", "webdataset", *flags]
+    code, _, err = run_main(curate_cli.main, argv, capsys)
+    assert code == 2 and f"field '{field}'" in err, err
+    assert not (tmp_path / "cur").exists()
+
+
+def test_a_balanced_curation_killed_after_its_first_commit_finishes_identically(tmp_path, ranked_corpus):
+    """Killed (SIGKILL) right after its first shard's commit; the rerun keeps exactly what one whole run keeps."""
+    root, _ = ranked_corpus
+    flags = {"keep_fraction": 0.6, "balance_by": "similarity", "max_per_group": 2, "write_dropped": True}
+    _curate(tmp_path, root, name="whole", **flags)
+    argv = ["--scores", root / "scores", "--output", tmp_path / "cur", "--keep-fraction", "0.6", "--input",
+            root / "in", "--format", "webdataset", "--balance-by", "similarity", "--max-per-group", "2",
+            "--write-dropped", "--executor", "local", "--workers", "1"]
+    marker = tmp_path / "paused"
+    first = paused_job("jobs.curate", argv, marker, job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(marker, first)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert len(read_manifest(str(tmp_path / "cur"))) == 1
+    summary = _curate(tmp_path, root, **flags)  # the same, resumed
+    assert summary["shards"]["already_committed"] == 1
+    for read in (selected, dropped):
+        assert read(tmp_path / "cur").sort_by("id").equals(read(tmp_path / "whole").sort_by("id"))
