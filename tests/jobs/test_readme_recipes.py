@@ -161,8 +161,8 @@ def readme_section_commands(section: str) -> list[list[str]]:
 
 
 def test_the_select_many_recipes_run_as_printed(tmp_path, capsys):
-    explore, select = readme_section_commands("### Selecting many times from one scoring")
-    assert explore[:3] == select[:3] == ["python", "-m", "jobs.curate"]
+    explore, select, balance = readme_section_commands("### Selecting many times from one scoring")
+    assert explore[:3] == select[:3] == balance[:3] == ["python", "-m", "jobs.curate"]
     records = [{"id": f"s{i}", "kind": "caption", "key": f"s{i}", "score": i / 10, "label": 1, "error": None}
                for i in range(20)]
     corpus = tmp_path / "corpus"
@@ -174,7 +174,7 @@ def test_the_select_many_recipes_run_as_printed(tmp_path, capsys):
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "takedown-sha256.txt").write_text(f"sha256\n{19:064x}\n")
     pq.write_table(pa.table({"id": ["s18", "s0"]}), tmp_path / "lists" / "benchmark-ids.parquet")
-    for words in (explore, select):
+    for words in (explore, select, balance):
         argv = [w.replace("runs/", f"{tmp_path}/runs/").replace("lists/", f"{tmp_path}/lists/") for w in words[3:]]
         code, out, err = run_main(curate.main, [*argv, "--executor", "local"], capsys)
         assert code == 0, err
@@ -184,3 +184,4 @@ def test_the_select_many_recipes_run_as_printed(tmp_path, capsys):
     assert kept.num_rows == 5 and min(kept.column("rank_value").to_pylist()) > 0.5  # 30% of the 17 left
     assert not {"s0", "s18", "s19"} & set(kept.column("id").to_pylist())
     assert len(dropped(output)) == 20 - 5 and (output / "kept_ids.parquet").exists()
+    assert selected(tmp_path / "runs" / "curated-balanced").num_rows == 6  # 30% of 20: no shard over 1,000
