@@ -68,7 +68,7 @@ def _parquet_list(uri: str, data: bytes, column: str | None) -> tuple[str, list[
 
 def _text_list(uri: str, data: bytes, column: str | None) -> tuple[str, list[str]]:
     try:
-        lines = [line.strip() for line in data.decode("utf-8").splitlines()]
+        lines = [line.strip() for line in data.decode("utf-8-sig").splitlines()]  # a BOM is no header
     except UnicodeDecodeError:
         raise InputError(FIELD, f"{uri} is neither Parquet nor UTF-8 text") from None
     lines = [line for line in lines if line]
