@@ -1,9 +1,10 @@
 """`--export-ids`: what a curation kept, as the files other tools read, written once every score shard is committed
-(under the lease, each file whole or not at all): `OUTPUT/kept_ids.parquet` (id, key, url, score of every selected
-record, from the committed selected/ files, checked against their commit records) and, where the corpus' metadata
-has DataComp's `uid` column (32 hex digits), `OUTPUT/uids.npy`: the kept samples' uids as DataComp's training
-scripts read a subset, a sorted one-dimensional array of `np.dtype("u8,u8")` (the uid's first 16 hex digits, then
-the last 16), as DataComp's own baselines write it. The driver holds 16 bytes per kept uid."""
+(under the lease, each file whole or not at all): `OUTPUT/kept_ids.parquet` (id, key, url, score, and `rank_value`
+with `--rank-by`, of every selected record, from the committed selected/ files, checked against their commit
+records) and, where the corpus' metadata has DataComp's `uid` column (32 hex digits), `OUTPUT/uids.npy`: the kept
+samples' uids as DataComp's training scripts read a subset, a sorted one-dimensional array of `np.dtype("u8,u8")`
+(the uid's first 16 hex digits, then the last 16), as DataComp's own baselines write it. The driver holds 16 bytes
+per kept uid."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.commit.records import read_committed_file
 from pipeline.curation.filters import join_columns, metadata_types
+from pipeline.curation.rank import RANK_VALUE
 from pipeline.curation.select import SELECTED_DIR
 from pipeline.io.listing import Shard
 from pipeline.io.publish import publish_file
@@ -30,21 +32,23 @@ KEPT_IDS_SCHEMA = pa.schema([("id", pa.string()), ("key", pa.string()), ("url", 
 _UID = re.compile(r"[0-9a-fA-F]{32}")
 
 
-def export_ids(output: str, entries: list[dict], shards: list[Shard], id_column: str) -> dict:
+def export_ids(output: str, entries: list[dict], shards: list[Shard], id_column: str, ranked: bool = False) -> dict:
     """Write the exports of the curation at `output` from its commit records `entries` (every curated shard's);
-    `shards`: the score shards (their input shards, to join `uid`). Returns what was written, for the summary."""
+    `shards`: the score shards (their input shards, to join `uid`); `ranked`: the records carry `rank_value`.
+    Returns what was written, for the summary."""
+    schema = KEPT_IDS_SCHEMA.append(pa.field(RANK_VALUE, pa.float32())) if ranked else KEPT_IDS_SCHEMA
     inputs = {s.key: s for s in shards}
     with_uid = metadata_types(shards)[0].get("uid") == "string"
     uids: list[np.ndarray] = []
     counts = {"kept": 0, "uids": 0, "without_uid": 0}
     with tempfile.TemporaryDirectory(prefix="unifilter-export-") as tmp:
         local = Path(tmp) / KEPT_IDS
-        with pq.ParquetWriter(local, KEPT_IDS_SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(local, schema, compression="zstd") as writer:
             for entry in sorted(entries, key=lambda e: e["shard"]):
                 for path in (f for f in entry["files"] if f.startswith(f"{SELECTED_DIR}/")):
                     check = (entry.get("file_checks") or {}).get(path)
-                    table = read_committed_file(output, entry["shard"], path, check, KEPT_IDS_SCHEMA.names)
-                    writer.write_table(table.select(KEPT_IDS_SCHEMA.names).cast(KEPT_IDS_SCHEMA))
+                    table = read_committed_file(output, entry["shard"], path, check, schema.names)
+                    writer.write_table(table.select(schema.names).cast(schema))
                     counts["kept"] += table.num_rows
                     if with_uid:
                         shard = inputs.get(entry["shard"])

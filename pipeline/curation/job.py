@@ -200,7 +200,8 @@ class CurationJob(Job):
         from pipeline.curation.exports import export_ids
 
         entries = [*prepared.committed.values(), *(result.committer.entries if result.committer else [])]
-        return export_ids(self.config.output, entries, prepared.shards, self.config.source.id_column)
+        return export_ids(self.config.output, entries, prepared.shards, self.config.source.id_column,
+                          ranked=bool(self.config.rank_by))
 
     def stages(self, plan: Plan) -> list[Stage]:
         return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group, self.filters)]

@@ -246,7 +246,7 @@ def _fused(records: pd.DataFrame) -> pd.Series:
 @pytest.mark.parametrize("per_kind", [False, True], ids=["over-all", "per-kind"])
 def test_rank_by_keeps_exactly_the_top_fraction_of_the_fused_value(tmp_path, ranked_corpus, per_kind):
     root, records = ranked_corpus
-    summary = _curate(tmp_path, root, keep_fraction=0.3, rank_by=FUSED, per_kind=per_kind)["curate"]
+    summary = _curate(tmp_path, root, keep_fraction=0.3, rank_by=FUSED, per_kind=per_kind, export_ids=True)["curate"]
     fused = _fused(records)
     scored = records[records["error"].isna()].assign(rank_value=fused)
     groups = [g for _, g in scored.groupby("kind")] if per_kind else [scored]
@@ -258,6 +258,8 @@ def test_rank_by_keeps_exactly_the_top_fraction_of_the_fused_value(tmp_path, ran
     assert set(kept.column("id").to_pylist()) == expected
     assert summary["rule"] == f"keep-fraction 0.3{' per kind' if per_kind else ''} by {FUSED}"
     written = dict(zip(kept.column("id").to_pylist(), kept.column("rank_value").to_pylist()))
+    exported = pq.read_table(tmp_path / "cur" / "kept_ids.parquet")
+    assert dict(zip(exported.column("id").to_pylist(), exported.column("rank_value").to_pylist())) == written
     assert written == {i: pytest.approx(float(v)) for i, v in zip(scored["id"], scored["rank_value"]) if i in written}
 
 
@@ -369,3 +371,17 @@ def test_a_balanced_curation_killed_after_its_first_commit_finishes_identically(
     assert summary["shards"]["already_committed"] == 1
     for read in (selected, dropped):
         assert read(tmp_path / "cur").sort_by("id").equals(read(tmp_path / "whole").sort_by("id"))
+
+
+def test_ranking_balance_and_exclusion_on_ray_keep_what_the_local_executor_keeps(tmp_path, ranked_corpus, ray_cluster):
+    """The distributions, the thresholds and the caps computed by Ray Data tasks, the selection by its actors."""
+    root, records = ranked_corpus
+    listed = _text_list(tmp_path / "list.txt", "id", records["id"].iloc[[3, 4, 5]])
+    flags = {"keep_fraction": 0.5, "rank_by": FUSED, "balance_by": "similarity", "max_per_group": 4,
+             "exclude": [listed], "write_dropped": True}
+    local = _curate(tmp_path, root, name="local", **flags)["curate"]
+    on_ray = _curate(tmp_path, root, name="ray", executor="ray", **flags)["curate"]
+    for read in (selected, dropped):
+        assert read(tmp_path / "ray").sort_by("id").equals(read(tmp_path / "local").sort_by("id"))
+    assert on_ray["balance"] == local["balance"] and on_ray["thresholds"] == local["thresholds"]
+    assert local["kept"] > 0 and local["balance"]["removed"] > 0
