@@ -141,7 +141,8 @@ def build_parser(model: type[BaseModel], prog: str, description: str, dry_run: s
         choices = get_args(literal[0]) if literal else None
         as_int = bool(choices) and all(isinstance(c, int) for c in choices)  # e.g. num_labels: 1 | 4
         is_list = list in [get_origin(a) for a in (annotation, *get_args(annotation))]
-        parser.add_argument(flag, dest=dest, default=None, help=_help(info),
+        # a list's flag may be repeated, each adding its comma-separated values (`--exclude a --exclude b`)
+        parser.add_argument(flag, dest=dest, default=None, help=_help(info), action="extend" if is_list else None,
                             type=(int if as_int else (lambda v: v.split(",")) if is_list else None),
                             metavar=_metavar(path[-1], annotation, choices))
     return parser, dests

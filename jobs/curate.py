@@ -1,11 +1,14 @@
 """Curate a scored corpus: `python -m jobs.curate --scores URI --output URI (--min-score X | --keep-fraction F)
-[--per-kind] [--where EXPR] [--drop-truncated] [--min-images N] [--input URI --format FMT] [--materialize |
---samples-per-shard N] [--report DIR] [--dry-run [--sweep A,B,...]]`.
+[--per-kind] [--rank-by EXPR] [--balance-by COLUMN --max-per-group N] [--where EXPR] [--drop-truncated]
+[--min-images N] [--exclude FILE ... [--exclude-column NAME]] [--input URI --format FMT] [--materialize |
+--samples-per-shard N] [--write-dropped] [--export-ids] [--report DIR] [--dry-run [--sweep A,B,...]]`.
 
 Selects the best-scored records that pass the filters (error records never), writes them per input shard to
 OUTPUT/selected/ (and, with --materialize, the kept samples as shards in the input's format to OUTPUT/shards/; with
 --samples-per-shard, as balanced shards of N with img2dataset sidecars to OUTPUT/shards/<format>/), and with
---report an HTML report to judge the threshold by (written by the run itself, as `pipeline.curation.curate` does).
+--report an HTML report to judge the threshold by (written by the run itself, as `pipeline.curation.curate` does);
+--write-dropped also writes the records not selected to OUTPUT/dropped/ with the rule that removed each, and
+--export-ids OUTPUT/kept_ids.parquet (and DataComp's uids.npy where the metadata has `uid`).
 Rerunning after a kill finishes the job exactly once; with --min-score a rerun curates only the score shards
 committed since the last run. `--dry-run` computes the exact thresholds of the rule and of a sweep (no lease taken,
 nothing written). Exit status: 0 when every shard is committed, 1 when some are incomplete, 2 on bad

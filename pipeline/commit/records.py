@@ -19,8 +19,9 @@ from pipeline.io.uris import filesystem_for, join
 _READERS = 16  # committed files read at once
 
 
-def read_committed(output: str, schema: pa.Schema) -> pa.Table:
-    """All committed records of an output (uncommitted files of an interrupted run are ignored)."""
+def read_committed(output: str, schema: pa.Schema, folder: str | None = None) -> pa.Table:
+    """All committed records of an output (uncommitted files of an interrupted run are ignored); with `folder`,
+    only those in that folder of it (`selected`, not `dropped`)."""
     entries = read_manifest(output)
     check_entries(output, entries)
     damaged = damaged_files(output, entries)
@@ -34,7 +35,8 @@ def read_committed(output: str, schema: pa.Schema) -> pa.Table:
         shard, files = next(iter(damaged.items()))
         path, problem = next(iter(files.items()))
         raise damaged_file(output, path, shard, problem, len(damaged))
-    files = [(shard, f, (e.get("file_checks") or {}).get(f)) for shard, e in entries.items() for f in e["files"]]
+    files = [(shard, f, (e.get("file_checks") or {}).get(f)) for shard, e in entries.items() for f in e["files"]
+             if folder is None or f.startswith(f"{folder}/")]
     if not files:
         return schema.empty_table()
     with ThreadPoolExecutor(_READERS) as pool:

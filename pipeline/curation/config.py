@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.curation import where
+from pipeline.curation import rank, where
 from pipeline.curation.rule import Rule
 from pipeline.io.samples import SourceOptions
 from pipeline.io.uris import normalize_uri
@@ -34,6 +34,27 @@ class CurateConfig(BaseModel):
                                                     "truncated\")")
     min_images: int | None = Field(None, ge=0, description="drop records with fewer images (as where "
                                                            "\"n_images >= N\")")
+    rank_by: str | None = Field(None, description="rank by this numeric expression of score and metadata columns "
+                                                   "instead of the score, with pct(column) the record's percentile "
+                                                   "in its kind, e.g. \"0.7*pct(score) + 0.3*pct(similarity)\" "
+                                                   "(with keep_fraction; records carry it as rank_value)")
+    balance_by: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                   description="cap what each value of this column (of the score records or the "
+                                               "metadata) contributes: at most max_per_group kept records each, the "
+                                               "best by the ranking")
+    max_per_group: int | None = Field(None, ge=1, description="with balance_by: the most kept records per value")
+    exclude: list[str] | None = Field(None, description="drop the samples a list names, whatever their score: a "
+                                                        "Parquet or text file of ids, keys, URLs or image sha256 "
+                                                        "values (repeatable; the column from its header or "
+                                                        "exclude_column)")
+    exclude_column: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                       description="the column every exclude list matches (id, key, url, sha256, "
+                                                   "...); a text list then has no header line")
+    write_dropped: bool = Field(False, description="also write the dropped records to dropped/, each with the "
+                                                   "first rule that removed it (dropped_by)")
+    export_ids: bool = Field(False, description="once every shard is committed, write the kept ids to "
+                                                "kept_ids.parquet (id, key, url, score) and, where the metadata has "
+                                                "DataComp's uid column, uids.npy as DataComp's training reads it")
     sweep: list[float] | None = Field(None, description="with --dry-run: the fractions (or, with min_score, the "
                                                         "minimum scores) to tabulate, also compared in --report; "
                                                         "refused in a run with neither (default: a standard set)")
@@ -62,6 +83,20 @@ class CurateConfig(BaseModel):
                              "records, shards and summary elsewhere (choose another output)")
         if self.where is not None:
             where.parse(self.where)  # the syntax, before anything runs; the columns once the corpus is known
+        if self.rank_by is not None:
+            if self.keep_fraction is None:
+                raise ValueError("field 'rank_by': it ranks the records for keep_fraction (a minimum score is a "
+                                 "cut on the score itself): use --keep-fraction with --rank-by")
+            rank.parse(self.rank_by)  # the syntax, before anything runs; the columns once the corpus is known
+        if (self.balance_by is None) != (self.max_per_group is None):
+            missing = "max_per_group" if self.max_per_group is None else "balance_by"
+            raise ValueError(f"field '{missing}': balance_by and max_per_group go together (at most N kept records "
+                             "per value of the column)")
+        if self.exclude_column is not None and not self.exclude:
+            raise ValueError("field 'exclude_column': it names the column of the exclude lists, and none is given "
+                             "(add --exclude FILE)")
+        if self.exclude is not None and (not self.exclude or not all(f.strip() for f in self.exclude)):
+            raise ValueError("field 'exclude': give a list's file (a Parquet or text file)")
         if self.sweep is not None:
             self.rule.check_sweep(self.sweep)
         return self
@@ -70,5 +105,5 @@ class CurateConfig(BaseModel):
     def rule(self) -> Rule:
         """The rule, the one place that tells a minimum score from a fraction (`pipeline.curation.rule`)."""
         if self.keep_fraction is not None:
-            return Rule("keep_fraction", self.keep_fraction, self.per_kind)
+            return Rule("keep_fraction", self.keep_fraction, self.per_kind, self.rank_by)
         return Rule("min_score", self.min_score, self.per_kind)

@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 
 from pipeline.commit.records import read_committed_file
 from pipeline.curation import where
+from pipeline.curation.balance import Balance
+from pipeline.curation.rank import RANK_VALUE, Ranking
 from pipeline.errors import Category, InputError, ShardFault
 from pipeline.io.listing import Shard
 from pipeline.io.samples import parquet_ids
@@ -65,23 +67,55 @@ class Filters:
     conditions: tuple[where.Condition, ...] = ()
     types: dict[str, str] = field(default_factory=dict)
     id_column: str = "id"  # how a Parquet shard names its rows (`source.id_column`): its columns are joined by id
+    rules: tuple[str, ...] = ()  # the setting each condition came from (`where`, `truncated`, `exclude:<file>`, ...)
+    ranking: Ranking | None = None  # `--rank-by`: its fused value is computed where the records are seen (`RANK_VALUE`)
+    balance: Balance | None = None  # `--balance-by`: the caps applied after the rule (`select.kept_records`)
 
     @classmethod
     def of(cls, config) -> Filters:
-        terms = where.conjuncts(where.parse(config.where)) if config.where else []
+        """The filters of `config`; its exclusion lists are read here (an InputError naming `exclude`)."""
+        from pipeline.curation.exclude import read_exclude_list
+
+        terms = [("where", c) for c in where.conjuncts(where.parse(config.where))] if config.where else []
         if config.drop_truncated:
-            terms.append(where.parse("not truncated"))
+            terms.append(("truncated", where.parse("not truncated")))
         if config.min_images is not None:
-            terms.append(where.parse(f"n_images >= {config.min_images}"))
-        return cls(tuple({str(c): c for c in terms}.values()), id_column=config.source.id_column)
+            terms.append(("min_images", where.parse(f"n_images >= {config.min_images}")))
+        for uri in config.exclude or []:
+            listed = read_exclude_list(uri, config.exclude_column)
+            terms.append((listed.label, listed))
+        unique = {}
+        for rule, condition in terms:  # a term given twice is kept once, with the setting that gave it first
+            unique.setdefault(str(condition), (rule, condition))
+        return cls(tuple(c for _, c in unique.values()), id_column=config.source.id_column,
+                   rules=tuple(r for r, _ in unique.values()),
+                   ranking=Ranking.of(config.rank_by) if config.rank_by else None,
+                   balance=Balance(config.balance_by, config.max_per_group) if config.balance_by else None)
 
     @property
     def terms(self) -> list[str]:
         """Each condition as written back (the summary's and the identity's names for them)."""
         return [str(c) for c in self.conditions]
 
+    @property
+    def exclusions(self) -> list[dict]:
+        """Each exclusion list as the output's identity knows it: its file, the column it matches, its content's
+        sha256 and how many values it holds (a rerun with other lists is refused as other settings are)."""
+        return [{"file": c.label.removeprefix("exclude:"), "column": c.column, "sha256": c.digest,
+                 "values": len(c.values)} for c in self.conditions if isinstance(c, where.NotIn)]
+
+    def first_rule(self, fails: list[np.ndarray]) -> np.ndarray:
+        """Per record, the first setting whose term it fails, in the order `RULE_ORDER` gives them (None: none)."""
+        out = np.full(len(fails[0]) if fails else 0, None, dtype=object)
+        for i in sorted(range(len(fails)), key=lambda i: _rule_rank(self.rules[i]), reverse=True):
+            out[fails[i]] = self.rules[i]  # the last written wins: the first in order
+        return out
+
     def columns(self) -> set[str]:
-        return set().union(*(where.columns_of(c) for c in self.conditions))
+        """The columns the conditions (and the ranking) read."""
+        ranked = self.ranking.columns() if self.ranking else set()
+        grouped = {self.balance.column} if self.balance else set()
+        return ranked.union(grouped, *(where.columns_of(c) for c in self.conditions))
 
     def metadata_columns(self) -> set[str]:
         return self.columns() - set(SCORE_TYPES)
@@ -99,6 +133,13 @@ class Filters:
         passed = [pc.fill_null(scanned.column(i), False).to_numpy(zero_copy_only=False).astype(bool)
                   for i in range(len(conditions))]
         return np.logical_and.reduce(passed), [~p for p in passed]
+
+
+RULE_ORDER = ("where", "exclude:", "min_images", "truncated")  # which rule a dropped record names first
+
+
+def _rule_rank(rule: str) -> int:
+    return next(i for i, prefix in enumerate(RULE_ORDER) if rule.startswith(prefix))
 
 
 def _nan_as_null(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -143,7 +184,7 @@ def metadata_types(shards: list[Shard]) -> tuple[dict[str, str], list[str]]:
 def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
     """Names and types of every condition checked against the score records' columns and the first input shards'
     metadata (exit 2 naming `where` before anything is written); returns the filters knowing their columns' types."""
-    if not filters.conditions:
+    if not filters.conditions and not filters.ranking and not filters.balance:
         return filters
     types = {k: v for k, v in SCORE_TYPES.items()}
     seen: list[str] = []
@@ -157,6 +198,11 @@ def check_filters(filters: Filters, shards: list[Shard]) -> Filters:
                                          "; no metadata beside the first input shard")
     for condition in filters.conditions:
         where.check(condition, types, where_from)
+    if filters.ranking:
+        filters.ranking.check(types, where_from)
+    if filters.balance and filters.balance.column not in types:
+        raise InputError("balance_by", f"unknown column {filters.balance.column!r}: the columns are "
+                                       f"{', '.join(sorted(types))} ({where_from})")
     return replace(filters, types={c: types[c] for c in sorted(filters.metadata_columns())})
 
 
@@ -206,10 +252,17 @@ class JoinedMetadata:
 def join_metadata(records: pa.Table, input_uri: str | None, fmt: str | None, filters: Filters) -> JoinedMetadata:
     """`records` with the metadata columns the filters read added (nulls where a record has none, or has it with
     another type than the one checked)."""
-    wanted = filters.metadata_columns()
+    return join_columns(records, input_uri, fmt, {c: filters.types.get(c, "number")
+                                                  for c in filters.metadata_columns()}, filters.id_column)
+
+
+def join_columns(records: pa.Table, input_uri: str | None, fmt: str | None, wanted: dict[str, str],
+                 id_column: str = "id") -> JoinedMetadata:
+    """`records` with the metadata columns `wanted` (name -> the type checked: number, string, bool) of their input
+    shard added, joined as the filters join them."""
     if not wanted:
         return JoinedMetadata(records, 0, {})
-    meta = _read_metadata(input_uri, fmt, wanted, filters.id_column) if input_uri and fmt else None
+    meta = _read_metadata(input_uri, fmt, set(wanted), id_column) if input_uri and fmt else None
     n = records.num_rows
     rows = None
     if meta is not None:
@@ -219,11 +272,11 @@ def join_metadata(records: pa.Table, input_uri: str | None, fmt: str | None, fil
     with_metadata = 0 if rows is None else n - rows.null_count
     mistyped: dict[str, int] = {}
     for name in sorted(wanted):
-        column, of_another_type = _column(matched, name, filters.types.get(name, "number"))
+        column, of_another_type = _column(matched, name, wanted[name])
         if of_another_type:
             mistyped[name] = with_metadata
         if column is None or pa.types.is_null(column.type):
-            column = pa.nulls(n, _CANONICAL.get(filters.types.get(name, "number"), pa.float64()))
+            column = pa.nulls(n, _CANONICAL.get(wanted[name], pa.float64()))
         records = records.append_column(name, column)
     return JoinedMetadata(records, n - with_metadata, {k: v for k, v in mistyped.items() if v})
 
@@ -272,6 +325,14 @@ class FilteredShard:
     removed: dict[str, int]  # term -> scored records failing it
     no_metadata: int
     mistyped: dict[str, int] = field(default_factory=dict)  # metadata column -> records it was absent for (its type)
+    first_rule: np.ndarray | None = None  # per record, the first setting whose term it fails (None: it passes)
+    capped: np.ndarray | None = None  # kept by the rule, dropped by `--balance-by`'s cap (`select.kept_records`)
+
+    @property
+    def ranked_by(self) -> np.ndarray:
+        """The value each record is ranked by: its fused value with `--rank-by` (NaN: never kept), else its score."""
+        name = RANK_VALUE if RANK_VALUE in self.table.column_names else "score"
+        return self.table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
     @property
     def removed_in_all(self) -> int:
@@ -288,4 +349,7 @@ def filter_shard(shard: Shard, filters: Filters) -> FilteredShard:
     scored = table.column("error").is_null().to_numpy(zero_copy_only=False) & np.isfinite(scores)
     passes, fails = filters.evaluate(table)
     removed = {term: int((fail & scored).sum()) for term, fail in zip(filters.terms, fails)}
-    return FilteredShard(table, scored, passes, removed, joined.no_metadata, joined.mistyped)
+    first_rule = filters.first_rule(fails) if fails else np.full(table.num_rows, None, dtype=object)
+    if filters.ranking and filters.ranking.ready:
+        table = table.append_column(RANK_VALUE, pa.array(filters.ranking.values(table), pa.float32()))
+    return FilteredShard(table, scored, passes, removed, joined.no_metadata, joined.mistyped, first_rule)

@@ -13,12 +13,24 @@ from pipeline.commit.manifest import damaged_files, read_manifest
 from pipeline.commit.records import damaged_file
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters, check_filters
-from pipeline.curation.passes import compute_thresholds
-from pipeline.curation.select import SELECTED_DIR, SELECTED_SCHEMA, SHARDS_DIR, SelectStage, selected_folder
+from pipeline.curation.passes import balance_caps, compute_thresholds, rank_distributions
+from pipeline.curation.select import (
+    DROPPED_DIR,
+    SELECTED_DIR,
+    SHARDS_DIR,
+    SelectStage,
+    record_schema,
+    selected_folder,
+    selected_or_dropped,
+)
 from pipeline.curation.summary import (
+    balance_fields,
+    balance_line,
     curation_fields,
     curation_lines,
     cuts_text,
+    dropped_written,
+    exports_written,
     filter_lines,
     shards_written,
     sweep_lines,
@@ -81,6 +93,7 @@ class CurationJob(Job):
         self.listing: ShardListing | None = None
         self.filters = Filters.of(config)
         self.resharded: dict | None = None
+        self.exported: dict | None = None  # what `export_ids` wrote (or why not yet)
         self.report_uri: str | None = None  # where this run's report went (with `report`)
 
     def identity(self, scores_identity: str, thresholds: Thresholds | None) -> dict:
@@ -92,6 +105,13 @@ class CurationJob(Job):
             own["samples_per_shard"] = c.samples_per_shard
         if self.filters.terms:  # only when set: outputs curated before filters existed keep their identity
             own["filters"] = self.filters.terms
+        if self.filters.exclusions:  # by content: a list changed under the same name is another curation
+            own["exclude"] = self.filters.exclusions
+        if c.write_dropped:
+            own["write_dropped"] = True
+        if self.filters.balance:  # the caps, once counted under the lease (as the thresholds are)
+            b = self.filters.balance
+            own["balance"] = {"column": b.column, "max_per_group": b.most, "caps": b.digest if b.counted else None}
         return own
 
     def spec(self) -> JobSpec:
@@ -101,10 +121,12 @@ class CurationJob(Job):
         for field, uri in written_locations(c):  # every one before the first byte, the report's too
             check_writable(uri, create=False, field=field)
         self._scores_identity = scores_identity
-        later = ("thresholds",) if self.rule.fixed_cut is None else ()
+        later = (("thresholds",) if self.rule.fixed_cut is None else ()) + (("balance",) if c.balance_by else ())
         return JobSpec(job=self.name, output=c.output, listing=self.listing,
-                       identity=self.identity(scores_identity, None), schema=SELECTED_SCHEMA,
-                       partition=selected_folder, no_progress_timeout_s=c.no_progress_timeout_s, unit="kept",
+                       identity=self.identity(scores_identity, None),
+                       schema=record_schema(c),
+                       partition=selected_or_dropped if c.write_dropped else selected_folder,
+                       no_progress_timeout_s=c.no_progress_timeout_s, unit="kept",
                        input=c.scores, identity_later=later)
 
     def dry_run_lines(self, prepared: PreparedJob) -> list[str]:
@@ -116,26 +138,31 @@ class CurationJob(Job):
         records = sum(entries[k].get("records", 0) for k in keys if k in entries)
         scored = len(dict.fromkeys(s.key for s in prepared.shards))
         self.executor.connect(False, self.name)
+        self.filters = rank_distributions(prepared.shards, self.filters, self.executor)
         self.thresholds = compute_thresholds(c, prepared.shards, self.filters, self.executor,
                                              sweep=self.rule.sweep_values(c.sweep))
+        self.filters = balance_caps(prepared.shards, self.filters, self.thresholds, c.per_kind, self.executor)
         return [
             f"UniFilter curation, dry run (no lease taken, nothing written): {c.scores} -> {c.output}",
             f"  rule       {self.rule.label} · threshold {cuts_text(self.thresholds.as_dict())} (over every "
             "committed score shard)",
+            *([f"  balance    {balance_line(balance_fields(self.filters.balance, None))}"]
+              if self.filters.balance else []),
             *(f"  filters    {line}" for line in filter_lines(self.thresholds.filters)),
             f"  shards     {scored} scored · {scored - len(keys)} already curated · {len(keys)} new",
             *(f"  note       {note}" for note in prepared.notes),
             f"  records    {records:,} score records in the new shards",
-            f"  writes     selected/ per shard{shards_written(c)}"
+            f"  writes     selected/ per shard{dropped_written(c)}{shards_written(c)}{exports_written(c)}"
             f"{', an HTML report to ' + c.report if c.report else ''}",
             *sweep_lines(self.rule, self.thresholds.sweep or []),
         ]
 
     def needs_ray(self, surveyed: PreparedJob) -> bool:
-        """The threshold passes need Ray even with nothing new to select (a report, a keep-fraction's check)."""
+        """The threshold passes need Ray even with nothing new to select (a report, a keep-fraction's check, the
+        balance's caps)."""
         c = self.config
         return (bool(surveyed.todo) or self.rule.fixed_cut is None or bool(c.report)
-                or bool(c.samples_per_shard))
+                or bool(c.samples_per_shard) or bool(c.balance_by))
 
     def resources(self, view: ClusterView) -> Plan:
         return Plan({"select": Resources(num_cpus=1, max_actors=self.config.workers)},
@@ -145,16 +172,22 @@ class CurationJob(Job):
         """The threshold passes, under the lease: two jobs on one output never both make them."""
         c = self.config
         sweep = self.rule.sweep_values(c.sweep) if c.report else None  # the report compares the rule with them
+        self.filters = rank_distributions(prepared.shards, self.filters, self.executor)  # with pct(column)
         self.thresholds = compute_thresholds(c, prepared.shards, self.filters, self.executor, sweep=sweep)
+        self.filters = balance_caps(prepared.shards, self.filters, self.thresholds, c.per_kind, self.executor)
         if prepared.spec.identity_later:
             record_claim(prepared, self.identity(self._scores_identity, self.thresholds))
 
     def after_execute(self, prepared: PreparedJob, result: RunResult) -> None:
         """With samples_per_shard, once every score shard is committed: the kept samples resharded (exactly once,
         `pipeline.curation.reshard`); a shard it could not write is named with the incomplete ones."""
+        unfinished = result.incomplete or result.aborted or result.interrupted or result.lease_lost
+        if self.config.export_ids:
+            self.exported = ({"waiting": "every score shard must be committed first: rerun to export"} if unfinished
+                             else self._export(prepared, result))
         if not self.config.samples_per_shard:
             return
-        if result.incomplete or result.aborted or result.interrupted or result.lease_lost:
+        if unfinished:
             self.resharded = {"waiting": "every score shard must be committed first: rerun to reshard"}
             return
         from pipeline.curation.reshard import reshard
@@ -162,6 +195,13 @@ class CurationJob(Job):
         self.resharded = reshard(self.config, prepared.shards, self.filters, self.thresholds.by_group, self.executor)
         for name, reason in self.resharded["incomplete"].items():
             result.incomplete[f"shards/{name}"] = reason
+
+    def _export(self, prepared: PreparedJob, result: RunResult) -> dict:
+        from pipeline.curation.exports import export_ids
+
+        entries = [*prepared.committed.values(), *(result.committer.entries if result.committer else [])]
+        return export_ids(self.config.output, entries, prepared.shards, self.config.source.id_column,
+                          ranked=bool(self.config.rank_by))
 
     def stages(self, plan: Plan) -> list[Stage]:
         return [SelectStage(plan.stages["select"], self.config, self.thresholds.by_group, self.filters)]
@@ -171,6 +211,10 @@ class CurationJob(Job):
         run's last step, under the lease: the HTML report drawn from it."""
         entries = [*prepared.committed.values(), *(result.committer.entries if result.committer else [])]
         own = curation_fields(self.config, self.thresholds, entries, self.filters.terms, self.resharded)
+        if self.exported:
+            own["exported"] = self.exported
+        if self.filters.balance:
+            own["balance"] = balance_fields(self.filters.balance, entries)
         if self.config.report:
             self.report_uri = self.write_report(own)
         return own
@@ -193,6 +237,8 @@ def written_locations(c: CurateConfig) -> list[tuple[str, str]]:
     """Every folder a run writes, with the setting that names it: the output, its selected/ and shards/ (a file
     there would fail the first commit) and the report's folder (written last, after everything is committed)."""
     locations = [("output", c.output), ("output", join(c.output, SELECTED_DIR))]
+    if c.write_dropped:
+        locations.append(("output", join(c.output, DROPPED_DIR)))
     if c.materialize or c.samples_per_shard:
         locations.append(("output", join(c.output, SHARDS_DIR)))
     if c.report:

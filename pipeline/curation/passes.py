@@ -20,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.curation.balance import group_tops, merge_caps
 from pipeline.curation.filters import Filters, filter_shard, metadata_uri
+from pipeline.curation.rank import distribution_counts, merge_distributions
+from pipeline.curation.select import kept_records
 from pipeline.curation.thresholds import (
     ALL,
     BINS,
@@ -58,7 +61,10 @@ def _passing(shard: Shard, filters: Filters) -> tuple[pa.Table, dict]:
     keep = filtered.passes | ~filtered.scored
     stats = {"removed": filtered.removed, "removed_in_all": filtered.removed_in_all,
              "no_metadata": filtered.no_metadata, "scored": int(filtered.scored.sum()), "mistyped": filtered.mistyped}
-    return filtered.table.select(_COUNTED).filter(pa.array(keep)), stats
+    counted = filtered.table.select(_COUNTED)
+    if filters.ranking:  # the cut is found over the fused value: counted as a score is (NaN: not ranked)
+        counted = counted.set_column(_COUNTED.index("score"), "score", pa.array(filtered.ranked_by, pa.float32()))
+    return counted.filter(pa.array(keep)), stats
 
 
 def _failure(shard: Shard, err: Exception, filters: Filters) -> str:
@@ -120,6 +126,59 @@ def _pass_two(batch: pa.Table, filters: Filters, bins: dict[str, list[int]], edg
             counts.append(None)
             failed.append(_failure(shard, err, filters))
     return pa.table({"counts": pa.array(counts, pa.string()), "failed": pa.array(failed, pa.string())})
+
+
+def _pass_distributions(batch: pa.Table, filters: Filters, ledger: str | None = None) -> pa.Table:
+    parts, failed = [], []
+    for row in batch.to_pylist():
+        shard = Shard(**row)
+        try:
+            with _held(ledger, shard.key):
+                filtered = filter_shard(shard, filters)
+                counts = distribution_counts(filtered.table, filtered.scored, filters.ranking.pct_columns())
+            parts.append(json.dumps(counts))
+            failed.append(None)
+        except Exception as err:  # noqa: BLE001 - named by the driver, never a traceback nor a retry
+            parts.append(None)
+            failed.append(_failure(shard, err))
+    return pa.table({"counts": pa.array(parts, pa.string()), "failed": pa.array(failed, pa.string())})
+
+
+def rank_distributions(shards: list[Shard], filters: Filters, executor) -> Filters:
+    """With `--rank-by` using pct(column): one more pass over every score file counts each such column's values
+    per kind, exactly; returns the filters whose ranking knows them (what every later pass and stage is given)."""
+    if not filters.ranking or filters.ranking.ready:
+        return filters
+    rows = _run(shards, executor, _pass_distributions, filters=filters)
+    counted = merge_distributions([json.loads(r["counts"]) for r in rows])
+    return replace(filters, ranking=filters.ranking.with_distributions(counted))
+
+
+def _pass_balance(batch: pa.Table, filters: Filters, thresholds: dict, per_kind: bool, ledger: str | None = None
+                  ) -> pa.Table:
+    parts, failed = [], []
+    for row in batch.to_pylist():
+        shard = Shard(**row)
+        try:
+            with _held(ledger, shard.key):
+                filtered, keep = kept_records(shard, filters, thresholds, per_kind)
+                parts.append(json.dumps(group_tops(filtered.table, keep, filtered.ranked_by, filters.balance.column,
+                                                   filters.balance.most)))
+            failed.append(None)
+        except Exception as err:  # noqa: BLE001 - named by the driver, never a traceback nor a retry
+            parts.append(None)
+            failed.append(_failure(shard, err))
+    return pa.table({"tops": pa.array(parts, pa.string()), "failed": pa.array(failed, pa.string())})
+
+
+def balance_caps(shards: list[Shard], filters: Filters, thresholds: Thresholds, per_kind: bool, executor) -> Filters:
+    """With `--balance-by`: one pass over every score file after the thresholds finds each group's cap (exact);
+    returns the filters whose balance knows them (what the selection stage and the resharder are given)."""
+    if not filters.balance or filters.balance.counted:
+        return filters
+    rows = _run(shards, executor, _pass_balance, filters=filters, thresholds=thresholds.by_group, per_kind=per_kind)
+    caps, removed = merge_caps([json.loads(r["tops"]) for r in rows], filters.balance.most)
+    return replace(filters, balance=filters.balance.with_caps(caps, removed))
 
 
 def _run(shards: list[Shard], executor, fn, **kwargs) -> list[dict]:

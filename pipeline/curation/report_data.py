@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.filters import Filters
+from pipeline.curation.rank import RANK_VALUE
 from pipeline.curation.report_html import (
     MAX_IMAGES,
     Example,
@@ -49,9 +50,18 @@ def _candidates(config: CurateConfig, shards: list[Shard], filters: Filters, thr
     rows = []
     for shard in dict.fromkeys(picked):
         filtered, keep = kept_records(shard, filters, thresholds.by_group, config.per_kind)
-        table = filtered.table.select(_COLUMNS).append_column("kept", pa.array(keep))
+        columns = [*_COLUMNS, *([RANK_VALUE] if RANK_VALUE in filtered.table.column_names else [])]
+        table = filtered.table.select(columns).append_column("kept", pa.array(keep))
         rows += [r for r, ok in zip(table.to_pylist(), filtered.scored) if ok]
     return rows
+
+
+def _ranked(row: dict) -> float:
+    """What a record is ranked by: its fused value with --rank-by (none: below every cut), else its score."""
+    if RANK_VALUE not in row:
+        return row["score"]
+    value = row[RANK_VALUE]
+    return -np.inf if value is None or np.isnan(value) else value
 
 
 def _sections(config: CurateConfig, thresholds: Thresholds, rows: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -65,8 +75,8 @@ def _sections(config: CurateConfig, thresholds: Thresholds, rows: list[dict]) ->
         of_kind = [r for r in rows if r["kind"] == kind]
         if cut is None or not of_kind:
             continue
-        above = sorted((r for r in of_kind if r["kept"]), key=lambda r: r["score"])[:n]
-        below = sorted((r for r in of_kind if not r["kept"] and r["score"] < cut), key=lambda r: -r["score"])[:n]
+        above = sorted((r for r in of_kind if r["kept"]), key=_ranked)[:n]
+        below = sorted((r for r in of_kind if not r["kept"] and _ranked(r) < cut), key=lambda r: -_ranked(r))[:n]
         name = "captions" if kind == "caption" else "documents"
         sections.append((f"Just above the threshold ({name}, {cut:.4f}): kept", above))
         sections.append((f"Just below the threshold ({name}): dropped", below))

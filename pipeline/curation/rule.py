@@ -23,6 +23,7 @@ class Rule:
     kind: Literal["min_score", "keep_fraction"]
     value: float
     per_kind: bool = False
+    rank_by: str | None = None  # the fused value ranked instead of the score (`pipeline.curation.rank`)
 
     @property
     def unit(self) -> str:
@@ -32,7 +33,8 @@ class Rule:
     @property
     def label(self) -> str:
         """The rule as a user reads it (the summary's and the report's `rule`, part of the output's identity)."""
-        return f"{self.kind.replace('_', '-')} {self.value:g}" + (" per kind" if self.per_kind else "")
+        return (f"{self.kind.replace('_', '-')} {self.value:g}" + (" per kind" if self.per_kind else "")
+                + (f" by {self.rank_by}" if self.rank_by else ""))
 
     @property
     def fixed_cut(self) -> float | None:

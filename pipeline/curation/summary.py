@@ -57,6 +57,14 @@ def curation_lines(own: dict) -> list[str]:
         lines.append(f"  reshard    {r['waiting']}" if "waiting" in r else
                      f"  reshard    {', '.join(f'{n} {fmt} shards' for fmt, n in r['shards'].items())} of "
                      f"{r['samples_per_shard']} samples in shards/<format>/ · {r['written_now']} written now")
+    if own.get("balance"):
+        lines.append(f"  balance    {balance_line(own['balance'])}")
+    if own.get("exported"):
+        e = own["exported"]
+        lines.append(f"  exported   {e['waiting']}" if "waiting" in e else
+                     f"  exported   {e['kept']} kept ids to {e['kept_ids']}" +
+                     (f" · {e['uids']} uids to {e['uids_npy']} ({e['without_uid']} kept records without one)"
+                      if "uids_npy" in e else " · no uid column in the metadata: no uids.npy"))
     if own.get("not_materializable"):
         lines.append(f"  unwritten  {own['not_materializable']} kept samples are no longer whole in the input "
                      "(their ids: each shard's commit record, stats.not_materializable)")
@@ -77,6 +85,28 @@ def shards_written(config: CurateConfig) -> str:
     if config.samples_per_shard:
         return f", the kept samples as shards of {config.samples_per_shard} in shards/<format>/ with sidecars"
     return ", the kept samples as shards in shards/" if config.materialize else ""
+
+
+def balance_fields(balance, entries: list[dict] | None) -> dict:
+    """The summary's `balance`: the cap, the groups over it and the records it dropped (counted in the shards'
+    commit records, `entries`; or, for a dry run, as the caps say they would be)."""
+    removed = balance.removed if entries is None else sum((e.get("stats") or {}).get("balanced", 0) for e in entries)
+    return {"column": balance.column, "max_per_group": balance.most, "groups_capped": len(balance.caps),
+            "removed": removed}
+
+
+def balance_line(b: dict) -> str:
+    return (f"at most {b['max_per_group']} kept per {b['column']} · {b['groups_capped']} groups over it · "
+            f"{b['removed']} records kept by the rule dropped by the cap")
+
+
+def dropped_written(config: CurateConfig) -> str:
+    return ", the dropped records with the rule that removed each in dropped/" if config.write_dropped else ""
+
+
+def exports_written(config: CurateConfig) -> str:
+    return (", kept_ids.parquet (and uids.npy where the metadata has DataComp's uid) once every shard is committed"
+            if config.export_ids else "")
 
 
 def filter_lines(filters: dict) -> list[str]:

@@ -24,6 +24,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import ConfigFieldError
@@ -132,7 +133,22 @@ class Or:
         return " or ".join(str(i) for i in self.items)
 
 
-Condition = Column | Comparison | Not | And | Or
+@dataclass(frozen=True)
+class NotIn:
+    """A record passes when its `column`'s value is not among `values` (a null passes: it matches nothing). Built
+    from a list (`pipeline.curation.exclude`), never parsed: `label` is how it is written back, `digest` what
+    identifies the list's content."""
+
+    column: str
+    values: tuple[str, ...]
+    label: str
+    digest: str = ""
+
+    def __str__(self) -> str:
+        return self.label
+
+
+Condition = Column | Comparison | Not | And | Or | NotIn
 
 
 # -- parsing --------------------------------------------------------------------------------------------------------
@@ -274,6 +290,8 @@ def conjuncts(tree: Condition) -> list[Condition]:
 def columns_of(tree: Condition | Literal) -> set[str]:
     if isinstance(tree, Column):
         return {tree.name}
+    if isinstance(tree, NotIn):
+        return {tree.column}
     if isinstance(tree, Comparison):
         return columns_of(tree.left) | columns_of(tree.right)
     if isinstance(tree, Not):
@@ -288,12 +306,21 @@ def check(tree: Condition, types: dict[str, str], where_from: str) -> None:
     sets a column against its own type; `where_from` says where the columns came from, for the message."""
     for name in sorted(columns_of(tree)):
         if name not in types:
+            if isinstance(tree, NotIn):
+                raise ConfigFieldError("exclude", f"{tree.label[len('exclude:'):]} matches the column {name!r}, "
+                                                  f"which is unknown: the columns are {', '.join(sorted(types))} "
+                                                  f"({where_from})")
             raise _error(f"unknown column {name!r}: the columns are {', '.join(sorted(types))} ({where_from})")
     _check_types(tree, types)
 
 
 def _check_types(tree: Condition, types: dict[str, str]) -> None:
-    if isinstance(tree, Column):
+    if isinstance(tree, NotIn):
+        if types[tree.column] != "string":
+            raise ConfigFieldError("exclude", f"{tree.label[len('exclude:'):]} matches the column {tree.column!r}, "
+                                              f"a {types[tree.column]}: a list matches a string column (id, key, "
+                                              "url, sha256)")
+    elif isinstance(tree, Column):
         if types[tree.name] != "bool":
             raise _error(f"column {tree.name!r} is a {types[tree.name]}, not true/false: compare it with a value")
     elif isinstance(tree, Comparison):
@@ -313,6 +340,8 @@ def expression(tree: Condition) -> pc.Expression:
     """The condition as a PyArrow compute expression (null where a value it reads is missing)."""
     if isinstance(tree, Column):
         return pc.field(tree.name)
+    if isinstance(tree, NotIn):
+        return ~pc.field(tree.column).isin(pa.array(tree.values, pa.string()))
     if isinstance(tree, Comparison):
         left, right = (pc.field(s.name) if isinstance(s, Column) else pc.scalar(s.value)
                        for s in (tree.left, tree.right))

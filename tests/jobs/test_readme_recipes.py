@@ -12,9 +12,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs import curate
 from jobs import sample_corpus as corpus
 from pipeline.io.uris import filesystem_for
-from tests.support.jobs import REPO_ROOT
+from tests.support.curation import dropped, fake_scores, selected
+from tests.support.jobs import REPO_ROOT, run_main
 
 README = Path(REPO_ROOT) / "README.md"
 README_BUCKET = "s3://bucket/"  # the README's examples' bucket; the tests' own takes its place
@@ -147,3 +149,39 @@ def test_every_glob_and_brace_example_in_the_readme_reaches_the_job_as_one_argum
                                capture_output=True, text=True, timeout=30)
         assert shell.returncode == 0 and len(shell.stdout.splitlines()) == 1, (
             f"README's {word} is expanded by the shell: {shell.stderr.strip() or shell.stdout[:200]}")
+
+
+# -- selecting many times from one scoring: the section's commands as printed, on scores and lists they name ----------
+def readme_section_commands(section: str) -> list[list[str]]:
+    """The words of each shell command in a README section's fenced block (comment lines left out)."""
+    body = README.read_text().split(section, 1)[1].split("\n### ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+    lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+    return [shlex.split(line) for line in lines]
+
+
+def test_the_select_many_recipes_run_as_printed(tmp_path, capsys):
+    explore, select, balance = readme_section_commands("### Selecting many times from one scoring")
+    assert explore[:3] == select[:3] == balance[:3] == ["python", "-m", "jobs.curate"]
+    records = [{"id": f"s{i}", "kind": "caption", "key": f"s{i}", "score": i / 10, "label": 1, "error": None}
+               for i in range(20)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"key": [f"s{i}" for i in range(20)], "similarity": [(i % 5) / 10 for i in range(20)],
+                             "sha256": [f"{i:064x}" for i in range(20)]}), corpus / "00000.parquet")
+    fake_scores(str(tmp_path / "runs" / "scores"), {"00000.tar": records}, {"00000.tar": str(corpus / "00000.tar")},
+                "webdataset")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "takedown-sha256.txt").write_text(f"sha256\n{19:064x}\n")
+    pq.write_table(pa.table({"id": ["s18", "s0"]}), tmp_path / "lists" / "benchmark-ids.parquet")
+    for words in (explore, select, balance):
+        argv = [w.replace("runs/", f"{tmp_path}/runs/").replace("lists/", f"{tmp_path}/lists/") for w in words[3:]]
+        code, out, err = run_main(curate.main, [*argv, "--executor", "local"], capsys)
+        assert code == 0, err
+        assert "sweep" in out + err if words is explore else "kept" in out + err
+    output = tmp_path / "runs" / "curated-fused"
+    kept = selected(output, ranked=True)
+    assert kept.num_rows == 5 and min(kept.column("rank_value").to_pylist()) > 0.5  # 30% of the 17 left
+    assert not {"s0", "s18", "s19"} & set(kept.column("id").to_pylist())
+    assert len(dropped(output)) == 20 - 5 and (output / "kept_ids.parquet").exists()
+    assert selected(tmp_path / "runs" / "curated-balanced").num_rows == 6  # 30% of 20: no shard over 1,000

@@ -58,8 +58,15 @@ def curate(tmp_path, scores, name="cur", executor="local", **kw) -> dict:
     return pipeline.curation.curate(config, progress=False)
 
 
-def selected(output) -> pa.Table:
-    return read_committed(str(output), SELECTED)
+def selected(output, ranked: bool = False) -> pa.Table:
+    """The selected records; `ranked`: with the fused value they were ranked by (`rank_value`, with rank_by)."""
+    schema = SELECTED.append(pa.field("rank_value", pa.float32())) if ranked else SELECTED
+    return read_committed(str(output), schema, folder="selected")
+
+
+def dropped(output) -> pa.Table:
+    """The dropped records a curation wrote with `write_dropped`, each with the rule that removed it."""
+    return read_committed(str(output), SELECTED.append(pa.field("dropped_by", pa.string())), folder="dropped")
 
 
 def materialized(path: Path, fmt: str) -> dict[str, bytes]:
