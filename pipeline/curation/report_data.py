@@ -27,7 +27,7 @@ from pipeline.curation.report_html import (
     write_report,
 )
 from pipeline.curation.report_sections import Extras
-from pipeline.curation.select import kept_records
+from pipeline.curation.select import dropped_by, kept_records
 from pipeline.curation.thresholds import KINDS, Thresholds, kept_curve
 from pipeline.io.listing import Shard
 from pipeline.io.samples import SourceOptions, read_samples
@@ -52,8 +52,24 @@ def _candidates(config: CurateConfig, shards: list[Shard], filters: Filters, thr
         filtered, keep = kept_records(shard, filters, thresholds.by_group, config.per_kind)
         columns = [*_COLUMNS, *([RANK_VALUE] if RANK_VALUE in filtered.table.column_names else [])]
         table = filtered.table.select(columns).append_column("kept", pa.array(keep))
+        table = table.append_column("dropped_by", pa.array(dropped_by(filtered, keep), pa.string()))
         rows += [r for r, ok in zip(table.to_pylist(), filtered.scored) if ok]
     return rows
+
+
+_DROPPED_BY = {"threshold": "below the threshold", "where": "removed by --where",
+               "min_images": "fewer images than --min-images", "truncated": "truncated (--drop-truncated)",
+               "balance": "over its group's cap (--balance-by)"}
+
+
+def decision(row: dict) -> str:
+    """What the selection did with a record, and the rule that decided: 'kept', or 'dropped: <why>'."""
+    if row["kept"]:
+        return "kept"
+    rule = row.get("dropped_by") or "threshold"
+    if rule.startswith("exclude:"):
+        return f"dropped: on the exclusion list {rule.removeprefix('exclude:')}"
+    return f"dropped: {_DROPPED_BY.get(rule, rule)}"
 
 
 def _ranked(row: dict) -> float:
@@ -153,7 +169,7 @@ def build_report_data(config: CurateConfig, shards: list[Shard], thresholds: Thr
             data = content.get((r["source"], r["id"]), {"text": "(the input shard could not be read for this report)",
                                                        "images": []})
             shown.append(Example(r["id"], r["source"], r["kind"], float(r["score"]), r["label"], data["text"],
-                                 data["images"], r["truncated"], r["n_images"]))
+                                 data["images"], r["truncated"], r["n_images"], decision(r)))
         examples.append((heading, shown))
     rule = config.rule.label
     return ReportData(

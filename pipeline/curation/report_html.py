@@ -72,6 +72,7 @@ class Example:
     images: list[bytes | Thumbnail] = field(default_factory=list)
     truncated: bool | None = None  # the text was cut to the model's length
     n_images: int | None = None
+    decision: str | None = None  # "kept", or "dropped: <the rule that removed it>"
 
 
 @dataclass
@@ -292,7 +293,7 @@ def _errors_table(errors: dict[str, int], examples: dict[str, dict]) -> str:
 
 def _flags(ex: Example) -> str:
     images = [f"{ex.n_images} image{'' if ex.n_images == 1 else 's'}"] if ex.n_images is not None else []
-    flags = images + (["truncated"] if ex.truncated else [])
+    flags = ([ex.decision] if ex.decision else []) + images + (["truncated"] if ex.truncated else [])
     return '<div class="flags">' + esc(" \u00b7 ".join(flags)) + "</div>" if flags else ""
 
 

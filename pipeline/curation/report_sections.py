@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.curation.report_markup import KEPT_COLOR, THRESHOLD_COLOR, data_uri, esc, num, pct
+from pipeline.curation.thresholds import ALL
 
 SOURCES_SHOWN = 20
 
@@ -75,7 +76,7 @@ def _sweep_table(x: Extras) -> str:
     if not x.sweep:
         return ""
     kinds = sorted({k for row in x.sweep for k in row["scored"]})
-    groups = list(x.sweep[0]["thresholds"])
+    groups = [g for g in x.sweep[0]["thresholds"] if g == ALL or any(row["scored"].get(g) for row in x.sweep)]
     head = "".join(f"<th>threshold {esc(g)}</th>" for g in groups) + "".join(f"<th>kept {esc(k)}</th>"
                                                                                 for k in kinds)
     rows = []

@@ -8,7 +8,7 @@ from collections import Counter
 
 from pipeline.curation.config import CurateConfig
 from pipeline.curation.rule import Rule
-from pipeline.curation.thresholds import KINDS, Thresholds
+from pipeline.curation.thresholds import ALL, KINDS, Thresholds
 from pipeline.runner.summary import error_lines
 
 
@@ -129,8 +129,8 @@ def sweep_lines(rule: Rule, rows: list[dict]) -> list[str]:
     rule's own row marked)."""
     if not rows:
         return []
-    groups = list(rows[0]["thresholds"])
-    kinds = [k for k in KINDS if any(k in r["scored"] for r in rows)]
+    groups = [g for g in rows[0]["thresholds"] if g == ALL or any(r["scored"].get(g) for r in rows)]  # kinds there
+    kinds = [k for k in KINDS if any(r["scored"].get(k) for r in rows)]
     head = "  ".join([f"{rule.unit:>11s}", *(f"{'threshold ' + g:>21s}" for g in groups),
                       *(f"{'kept ' + k:>28s}" for k in kinds)])
     lines = [f"  sweep      {rule.unit} -> threshold -> kept per kind (* the rule)", "  " + head]

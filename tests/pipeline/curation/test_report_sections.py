@@ -10,6 +10,8 @@ import re
 import pytest
 
 from pipeline.curation import CurateConfig, curate
+from pipeline.curation.report_sections import Extras, _sweep_table
+from pipeline.curation.summary import sweep_lines
 from tests.support.browser import Browser, find_or_install_chromium
 from tests.support.curation import fake_scores
 from tests.support.shards import write_shards
@@ -69,4 +71,18 @@ def test_random_samples_and_flags_on_the_cards(report):
     page, _ = report
     headings = re.findall(r'<section class="examples" id="section-\d+"><h2>([^<]*)', page.dom)
     assert "A random sample of the kept records " in headings and "A random sample of the dropped records " in headings
-    assert '<div class="flags">1 image \u00b7 truncated</div>' in page.dom
+    # each card says what the selection did with its record, and the rule that decided
+    assert '<div class="flags">dropped: truncated (--drop-truncated) \u00b7 1 image \u00b7 truncated</div>' in page.dom
+    assert '<div class="flags">kept \u00b7 1 image</div>' in page.dom
+    assert '<div class="flags">dropped: below the threshold \u00b7 1 image</div>' in page.dom
+    assert '<div class="flags">kept \u00b7 1 image \u00b7 truncated</div>' not in page.dom  # truncated ones dropped
+
+
+def test_a_kind_the_corpus_lacks_has_no_column_in_the_sweep_tables():
+    rule = CurateConfig(scores="s", output="o", keep_fraction=0.5, per_kind=True).rule
+    rows = [{"value": v, "thresholds": {"caption": 1.5, "interleaved": None}, "scored": {"caption": 10},
+             "kept": {"caption": int(10 * v)}} for v in (0.5, 0.9)]
+    table = "\n".join(sweep_lines(rule, rows))
+    assert "threshold caption" in table and "interleaved" not in table and "none kept" not in table
+    page = _sweep_table(Extras(sweep=rows, rule_value=0.5))
+    assert "threshold caption" in page and "interleaved" not in page
