@@ -44,6 +44,7 @@ class Matched:
     a: list[np.ndarray] = field(default_factory=list)
     b: list[np.ndarray] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    inputs: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # shard -> (input URI, format)
 
     def scores(self) -> tuple[np.ndarray, np.ndarray]:
         a = np.concatenate(self.a) if self.a else np.zeros(0, np.float64)
@@ -89,6 +90,7 @@ def match(a: str, b: str) -> Matched:
     out.counts.update(shards_matched=len(common), shards_only_in_a=len(ea.keys() - eb.keys()),
                       shards_only_in_b=len(eb.keys() - ea.keys()))
     for shard in common:
+        out.inputs[shard] = (ea[shard].get("input"), ea[shard].get("format"))
         ta, tb = _read(a, ea[shard]), _read(b, eb[shard])
         out.counts["errors_a"] += ta.num_rows - ta.column("error").null_count
         out.counts["errors_b"] += tb.num_rows - tb.column("error").null_count
@@ -281,13 +283,47 @@ def _stats_table(title: str, groups: dict, fractions: list[float]) -> str:
             f"<th>mean A</th><th>mean B</th>{head}</tr>{rows}</table>")
 
 
-def render_page(a_uri: str, b_uri: str, result: dict, matched: Matched) -> str:
+def disagreement_examples(matched: Matched, result: dict) -> dict[tuple[str, str], dict]:
+    """Text and thumbnails of the samples the two disagree on most, read from their input shards (as the commit
+    records name them; a shard that cannot be read shows as such): {(shard, id): {"text", "images"}}."""
+    from pipeline.curation.report_data import fetch_examples
+    from pipeline.io.samples import SourceOptions
+
+    wanted: dict[str, list[str]] = {}
+    for d in result["disagreements"]:
+        wanted.setdefault(d["shard"], []).append(d["id"])
+    found: dict[tuple[str, str], dict] = {}
+    for shard, ids in wanted.items():
+        uri, fmt = matched.inputs.get(shard, (None, None))
+        if not uri or not fmt:
+            continue
+        try:
+            examples = fetch_examples({"uri": uri, "key": shard}, fmt, ids, SourceOptions().model_dump())
+        except Exception:  # noqa: BLE001 - a corpus moved or gone since it was scored: the page says so per sample
+            continue
+        found.update({(shard, sample_id): data for sample_id, data in examples.items()})
+    return found
+
+
+def _example_cell(data: dict | None) -> str:
+    if data is None:
+        return "<td class=t><small>(the input shard could not be read)</small></td>"
+    from pipeline.curation.report_markup import data_uri
+
+    images = "".join(f'<img src="{data_uri("image/jpeg", t.jpeg)}" alt="" height="64">' for t in data["images"]
+                     if t.jpeg is not None)
+    return f"<td class=t>{images}<br><small>{_esc(data['text'][:200])}</small></td>"
+
+
+def render_page(a_uri: str, b_uri: str, result: dict, matched: Matched,
+                examples: dict[tuple[str, str], dict] | None = None) -> str:
     a, b = matched.scores()
     counts = "".join(f"<tr><td class=t>{_esc(k)}</td><td>{v}</td></tr>" for k, v in result["counts"].items())
     worst = "".join(
         f"<tr><td class=t>{_esc(d['id'])}</td><td class=t>{_esc(d['shard'])}</td><td class=t>{_esc(d['kind'])}</td>"
         f"<td>{d['score_a']:.3f}</td><td>{d['score_b']:.3f}</td><td>{d['percentile_a']:.3f}</td>"
-        f"<td>{d['percentile_b']:.3f}</td></tr>" for d in result["disagreements"])
+        f"<td>{d['percentile_b']:.3f}</td>{_example_cell((examples or {}).get((d['shard'], d['id'])))}</tr>"
+        for d in result["disagreements"])
     return (f"<!doctype html><html><head><meta charset=utf-8><title>UniFilter: comparing two scorings</title>"
             f"<style>{_STYLE}</style></head><body><h1>Comparing two scorings</h1>"
             f"<p>A: <code>{_esc(a_uri)}</code><br>B: <code>{_esc(b_uri)}</code></p>"
@@ -299,7 +335,7 @@ def render_page(a_uri: str, b_uri: str, result: dict, matched: Matched) -> str:
             + f"<h2>How much of the kept set the two share</h2>{_overlap_curve(result)}"
             + "<h2>Where they disagree most</h2><p>The samples whose percentile within their kind moves most "
               "between A and B.</p><table><tr><th>id</th><th>shard</th><th>kind</th><th>score A</th><th>score B"
-              f"</th><th>percentile A</th><th>percentile B</th></tr>{worst}</table></body></html>")
+              f"</th><th>percentile A</th><th>percentile B</th><th>the sample</th></tr>{worst}</table></body></html>")
 
 
 def write_comparison(a_uri: str, b_uri: str, output: str, fractions: list[float]) -> dict:
@@ -309,7 +345,8 @@ def write_comparison(a_uri: str, b_uri: str, output: str, fractions: list[float]
     matched = match(a_uri, b_uri)
     result = {"a": a_uri, "b": b_uri, **compare(matched, fractions)}
     fs, path = filesystem_for(join(output, "index.html"))
-    write_bytes(fs, path, render_page(a_uri, b_uri, result, matched).encode("utf-8"),
+    page = render_page(a_uri, b_uri, result, matched, disagreement_examples(matched, result))
+    write_bytes(fs, path, page.encode("utf-8"),
                 content_type="text/html; charset=utf-8")
     write_json(join(output, "compare.json"), result)
     return result

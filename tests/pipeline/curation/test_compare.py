@@ -15,6 +15,7 @@ from jobs.compare import main as compare_main
 from pipeline.curation import compare
 from tests.support.curation import fake_scores, random_records
 from tests.support.jobs import run_main
+from tests.support.shards import write_shards
 
 
 def brute_kendall_tau_b(x, y) -> float:
@@ -138,3 +139,19 @@ def test_a_folder_that_is_no_scoring_output_is_refused_naming_it(tmp_path, two_s
     (tmp_path / "empty").mkdir()
     code, _, err = run_main(compare_main, [str(a), str(tmp_path / "empty"), "--dry-run"], capsys)
     assert code == 2 and "field 'b':" in err and "not a scoring job's output" in err
+
+
+def test_the_page_shows_the_samples_they_disagree_on_read_from_the_corpus(tmp_path, capsys):
+    keys = write_shards(tmp_path / "in", 1, 12, name="{k:05d}")
+    inputs = {"00000.tar": str(tmp_path / "in" / "00000.tar")}
+    for name, order in (("a", keys), ("b", keys[::-1])):  # B ranks the shard in the opposite order
+        records = [{"id": key, "kind": "caption", "score": float(order.index(key)) / 4, "label": 1, "error": None}
+                   for key in keys]
+        fake_scores(str(tmp_path / name), {"00000.tar": records}, inputs=inputs, fmt="webdataset")
+    code, _, err = run_main(compare_main, [tmp_path / "a", tmp_path / "b", "--output", tmp_path / "cmp"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["all"]["spearman"] == pytest.approx(-1.0)
+    rows = (tmp_path / "cmp" / "index.html").read_text().split("Where they disagree most")[1].split("<tr>")[2:]
+    assert len(rows) == len(result["disagreements"]) > 0
+    assert all('<img src="data:image/jpeg;base64,' in row for row in rows)  # each with its thumbnail
