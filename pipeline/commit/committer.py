@@ -10,6 +10,7 @@ committed files only and checks that every commit belongs to the output's one id
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter, defaultdict
@@ -127,8 +128,9 @@ class ShardCommitter:
         writes = writes or WritePolicy()
         self.write_attempts, self.write_backoff_s = writes.attempts, writes.backoff_s
         self.consolidate_every = writes.consolidate_every
-        # file stems already taken in the output, by shard: a second corpus' `00000.parquet` beside the first's
-        # `00000.tar` gets `00000.parquet.parquet`, never the other's file
+        # file stems already taken in the output, by shard: every shard's files are named by its own path with its
+        # extension (`00000.tar` -> `scores/00000.tar.parquet`), whatever else the input holds; an output written
+        # before that rule may hold a stem another shard would now take
         self._names = {f.split("/", 1)[-1].removesuffix(".parquet"): key
                        for key, entry in (committed or {}).items() for f in entry.get("files", [])}
         self._parts: dict[str, list[pa.Table]] = defaultdict(list)  # shard -> its records as they arrived
@@ -224,9 +226,9 @@ class ShardCommitter:
     def _write_files(self, shard: str, records: pa.Table) -> tuple[list[str], dict[str, dict]]:
         """The shard's Parquet files (one per partition), each write retried; their paths in the output, and what
         each is (`file_check`: bytes, records, sha256) for the commit record."""
-        name = output_name(shard)
-        if self._names.setdefault(name, shard) != shard:
-            name = output_name(shard, keep_suffix=True)
+        name = output_name(shard, keep_suffix=True)  # the shard's path with its extension: `00000.tar.parquet`
+        if self._names.setdefault(name, shard) != shard:  # an older output's file of another shard, named before
+            name = f"{name}-{hashlib.sha1(shard.encode()).hexdigest()[:8]}"
             self._names.setdefault(name, shard)
         partitions = self.partition(records)
         files, checks = [], {}

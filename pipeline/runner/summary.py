@@ -14,6 +14,8 @@ min_actors, max_actors, batch_size}}, `resources_why`, `notes`, and when they ha
 
 from __future__ import annotations
 
+import time
+import uuid
 from dataclasses import asdict
 
 from pipeline.commit.committer import ErrorCounts
@@ -73,15 +75,23 @@ def _timing(prepared: PreparedJob, result: RunResult) -> dict:
     return timing
 
 
+RUNS_DIR = "_runs"  # every run's own summary, beside the latest in summary.json
+
+
 def write_summary(prepared: PreparedJob, result: RunResult, summary: dict) -> dict:
-    """Write `OUTPUT/summary.json` (retried like every output write). A run that lost the output's lease writes
-    nothing (the output belongs to another job now); a summary that cannot be written is said on the terminal."""
+    """Write `OUTPUT/summary.json`, the latest run's, and the same as `OUTPUT/_runs/<UTC time>-<id>.json`, so a run
+    into an output that another run wrote to (the demo's two scoring runs, a rerun) keeps the earlier ones' (retried
+    like every output write). A run that lost the output's lease writes nothing (the output belongs to another job
+    now); a summary that cannot be written is said on the terminal."""
     uri = join(prepared.spec.output, "summary.json")
     if result.lease_lost:
         summary["summary_not_written"] = f"{uri}: this run lost the output's lease ({result.lease_lost})"
         return summary
+    own = join(prepared.spec.output, RUNS_DIR, f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
+                                                f"{uuid.uuid4().hex[:8]}.json")
     try:
-        write_with_retries(uri, lambda: write_json(uri, summary))
+        for target in (uri, own):
+            write_with_retries(target, lambda target=target: write_json(target, summary))
     except ShardFault as fault:
         summary["summary_not_written"] = fault.detail
     return summary

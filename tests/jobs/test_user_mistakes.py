@@ -194,8 +194,8 @@ def test_a_committed_file_deleted_by_hand_is_noticed_and_scored_again(tmp_path, 
     config = ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                          model=tiny_checkpoint, executor="local")
     score_dataset(config, progress=False)
-    os.unlink(tmp_path / "out" / "scores" / "1.parquet")
-    with pytest.raises(OutputMismatch, match="files are gone.*scores/1.parquet"):
+    os.unlink(tmp_path / "out" / "scores" / "1.tar.parquet")
+    with pytest.raises(OutputMismatch, match="files are gone.*scores/1.tar.parquet"):
         read_scores(str(tmp_path / "out"))
     again = score_dataset(config, progress=False)
     assert again["shards"]["new"] == 1 and again["records"]["this_run"] == 2

@@ -47,10 +47,10 @@ def test_a_rerun_does_again_a_shard_whose_score_file_was_cut_and_says_so(tmp_pat
     """Issue 27 finding 10: a score file cut in half; the rerun said "nothing new", exit 0."""
     out = tmp_path / "out"
     _committed(out)
-    cut_in_half(out / "scores" / "a.parquet")
+    cut_in_half(out / "scores" / "a.tar.parquet")
     prepared = survey(_spec(out, _keys_listing()))
     assert [s.key for s in prepared.todo] == ["a.tar"]
-    assert any("1 committed shards' files were cut or replaced since (e.g. scores/a.parquet:" in n
+    assert any("1 committed shards' files were cut or replaced since (e.g. scores/a.tar.parquet:" in n
                for n in prepared.notes), prepared.notes
 
 
@@ -59,7 +59,7 @@ def test_a_shard_done_again_reads_as_its_newer_commit(tmp_path):
     (a per-shard record) and after it (a later part), so records and files agree."""
     out = tmp_path / "out"
     _committed(out)
-    cut_in_half(out / "scores" / "a.parquet")
+    cut_in_half(out / "scores" / "a.tar.parquet")
     prepared = survey(_spec(out, _keys_listing()))
     committer = ShardCommitter(str(out), RecordLayout(RECORDS, scores_folder), "id", committed=prepared.entries,
                                writes=WritePolicy(consolidate_every=10**6))
@@ -74,8 +74,8 @@ def test_a_shard_done_again_reads_as_its_newer_commit(tmp_path):
 def test_reading_a_cut_score_file_names_it_and_what_to_do(tmp_path):
     out = tmp_path / "out"
     _committed(out)
-    cut_in_half(out / "scores" / "a.parquet")
-    with pytest.raises(CorruptState, match=r"scores/a.parquet, the committed file of shard a.tar, is damaged: "
+    cut_in_half(out / "scores" / "a.tar.parquet")
+    with pytest.raises(CorruptState, match=r"scores/a.tar.parquet, the committed file of shard a.tar, is damaged: "
                                            r"\d+ bytes where \d+ were committed; rerun the job"):
         read_committed(str(out), RECORDS)
 
@@ -84,8 +84,8 @@ def test_a_score_file_replaced_by_a_valid_smaller_one_is_never_read_as_committed
     """Issue 27 finding 10: a valid 10-row file where 40 were committed was read, 90 rows for 80."""
     out = tmp_path / "out"
     _committed(out)
-    replace_with_first_rows(out / "scores" / "b.parquet", 10)
-    with pytest.raises(CorruptState, match="scores/b.parquet.*is damaged"):
+    replace_with_first_rows(out / "scores" / "b.tar.parquet", 10)
+    with pytest.raises(CorruptState, match="scores/b.tar.parquet.*is damaged"):
         read_committed(str(out), RECORDS)
     assert [s.key for s in survey(_spec(out, _keys_listing())).todo] == ["b.tar"]
 
@@ -93,7 +93,7 @@ def test_a_score_file_replaced_by_a_valid_smaller_one_is_never_read_as_committed
 def test_a_score_file_of_the_committed_size_and_other_bytes_is_named_by_its_sha256(tmp_path):
     out = tmp_path / "out"
     _committed(out)
-    path = out / "scores" / "a.parquet"
+    path = out / "scores" / "a.tar.parquet"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -105,8 +105,8 @@ def test_an_intact_output_reads_every_committed_record(tmp_path):
     out = tmp_path / "out"
     _committed(out)
     assert read_committed(str(out), RECORDS).num_rows == 80
-    check = read_manifest(str(out))["a.tar"]["file_checks"]["scores/a.parquet"]
-    assert check["records"] == 40 and check["bytes"] == (out / "scores" / "a.parquet").stat().st_size
+    check = read_manifest(str(out))["a.tar"]["file_checks"]["scores/a.tar.parquet"]
+    assert check["records"] == 40 and check["bytes"] == (out / "scores" / "a.tar.parquet").stat().st_size
 
 
 def _scored_corpus(tmp_path, root: str, n: int, seed: int = 0):

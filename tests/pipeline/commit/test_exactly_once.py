@@ -246,14 +246,14 @@ def test_a_score_file_that_cannot_be_written_leaves_its_shard_uncommitted_and_th
     expected = caption_shards(f"s3://{s3_bucket}/in", 3, prefix="w")
     out = f"s3://{s3_bucket}/out"
     with s3_fault_proxy(set_env=True) as proxy:
-        throttled = proxy.fail("PUT", "*/out/scores/00001.parquet", times=None, status=503)
+        throttled = proxy.fail("PUT", "*/out/scores/00001.tar.parquet", times=None, status=503)
         first = score(f"s3://{s3_bucket}/in", out, tiny_checkpoint)
         assert throttled.hits > 3  # the S3 client's own tries, each of the committer's
         throttled.cancel()
         assert "aborted" not in first  # the run went on past the failed shard
         assert first["shards"]["incomplete"] == ["00001.tar"]
         reason = first["incomplete_reasons"]["00001.tar"]
-        assert reason.startswith(f"io: cannot write {out}/scores/00001.parquet: ") and "SLOW_DOWN" in reason
+        assert reason.startswith(f"io: cannot write {out}/scores/00001.tar.parquet: ") and "SLOW_DOWN" in reason
         assert "gave up after 3 attempts" in reason
         assert sorted(read_manifest(out)) == ["00000.tar", "00002.tar"]
         assert json.loads(proxy.boto3_client().get_object(Bucket=s3_bucket, Key="out/summary.json")["Body"].read()
@@ -276,7 +276,7 @@ def test_a_full_disk_under_one_shard_leaves_it_uncommitted_and_a_rerun_finishes_
     real_write = sinks.write_bytes
 
     def full_under_one_shard(fs, path, data):  # the local write seam: ENOSPC for one shard's file
-        if path.endswith("/scores/00001.parquet"):
+        if path.endswith("/scores/00001.tar.parquet"):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(fs, path, data)
 

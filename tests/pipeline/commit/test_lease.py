@@ -187,7 +187,7 @@ HOLD_AND_COMMIT = textwrap.dedent("""
     real_write = sinks.write_bytes
 
     def write_bytes(fs, path, data):
-        if path.endswith("/b.parquet"):
+        if path.endswith("/b.tar.parquet"):
             print("writing b", flush=True)
             sys.stdin.readline()
         real_write(fs, path, data)

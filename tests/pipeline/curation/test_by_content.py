@@ -129,16 +129,16 @@ def test_nan_metadata_fails_every_comparison_as_null_does(tmp_path):
 def test_a_score_file_cut_in_half_is_refused_before_curation_starts(tmp_path):
     """Issue 27 finding 10: a raw ArrowInvalid traceback; now the file, and what to do (exit 2)."""
     _tar_corpus(tmp_path, [{"width": [1, 2, 3, 4]}])
-    cut_in_half(tmp_path / "scores" / "scores" / "00000.parquet")
-    with pytest.raises(CorruptState, match=r"field 'scores'.*scores/00000.parquet, the committed file of shard "
+    cut_in_half(tmp_path / "scores" / "scores" / "00000.tar.parquet")
+    with pytest.raises(CorruptState, match=r"field 'scores'.*scores/00000.tar.parquet, the committed file of shard "
                                            r"00000.tar, is damaged: \d+ bytes where \d+ were committed.*rerun"):
         _shards(tmp_path)
 
 
 def test_a_score_file_replaced_by_fewer_rows_is_refused_before_curation_starts(tmp_path):
     records = _tar_corpus(tmp_path, [{"width": [1, 2, 3, 4]}])
-    replace_with_first_rows(tmp_path / "scores" / "scores" / "00000.parquet", len(records[0]) // 2)
-    with pytest.raises(CorruptState, match="scores/00000.parquet.*is damaged"):
+    replace_with_first_rows(tmp_path / "scores" / "scores" / "00000.tar.parquet", len(records[0]) // 2)
+    with pytest.raises(CorruptState, match="scores/00000.tar.parquet.*is damaged"):
         _shards(tmp_path)
 
 
@@ -146,7 +146,7 @@ def test_a_score_file_changed_in_content_alone_is_named_where_it_is_read(tmp_pat
     """The same size, other bytes: the listing cannot tell, the reader's sha256 does (and says to delete it)."""
     _tar_corpus(tmp_path, [{"width": [1, 2, 3, 4]}])
     config, shards = _shards(tmp_path, where="width >= 2")
-    path = tmp_path / "scores" / "scores" / "00000.parquet"
+    path = tmp_path / "scores" / "scores" / "00000.tar.parquet"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -176,10 +176,10 @@ def test_a_threshold_pass_that_cannot_read_a_shards_metadata_names_it(tmp_path, 
 def test_a_score_file_damaged_in_content_alone_stops_the_passes_naming_it(tmp_path):
     """The same size, other bytes: named by the pass that reads it (exit 2 for the job), with what to do."""
     _tar_corpus(tmp_path, [{"width": [1, 2, 3, 4]}, {"width": [5, 6, 7, 8]}])
-    path = tmp_path / "scores" / "scores" / "00001.parquet"
+    path = tmp_path / "scores" / "scores" / "00001.tar.parquet"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptState, match="field 'scores'.*scores/00001.parquet, the committed file of shard "
+    with pytest.raises(CorruptState, match="field 'scores'.*scores/00001.tar.parquet, the committed file of shard "
                                            "00001.tar, is damaged.*delete it and rerun"):
         _curate(tmp_path)

@@ -162,7 +162,7 @@ def test_the_dropped_records_are_committed_with_their_shard(tmp_path, corpus):
     root, _ = corpus
     _curate(tmp_path, root, keep_fraction=0.5, write_dropped=True)
     files = sorted(f for e in read_manifest(str(tmp_path / "cur")).values() for f in e["files"])
-    assert [f for f in files if f.startswith("dropped/")] == [f"dropped/{k:05d}.parquet" for k in range(SHARDS)]
+    assert [f for f in files if f.startswith("dropped/")] == [f"dropped/{k:05d}.tar.parquet" for k in range(SHARDS)]
     before = dropped(tmp_path / "cur")
     summary = _curate(tmp_path, root, keep_fraction=0.5, write_dropped=True)  # a rerun: nothing left, nothing new
     assert summary["records"]["this_run"] == 0 and dropped(tmp_path / "cur").equals(before)

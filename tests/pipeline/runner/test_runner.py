@@ -198,3 +198,15 @@ def test_stages_called_without_ray_close_each_shard_with_its_marker(tmp_path):
     markers = scored.slice(data.num_rows).to_pylist()  # the markers, handed on as they came
     assert [(m["kind"], m["source"], m["id"], m["error"]) for m in markers] == [
         (r["kind"], r["source"], r["id"], r["error"]) for r in rows if r["kind"] != "caption"]
+
+
+def test_every_run_keeps_its_own_summary_beside_the_latest(tmp_path):
+    caption_shards(tmp_path / "in", 3)
+    (tmp_path / "in" / "2.tar").rename(tmp_path / "later.tar")
+    first = run_job(CaptionLengthJob(str(tmp_path / "in"), str(tmp_path / "out")), progress=False)
+    (tmp_path / "later.tar").rename(tmp_path / "in" / "2.tar")  # a third shard since
+    second = run_job(CaptionLengthJob(str(tmp_path / "in"), str(tmp_path / "out")), progress=False)
+    runs = sorted((tmp_path / "out" / "_runs").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    kept = [json.loads(p.read_text()) for p in runs]
+    assert [k["shards"]["committed_this_run"] for k in kept] == [2, 1]
+    assert kept == [first, second] and json.loads((tmp_path / "out" / "summary.json").read_text()) == second

@@ -51,7 +51,7 @@ def test_scores_join_back_to_img2dataset_shards_and_a_moved_corpus_is_not_scored
     for row in joined.to_pylist():
         assert row["url"] == row["url_meta"] == f"https://example.com/img/{row['key']}.jpg"
         assert row["source"] == f"{row['key'][:5]}.tar"  # the shard, relative to the input root
-    assert sorted(p.name for p in (out / "scores").iterdir()) == ["00000.parquet", "00001.parquet"]
+    assert sorted(p.name for p in (out / "scores").iterdir()) == ["00000.tar.parquet", "00001.tar.parquet"]
 
     shutil.copytree(tmp_path / "laion", tmp_path / "moved" / "laion")  # the corpus, copied elsewhere
     with pytest.raises(InputError, match="set moved_from: .*laion"):  # unless declared, another corpus' shards
