@@ -7,9 +7,9 @@ import re
 
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
-__all__ = ["BrokenWorker", "Category", "CheckpointError", "CompileFailed", "ConfigError", "ConfigFieldError", "Interrupted",
-           "CorruptState", "DeviceFault", "InputError", "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError",
-           "ShardFault", "TrainingStalled", "UniFilterError", "reason_key"]
+__all__ = ["BrokenWorker", "Category", "CheckpointError", "CompileFailed", "ConfigError", "ConfigFieldError",
+           "Interrupted", "CorruptState", "DeviceFault", "InputError", "LeaseLost", "OutputBusy", "OutputMismatch",
+           "SampleError", "ShardFault", "TrainingStalled", "UniFilterError", "reason_key"]
 
 
 class InputError(ConfigFieldError):

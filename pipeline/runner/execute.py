@@ -1,6 +1,7 @@
 """Running a claimed job's stages (on Ray or in this process: `pipeline.runner.executors`): the shards still to
-do, packed into calls, streamed through the stages, each shard committed as its records complete. Whatever ends the run, what is committed stays committed,
-the commit records are consolidated where they can be, and the reasons the others were not are kept."""
+do, packed into calls, streamed through the stages, each shard committed as its records complete. Whatever ends
+the run, what is committed stays committed, the commit records are consolidated where they can be, and the reasons
+the others were not are kept."""
 
 from __future__ import annotations
 
