@@ -194,7 +194,8 @@ def test_stages_called_without_ray_close_each_shard_with_its_marker(tmp_path):
     assert scored.schema == SCORED
     data = scored.filter(pc.invert(pc.is_in(scored.column("kind"), pa.array([SHARD_END, SHARD_FAILED]))))
     assert data.column("id").to_pylist() == [r["id"] for r in rows if r["kind"] == "caption"]
-    assert data.column("score").to_pylist() == [pytest.approx(r["length"] / 100) for r in rows if r["kind"] == "caption"]
+    assert data.column("score").to_pylist() == [pytest.approx(r["length"] / 100)
+                                                for r in rows if r["kind"] == "caption"]
     markers = scored.slice(data.num_rows).to_pylist()  # the markers, handed on as they came
     assert [(m["kind"], m["source"], m["id"], m["error"]) for m in markers] == [
         (r["kind"], r["source"], r["id"], r["error"]) for r in rows if r["kind"] != "caption"]
