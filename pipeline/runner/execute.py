@@ -45,7 +45,8 @@ def execute(prepared: PreparedJob, stages: list[Stage], executor: RayExecutor | 
         except Exception as err:  # a stalled or failed pipeline, a lost lease: what is committed stays committed
             result.aborted = aborted_because(err)
         except KeyboardInterrupt:  # Ctrl-C: stop reading, keep what is committed, end with the summary
-            result.aborted, result.interrupted = "interrupted (Ctrl-C); rerun the same command to go on", True
+            result.aborted = "interrupted (Ctrl-C); rerun the same command to go on"
+            result.interrupted = True
         finally:
             bar.close(len(committer.committed), committer.samples, committer.errors.total())
     try:  # this run's records, and any an earlier run left unconsolidated

@@ -224,7 +224,8 @@ class RemoteJournal:
     def __init__(self, name: str):
         import ray
 
-        self._ray, self._actor = ray, ray.get_actor(name)
+        self._ray = ray
+        self._actor = ray.get_actor(name)
         context = ray.get_runtime_context()
         self.worker = Worker(context.get_actor_id() or "driver", context.get_worker_id())
 

@@ -52,7 +52,9 @@ class UniFilterScorer:
                  text_column: str = "txt", id_column: str = "__key__"):
         from pipeline.scoring.stage import load_scorer
 
-        self.image_columns, self.text_column, self.id_column = tuple(image_columns), text_column, id_column
+        self.image_columns = tuple(image_columns)
+        self.text_column = text_column
+        self.id_column = id_column
         # a checkpoint URI alone: the defaults, with 4 decode threads per actor
         settings = model if isinstance(model, ScoringSettings) else ScoringSettings(model=model, decode_threads=4)
         self.scorer = load_scorer(settings)

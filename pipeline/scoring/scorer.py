@@ -81,8 +81,10 @@ class BatchScorer:
     def __init__(self, model, processor, token_budget: int, max_batch: int, decode_threads: int = 1,
                  journal: FaultJournal | RemoteJournal | None = None, overlap: bool = True,
                  image_decoder: str = "pillow"):
-        self.model, self.processor = model, processor
-        self.token_budget, self.max_batch = token_budget, max_batch
+        self.model = model
+        self.processor = processor
+        self.token_budget = token_budget
+        self.max_batch = max_batch
         self.configured_budget = token_budget  # what it started with; out-of-memory errors lower token_budget
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one process: a restart starts at the configured budget
         self.healthy = False  # a forward pass succeeded in this process: the device works
