@@ -265,7 +265,10 @@ class _StandIn:
     def __init__(self, seconds: float, config):
         import torch
 
-        self.seconds, self.device, self.model_id, self.config = seconds, torch.device("cpu"), "stand-in", config
+        self.seconds = seconds
+        self.device = torch.device("cpu")
+        self.model_id = "stand-in"
+        self.config = config
 
     def score(self, input_ids, attention_mask, pixel_values=None, **options):
         import torch

@@ -71,7 +71,9 @@ class CaptionLengthJob(Job):
     def __init__(self, input_uri: str, output: str, crash_on: str | None = None):
         super().__init__(config=None)
         self.executor = LocalExecutor()  # its stages in this process: the runner's logic is the same on Ray
-        self.input_uri, self.output, self.crash_on = input_uri, output, crash_on
+        self.input_uri = input_uri
+        self.output = output
+        self.crash_on = crash_on
 
     def spec(self) -> JobSpec:
         return JobSpec(job=self.name, output=self.output, listing=list_shards(self.input_uri, "webdataset"),

@@ -59,7 +59,10 @@ class Faulty:
     """Wraps a model's score(): raises `error` for batches that `when` selects."""
 
     def __init__(self, net, error, when):
-        self.net, self.error, self.when, self.calls = net, error, when, []
+        self.net = net
+        self.error = error
+        self.when = when
+        self.calls = []
 
     def __getattr__(self, name):
         return getattr(self.net, name)
@@ -273,7 +276,8 @@ class FaultsWithOneSample(ScoreStage):
         root = Path(self.settings.model).parent
         (root / "actors").mkdir(exist_ok=True)
         (root / "actors" / str(os.getpid())).touch()
-        bad, pad = int((root / "faulting-sample-tokens").read_text()), self.scorer.processor.config.pad_token_id
+        bad = int((root / "faulting-sample-tokens").read_text())
+        pad = self.scorer.processor.config.pad_token_id
         self.scorer.model = Faulty(self.scorer.model, RuntimeError("CUDA error: device-side assert triggered"),
                                    when=lambda ids: bool((ids != pad).sum(1).eq(bad).any()))
 
