@@ -102,7 +102,9 @@ class Report:
     as each time box of `gpu_machine.sh` adds its own)."""
 
     def __init__(self, path: str, device: dict, append: bool = False):
-        self.path, self.device, self.rows = path, device, []
+        self.path = path
+        self.device = device
+        self.rows = []
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if append and os.path.exists(path):
             with open(path) as f:

@@ -39,8 +39,8 @@ def main() -> None:
     start = time.time()
     per_shard = 200
     for k in range(0, args.captions, per_shard):
-        corpus.write_webdataset(os.path.join(work, "captions", f"{k // per_shard:04d}.tar"),
-                                corpus.caption_samples(min(per_shard, args.captions - k), seed=1000 + k, prefix=f"c{k}-"))
+        captions = corpus.caption_samples(min(per_shard, args.captions - k), seed=1000 + k, prefix=f"c{k}-")
+        corpus.write_webdataset(os.path.join(work, "captions", f"{k // per_shard:04d}.tar"), captions)
     for k in range(0, args.documents, per_shard):
         corpus.write_obelics(os.path.join(work, "documents", f"{k // per_shard:04d}.parquet"),
                              corpus.documents(min(per_shard, args.documents - k), seed=5000 + k, prefix=f"d{k}-"))

@@ -127,7 +127,8 @@ def main() -> None:
         for name in configs:
             orig = "original: fp16" if gpu else "original batch, fp32"
             settings = [(f"{orig}, batch 4", torch.float16 if gpu else torch.float32, 4)]
-            settings += [(f"bf16, batch {b}" if gpu else f"fp32, batch {b}", torch.bfloat16 if gpu else torch.float32, b)
+            settings += [(f"bf16, batch {b}" if gpu else f"fp32, batch {b}",
+                          torch.bfloat16 if gpu else torch.float32, b)
                          for b in batch_sizes]
             if kind == "interleaved":
                 settings[0] = (f"{orig}, batch 1", settings[0][1], 1)

@@ -219,7 +219,8 @@ def rerun_startup(bucket_root: str, model_dir: str, sizes: tuple[int, int] = (40
         measured.append((cli, elapsed, elapsed - listing))
         rows.append([f"{n:,}", f"{cli:.2f}", f"{elapsed:.2f}", f"{listing:.2f}", f"{elapsed - listing:.2f}"])
     ratios = [b / a for a, b in zip(*measured)]
-    rows.append([f"ratio {sizes[1]:,} / {sizes[0]:,}", f"{ratios[0]:.2f}x", f"{ratios[1]:.2f}x", "", f"{ratios[2]:.2f}x"])
+    rows.append([f"ratio {sizes[1]:,} / {sizes[0]:,}", f"{ratios[0]:.2f}x", f"{ratios[1]:.2f}x", "",
+                 f"{ratios[2]:.2f}x"])
     table("   Rerun over committed shards on loopback S3 (seconds; target: 4,000 within 1.5x of 400)",
           ["committed shards", "CLI end to end", "start-up in process", "of which listing the input shards",
            "start-up less the listing"], rows)
@@ -253,7 +254,8 @@ def committer_rate(shards: int = 400, per_shard: int = 500) -> None:
     rate = shards * per_shard / elapsed
     table("2. The driver's committer (local output, one process)",
           ["records", "shards", "seconds", "records/s", f"GPUs served at {TARGET_CAPTIONS_PER_GPU:.0f} captions/s"],
-          [[f"{shards * per_shard:,}", shards, f"{elapsed:.2f}", f"{rate:,.0f}", f"{rate / TARGET_CAPTIONS_PER_GPU:.0f}"]])
+          [[f"{shards * per_shard:,}", shards, f"{elapsed:.2f}", f"{rate:,.0f}",
+            f"{rate / TARGET_CAPTIONS_PER_GPU:.0f}"]])
 
 
 # -- 3/4. the scoring actor's host side --------------------------------------------------------------------------
@@ -263,7 +265,10 @@ class _StandIn:
     def __init__(self, seconds: float, config):
         import torch
 
-        self.seconds, self.device, self.model_id, self.config = seconds, torch.device("cpu"), "stand-in", config
+        self.seconds = seconds
+        self.device = torch.device("cpu")
+        self.model_id = "stand-in"
+        self.config = config
 
     def score(self, input_ids, attention_mask, pixel_values=None, **options):
         import torch

@@ -1,9 +1,9 @@
 """Configuration at the edge and the one way a job's command ends: a YAML file (`--config FILE.yaml`) overlaid with
 flags, validated by a pydantic model. Every field is a flag (`--gpus-per-actor`) and a YAML key of the same name
 with underscores (`gpus_per_actor:`); nested fields too (`--source-image-column`, `source_image_column:`; the nested
-form `source: {image_column: ...}` is accepted as well). `--help` shows each field's real default. Unknown or invalid fields fail fast with a
-message naming the field. `entry` prints errors (only here) and maps them to exit statuses: 2 for configuration,
-1 for a run that did not finish."""
+form `source: {image_column: ...}` is accepted as well). `--help` shows each field's real default. Unknown or
+invalid fields fail fast with a message naming the field. `entry` prints errors (only here) and maps them to exit
+statuses: 2 for configuration, 1 for a run that did not finish."""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ def images_seen(max_images: int, max_tokens: int, tokens_per_image: int) -> int:
     return min(max_images, (max_tokens - 2) // tokens_per_image)
 
 
-def drop_unseen_images(texts: list | None, images: list | None, kind: str, seen: int) -> tuple[list | None, list | None]:
+def drop_unseen_images(texts: list | None, images: list | None, kind: str,
+                       seen: int) -> tuple[list | None, list | None]:
     """A document with what the model can never see taken out, so it is not shipped (`seen`: `images_seen`).
 
     The processor (`model.processing.UniFilterProcessor.plan`) stops at the first image that does not fit, the

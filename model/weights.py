@@ -117,7 +117,9 @@ def read_header(uri: str | Path) -> dict[str, TensorEntry]:
     data_start, data_size = 8 + length, size - 8 - length
     for name, info in header.items():
         try:
-            dtype, shape, (start, end) = DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            start, end = info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{uri}: tensor {name} has an unreadable header entry {info}") from None
         expected = dtype.itemsize * _numel(shape)

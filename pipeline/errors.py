@@ -7,9 +7,9 @@ import re
 
 from model.errors import Category, CheckpointError, ConfigFieldError, SampleError, UniFilterError
 
-__all__ = ["BrokenWorker", "Category", "CheckpointError", "CompileFailed", "ConfigError", "ConfigFieldError", "Interrupted",
-           "CorruptState", "DeviceFault", "InputError", "LeaseLost", "OutputBusy", "OutputMismatch", "SampleError",
-           "ShardFault", "TrainingStalled", "UniFilterError", "reason_key"]
+__all__ = ["BrokenWorker", "Category", "CheckpointError", "CompileFailed", "ConfigError", "ConfigFieldError",
+           "Interrupted", "CorruptState", "DeviceFault", "InputError", "LeaseLost", "OutputBusy", "OutputMismatch",
+           "SampleError", "ShardFault", "TrainingStalled", "UniFilterError", "reason_key"]
 
 
 class InputError(ConfigFieldError):
@@ -77,7 +77,9 @@ class DeviceFault(UniFilterError):
     def __init__(self, message: str, samples: list[int] | None = None, canary: bool = False,
                  unattributed: bool = False):
         super().__init__(message)
-        self.samples, self.canary, self.unattributed = samples, canary, unattributed
+        self.samples = samples
+        self.canary = canary
+        self.unattributed = unattributed
 
     @property
     def first_line(self) -> str:

@@ -119,14 +119,19 @@ class ShardCommitter:
                  writes: WritePolicy | None = None):
         self.output = output
         self.fs, self.root = filesystem_for(output)
-        self.identity, self.lease = identity, lease
-        self.schema, self.partition = layout.schema, layout.partition  # partition: records -> the folder of each
-        self.rows_per_sample, self.key_columns = layout.rows_per_sample, layout.key_columns
+        self.identity = identity
+        self.lease = lease
+        self.schema = layout.schema
+        self.partition = layout.partition  # records -> the folder of each
+        self.rows_per_sample = layout.rows_per_sample
+        self.key_columns = layout.key_columns
         hooks = hooks or CommitHooks()
-        self.on_commit, self.on_records = hooks.on_commit, hooks.on_records
+        self.on_commit = hooks.on_commit
+        self.on_records = hooks.on_records
         self.describe = hooks.describe  # shard -> what its commit record says about it (its input URI and format)
         writes = writes or WritePolicy()
-        self.write_attempts, self.write_backoff_s = writes.attempts, writes.backoff_s
+        self.write_attempts = writes.attempts
+        self.write_backoff_s = writes.backoff_s
         self.consolidate_every = writes.consolidate_every
         # file stems already taken in the output, by shard: every shard's files are named by its own path with its
         # extension (`00000.tar` -> `scores/00000.tar.parquet`), whatever else the input holds; an output written

@@ -111,7 +111,9 @@ class Lease:
     `with lease.fenced():` wraps each commit record's write."""
 
     def __init__(self, output: str, job: str, ttl_s: float = 60.0):
-        self.output, self.job, self.ttl_s = output, job, ttl_s
+        self.output = output
+        self.job = job
+        self.ttl_s = ttl_s
         self.uri = join(output, LEASE_NAME)
         self._store = store_for(self.uri)
         self._version = None

@@ -64,7 +64,8 @@ def count_samples(shards: list[Shard], fmt: str, options: SourceOptions | None =
         counts = [sum(1 for _ in read_samples(s, fmt, options)) for s in picked]
     except ShardFault as fault:
         return None, f"{fault.detail[:100]}"
-    how = "counted" if len(picked) == len(shards) else f"counted in {len(picked)} of {len(shards)} shards, scaled by size"
+    how = ("counted" if len(picked) == len(shards)
+           else f"counted in {len(picked)} of {len(shards)} shards, scaled by size")
     return _scaled(picked, counts, shards), how
 
 

@@ -36,7 +36,8 @@ class GuardedFile(io.RawIOBase):
 
     def __init__(self, raw, name: str, stat: tuple[int, int] | None = None):
         super().__init__()
-        self._raw, self.name = raw, name
+        self._raw = raw
+        self.name = name
         self._stat = stat  # a local file's (size, mtime_ns) when it was opened
         self._end = self._guard(raw.seek, 0, io.SEEK_END)
         self._guard(raw.seek, 0)

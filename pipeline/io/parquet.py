@@ -305,7 +305,8 @@ def _caption_row(record: dict, options) -> dict:
 def _document_row(record: dict, options) -> dict:
     texts, images = record[options.texts_column] or [], record[options.images_column] or []
     if len(texts) != len(images):
-        raise SampleError(Category.MALFORMED, f"{len(texts)} texts but {len(images)} images (they must be parallel lists)")
+        raise SampleError(Category.MALFORMED,
+                          f"{len(texts)} texts but {len(images)} images (they must be parallel lists)")
     out_texts, out_images = [], []
     for text, image in zip(texts, images):
         image = _binary_value(image)

@@ -1,6 +1,7 @@
 """Running a claimed job's stages (on Ray or in this process: `pipeline.runner.executors`): the shards still to
-do, packed into calls, streamed through the stages, each shard committed as its records complete. Whatever ends the run, what is committed stays committed,
-the commit records are consolidated where they can be, and the reasons the others were not are kept."""
+do, packed into calls, streamed through the stages, each shard committed as its records complete. Whatever ends
+the run, what is committed stays committed, the commit records are consolidated where they can be, and the reasons
+the others were not are kept."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def execute(prepared: PreparedJob, stages: list[Stage], executor: RayExecutor | 
         except Exception as err:  # a stalled or failed pipeline, a lost lease: what is committed stays committed
             result.aborted = aborted_because(err)
         except KeyboardInterrupt:  # Ctrl-C: stop reading, keep what is committed, end with the summary
-            result.aborted, result.interrupted = "interrupted (Ctrl-C); rerun the same command to go on", True
+            result.aborted = "interrupted (Ctrl-C); rerun the same command to go on"
+            result.interrupted = True
         finally:
             bar.close(len(committer.committed), committer.samples, committer.errors.total())
     try:  # this run's records, and any an earlier run left unconsolidated

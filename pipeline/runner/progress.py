@@ -20,7 +20,10 @@ def _duration(seconds: float) -> str:
 class Progress:
     def __init__(self, job: str, total_shards: int, unit: str = "samples", stream=None, enabled: bool = True,
                  log_every_s: float = 30.0, note: Callable[[], str] | None = None):
-        self.job, self.total, self.unit, self.note = job, total_shards, unit, note
+        self.job = job
+        self.total = total_shards
+        self.unit = unit
+        self.note = note
         self.stream = stream or sys.stderr
         self.enabled = enabled and total_shards > 0
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())

@@ -102,8 +102,8 @@ def format_summary(job: Job, summary: dict) -> str:
     s = summary["shards"]
     head = [f"UniFilter {job.name}: {summary['input']} -> {summary['output']}" if summary.get("input") else
             f"UniFilter {job.name}: {summary['output']}",
-            f"  shards     {s['total']} total · {s['already_committed']} already committed (skipped) · {s['new']} new · "
-            f"{s['committed_this_run']} committed now · {len(s['incomplete'])} incomplete"]
+            f"  shards     {s['total']} total · {s['already_committed']} already committed (skipped) · "
+            f"{s['new']} new · {s['committed_this_run']} committed now · {len(s['incomplete'])} incomplete"]
     head += [f"  note       {note}" for note in summary.get("notes", [])]
     if summary["shards"].get("duplicates_in_input"):
         head.append(f"  note       {s['duplicates_in_input']} input entries named a shard already listed (each shard "

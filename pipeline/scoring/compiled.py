@@ -60,7 +60,8 @@ class CountingBackend:
     def __init__(self, backend: str):
         from torch._dynamo import lookup_backend
 
-        self._compile, self.graphs = lookup_backend(backend), 0
+        self._compile = lookup_backend(backend)
+        self.graphs = 0
 
     def __call__(self, graph, example_inputs):
         self.graphs += 1

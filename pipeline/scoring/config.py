@@ -45,11 +45,11 @@ class ScoreConfig(BaseModel):
                                 "images/s; a GPU scores 600+), 1 on CPUs")
     decode_threads: int | None = Field(
         None, ge=1, description="decode threads per scoring actor; default: its CPUs")
-    read_cpus: float = Field(1.0, gt=0, description="CPUs per shard reader (it hands the scoring actors the samples as read: "
-                                         "encoded images and text)")
+    read_cpus: float = Field(1.0, gt=0, description="CPUs per shard reader (it hands the scoring actors the samples "
+                                         "as read: encoded images and text)")
     read_workers: int | None = Field(
-        None, ge=1, description="most shard readers; default: one per 4 GPU scoring actors on a cluster (at least one), one "
-                    "when local")
+        None, ge=1, description="most shard readers; default: one per 4 GPU scoring actors on a cluster (at least "
+                    "one), one when local")
     compile: bool | None = Field(
         None, description="compile the model (torch.compile: the vision tower per image-count bucket, the LLM with "
                           "dynamic shapes); default: on when the scoring actors hold GPUs, off on CPUs")

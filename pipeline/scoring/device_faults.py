@@ -34,9 +34,9 @@ The protocol (`pipeline.scoring.narrowing` follows it):
    first error (nothing is committed as bad data, nothing retried forever).
 
 So one sample that faults the device costs its call `FAULTS_BEFORE_NARROWING + 1` process restarts, one that kills
-its worker `FAULTS_BEFORE_NARROWING + KILLS_ALONE_BEFORE_BLAME` (`DEATHS_PER_CULPRIT`), and then the call completes: its healthy rows, and the shards they belong to, are
-committed. (Trying suspects alone costs at most a call's rows in small steps; bisecting instead would cost up to
-log2(rows) more restarts, each a model load.)
+its worker `FAULTS_BEFORE_NARROWING + KILLS_ALONE_BEFORE_BLAME` (`DEATHS_PER_CULPRIT`), and then the call
+completes: its healthy rows, and the shards they belong to, are committed. (Trying suspects alone costs at most a
+call's rows in small steps; bisecting instead would cost up to log2(rows) more restarts, each a model load.)
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ FAULTS_BEFORE_NARROWING = 2  # a sample is tried twice in its batch (once more o
 KILLS_ALONE_BEFORE_BLAME = 2  # deaths with a sample alone in flight before it is blamed for them
 DEATHS_PER_CULPRIT = FAULTS_BEFORE_NARROWING + KILLS_ALONE_BEFORE_BLAME  # process restarts one culprit costs, at most
 CANARY_FAILURES_BEFORE_GIVING_UP = 3  # canary faults or deaths in a run: the workers are broken, the run ends
-CULPRITS_PER_CALL = 5  # culprits one call (and the call beside it on its actor) may hold before Ray's bound ends the run
+# culprits one call (and the call beside it on its actor) may hold before Ray's bound ends the run
+CULPRITS_PER_CALL = 5
 
 # How far a sample in flight is, in the words of an error record: a call's rows are planned, then decoded and
 # scored a few micro-batches at a time; a sample tried alone is planned, decoded, then on the device.
@@ -223,7 +224,8 @@ class RemoteJournal:
     def __init__(self, name: str):
         import ray
 
-        self._ray, self._actor = ray, ray.get_actor(name)
+        self._ray = ray
+        self._actor = ray.get_actor(name)
         context = ray.get_runtime_context()
         self.worker = Worker(context.get_actor_id() or "driver", context.get_worker_id())
 

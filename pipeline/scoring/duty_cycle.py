@@ -47,7 +47,8 @@ class DutyCycle:
     awaited from the decode threads, and `forward()` around each micro-batch on the device."""
 
     def __init__(self, cuda: bool = False, clock=time.perf_counter):
-        self.cuda, self._clock = cuda, clock
+        self.cuda = cuda
+        self._clock = clock
         self._lock = threading.Lock()
         self._calls = self._forwards = self._waiting = 0
         self._since: float | None = None  # the last change of state; None until the first call

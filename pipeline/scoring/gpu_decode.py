@@ -91,7 +91,9 @@ class DeviceImageDecoder:
                  decode_jpegs: DecodeJpegs | None = None):
         if decode_jpegs is None:
             require_torchvision()
-        self.processor, self.device, self.pool = processor, torch.device(device), pool
+        self.processor = processor
+        self.device = torch.device(device)
+        self.pool = pool
         self.decode_jpegs = decode_jpegs or torchvision_decode_jpegs
         self._decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 

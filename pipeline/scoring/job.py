@@ -51,11 +51,14 @@ class ScoringJob(Job):
 
     def __init__(self, config: ScoreConfig, sources: dict[str, str] | None = None):
         super().__init__(config, sources)
-        self.model_id, self.processor = None, None
+        self.model_id = None
+        self.processor = None
         self._batches: list[tuple[int, int, int]] = []  # micro-batch sizes: (sum, count, max) per returned batch
         self._lowered: dict[str, dict] = {}  # token budgets lowered after out-of-memory errors, by actor
         self._scored = self._truncated = 0
-        self._journal, self._device_faults, self._weights = None, {}, None
+        self._journal = None
+        self._device_faults = {}
+        self._weights = None
         self._journal_handle = None  # what the scoring stage reaches the journal by (its name on Ray)
         self._received = {"bytes": 0, "samples": 0, "largest_call": 0}  # what crossed to the scoring actors
         self._actors: dict[str, dict] = {}  # each actor's latest account (compiling, images, duty cycle)
@@ -231,7 +234,10 @@ class ScoringJob(Job):
         return bool(summary["records"]["this_run"]) and not summary[self.name]["scored_this_run"]
 
     def summary_lines(self, summary: dict) -> list[str]:
-        own, records, timing, shards = summary[self.name], summary["records"], summary["timing"], summary["shards"]
+        own = summary[self.name]
+        records = summary["records"]
+        timing = summary["timing"]
+        shards = summary["shards"]
         speed = f"{timing['records_per_s']} samples/s over the whole job ({timing['elapsed_s']} s)"
         if not records["this_run"]:
             speed = (f"nothing scored: the run stopped ({timing['elapsed_s']} s)" if shards["new"] else

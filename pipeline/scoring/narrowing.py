@@ -80,8 +80,11 @@ class CallInFlight:
     to narrow down), then what is in flight at each step, then its end. Rows are the call's batch rows."""
 
     def __init__(self, journal, worker, rows: list[int], keys: list[Key]):
-        self.journal, self.worker, self.id = journal, worker, uuid.uuid4().hex
-        self.rows, self._position = rows, {row: j for j, row in enumerate(rows)}
+        self.journal = journal
+        self.worker = worker
+        self.id = uuid.uuid4().hex
+        self.rows = rows
+        self._position = {row: j for j, row in enumerate(rows)}
         self.keys = dict(zip(rows, keys))
         self.alone: int | None = None  # the row being tried alone
         blamed, narrowed, self.broken = journal.begin(worker, self.id, keys) if keys else ({}, {}, None)

@@ -16,11 +16,12 @@ jpeg_draft=True, decode_threads=6)`: precision, token budget, decoding, compilin
 actor's device).
 
 Rows come in as captions (image bytes and a text: `image_columns`, the first of which a row has, webdataset's
-`jpg`, `jpeg`, `png`, `webp` by default, and `text_column`, `txt`) or in the sample schema (`texts`, `images`, `kind` list columns, as `pipeline.io`
-reads them). They go out with every input column kept and `score`, `label`, `probs`, `n_images`, `n_tokens`,
-`truncated`, `error` and `model` added: a sample that cannot be scored keeps its row, with `error` saying why (no
-row is ever dropped). A device fault ends the actor, which Ray restarts and whose batch it retries (the job's
-fault journal, which narrows such a fault down to the sample, is the job's: `python -m jobs.score`).
+`jpg`, `jpeg`, `png`, `webp` by default, and `text_column`, `txt`) or in the sample schema (`texts`, `images`,
+`kind` list columns, as `pipeline.io` reads them). They go out with every input column kept and `score`, `label`,
+`probs`, `n_images`, `n_tokens`, `truncated`, `error` and `model` added: a sample that cannot be scored keeps its
+row, with `error` saying why (no row is ever dropped). A device fault ends the actor, which Ray restarts and whose
+batch it retries (the job's fault journal, which narrows such a fault down to the sample, is the job's:
+`python -m jobs.score`).
 `checked_num_gpus(n)` refuses at once a GPU count the cluster can never give (Ray would wait forever).
 """
 
@@ -51,7 +52,9 @@ class UniFilterScorer:
                  text_column: str = "txt", id_column: str = "__key__"):
         from pipeline.scoring.stage import load_scorer
 
-        self.image_columns, self.text_column, self.id_column = tuple(image_columns), text_column, id_column
+        self.image_columns = tuple(image_columns)
+        self.text_column = text_column
+        self.id_column = id_column
         # a checkpoint URI alone: the defaults, with 4 decode threads per actor
         settings = model if isinstance(model, ScoringSettings) else ScoringSettings(model=model, decode_threads=4)
         self.scorer = load_scorer(settings)

@@ -28,7 +28,9 @@ class ReadStage(ShardStage):
     def __init__(self, resources: Resources, fmt: str, options: SourceOptions, rows_per_block: int = 64,
                  images_seen: int | None = None):
         super().__init__(resources)
-        self.fmt, self.options, self.rows_per_block = fmt, options, rows_per_block
+        self.fmt = fmt
+        self.options = options
+        self.rows_per_block = rows_per_block
         self.images_seen = images_seen  # the most images the model sees of a sample (`model.limits.images_seen`)
 
     def process_shard(self, shard: Shard) -> Iterator[list[dict]]:

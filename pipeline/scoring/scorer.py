@@ -21,8 +21,9 @@ micro-batches of this one; the device runs one micro-batch at a time. Failures a
   is in the journal too, so a process that is killed (out of memory, a crash) is narrowed down the same way. A CUDA
   error surfaces wherever the next call into the device happens to be: one met while preparing a micro-batch
   (pinning, nvJPEG) is that micro-batch's, unless a forward of this process has met a device error (another call's
-  micro-batch, on the device as this one was prepared, or any before: a CUDA error is sticky): then it is that forward's, recorded by its own call, and
-  this one is left unattributed; the process ends once the forward's fault is in the journal;
+  micro-batch, on the device as this one was prepared, or any before: a CUDA error is sticky): then it is that
+  forward's, recorded by its own call, and this one is left unattributed; the process ends once the forward's fault
+  is in the journal;
 - a compilation that fails (`CompileFailed`) is no sample's: it ends the call, never halved into error records;
 - any other error is narrowed down by halving too: only a sample that fails on its own becomes its error record.
 
@@ -80,8 +81,10 @@ class BatchScorer:
     def __init__(self, model, processor, token_budget: int, max_batch: int, decode_threads: int = 1,
                  journal: FaultJournal | RemoteJournal | None = None, overlap: bool = True,
                  image_decoder: str = "pillow"):
-        self.model, self.processor = model, processor
-        self.token_budget, self.max_batch = token_budget, max_batch
+        self.model = model
+        self.processor = processor
+        self.token_budget = token_budget
+        self.max_batch = max_batch
         self.configured_budget = token_budget  # what it started with; out-of-memory errors lower token_budget
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # one process: a restart starts at the configured budget
         self.healthy = False  # a forward pass succeeded in this process: the device works

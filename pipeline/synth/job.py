@@ -130,7 +130,8 @@ class SynthJob(Job):
         return {
             "generator": c.generator_name(), "prompt_version": PROMPT_VERSION, "levels": c.levels,
             "format": c.format, "origins_this_run": origins, "pairs_this_run": pairs,
-            "level_balance": {split: {str(lv): counts[lv] for lv in c.levels} for split, counts in self.balance.items()},
+            "level_balance": {split: {str(lv): counts[lv] for lv in c.levels}
+                              for split, counts in self.balance.items()},
             "kinds": dict(self.kinds), "requests_sent": self.spent["requests"], "cache_hits": self.spent["cache_hits"],
             "input_tokens": self.spent["input_tokens"], "output_tokens": self.spent["output_tokens"],
             "estimated_cost_usd": self._cost(), "warnings": warnings,

@@ -8,8 +8,9 @@ stage 1). Each epoch validates (accuracy per kind and level, MAE, Spearman, conf
 checkpoint; the best by validation accuracy is exported to `OUTPUT/best/`, a checkpoint `jobs.score --model` loads
 directly. Rerunning with the same `name` and storage resumes from the furthest checkpoint.
 
-Modules: `config` (TrainConfig), `preflight` (checks before Ray starts), `data` (pairs -> encoded datasets), `metrics`,
-`state` (optimizer state, finding checkpoints), `loop` (one worker's TrainLoop, no Ray), `worker` (the Ray Train worker function), `driver`.
+Modules: `config` (TrainConfig), `preflight` (checks before Ray starts), `data` (pairs -> encoded datasets),
+`metrics`, `state` (optimizer state, finding checkpoints), `loop` (one worker's TrainLoop, no Ray), `worker` (the
+Ray Train worker function), `driver`.
 """
 
 import importlib
@@ -28,4 +29,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["TrainConfig", "TrainingStalled", "dry_run_plan", "format_summary", "spearman", "train_classifier", "validation_metrics"]
+__all__ = ["TrainConfig", "TrainingStalled", "dry_run_plan", "format_summary", "spearman", "train_classifier",
+           "validation_metrics"]

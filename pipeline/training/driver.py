@@ -66,7 +66,9 @@ class ProgressBeacon:
     reads it, so the terminal shows the workers' own lines without Ray's log forwarding."""
 
     def __init__(self):
-        self.at, self.step, self.lines = time.time(), None, []
+        self.at = time.time()
+        self.step = None
+        self.lines = []
 
     def beat(self, step: int) -> None:
         self.at, self.step = time.time(), step
@@ -83,7 +85,9 @@ class Watchdog:
     """Ends a run that makes no progress: `check()` raises TrainingStalled once the last beat is too old."""
 
     def __init__(self, last_beat, timeout_s: float, clock=time.time):
-        self.last_beat, self.timeout_s, self.clock = last_beat, timeout_s, clock
+        self.last_beat = last_beat
+        self.timeout_s = timeout_s
+        self.clock = clock
         self.started = clock()
 
     def check(self) -> None:

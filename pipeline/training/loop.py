@@ -31,7 +31,9 @@ from pipeline.training.state import load_train_state, save_train_state
 class TrainLoop:
     def __init__(self, cfg: TrainConfig, base_uri: str, total_steps: int, device: torch.device | str = "cpu",
                  param_dtype: torch.dtype | None = None, wrap: Callable | None = None):
-        self.cfg, self.base_uri, self.total_steps = cfg, base_uri, total_steps
+        self.cfg = cfg
+        self.base_uri = base_uri
+        self.total_steps = total_steps
         self.device = torch.device(device)
         self.param_dtype = param_dtype  # None: float32 weights (bf16 autocast on GPU does the rest)
         self.wrap = wrap  # e.g. Ray Train's prepare_model (DDP) for more than one worker
@@ -74,8 +76,11 @@ class TrainLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         if checkpoint_dir is not None:  # after the move: the state follows the parameters' device and dtype
             meta = load_train_state(Path(checkpoint_dir), self.optimizer, self.scheduler)
-            self.epoch, self.step, self.skip_batches = meta["epoch"], meta["step"], meta["batches_into_epoch"]
-            self.history, self.resumed_from = meta["history"], meta["step"]
+            self.epoch = meta["epoch"]
+            self.step = meta["step"]
+            self.skip_batches = meta["batches_into_epoch"]
+            self.history = meta["history"]
+            self.resumed_from = meta["step"]
         return self
 
     # -- one forward over a batch, split into token-budget micro-batches ---------------------------------------

@@ -15,7 +15,8 @@ def format_summary(summary: dict) -> str:
         f"  pairs      {summary['train_pairs']} training · {plural(summary['epochs'], 'epoch')} · "
         f"{plural(summary['total_steps'], 'step')}"
         f" · {summary['elapsed_s']} s",
-        f"  best       epoch {m.get('epoch')} · val acc {m.get('val_accuracy'):.3f} · MAE {m.get('val_mae', float('nan')):.3f}"
+        f"  best       epoch {m.get('epoch')} · val acc {m.get('val_accuracy'):.3f}"
+        f" · MAE {m.get('val_mae', float('nan')):.3f}"
         f" · Spearman {m.get('val_spearman', float('nan')):.3f}",
     ]
     for kind in ("caption", "interleaved"):
@@ -23,7 +24,8 @@ def format_summary(summary: dict) -> str:
             lines.append(f"  {kind:10s} val acc {m[f'val_accuracy_{kind}']:.3f} · Spearman "
                          f"{m.get(f'val_spearman_{kind}') or float('nan'):.3f}")
     levels = [m.get(f"val_accuracy_level_{lv}") for lv in range(NUM_LEVELS)]
-    lines.append("  per level  " + " · ".join(f"L{lv} {'n/a' if a is None else f'{a:.3f}'}" for lv, a in enumerate(levels)))
+    lines.append("  per level  " + " · ".join(f"L{lv} {'n/a' if a is None else f'{a:.3f}'}"
+                                              for lv, a in enumerate(levels)))
     if m.get("val_confusion"):
         lines.append("  confusion  (rows: true level, columns: predicted) " + json.dumps(m["val_confusion"]))
     lines.append(f"  score it:  python -m jobs.score --model {summary['best']} ...")

@@ -74,4 +74,5 @@ def test_a_killed_run_resumes_without_repeating_cached_requests(tmp_path, ray_cl
     assert summary["synth"]["cache_hits"] == sum(1 for k in cached_before if k.split("#")[0] not in committed)
     assert summary["synth"]["requests_sent"] == sum(requests_after.values())
     print(f"resume: {len(cached_before)} requests cached before the kill, {sum(requests_after.values())} sent by "
-          f"the rerun, {summary['synth']['cache_hits']} cache hits, {summary['shards']['already_committed']} shards committed")
+          f"the rerun, {summary['synth']['cache_hits']} cache hits, "
+          f"{summary['shards']['already_committed']} shards committed")

@@ -137,7 +137,8 @@ def test_actors_that_all_fail_at_start_up_are_one_line_and_never_nothing_new(tmp
                          env=job_env(RAY_ADDRESS=ray_cluster), capture_output=True, text=True, timeout=300)
     assert res.returncode == 1
     assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) < 15, res.stderr[-3000:]
-    assert "ScoreStage's actors failed at start-up: CheckpointError" in res.stdout and "not a safetensors file" in res.stdout
+    assert "ScoreStage's actors failed at start-up: CheckpointError" in res.stdout
+    assert "not a safetensors file" in res.stdout
     assert "nothing new" not in res.stdout and "nothing scored: the run stopped" in res.stdout
 
 def test_errors_are_counted_by_reason_with_an_example(tmp_path, tiny_checkpoint, score):
@@ -224,7 +225,8 @@ def test_ctrl_c_ends_with_the_summary_of_what_was_committed(tmp_path, tiny_check
     argv = ["--input", tmp_path / "in", "--format", "webdataset", "--output", out, "--model", tiny_checkpoint,
             "--gpus-per-actor", "0", "--batch-size", "4"]
     marker = tmp_path / "paused"
-    job = paused_job("jobs.score", argv, marker, job_env(RAY_ADDRESS=ray_cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = paused_job("jobs.score", argv, marker, job_env(RAY_ADDRESS=ray_cluster),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(marker, job)
     job.send_signal(signal.SIGINT)
     stdout, stderr = job.communicate(timeout=60)

@@ -285,7 +285,8 @@ def test_load_processor_on_a_llava_checkpoint_in_s3_reads_header_bytes_only(tiny
             return CountingFile(self.fs.open_input_file(path))
 
     counting = type(storage)("counting_storage")
-    counting.filesystem_for = lambda uri: (lambda fs, path: (CountingFilesystem(fs), path))(*storage.filesystem_for(uri))
+    counting.filesystem_for = lambda uri: (lambda fs, path: (CountingFilesystem(fs), path))(
+        *storage.filesystem_for(uri))
     monkeypatch.setattr(weights, "storage", counting)
     _refuse_weight_reads(monkeypatch)
 

@@ -187,8 +187,8 @@ def _ordinary_long_texts(n_chars: int) -> dict[str, str]:
     n = n_chars // 40 + 1  # more than enough pieces of every kind
     prose = " ".join(f"{s.caption().capitalize()}, as the {rng.choice(['photo', 'drawing'])} shows."
                      for s in (corpus.random_scene(rng) for _ in range(n)))
-    cjk = "".join(rng.choice(["今天的天气很好，", "我们在公园里散步。", "图片中有一只红色的猫，", "它坐在蓝色的椅子上。",
-                              "这是一个关于颜色和形状的课程；"]) for _ in range(n))
+    cjk = "".join(rng.choice(["今天的天气很好，", "我们在公园里散步。", "图片中有一只红色的猫，",
+                              "它坐在蓝色的椅子上。", "这是一个关于颜色和形状的课程；"]) for _ in range(n))
     web = "".join(f"  Item {k}\n\n\t\t   {rng.choice(['Home', 'About us', 'Contact'])}   \n \n" for k in range(n))
     tables = "".join(f"| {k:6d} | {'-' * 60} | {'=' * 40} |\n" for k in range(n))
     urls = " ".join(f"https://example.com/a/{rng.getrandbits(64):x}/image_{k}.jpg?w=640&h=480" for k in range(n))

@@ -51,5 +51,6 @@ def test_a_document_of_300_images_ships_only_those_the_model_can_see(processor):
     kept_texts, kept_images = drop_unseen_images(texts, images, "interleaved", seen)
     assert sum(1 for i in kept_images if i) == seen == 16
     assert sum(len(i) for i in kept_images if i) < sum(len(i) for i in images if i) / 15
-    whole, part = processor.plan(texts, images, "interleaved"), processor.plan(kept_texts, kept_images, "interleaved")
+    whole = processor.plan(texts, images, "interleaved")
+    part = processor.plan(kept_texts, kept_images, "interleaved")
     assert np.array_equal(whole.input_ids, part.input_ids) and whole.truncated and part.truncated

@@ -210,7 +210,9 @@ class _DiesOnDevice:
     """A model whose forward pass kills its process when `when(pixel_values)` holds."""
 
     def __init__(self, net, die, when):
-        self.net, self.die, self.when = net, die, when
+        self.net = net
+        self.die = die
+        self.when = when
 
     def __getattr__(self, name):
         return getattr(self.net, name)

@@ -39,7 +39,8 @@ class _Server:
     def __init__(self, script, delay_s: float = 0.0):
         """`script(key, attempt, prompt)` -> ("ok" | "throttle" | "error" | "malformed", extra); `key` names the
         request (origin and level), `attempt` counts from 1 per key."""
-        self.script, self.delay_s = script, delay_s
+        self.script = script
+        self.delay_s = delay_s
         self.attempts: dict[str, int] = defaultdict(int)
         self.log: list[tuple[str, str]] = []  # (key, outcome)
         self.bodies: list[dict] = []

@@ -45,7 +45,10 @@ class OpenAIGenerator:
                  temperature: float = 0.7):
         self.url = endpoint.rstrip("/") + ("" if endpoint.rstrip("/").endswith("/chat/completions")
                                            else "/chat/completions")
-        self.model, self.timeout_s, self.max_tokens, self.temperature = model, timeout_s, max_tokens, temperature
+        self.model = model
+        self.timeout_s = timeout_s
+        self.max_tokens = max_tokens
+        self.temperature = temperature
         self.name = f"openai:{model}"
 
     def generate(self, request: GenerationRequest) -> Generated:
@@ -97,7 +100,9 @@ class BedrockGenerator:
         config = Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=timeout_s,
                         connect_timeout=min(timeout_s, 30))
         self.client = boto3.client("bedrock-runtime", region_name=region, endpoint_url=endpoint_url, config=config)
-        self.model, self.max_tokens, self.temperature = model, max_tokens, temperature
+        self.model = model
+        self.max_tokens = max_tokens
+        self.temperature = temperature
         self.name = f"bedrock:{model}"
 
     def generate(self, request: GenerationRequest) -> Generated:

@@ -83,7 +83,8 @@ class TornDown(Doubling):
 
     def __init__(self, resources, log: list[str], fails_on: int | None = None):
         super().__init__(resources)
-        self.log, self.fails_on = log, fails_on
+        self.log = log
+        self.fails_on = fails_on
 
     def setup(self) -> None:
         self.log.append(f"setup {self.name}")

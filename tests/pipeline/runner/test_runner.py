@@ -71,7 +71,9 @@ class CaptionLengthJob(Job):
     def __init__(self, input_uri: str, output: str, crash_on: str | None = None):
         super().__init__(config=None)
         self.executor = LocalExecutor()  # its stages in this process: the runner's logic is the same on Ray
-        self.input_uri, self.output, self.crash_on = input_uri, output, crash_on
+        self.input_uri = input_uri
+        self.output = output
+        self.crash_on = crash_on
 
     def spec(self) -> JobSpec:
         return JobSpec(job=self.name, output=self.output, listing=list_shards(self.input_uri, "webdataset"),
@@ -194,7 +196,8 @@ def test_stages_called_without_ray_close_each_shard_with_its_marker(tmp_path):
     assert scored.schema == SCORED
     data = scored.filter(pc.invert(pc.is_in(scored.column("kind"), pa.array([SHARD_END, SHARD_FAILED]))))
     assert data.column("id").to_pylist() == [r["id"] for r in rows if r["kind"] == "caption"]
-    assert data.column("score").to_pylist() == [pytest.approx(r["length"] / 100) for r in rows if r["kind"] == "caption"]
+    assert data.column("score").to_pylist() == [pytest.approx(r["length"] / 100)
+                                                for r in rows if r["kind"] == "caption"]
     markers = scored.slice(data.num_rows).to_pylist()  # the markers, handed on as they came
     assert [(m["kind"], m["source"], m["id"], m["error"]) for m in markers] == [
         (r["kind"], r["source"], r["id"], r["error"]) for r in rows if r["kind"] != "caption"]

@@ -43,4 +43,5 @@ def test_a_documents_unseen_images_stay_with_the_reader_and_its_score_does_not_c
     assert [sum(1 for i in r if i) for r in shipped.column("images").to_pylist()] == [16, 16, 16]
     scorer = BatchScorer(net, processor, token_budget=8192, max_batch=8)
     columns = ["id", "score", "n_images", "n_tokens", "truncated", "error"]
-    assert scorer.score_table(shipped).select(columns).to_pylist() == scorer.score_table(whole).select(columns).to_pylist()
+    assert (scorer.score_table(shipped).select(columns).to_pylist()
+            == scorer.score_table(whole).select(columns).to_pylist())

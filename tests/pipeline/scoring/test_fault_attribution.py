@@ -31,8 +31,10 @@ class Device:
     forward is on the device."""
 
     def __init__(self, net, long_from: int):
-        self.net, self.long_from = net, long_from
-        self.a_on_device, self.b_met_it = threading.Event(), threading.Event()
+        self.net = net
+        self.long_from = long_from
+        self.a_on_device = threading.Event()
+        self.b_met_it = threading.Event()
 
     def model(self):
         device = self

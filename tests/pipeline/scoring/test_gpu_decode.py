@@ -1,8 +1,8 @@
 """JPEGs decoded on the scoring actor's device (`image_decoder: nvjpeg`, `pipeline.scoring.gpu_decode`): its pixels
 and scores agree with the Pillow path's; a corrupt JPEG is its sample's error record while the others are scored;
 what the device should not decode (a PNG, a truncated JPEG) takes the Pillow path; the decompression-bomb guards
-(pixels, JPEG scans) hold before anything is decoded; a CUDA error is the device's fault; the setting is part of the output's identity
-and needs torchvision, which a run without it says at once, naming the field.
+(pixels, JPEG scans) hold before anything is decoded; a CUDA error is the device's fault; the setting is part of
+the output's identity and needs torchvision, which a run without it says at once, naming the field.
 
 The device decoder is torchvision's `decode_jpeg` where a torchvision built for the installed torch loads (its CPU
 decoder here: libjpeg-turbo). Where none does (PyPI's torchvision is the CUDA build, which does not load beside

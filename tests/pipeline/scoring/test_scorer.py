@@ -59,7 +59,10 @@ class Faulty:
     """Wraps a model's score(): raises `error` for batches that `when` selects."""
 
     def __init__(self, net, error, when):
-        self.net, self.error, self.when, self.calls = net, error, when, []
+        self.net = net
+        self.error = error
+        self.when = when
+        self.calls = []
 
     def __getattr__(self, name):
         return getattr(self.net, name)
@@ -258,7 +261,8 @@ def test_captions_fill_micro_batches_of_the_configured_size_across_calls(tmp_pat
     summary = score_dataset(ScoreConfig(input=str(tmp_path / "in"), format="webdataset", output=str(tmp_path / "out"),
                                         model=tiny_checkpoint, max_batch=128), progress=False)
     assert summary["records"]["this_run"] == 300
-    assert summary["score"]["micro_batch_rows"]["max"] == 128 and summary["score"]["micro_batch_rows"]["configured"] == 128
+    assert summary["score"]["micro_batch_rows"]["max"] == 128
+    assert summary["score"]["micro_batch_rows"]["configured"] == 128
     assert summary["score"]["micro_batch_rows"]["mean"] >= 64  # most samples ride in full micro-batches
 
 
@@ -272,7 +276,8 @@ class FaultsWithOneSample(ScoreStage):
         root = Path(self.settings.model).parent
         (root / "actors").mkdir(exist_ok=True)
         (root / "actors" / str(os.getpid())).touch()
-        bad, pad = int((root / "faulting-sample-tokens").read_text()), self.scorer.processor.config.pad_token_id
+        bad = int((root / "faulting-sample-tokens").read_text())
+        pad = self.scorer.processor.config.pad_token_id
         self.scorer.model = Faulty(self.scorer.model, RuntimeError("CUDA error: device-side assert triggered"),
                                    when=lambda ids: bool((ids != pad).sum(1).eq(bad).any()))
 
@@ -308,7 +313,8 @@ def test_a_sample_that_faults_the_device_becomes_its_error_and_its_call_complete
     assert by_id.keys() == tokens.keys()
     assert by_id[bad["key"]]["error"].startswith("device: the sample faults the device on its own (")
     assert all(r["score"] is not None for key, r in by_id.items() if key != bad["key"])
-    assert summary["errors"]["by_category"] == {"device": 1} and summary["score"]["device_faults"]["samples_blamed"] == 1
+    assert summary["errors"]["by_category"] == {"device": 1}
+    assert summary["score"]["device_faults"]["samples_blamed"] == 1
     restarts = len(list((tmp_path / "model" / "actors").iterdir())) - 1
     assert restarts == 3  # the micro-batch twice as it was, then X alone after the canary
 

@@ -74,7 +74,8 @@ def test_split_and_perturbations_do_not_depend_on_where_the_corpus_lives(tmp_pat
         summary = synthesize(synth_config(input=str(tmp_path / where), format="webdataset",
                                          output=str(tmp_path / f"out{k}"), val_fraction=0.3), progress=False)
         assert not summary["synth"]["warnings"]
-        splits.append({(p["origin_id"], p["label"]): (p["split"], p["texts"]) for p in pairs_of(tmp_path / f"out{k}")[0]})
+        splits.append({(p["origin_id"], p["label"]): (p["split"], p["texts"])
+                       for p in pairs_of(tmp_path / f"out{k}")[0]})
     assert splits[0] == splits[1]  # the same split and the same perturbations
     assert {split for split, _ in splits[0].values()} == {"train", "val"}
     assert split_key("s3://bucket/corpus/0.tar", "k1") == split_key(str(tmp_path / "0.tar"), "k1")
