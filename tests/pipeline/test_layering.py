@@ -161,3 +161,15 @@ def test_the_cycle_check_sees_a_deferred_import(tmp_path):
     known = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
     graph = {name: project_imports(name, path, known) for name, path in known.items()}
     assert cycles(graph) == [["a", "b"]]
+
+
+def test_the_style_the_project_holds_is_checked_by_ruff():
+    """Lines at most 120 characters, no function of model/, pipeline/ or jobs/ over 8 parameters, imports sorted,
+    the pyflakes and bugbear checks: `make lint`, run here too so the suite fails on a lapse."""
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).with_name("ruff")
+    res = subprocess.run([str(ruff), "check", "model", "pipeline", "jobs", "tests", "benchmarks"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]

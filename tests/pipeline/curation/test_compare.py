@@ -26,7 +26,8 @@ def brute_kendall_tau_b(x, y) -> float:
         discordant += sign < 0
         x_only += x[i] == x[j] and y[i] != y[j]
         y_only += y[i] == y[j] and x[i] != x[j]
-    return (concordant - discordant) / math.sqrt((concordant + discordant + x_only) * (concordant + discordant + y_only))
+    pairs = concordant + discordant
+    return (concordant - discordant) / math.sqrt((pairs + x_only) * (pairs + y_only))
 
 
 @pytest.fixture

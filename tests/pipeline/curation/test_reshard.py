@@ -48,7 +48,8 @@ def test_tar_shards_hold_n_samples_with_sidecars_and_scores(tmp_path):
         assert len(keys) == (4 if tar != tars[-1] else 3)
         for sample in samples:
             meta = json.loads(sample["json"])
-            assert (meta["score"], meta["label"]) == (kept[sample["__key__"]]["score"], kept[sample["__key__"]]["label"])
+            expected = kept[sample["__key__"]]
+            assert (meta["score"], meta["label"]) == (expected["score"], expected["label"])
             assert meta["width"] == 128  # the sample's own metadata kept beside them
         sidecar = pq.read_table(tar.with_suffix(".parquet"))
         assert sidecar.column("key").to_pylist() == keys

@@ -108,7 +108,7 @@ def test_a_column_the_settings_name_but_the_first_parquet_shard_lacks_is_refused
     listing = ShardListing(str(tmp_path), [first])
     with pytest.raises(InputError) as err:
         check_first_shard(listing, "parquet", SourceOptions(text_column="alt_text"))
-    assert err.value.field == "source.text_column" and "alt_text" in str(err.value)
+    assert err.value.field == "source_text_column" and "alt_text" in str(err.value)
 
 
 def test_an_input_without_shards_has_no_first_shard_to_check(tmp_path):
