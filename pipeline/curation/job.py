@@ -126,7 +126,8 @@ class CurationJob(Job):
                        identity=self.identity(scores_identity, None),
                        schema=record_schema(c),
                        partition=selected_or_dropped if c.write_dropped else selected_folder,
-                       no_progress_timeout_s=c.no_progress_timeout_s, unit="kept",
+                       no_progress_timeout_s=c.no_progress_timeout_s,
+                       unit="records" if c.write_dropped else "kept",  # with the dropped ones, not all are kept
                        input=c.scores, identity_later=later)
 
     def dry_run_lines(self, prepared: PreparedJob) -> list[str]:
