@@ -34,15 +34,10 @@ def peak_mb() -> float:
 
 
 def qwen_processor():
-    from model.config import get_config
+    from model.checkpoint import config_and_tokenizer
     from model.processing import UniFilterProcessor
-    from model.tokenization import build_tokenizer
 
-    cfg = get_config("qwen2.5-0.5b")
-    tok = build_tokenizer(cfg.tokenizer)
-    cfg = cfg.model_copy(update={"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                                 "pad_token_id": tok.pad_token_id})
-    return UniFilterProcessor(cfg, tok)
+    return UniFilterProcessor(*config_and_tokenizer("qwen2.5-0.5b"))
 
 
 def _jpeg(side: int, progressive: bool = False) -> bytes:

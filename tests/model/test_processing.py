@@ -156,15 +156,10 @@ def test_a_document_whose_images_are_all_cut_is_an_error_not_text_only(processor
 @pytest.fixture(scope="module")
 def qwen_processor():
     """The real Qwen2.5 vocabulary at the released configs' limits (4096 tokens): no weights needed to plan."""
-    from model.config import get_config
+    from model.checkpoint import config_and_tokenizer
     from model.processing import UniFilterProcessor
-    from model.tokenization import build_tokenizer
 
-    cfg = get_config("qwen2.5-0.5b")
-    tok = build_tokenizer(cfg.tokenizer)
-    cfg = cfg.model_copy(update={"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                                 "pad_token_id": tok.pad_token_id})
-    return UniFilterProcessor(cfg, tok)
+    return UniFilterProcessor(*config_and_tokenizer("qwen2.5-0.5b"))
 
 
 def _unbounded(monkeypatch, processor, texts, images, kind):
